@@ -1,0 +1,7 @@
+"""mlmtool: pre-train BERT/RoBERTa-style masked-language models in JAX/Flax.
+
+Importing this package is cheap on purpose (no jax, no transformers): the CLI's
+``--help`` path must stay fast.
+"""
+
+__version__ = "0.1.0"
