@@ -1,0 +1,3 @@
+from mlmtool.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""The ``mlmtool`` command line.
+
+Each subcommand lives in its own module and stays thin: parse options, call the
+library, print.  Library errors (:class:`mlmtool.errors.MlmtoolError`) become one line
+on stderr and exit code 1 here, in one place (``MLMTOOL_DEBUG=1`` shows the traceback).
+Nothing on the ``--help`` path imports jax or transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mlmtool.errors import MlmtoolError
+
+
+def debug() -> bool:
+    return os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
+
+
+def _error_line(message: str) -> None:
+    from mlmtool.progress import err_console
+
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """Turns the project's errors into one line + exit 1 for every subcommand."""
+
+    def list_commands(self, ctx):  # keep the pipeline order, not alphabetical
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MlmtoolError as e:
+            if debug():
+                raise
+            _error_line(str(e).replace("[", r"\["))
+            raise typer.Exit(1) from None
+        except OSError as e:
+            # Disk full, permission denied, ...: the user's environment, not our bug.
+            if debug():
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            _error_line(f"{e.strerror or e}{where}".replace("[", r"\["))
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="mlmtool",
+    help="Pre-train BERT/RoBERTa-style masked-language models in JAX/Flax, from raw text to a "
+         "Hugging Face model directory.\n\nPipeline: init → tokenizer → prepare → train → eval.",
+    no_args_is_help=True,
+    add_completion=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mlmtool import __version__
+
+        typer.echo(f"mlmtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", envvar="MLMTOOL_QUIET",
+                               help="Print only errors and requested results."),
+) -> None:
+    from mlmtool.progress import set_quiet
+
+    set_quiet(quiet)
+
+
+def _register() -> None:
+    # Each module registers its command on import; this order is the --help order.
+    from mlmtool.cli import init, tokenizer, prepare, train  # noqa: F401
+    from mlmtool.cli import eval as eval_cmd  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        sys.exit(130)

@@ -1,0 +1,38 @@
+"""Option aliases shared across commands (``typing.Annotated``, as the ``hf`` CLI does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelDirArg = Annotated[Path, typer.Argument(
+    help="Model directory (created by 'mlmtool init', read and written by every command).",
+    show_default=False)]
+
+# -- corpus input (tokenizer, prepare) ---------------------------------------------------
+CORPUS = "Corpus"
+FilesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Corpus files: .txt (one document per line), .jsonl/.json/.csv/.parquet (see "
+         "--text-column), compressed .gz/.xz/.zst, directories (walked) or glob patterns; or "
+         "a dataset saved with datasets' save_to_disk.", show_default=False)]
+TextColumnOpt = Annotated[str, typer.Option(
+    "--text-column", help="Column holding the text in .jsonl/.json/.csv/.parquet/datasets input.",
+    rich_help_panel=CORPUS)]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="Hugging Face hub dataset name instead of files (e.g. oscar).",
+    rich_help_panel=CORPUS, show_default=False)]
+DatasetConfigOpt = Annotated[Optional[str], typer.Option(
+    "--dataset-config", help="Hub dataset configuration (e.g. unshuffled_deduplicated_ko).",
+    rich_help_panel=CORPUS, show_default=False)]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split to read.", rich_help_panel=CORPUS)]
+StreamingOpt = Annotated[bool, typer.Option(
+    "--streaming", help="Stream the hub dataset instead of downloading it whole.",
+    rich_help_panel=CORPUS)]
+
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo / overwrite existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+MaxSeqLengthOpt = Annotated[int, typer.Option(
+    "--max-seq-length", help="Tokens per block (the seed notebook's 128).")]

@@ -1,0 +1,218 @@
+"""The model directory: the one unit every subcommand reads and writes.
+
+It is a valid Hugging Face model directory at every stage (``config.json``, then the
+tokenizer files, then ``model.safetensors``), with mlmtool's own state beside it::
+
+    DIR/
+      config.json              init         (AutoConfig loads it)
+      tokenizer.json           tokenizer    (AutoTokenizer loads DIR)
+      tokenizer_config.json    tokenizer
+      special_tokens_map.json  tokenizer
+      data/                    prepare      (block store: train.bin, validation.bin, meta.json)
+      checkpoints/             train        (orbax: one folder per saved step)
+      model.safetensors        train        (export, HF key names and layouts)
+      metrics.jsonl            train/eval   (one JSON object per logging event)
+      eval_results.json        eval         (HF key names)
+      manifest.json            every step   (arguments, input fingerprints, versions)
+      .mlmtool.lock            train/prepare while running (PID of the holder)
+
+Every file is written under a temporary name and renamed into place, so an
+interrupted command never leaves a half-written artefact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlmtool.errors import ModelDirError
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DATA = "data"
+CHECKPOINTS = "checkpoints"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+EVAL_RESULTS = "eval_results.json"
+MANIFEST = "manifest.json"
+LOCK = ".mlmtool.lock"
+
+# Packages whose versions are recorded with each artefact.
+_TRACKED_PACKAGES = (
+    "mlmtool", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+    "transformers", "tokenizers", "datasets", "numpy",
+)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces ``final`` whole.
+
+    On any exception (or a kill) the temporary directory is removed (or left under a
+    ``.tmp`` name that no command reads), and ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class ModelDir:
+    """Paths and checks for one model directory."""
+
+    def __init__(self, path: os.PathLike | str, *, create: bool = False):
+        self.path = Path(path)
+        if create:
+            if self.path.exists() and not self.path.is_dir():
+                raise ModelDirError(f"{self.path} exists and is not a directory",
+                                    "choose another path for the model directory")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ModelDirError(f"cannot create {self.path} ({e.strerror})",
+                                    "choose a writable location") from e
+        elif not self.path.exists():
+            raise ModelDirError(f"model directory {self.path} does not exist",
+                                f"run 'mlmtool init {self.path}' first")
+        elif not self.path.is_dir():
+            raise ModelDirError(f"{self.path} is not a directory",
+                                "pass the model directory created by 'mlmtool init'")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- paths ---------------------------------------------------------------
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / DATA
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def eval_results_path(self) -> Path:
+        return self.path / EVAL_RESULTS
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    # -- stage checks --------------------------------------------------------
+    def read_config(self) -> dict:
+        """config.json as a full dict (every field, HF defaults filled in)."""
+        if not self.config_path.exists():
+            raise ModelDirError(f"no config.json in {self.path}",
+                                f"run 'mlmtool init {self.path}' first")
+        from mlmtool.presets import load_config_file
+
+        return load_config_file(self.config_path)
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.config_path, config)
+
+    def require_tokenizer(self) -> Path:
+        if not self.tokenizer_path.exists():
+            raise ModelDirError(f"no tokenizer in {self.path}",
+                                f"run 'mlmtool tokenizer {self.path} FILE...' first")
+        return self.tokenizer_path
+
+    def require_data(self) -> Path:
+        if not (self.data_dir / "meta.json").exists():
+            raise ModelDirError(f"no prepared data in {self.path}",
+                                f"run 'mlmtool prepare {self.path} FILE...' first")
+        return self.data_dir
+
+    # -- manifest ------------------------------------------------------------
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            # The manifest is provenance only; a damaged one is rebuilt, never fatal.
+            return {}
+
+    def record(self, step: str, *, args: dict, inputs: Any = None, outputs: Any = None) -> None:
+        """Record which arguments, inputs and package versions produced ``step``'s artefact."""
+        manifest = self.read_manifest()
+        manifest[step] = {
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "args": args,
+            "inputs": inputs,
+            "outputs": outputs,
+            "versions": package_versions(),
+        }
+        atomic_write_json(self.manifest_path, manifest)

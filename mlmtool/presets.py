@@ -1,0 +1,210 @@
+"""Offline model presets and config.json handling.
+
+The large presets carry exactly the numbers of the published Hugging Face configs
+(``roberta-base``, ``roberta-large``, ``bert-base-uncased``, ``bert-large-uncased``), so
+``mlmtool init`` works without a hub.  The small ones are for CPU work: ``small`` is the
+4-layer, 256-wide model used as the reference in the benchmarks, ``tiny`` trains a
+useful model on a few MB of text in minutes on two CPU cores.
+
+``vocab_size`` in a preset is only the default for ``mlmtool tokenizer``: the trained
+tokenizer's real size is written back into config.json.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from mlmtool.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("roberta", "bert")
+
+_ROBERTA = dict(
+    model_type="roberta",
+    architectures=["RobertaForMaskedLM"],
+    vocab_size=50265,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=514,  # 512 tokens + padding_idx offset of 2 (RoBERTa positions start at pad+1)
+    type_vocab_size=1,
+    initializer_range=0.02,
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    pad_token_id=1,
+    eos_token_id=2,
+)
+
+_BERT = dict(
+    model_type="bert",
+    architectures=["BertForMaskedLM"],
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    initializer_range=0.02,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+)
+
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+# hidden 256 x 4 layers x 4 heads, intermediate 1024, vocab 8192: the benchmarks' reference model.
+_SMALL = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+# Small enough that `make demo` trains it in minutes on 2 CPU cores.
+_TINY = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+
+PRESETS: dict[str, dict] = {
+    "roberta-base": _ROBERTA,
+    "roberta-large": {**_ROBERTA, **_LARGE},
+    "bert-base": _BERT,
+    "bert-large": {**_BERT, **_LARGE},
+    "small": {**_ROBERTA, **_SMALL},
+    "tiny": {**_ROBERTA, **_TINY},
+    "bert-small": {**_BERT, **_SMALL},
+    "bert-tiny": {**_BERT, **_TINY},
+}
+DEFAULT_PRESET = "roberta-base"
+
+PRESET_HELP = {
+    "roberta-base": "RoBERTa base, 125M params (HF roberta-base)",
+    "roberta-large": "RoBERTa large, 355M params (HF roberta-large)",
+    "bert-base": "BERT base uncased, 110M params (HF bert-base-uncased)",
+    "bert-large": "BERT large uncased, 335M params (HF bert-large-uncased)",
+    "small": "RoBERTa-style, 4 x 256, for CPU work",
+    "tiny": "RoBERTa-style, 2 x 128, for demos and tests",
+    "bert-small": "BERT-style, 4 x 256",
+    "bert-tiny": "BERT-style, 2 x 128",
+}
+
+
+def _hf_config(model_type: str, fields: dict):
+    """A transformers config object (fills HF's defaults for every field we don't set)."""
+    from transformers import AutoConfig
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"unsupported model_type {model_type!r}",
+                          f"use one of: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    fields = {k: v for k, v in fields.items() if k != "model_type"}
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _full_dict(model_type: str, fields: dict) -> dict:
+    d = _hf_config(model_type, fields).to_dict()
+    d.pop("transformers_version", None)
+    d.pop("_name_or_path", None)
+    return d
+
+
+def load_config_file(path: Path) -> dict:
+    """Read a config.json into a full dict; raise ConfigError if it is unusable."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", "check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.__class__.__name__})",
+                          "restore it, or recreate it with 'mlmtool init DIR --force'") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"{path} has no model_type",
+                          "recreate it with 'mlmtool init DIR --force'")
+    config = _full_dict(raw["model_type"], raw)
+    validate(config)
+    return config
+
+
+def parse_overrides(items: list[str], base: dict) -> dict:
+    """Turn ``--set key=value`` items into typed values, checked against ``base``'s fields."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value", "write e.g. --set num_hidden_layers=6")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in base:
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see config.json for the known keys"
+            raise ConfigError(f"--set: unknown config key {key!r}", hint)
+        default = base[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, int):
+                out[key] = int(value)
+            elif isinstance(default, float):
+                out[key] = float(value)
+            elif default is None or isinstance(default, (list, dict)):
+                out[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("null", "true", "false") else value
+            else:
+                out[key] = value
+        except ValueError:
+            raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__}",
+                              f"e.g. --set {key}={default!r}") from None
+    return out
+
+
+def build_config(preset: str | None = None, *, overrides: list[str] = (), from_config: Path | None = None) -> dict:
+    """The full config.json dict for a preset (or a config file), with ``--set`` overrides."""
+    if from_config is not None:
+        base = load_config_file(from_config)
+    else:
+        name = preset or DEFAULT_PRESET
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(PRESETS)}"
+            raise ConfigError(f"unknown preset {name!r}", hint)
+        base = _full_dict(PRESETS[name]["model_type"], PRESETS[name])
+    fields = parse_overrides(list(overrides), base)
+    if "model_type" in fields:
+        raise ConfigError("--set model_type is not supported", "choose a preset of that model type instead")
+    config = _full_dict(base["model_type"], {**base, **fields})
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    """Consistency checks that would otherwise fail deep inside the model."""
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "max_position_embeddings"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"config {key} must be a positive integer, got {value!r}",
+                              f"fix it with --set {key}=N")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise ConfigError(
+            f"hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+            f"{config['num_attention_heads']}", "change one of them with --set")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if not 0.0 <= float(config.get(key, 0.0)) < 1.0:
+            raise ConfigError(f"config {key} must be in [0, 1)", f"fix it with --set {key}=0.1")
+
+
+def summary(config: dict) -> dict:
+    """The numbers `init` and `info` print."""
+    return {
+        "model_type": config["model_type"],
+        "layers": config["num_hidden_layers"],
+        "hidden": config["hidden_size"],
+        "heads": config["num_attention_heads"],
+        "intermediate": config["intermediate_size"],
+        "vocab": config["vocab_size"],
+        "max_positions": config["max_position_embeddings"],
+    }
+
+
+def max_sequence_length(config: dict) -> int:
+    """Longest input the position table allows (RoBERTa reserves pad_token_id + 1 rows)."""
+    offset = config["pad_token_id"] + 1 if config["model_type"] == "roberta" else 0
+    return config["max_position_embeddings"] - offset

@@ -1,0 +1,120 @@
+"""Progress display and console output shared by every command.
+
+On a terminal a rich progress bar is shown; when stdout is not a terminal (Makefiles,
+CI, log files) plain log lines are printed instead, at most every few seconds, so
+logs stay readable.  ``MLMTOOL_QUIET=1`` (or ``--quiet``) silences both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def quiet() -> bool:
+    return os.environ.get("MLMTOOL_QUIET", "") not in ("", "0", "false")
+
+
+def set_quiet(value: bool) -> None:
+    if value:
+        os.environ["MLMTOOL_QUIET"] = "1"
+
+
+def say(*args, **kwargs) -> None:
+    """Human-readable output (suppressed by --quiet)."""
+    if not quiet():
+        console.print(*args, **kwargs)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class StageProgress:
+    """Progress of one long stage (reading a corpus, tokenizing, ...).
+
+    ``total`` and ``advance`` are in ``unit`` ("bytes" shows MB and MB/s); extra
+    counters passed as keyword arguments to :meth:`advance` (e.g. ``documents=1000``)
+    are summed and shown beside the bar.
+    """
+
+    def __init__(self, description: str, total: float | None = None, unit: str = "bytes",
+                 log_every: float = 10.0):
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.log_every = log_every
+        self.done = 0.0
+        self.counters: dict[str, int] = {}
+        self._progress = None
+        self._task = None
+        self._start = 0.0
+        self._last_log = 0.0
+
+    def _fields(self) -> str:
+        parts = [f"{v:,} {k}" for k, v in self.counters.items()]
+        return ", ".join(parts)
+
+    def __enter__(self) -> "StageProgress":
+        self._start = self._last_log = time.perf_counter()
+        if quiet():
+            return self
+        if console.is_terminal:
+            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            columns = [TextColumn("[bold]{task.description}"), BarColumn()]
+            if self.unit == "bytes":
+                columns += [DownloadColumn(), TransferSpeedColumn()]
+            else:
+                columns += [MofNCompleteColumn()]
+            columns += [TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+            self._progress = Progress(*columns, console=console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total, info="")
+        return self
+
+    def advance(self, n: float = 0, **counters: int) -> None:
+        self.done += n
+        for k, v in counters.items():
+            self.counters[k] = self.counters.get(k, 0) + v
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, info=self._fields())
+        elif not quiet():
+            now = time.perf_counter()
+            if now - self._last_log >= self.log_every:
+                self._last_log = now
+                self._log(now)
+
+    def _log(self, now: float) -> None:
+        elapsed = max(now - self._start, 1e-9)
+        if self.unit == "bytes":
+            amount = human_bytes(self.done) + (f" / {human_bytes(self.total)}" if self.total else "")
+            rate = f"{self.done / elapsed / 1e6:.1f} MB/s"
+        else:
+            amount = f"{self.done:,.0f}" + (f" / {self.total:,.0f}" if self.total else "") + f" {self.unit}"
+            rate = f"{self.done / elapsed:,.1f} {self.unit}/s"
+        extra = self._fields()
+        console.print(f"{self.description}: {amount} ({rate}{', ' + extra if extra else ''})")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._progress is not None:
+            if exc_type is None and self.total is None:
+                self._progress.update(self._task, total=self.done)
+            self._progress.stop()
+        elif not quiet() and exc_type is None:
+            self._log(time.perf_counter())
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
