@@ -195,6 +195,51 @@ class ModelDir:
                                 f"run 'mlmtool prepare {self.path} FILE...' first")
         return self.data_dir
 
+    # -- lock ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str, enabled: bool = True) -> Iterator[None]:
+        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if a live process holds it.
+
+        The lock file records the holder's PID and host; a lock left by a dead process on
+        this host is taken over.
+        """
+        if not enabled:
+            yield
+            return
+        import socket
+
+        path = self.path / LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder and _alive(holder):
+                    raise ModelDirError(
+                        f"{self.path} is in use by 'mlmtool {holder.get('command', '?')}' "
+                        f"(PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('time', '?')})",
+                        "wait for it to finish or stop it; a second command on the same directory would corrupt it")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale: its process is gone
+                continue
+            except OSError as e:
+                raise ModelDirError(f"cannot write to {self.path} ({e.strerror})",
+                                    "check the directory's permissions and free space") from e
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        else:
+            raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")
+        try:
+            yield
+        finally:
+            holder = _read_lock(path)
+            if holder and holder.get("pid") == me["pid"]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
     # -- manifest ------------------------------------------------------------
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -216,3 +261,24 @@ class ModelDir:
             "versions": package_versions(),
         }
         atomic_write_json(self.manifest_path, manifest)
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True  # another host's process: cannot check, assume alive
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True

@@ -118,3 +118,81 @@ class StageProgress:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to ``metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        import json
+
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+class TrainProgress:
+    """Training display: a live bar on a terminal, plain lines every logging step otherwise.
+
+    The bar shows step/total, epoch, loss, learning rate, tokens/s and ETA; it advances
+    every step without reading anything from the device (no synchronisation); the
+    numbers change at logging steps, when the trainer fetches them anyway.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+        self.total = total_steps
+        self.start = start_step
+        self.enabled = enabled and not quiet()
+        self._progress = None
+        self._task = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "TrainProgress":
+        if self.enabled and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(),
+                TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
+                TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
+                console=console, transient=False, refresh_per_second=4)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start,
+                                                 info="compiling...")
+        return self
+
+    def step(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log(self, record: dict) -> None:
+        info = (f"epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | acc {record['accuracy']:.3f} | "
+                f"lr {record['learning_rate']:.2e} | {record['tokens_per_second']:,.0f} tok/s")
+        if self._progress is not None:
+            self._progress.update(self._task, info=info)
+        elif self.enabled:
+            done = record["step"] - self.start
+            elapsed = time.perf_counter() - self._t0
+            eta = elapsed / max(done, 1) * (self.total - record["step"])
+            console.print(f"step {record['step']:,}/{self.total:,} | {info} | "
+                          f"grad norm {record['grad_norm']:.3f} | eta {human_duration(eta)}")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            console.print(text)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

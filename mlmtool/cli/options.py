@@ -36,3 +36,25 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one J
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 MaxSeqLengthOpt = Annotated[int, typer.Option(
     "--max-seq-length", help="Tokens per block (the seed notebook's 128).")]
+
+# -- training / evaluation ------------------------------------------------------------------
+DIST = "Distributed"
+PerDeviceEvalBatchOpt = Annotated[Optional[int], typer.Option(
+    "--per-device-eval-batch-size", help="Sequences per device per eval step (default: the training one).",
+    show_default=False)]
+MlmProbabilityOpt = Annotated[float, typer.Option(
+    "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="Computation dtype: float32 | bfloat16 (master weights stay float32).")]
+MeshOpt = Annotated[Optional[str], typer.Option(
+    "--mesh", help="Device mesh, e.g. data=-1,fsdp=2 (default: data parallel over all devices).",
+    rich_help_panel=DIST, show_default=False)]
+CoordinatorOpt = Annotated[Optional[str], typer.Option(
+    "--coordinator-address", envvar="MLMTOOL_COORDINATOR_ADDRESS",
+    help="host:port of process 0, for multi-process runs.", rich_help_panel=DIST, show_default=False)]
+NumProcessesOpt = Annotated[Optional[int], typer.Option(
+    "--num-processes", envvar="MLMTOOL_NUM_PROCESSES", help="Number of processes in the run.",
+    rich_help_panel=DIST, show_default=False)]
+ProcessIdOpt = Annotated[Optional[int], typer.Option(
+    "--process-id", envvar="MLMTOOL_PROCESS_ID", help="This process's index (0 .. num-processes-1).",
+    rich_help_panel=DIST, show_default=False)]

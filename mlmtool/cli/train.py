@@ -1,12 +1,126 @@
-"""``mlmtool train DIR`` (being built)."""
+"""``mlmtool train DIR``: MLM pre-training on every device and host, resumable."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import ModelDirArg
+from mlmtool.cli.options import (CoordinatorOpt, DtypeOpt, ForceOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg,
+                                 NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt)
+
+OPT = "Optimization"
+SCHED = "Schedule and logging"
+
+_D = None  # lazily created TrainConfig defaults (no jax import for --help)
 
 
 @app.command("train")
-def train_command(model_dir: ModelDirArg) -> None:
-    """Not yet available."""
-    from mlmtool.errors import MlmtoolError
+def train_command(
+    model_dir: ModelDirArg,
+    per_device_train_batch_size: Annotated[int, typer.Option(help="Sequences per device per step (the seed's 64).")] = 64,
+    per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPT)] = 5e-5,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPT)] = 0,
+    warmup_ratio: Annotated[float, typer.Option(help="Warm-up as a fraction of all steps (if --warmup-steps is 0).",
+                                                rich_help_panel=OPT)] = 0.0,
+    num_train_epochs: Annotated[float, typer.Option(help="Epochs over the training blocks (the seed's 10).")] = 10.0,
+    max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")] = -1,
+    lr_scheduler: Annotated[str, typer.Option(help="linear | cosine | constant (after warm-up).",
+                                              rich_help_panel=OPT)] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases/LayerNorm).",
+                                                rich_help_panel=OPT)] = 0.01,
+    adam_beta1: Annotated[float, typer.Option(rich_help_panel=OPT)] = 0.9,
+    adam_beta2: Annotated[float, typer.Option(help="RoBERTa's 0.98.", rich_help_panel=OPT)] = 0.98,
+    adam_epsilon: Annotated[float, typer.Option(rich_help_panel=OPT)] = 1e-8,
+    adafactor: Annotated[bool, typer.Option(help="Adafactor instead of AdamW.", rich_help_panel=OPT)] = False,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
+                                                 rich_help_panel=OPT)] = 1.0,
+    gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.",
+                                                             rich_help_panel=OPT)] = 1,
+    mlm_probability: MlmProbabilityOpt = 0.15,
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    logging_steps: Annotated[int, typer.Option(help="Log metrics every N steps.", rich_help_panel=SCHED)] = 100,
+    eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).",
+                                                      rich_help_panel=SCHED, show_default=False)] = None,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).",
+                                            rich_help_panel=SCHED)] = 500,
+    save_total_limit: Annotated[Optional[int], typer.Option(help="Keep the N newest checkpoints.",
+                                                            rich_help_panel=SCHED)] = 3,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume",
+                                         help="Continue from the latest checkpoint in DIR if there is one.")] = True,
+    force: ForceOpt = False,
+    mesh: MeshOpt = None,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+) -> None:
+    """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.progress import TrainProgress, say
+    from mlmtool.sharding import initialize_distributed
 
-    raise MlmtoolError("'train' is not available yet")
+    mdir = ModelDir(model_dir)
+    initialize_distributed(coordinator_address, num_processes, process_id)
+
+    from mlmtool import interrupt
+    from mlmtool.sharding import is_main_process
+    from mlmtool.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
+        learning_rate=learning_rate, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
+        adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
+        mlm_probability=mlm_probability, dtype=dtype, seed=seed, logging_steps=logging_steps,
+        eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
+    main = is_main_process()
+    out = say if main else (lambda *a, **k: None)
+    with mdir.lock("train", enabled=main):
+        trainer = Trainer(mdir, cfg, mesh_spec=mesh)
+        if main:
+            _print_plan(trainer.plan, out)
+            mdir.record("train", args=_args(cfg, mesh))
+        with interrupt.graceful() as stop, TrainProgress(trainer.plan.total_steps, 0, enabled=main) as progress:
+            result = trainer.run(resume=resume, force=force, progress=progress, say=out,
+                                 stop_requested=stop.requested)
+    if result.get("stopped_early"):
+        from mlmtool.errors import TrainingError
+
+        raise TrainingError(f"stopped at step {result['final_step']:,} by {stop.signal_name}; checkpoint saved",
+                            f"run 'mlmtool train {model_dir}' again to resume")
+    out(f"Done: step {result['final_step']:,}; model written to {result['exported']}")
+
+
+def _args(cfg, mesh) -> dict:
+    import dataclasses
+
+    return {**dataclasses.asdict(cfg), "mesh": mesh}
+
+
+def _print_plan(plan, say) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows = [
+        ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e6:.1f}M)"),
+        ("devices", f"{plan.devices} {plan.platform} ({plan.processes} process{'es' if plan.processes > 1 else ''}, "
+                    f"mesh {', '.join(f'{k}={v}' for k, v in plan.mesh.items())})"),
+        ("global batch", f"{plan.global_batch:,} = {plan.per_device_batch} per device x {plan.devices} devices"
+                         + (f" x {plan.gradient_accumulation_steps} accumulation"
+                            if plan.gradient_accumulation_steps > 1 else "")),
+        ("sequence length", f"{plan.seq_len}"),
+        ("tokens per step", f"{plan.tokens_per_step:,}"),
+        ("training blocks", f"{plan.train_blocks:,} ({plan.steps_per_epoch:,} steps per epoch)"),
+        ("validation blocks", f"{plan.validation_blocks:,}"),
+        ("total steps", f"{plan.total_steps:,} ({plan.epochs:.2f} epochs, {plan.warmup_steps:,} warm-up)"),
+        ("dtype", plan.dtype),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    say(t)

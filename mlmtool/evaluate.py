@@ -1,0 +1,89 @@
+"""Evaluation: MLM loss, accuracy and perplexity on the whole validation split.
+
+Every block is scored: the last partial batch is filled with all-padding rows, which
+masking never chooses, so they carry zero weight instead of being dropped.  Each row's
+masking key is ``fold_in(key(eval_seed), row_index)``, so results do not depend on the
+batch size or device count, and two evaluations of the same parameters agree exactly.
+Loss and accuracy are token-weighted means over all chosen positions (sums and a
+denominator, reduced across the whole global batch); perplexity is ``exp(loss)``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlmtool.masking import mask_rows
+
+EVAL_SEED = 1234  # fixed, so evaluations are comparable across runs and checkpoints
+
+
+def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and summed correct predictions over weighted positions."""
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)  # [B, P]
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B, P]
+    return jnp.sum(xent * weights), jnp.sum(correct * weights)
+
+
+def eval_step(params: Any, input_ids: jax.Array, row_ids: jax.Array, *, model, pad_token_id: int,
+              mask_kwargs: dict, seed: int) -> dict:
+    """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B]."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(row_ids)  # [B, 2]
+    masked = mask_rows(keys, input_ids, **mask_kwargs)
+    logits = model.apply({"params": params}, masked.input_ids, attention_mask=(input_ids != pad_token_id),
+                         deterministic=True, masked_positions=masked.masked_positions)  # [B, P, V]
+    loss_sum, correct_sum = mlm_sums(logits, masked.masked_labels, masked.masked_weights)
+    return {"loss_sum": loss_sum, "accuracy_sum": correct_sum, "denominator": jnp.sum(masked.masked_weights)}
+
+
+def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float, vocab_size: int,
+                 seed: int = EVAL_SEED) -> Callable:
+    from mlmtool import sharding as sh
+
+    mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
+                       vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None)
+    fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed)
+    rows_sh = sh.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
+
+
+def evaluate(params: Any, *, model, mesh, params_sharding, store, per_device_batch_size: int,
+             mlm_probability: float, vocab_size: int, seed: int = EVAL_SEED,
+             on_batch: Callable[[int], None] | None = None) -> dict:
+    """HF-named metrics over every block of ``store``."""
+    from mlmtool import sharding as sh
+
+    step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
+                        vocab_size=vocab_size, seed=seed)
+    global_batch = per_device_batch_size * mesh.size
+    rows_sh = sh.batch_sharding(mesh)
+    my_rows = sh.process_rows(rows_sh, (global_batch, store.seq_len))
+    n = len(store)
+    totals = None
+    for start in range(0, n, global_batch):
+        row_ids = np.arange(start, start + global_batch, dtype=np.int64)[my_rows]  # [local rows]
+        valid = row_ids < n
+        ids = np.full((len(row_ids), store.seq_len), store.pad_token_id, dtype=np.int32)  # padding rows
+        if valid.any():
+            ids[valid] = store.read(row_ids[valid])
+        out = step(params, sh.global_array(ids, rows_sh, (global_batch, store.seq_len)),
+                   sh.global_array(row_ids.astype(np.int32), rows_sh, (global_batch,)))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+        if on_batch is not None:
+            on_batch(min(start + global_batch, n) - start)
+    totals = jax.device_get(totals) if totals is not None else {"loss_sum": 0.0, "accuracy_sum": 0.0, "denominator": 0.0}
+    denom = float(totals["denominator"])
+    loss = float(totals["loss_sum"]) / max(denom, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_accuracy": float(totals["accuracy_sum"]) / max(denom, 1.0),
+        "perplexity": math.exp(min(loss, 700.0)),
+        "eval_tokens": int(denom),
+        "eval_samples": n,
+    }

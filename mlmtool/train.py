@@ -1,0 +1,536 @@
+"""Masked-language-model pre-training: the step, the optimizer, the loop.
+
+Follows the recipe of RoBERTa (Liu et al. 2019, arXiv:1907.11692) as HF's
+``run_mlm_flax.py`` and the "Pre-Training a Transformers model on TPU with Flax/JAX"
+notebook use it: dynamic masking (a fresh mask every step, on the device), AdamW with
+beta2 = 0.98 and weight decay (masked off biases and LayerNorm, as run_mlm_flax does),
+linear warm-up then linear decay.  Structured like google/flax ``examples/lm1b``: a
+pure ``train_step(state, batch, rng)`` that returns loss *sums* and a denominator (the
+number of predicted tokens across the whole global batch, so the loss is a
+token-weighted mean and not a mean of per-device means), per-step randomness from
+``fold_in(rng, step)``, so a resumed run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import time
+from functools import partial
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlmtool import checkpoint, sharding as sh
+from mlmtool.errors import TrainingError
+from mlmtool.evaluate import evaluate, mlm_sums
+from mlmtool.masking import default_max_predictions, mask_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training arguments, named as in HF's TrainingArguments; defaults from the seed notebook."""
+
+    per_device_train_batch_size: int = 64       # the seed's per_device_batch_size
+    per_device_eval_batch_size: int | None = None  # None: same as training
+    learning_rate: float = 5e-5                 # the seed's
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0                   # used when warmup_steps is 0
+    num_train_epochs: float = 10.0              # the seed's num_epochs
+    max_steps: int = -1                         # > 0 overrides num_train_epochs
+    lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax)
+    weight_decay: float = 0.01                  # the seed's
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98                    # RoBERTa's (more stable than 0.999 at large batch)
+    adam_epsilon: float = 1e-8
+    adafactor: bool = False
+    max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mlm_probability: float = 0.15               # BERT's 15%
+    max_predictions_per_seq: int | None = None  # None: mean + 5 sd of the masked count
+    dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
+    seed: int = 0                               # the seed's training_seed
+    logging_steps: int = 100
+    eval_steps: int | None = None               # None: evaluate at the end only
+    save_steps: int = 500
+    save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
+
+    def validate(self) -> None:
+        checks = [
+            (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
+            (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
+             "--per-device-eval-batch-size must be positive"),
+            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
+            (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
+            (self.lr_scheduler in ("linear", "cosine", "constant"), "--lr-scheduler must be linear, cosine or constant"),
+            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
+            (self.logging_steps > 0, "--logging-steps must be positive"),
+            (self.save_steps > 0, "--save-steps must be positive"),
+            (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
+            (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "give --max-steps or a positive --num-train-epochs"),
+            (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message, "fix the option and run again")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array   # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+# -- optimizer -----------------------------------------------------------------------------
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: not biases, not LayerNorm scales (run_mlm_flax)."""
+    flat = flax.traverse_util.flatten_dict(params)
+    mask = {path: not (path[-1] == "bias" or (path[-1] == "scale" and path[-2] in ("LayerNorm", "layer_norm")))
+            for path in flat}
+    return flax.traverse_util.unflatten_dict(mask)
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    lr = cfg.learning_rate
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if cfg.lr_scheduler == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay_steps)
+    elif cfg.lr_scheduler == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps)
+    else:
+        after = optax.constant_schedule(lr)
+    if warmup_steps <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if cfg.adafactor:
+        opt = optax.adafactor(learning_rate=schedule)
+    else:
+        opt = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                          weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    return opt
+
+
+# -- the step ------------------------------------------------------------------------------
+
+def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model, tx, schedule,
+               pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
+    """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
+    of B rows); returns the new state and summed metrics."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    mask_rng, dropout_rng = jax.random.split(step_rng)
+    accum = input_ids.shape[0]
+    masked = jax.vmap(lambda k, x: mask_tokens(k, x, **mask_kwargs))(
+        jax.random.split(mask_rng, accum), input_ids)  # fields [A, B, L] / [A, B, P]
+    # Predicted tokens in the whole (accumulated, global) batch: the loss is sum / denominator.
+    denominator = jnp.maximum(jnp.sum(masked.masked_weights), 1.0)
+
+    def loss_fn(params, micro, ids, key):
+        logits = model.apply({"params": params}, micro.input_ids, attention_mask=(ids != pad_token_id),
+                             deterministic=False, masked_positions=micro.masked_positions,
+                             rngs={"dropout": key})  # [B, P, V]
+        loss_sum, correct_sum = mlm_sums(logits, micro.masked_labels, micro.masked_weights)
+        return loss_sum / denominator, (loss_sum, correct_sum)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    dropout_keys = jax.random.split(dropout_rng, accum)
+    if accum == 1:
+        micro = jax.tree_util.tree_map(lambda x: x[0], masked)
+        (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, input_ids[0], dropout_keys[0])
+    else:
+        def body(carry, xs):
+            grads_acc, loss_acc, correct_acc = carry
+            micro, ids, key = xs
+            (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, ids, key)
+            grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, correct_acc + correct_sum), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss_sum, correct_sum), _ = jax.lax.scan(
+            body, (zeros, jnp.float32(0), jnp.float32(0)), (masked, input_ids, dropout_keys))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss_sum": loss_sum,
+        "accuracy_sum": correct_sum,
+        "denominator": jnp.sum(masked.masked_weights),
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# -- data ----------------------------------------------------------------------------------
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a seeded permutation, the same on every process."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class BatchLoader:
+    """Host-side batches for steps ``start..stop``, prefetched on a thread.
+
+    The global batch of step ``s`` is rows ``perm_e[p*G:(p+1)*G]`` of the train split,
+    with ``e, p = divmod(s, steps_per_epoch)``: the position in the data is a function of
+    the step, so resuming needs nothing but the step.  Each process reads only the rows
+    its devices hold, and the global array is assembled from the processes' pieces.
+    """
+
+    def __init__(self, store, *, accum: int, micro_batch: int, seed: int, steps_per_epoch: int,
+                 sharding, start: int, stop: int, prefetch: int = 2):
+        self.store = store
+        self.accum = accum
+        self.micro_batch = micro_batch
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self.sharding = sharding
+        self.global_shape = (accum, micro_batch, store.seq_len)
+        self.rows = sh.process_rows(sharding, self.global_shape, row_axis=1)
+        self.start, self.stop = start, stop
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def host_batch(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = epoch_permutation(len(self.store), self.seed, epoch)
+            self._perm_epoch = epoch
+        per_step = self.accum * self.micro_batch
+        idx = self._perm[pos * per_step:(pos + 1) * per_step].reshape(self.accum, self.micro_batch)  # [A, B]
+        local = idx[:, self.rows]  # [A, B_local]: only this process's rows
+        return self.store.read(local.reshape(-1)).reshape(self.accum, len(self.rows), self.store.seq_len)
+
+    def _work(self) -> None:
+        try:
+            for step in range(self.start, self.stop):
+                if self._stop.is_set():
+                    return
+                batch = sh.global_array(self.host_batch(step), self.sharding, self.global_shape)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((step, batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # hand the error to the consumer
+            self._queue.put((None, e))
+
+    def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
+        self._thread = threading.Thread(target=self._work, name="mlmtool-prefetch", daemon=True)
+        self._thread.start()
+        for _ in range(self.start, self.stop):
+            step, batch = self._queue.get()
+            if step is None:
+                raise batch
+            yield step, batch
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """The numbers that matter, printed before training starts."""
+
+    parameters: int
+    devices: int
+    processes: int
+    mesh: dict
+    per_device_batch: int
+    gradient_accumulation_steps: int
+    global_batch: int
+    seq_len: int
+    tokens_per_step: int
+    train_blocks: int
+    validation_blocks: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    max_predictions_per_seq: int
+    dtype: str
+    platform: str
+
+
+def _model_and_config(mdir, dtype: str):
+    from mlmtool.model import MaskedLM, ModelConfig
+
+    config = mdir.read_config()
+    mcfg = ModelConfig.from_dict(config)
+    return config, mcfg, MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+
+
+def _open_stores(mdir, config: dict):
+    from mlmtool.blocks import BlockStore, read_meta
+    from mlmtool.presets import max_sequence_length
+
+    mdir.require_data()
+    meta = read_meta(mdir.data_dir)
+    train_store = BlockStore.open(mdir.data_dir, "train")
+    val_store = BlockStore.open(mdir.data_dir, "validation") if meta.get("num_blocks", {}).get("validation", 0) else None
+    if train_store.vocab_size != config["vocab_size"]:
+        raise TrainingError(
+            f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
+            f"vocab_size={config['vocab_size']}",
+            f"run 'mlmtool tokenizer {mdir}' and 'mlmtool prepare {mdir} --force' again")
+    if train_store.seq_len > max_sequence_length(config):
+        raise TrainingError(f"blocks of {train_store.seq_len} tokens exceed the model's "
+                            f"{max_sequence_length(config)} positions",
+                            f"run 'mlmtool prepare {mdir} --max-seq-length {max_sequence_length(config)} --force'")
+    return train_store, val_store
+
+
+def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
+                  parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
+                  processes: int = 1) -> Plan:
+    micro = cfg.per_device_train_batch_size * n_devices
+    global_batch = micro * cfg.gradient_accumulation_steps
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"the global batch ({global_batch} = {cfg.per_device_train_batch_size} per device x {n_devices} "
+            f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
+            "lower --per-device-train-batch-size or prepare more data")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    max_pred = cfg.max_predictions_per_seq or default_max_predictions(seq_len, cfg.mlm_probability)
+    return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
+                per_device_batch=cfg.per_device_train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
+                seq_len=seq_len, tokens_per_step=global_batch * seq_len, train_blocks=n_train,
+                validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
+                epochs=total / steps_per_epoch, warmup_steps=warmup, max_predictions_per_seq=max_pred,
+                dtype=cfg.dtype, platform=platform)
+
+
+class Trainer:
+    """Builds the sharded state, restores or initialises it, runs the loop, exports."""
+
+    def __init__(self, mdir, cfg: TrainConfig, *, mesh_spec: str | None = None):
+        from mlmtool.model import init_params
+
+        cfg.validate()
+        self.mdir = mdir
+        self.cfg = cfg
+        self.config, self.mcfg, self.model = _model_and_config(mdir, cfg.dtype)
+        self.train_store, self.val_store = _open_stores(mdir, self.config)
+        self.mesh = sh.make_mesh(mesh_spec)
+        self.main = sh.is_main_process()
+        devs = sh.device_summary()
+
+        abstract_params = jax.eval_shape(lambda r: init_params(self.mcfg, r), jax.random.PRNGKey(0))
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params))
+        self.plan = plan_training(cfg, n_train=len(self.train_store),
+                                  n_val=len(self.val_store) if self.val_store else 0,
+                                  seq_len=self.train_store.seq_len, n_devices=self.mesh.size,
+                                  parameters=n_params, mesh=dict(self.mesh.shape), platform=devs["platform"],
+                                  processes=devs["processes"])
+        self.schedule = make_schedule(cfg, self.plan.total_steps, self.plan.warmup_steps)
+        self.tx = make_optimizer(cfg, self.schedule)
+
+        def init_state(rng):
+            params = init_params(self.mcfg, rng)
+            return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params))
+
+        abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+        self.state_sharding = TrainState(step=sh.replicated(self.mesh),
+                                         params=sh.state_shardings(self.mesh, abstract_state.params),
+                                         opt_state=sh.state_shardings(self.mesh, abstract_state.opt_state))
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
+        self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
+
+        store = self.train_store
+        self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
+                                vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
+                                max_predictions=self.plan.max_predictions_per_seq)
+        self.batch_sharding = sh.batch_sharding(self.mesh, leading_dims=1)
+        step_fn = partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+                          pad_token_id=store.pad_token_id, mask_kwargs=self.mask_kwargs)
+        self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, sh.replicated(self.mesh)),
+                             out_shardings=(self.state_sharding, sh.replicated(self.mesh)), donate_argnums=(0,))
+        self.rng = jax.random.PRNGKey(cfg.seed)
+
+    # -- checkpoint metadata: what must match for a resume to continue the same run --
+    def _run_identity(self) -> dict:
+        return {"seed": self.cfg.seed, "global_batch": self.plan.global_batch,
+                "per_device_train_batch_size": self.cfg.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+                "devices": self.plan.devices, "train_blocks": self.plan.train_blocks,
+                "seq_len": self.plan.seq_len}
+
+    def _meta(self, step: int) -> dict:
+        epoch, pos = divmod(step, self.plan.steps_per_epoch)
+        return {"step": step, "epoch": epoch, "position_in_epoch": pos,
+                "rng": np.asarray(self.rng).tolist(),  # PRNGKey(seed); each step uses fold_in(rng, step)
+                "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg),
+                "total_steps": self.plan.total_steps}
+
+    def initial_state(self, resume: bool, force: bool, say) -> tuple[TrainState, int]:
+        ckpt_dir = self.mdir.checkpoints_dir
+        latest = checkpoint.latest_step(ckpt_dir)
+        if latest is not None and not resume:
+            if not force:
+                raise TrainingError(f"{ckpt_dir} holds checkpoints up to step {latest}",
+                                    "drop --no-resume to continue that run, or add --force to delete them and start over")
+            if self.main:
+                checkpoint.remove_all(ckpt_dir)
+            latest = None
+        if latest is None:
+            return self._init_state(jax.random.fold_in(self.rng, 0xC0FFEE)), 0
+        meta = checkpoint.restore_meta(ckpt_dir, latest)
+        before, now = meta.get("run", {}), self._run_identity()
+        changed = [k for k in ("seed", "global_batch", "train_blocks", "seq_len") if before.get(k) != now[k]]
+        if changed:
+            raise TrainingError(
+                "the checkpoint at step {} was trained with {}".format(
+                    latest, ", ".join(f"{k}={before.get(k)}" for k in changed)) + f", this run has "
+                + ", ".join(f"{k}={now[k]}" for k in changed),
+                "use the same settings to resume, or --no-resume --force to start over")
+        with checkpoint.manager(ckpt_dir, async_save=False) as mngr:
+            out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state)
+        state = TrainState(step=jax.device_put(jnp.int32(latest), self.state_sharding.step),
+                           params=out["params"], opt_state=out["opt_state"])
+        say(f"Resuming from checkpoint step {latest:,} (of {self.plan.total_steps:,}) in {ckpt_dir}")
+        return state, latest
+
+    def evaluate(self, params) -> dict:
+        per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
+        return evaluate(params, model=self.model, mesh=self.mesh, params_sharding=self.state_sharding.params,
+                        store=self.val_store, per_device_batch_size=per_device,
+                        mlm_probability=self.cfg.mlm_probability, vocab_size=self.config["vocab_size"])
+
+    def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
+            stop_requested=lambda: False) -> dict:
+        """Train to ``plan.total_steps``; returns the last logged metrics and eval results."""
+        from mlmtool.hf_weights import save_safetensors
+        from mlmtool.progress import MetricsWriter
+
+        cfg, plan = self.cfg, self.plan
+        state, start = self.initial_state(resume, force, say)
+        writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main)
+        result: dict = {"start_step": start, "total_steps": plan.total_steps}
+        if start >= plan.total_steps:
+            say(f"Training already complete at step {start:,}.")
+        loader = BatchLoader(self.train_store, accum=cfg.gradient_accumulation_steps,
+                             micro_batch=plan.global_batch // cfg.gradient_accumulation_steps, seed=cfg.seed,
+                             steps_per_epoch=plan.steps_per_epoch, sharding=self.batch_sharding,
+                             start=start, stop=plan.total_steps)
+        window: list[dict] = []
+        window_start = time.perf_counter()
+        window_steps = 0
+        step = start
+        stopped_early = False
+        with checkpoint.manager(self.mdir.checkpoints_dir, max_to_keep=cfg.save_total_limit) as mngr:
+            try:
+                for step, batch in loader:
+                    state, metrics = self._step(state, batch, self.rng)
+                    window.append(metrics)
+                    window_steps += 1
+                    done = step + 1
+                    if done == start + 1:  # exclude compilation from throughput
+                        jax.block_until_ready(metrics)
+                        result["compile_seconds"] = time.perf_counter() - window_start
+                        window_start, window_steps = time.perf_counter(), 0
+                    last = done == plan.total_steps
+                    stop = stop_requested()
+                    if progress is not None:
+                        progress.step(done)
+                    if done % cfg.logging_steps == 0 or done % cfg.save_steps == 0 or last or stop:
+                        if window:
+                            record = self._flush(window, done, window_start, window_steps, mngr)
+                            window, window_steps, window_start = [], 0, time.perf_counter()
+                            writer.write(record)
+                            if progress is not None:
+                                progress.log(record)
+                            result["train"] = record
+                    if self.val_store is not None and cfg.eval_steps and done % cfg.eval_steps == 0 and not last:
+                        ev = self.evaluate(state.params)
+                        writer.write({"step": done, **ev})
+                        if progress is not None:
+                            progress.message(_format_eval(done, ev))
+                        window_start = time.perf_counter()
+                    if done % cfg.save_steps == 0 or last or stop:
+                        checkpoint.save(mngr, done, state.params, state.opt_state, self._meta(done))
+                    if stop and not last:
+                        stopped_early = True
+                        break
+            finally:
+                loader.close()
+                mngr.wait_until_finished()
+        result["stopped_early"] = stopped_early
+        result["final_step"] = int(jax.device_get(state.step))
+        if stopped_early:
+            return result
+        if self.val_store is not None:
+            ev = self.evaluate(state.params)
+            writer.write({"step": result["final_step"], **ev})
+            if progress is not None:
+                progress.message(_format_eval(result["final_step"], ev))
+            result["eval"] = ev
+        params = jax.device_get(state.params) if jax.process_count() == 1 else _gather(state.params)
+        if self.main:
+            save_safetensors(params, self.mcfg, self.mdir.weights_path)
+        result["exported"] = str(self.mdir.weights_path)
+        return result
+
+    def _flush(self, window: list[dict], done: int, window_start: float, window_steps: int, mngr) -> dict:
+        got = jax.device_get(window)
+        loss_sum = sum(float(m["loss_sum"]) for m in got)
+        denom = sum(float(m["denominator"]) for m in got)
+        loss = loss_sum / max(denom, 1.0)
+        if not math.isfinite(loss):
+            last_good = mngr.latest_step()
+            keep = f"the last good checkpoint (step {last_good}) is kept" if last_good else "no checkpoint was written"
+            raise TrainingError(
+                f"the loss became {loss} by step {done}",
+                f"the learning rate ({float(got[-1]['learning_rate']):.2e}) is probably too high: lower "
+                f"--learning-rate or raise --warmup-steps; {keep}")
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        tokens = window_steps * self.plan.tokens_per_step
+        return {
+            "step": done,
+            "epoch": done / self.plan.steps_per_epoch,
+            "loss": loss,
+            "accuracy": sum(float(m["accuracy_sum"]) for m in got) / max(denom, 1.0),
+            "learning_rate": float(got[-1]["learning_rate"]),
+            "grad_norm": float(got[-1]["grad_norm"]),
+            "tokens_per_second": tokens / elapsed if window_steps else 0.0,
+            "masked_tokens": int(denom),
+            "time": time.time(),
+        }
+
+
+def _gather(tree):
+    """Fully replicate a (possibly sharded, multi-process) pytree and fetch it to the host."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def _format_eval(step: int, ev: dict) -> str:
+    return (f"eval @ step {step:,}: loss {ev['eval_loss']:.4f} | accuracy {ev['eval_accuracy']:.4f} | "
+            f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens")
