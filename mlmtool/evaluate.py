@@ -87,3 +87,66 @@ def evaluate(params: Any, *, model, mesh, params_sharding, store, per_device_bat
         "eval_tokens": int(denom),
         "eval_samples": n,
     }
+
+
+def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
+    """Parameters from a checkpoint (``latest`` or a step number) or the export."""
+    from mlmtool import checkpoint
+    from mlmtool.errors import CheckpointError
+    from mlmtool.hf_weights import load_safetensors
+
+    steps = checkpoint.all_steps(mdir.checkpoints_dir)
+    if which == "export" or (which == "latest" and not steps):
+        if not mdir.weights_path.exists():
+            raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
+        params = load_safetensors(mdir.weights_path, mcfg)
+        return jax.device_put(params, params_sharding), "export"
+    if which == "latest":
+        step = steps[-1]
+    else:
+        try:
+            step = int(which)
+        except ValueError:
+            raise CheckpointError(f"--checkpoint {which!r} is not latest, export or a step number",
+                                  "e.g. --checkpoint latest") from None
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir}",
+                                  f"available: {', '.join(map(str, steps)) or 'none'}")
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract_params, params_sharding)
+    with checkpoint.manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
+        out = checkpoint.restore(mngr, step, abstract)
+    return out["params"], f"step {step}"
+
+
+def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 64, mlm_probability: float = 0.15,
+             dtype: str = "float32", mesh_spec: str | None = None) -> dict:
+    """Evaluate DIR's model on its validation split and write eval_results.json."""
+    from mlmtool import sharding as sh
+    from mlmtool.blocks import BlockStore, read_meta
+    from mlmtool.errors import DataError
+    from mlmtool.model import MaskedLM, ModelConfig, init_params
+    from mlmtool.modeldir import atomic_write_json
+
+    config = mdir.read_config()
+    mcfg = ModelConfig.from_dict(config)
+    mdir.require_data()
+    if not read_meta(mdir.data_dir).get("num_blocks", {}).get("validation", 0):
+        raise DataError(f"the prepared data in {mdir} has no validation blocks",
+                        f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
+    store = BlockStore.open(mdir.data_dir, "validation")
+    model = MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    mesh = sh.make_mesh(mesh_spec)
+    abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
+    params_sharding = sh.state_shardings(mesh, abstract)
+    params, source = load_params(mdir, mcfg, checkpoint, mesh, params_sharding, abstract)
+    results = evaluate(params, model=model, mesh=mesh, params_sharding=params_sharding, store=store,
+                       per_device_batch_size=per_device_batch_size, mlm_probability=mlm_probability,
+                       vocab_size=config["vocab_size"])
+    results["checkpoint"] = source
+    if sh.is_main_process():
+        atomic_write_json(mdir.eval_results_path, results)
+        from mlmtool.progress import MetricsWriter
+
+        MetricsWriter(mdir.metrics_path).write({"event": "eval", "checkpoint": source, **results})
+    return results

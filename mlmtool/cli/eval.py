@@ -1,12 +1,49 @@
-"""``mlmtool eval DIR`` (being built)."""
+"""``mlmtool eval DIR``: loss, accuracy and perplexity on the validation split."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import ModelDirArg
+from mlmtool.cli.options import (CoordinatorOpt, DtypeOpt, JsonOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg,
+                                 NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
 
 
 @app.command("eval")
-def eval_command(model_dir: ModelDirArg) -> None:
-    """Not yet available."""
-    from mlmtool.errors import MlmtoolError
+def eval_command(
+    model_dir: ModelDirArg,
+    checkpoint: Annotated[str, typer.Option(
+        "--checkpoint", help="latest (newest checkpoint, else the export) | STEP | export (model.safetensors).")] = "latest",
+    per_device_eval_batch_size: PerDeviceEvalBatchOpt = 64,
+    mlm_probability: MlmProbabilityOpt = 0.15,
+    dtype: DtypeOpt = "float32",
+    json_out: JsonOpt = False,
+    mesh: MeshOpt = None,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+) -> None:
+    """Evaluate the trained model on the validation blocks; writes eval_results.json."""
+    import json
 
-    raise MlmtoolError("'eval' is not available yet")
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.progress import console, say
+    from mlmtool.sharding import initialize_distributed
+
+    mdir = ModelDir(model_dir)
+    initialize_distributed(coordinator_address, num_processes, process_id)
+    from mlmtool.evaluate import run_eval
+
+    results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size or 64,
+                       mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh)
+    if json_out:
+        typer.echo(json.dumps(results))
+        return
+    say(f"[bold]eval[/] ({results['checkpoint']}) on {results['eval_samples']:,} blocks, "
+        f"{results['eval_tokens']:,} predicted tokens")
+    say(f"  eval_loss     {results['eval_loss']:.4f}")
+    say(f"  eval_accuracy {results['eval_accuracy']:.4f}")
+    say(f"  perplexity    {results['perplexity']:.2f}")
+    say(f"Wrote {mdir.eval_results_path}")
