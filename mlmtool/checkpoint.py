@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from mlmtool.errors import CheckpointError
+
+absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter is not for users
 
 ITEMS = ("params", "opt_state", "meta")
 

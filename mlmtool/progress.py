@@ -105,7 +105,7 @@ class StageProgress:
             amount = f"{self.done:,.0f}" + (f" / {self.total:,.0f}" if self.total else "") + f" {self.unit}"
             rate = f"{self.done / elapsed:,.1f} {self.unit}/s"
         extra = self._fields()
-        console.print(f"{self.description}: {amount} ({rate}{', ' + extra if extra else ''})")
+        console.print(f"{self.description}: {amount} ({rate}{', ' + extra if extra else ''})", soft_wrap=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._progress is not None:
@@ -187,11 +187,11 @@ class TrainProgress:
             elapsed = time.perf_counter() - self._t0
             eta = elapsed / max(done, 1) * (self.total - record["step"])
             console.print(f"step {record['step']:,}/{self.total:,} | {info} | "
-                          f"grad norm {record['grad_norm']:.3f} | eta {human_duration(eta)}")
+                          f"grad norm {record['grad_norm']:.3f} | eta {human_duration(eta)}", soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
-            console.print(text)
+            console.print(text, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
