@@ -88,6 +88,7 @@ def _register() -> None:
     # Each module registers its command on import; this order is the --help order.
     from mlmtool.cli import init, tokenizer, prepare, train  # noqa: F401
     from mlmtool.cli import eval as eval_cmd  # noqa: F401
+    from mlmtool.cli import predict  # noqa: F401
 
 
 _register()

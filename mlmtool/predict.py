@@ -1,0 +1,68 @@
+"""Fill-mask predictions from the Flax model, in the format of HF's fill-mask pipeline.
+
+For each text, each ``<mask>`` gets the ``top_k`` most probable tokens (softmax over the
+vocabulary at that position) as ``{"score", "token", "token_str", "sequence"}``; a text
+with one mask gives a list of those objects, with several masks a list per mask (as
+``transformers.pipeline("fill-mask")`` returns).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlmtool.errors import DataError
+
+
+def load_tokenizer(mdir):
+    from transformers import AutoTokenizer
+
+    mdir.require_tokenizer()
+    return AutoTokenizer.from_pretrained(str(mdir.path))
+
+
+def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "latest") -> list:
+    from mlmtool import sharding as sh
+    from mlmtool.evaluate import load_params
+    from mlmtool.model import MaskedLM, ModelConfig, init_params
+
+    if top_k < 1:
+        raise DataError("--top-k must be at least 1", "e.g. --top-k 5")
+    tok = load_tokenizer(mdir)
+    mask = tok.mask_token
+    for text in texts:
+        if mask not in text:
+            raise DataError(f"no {mask} in {text!r}", f"put {mask} where the model should fill in a token")
+    config = mdir.read_config()
+    mcfg = ModelConfig.from_dict(config)
+    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
+    abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
+    params, _ = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract)
+    model = MaskedLM(mcfg)
+    enc = tok(texts, padding=True, truncation=True, max_length=mcfg.max_sequence_length, return_tensors="np")
+    logits = jax.jit(lambda p, i, m: model.apply({"params": p}, i, attention_mask=m))(
+        params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))  # [B, L, V]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    results = []
+    for row, ids in enumerate(enc["input_ids"]):
+        ids = ids[enc["attention_mask"][row].astype(bool)]
+        positions = np.flatnonzero(ids == tok.mask_token_id)
+        single = len(positions) == 1
+        per_mask = []
+        for pos in positions:
+            p = probs[row, pos]
+            top = np.argsort(-p, kind="stable")[:top_k]
+            preds = []
+            for token_id in top:
+                filled = ids.copy()
+                filled[pos] = token_id
+                preds.append({
+                    "score": float(p[token_id]),
+                    "token": int(token_id),
+                    "token_str": tok.decode([int(token_id)]),
+                    "sequence": tok.decode(filled, skip_special_tokens=single),
+                })
+            per_mask.append(preds)
+        results.append(per_mask[0] if single else per_mask)
+    return results
