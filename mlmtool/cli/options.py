@@ -58,3 +58,9 @@ NumProcessesOpt = Annotated[Optional[int], typer.Option(
 ProcessIdOpt = Annotated[Optional[int], typer.Option(
     "--process-id", envvar="MLMTOOL_PROCESS_ID", help="This process's index (0 .. num-processes-1).",
     rich_help_panel=DIST, show_default=False)]
+DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
+    "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
+    rich_help_panel=CORPUS, show_default=False)]
+NumProcOpt = Annotated[Optional[int], typer.Option(
+    "--num-proc", min=1, help="Worker processes for tokenizing [default: all CPU cores].",
+    show_default=False)]

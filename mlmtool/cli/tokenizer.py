@@ -1,12 +1,73 @@
-"""``mlmtool tokenizer DIR`` (being built)."""
+"""``mlmtool tokenizer DIR FILE...``: train the tokenizer on a corpus and save it into DIR."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import ModelDirArg
+from mlmtool.cli.options import (DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
+                                 JsonOpt, ModelDirArg, SplitOpt, StreamingOpt, TextColumnOpt)
+
+TOKENIZER = "Tokenizer"
 
 
 @app.command("tokenizer")
-def tokenizer_command(model_dir: ModelDirArg) -> None:
-    """Not yet available."""
-    from mlmtool.errors import MlmtoolError
+def tokenizer_command(
+    model_dir: ModelDirArg,
+    files: FilesArg = None,
+    type_: Annotated[Optional[str], typer.Option(
+        "--type", help="bpe (byte-level, as RoBERTa) or wordpiece (as BERT) "
+                       "[default: the model's: roberta → bpe, bert → wordpiece].",
+        rich_help_panel=TOKENIZER, show_default=False)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        "--vocab-size", min=1, help="Vocabulary size, special tokens included [default: config.json's].",
+        rich_help_panel=TOKENIZER, show_default=False)] = None,
+    min_frequency: Annotated[int, typer.Option(
+        "--min-frequency", min=1, help="Least count for a merge / word piece to enter the vocabulary.",
+        rich_help_panel=TOKENIZER)] = 2,
+    lowercase: Annotated[Optional[bool], typer.Option(
+        "--lowercase/--no-lowercase", help="Lowercase the text first [default: the model's "
+        "convention: yes for wordpiece (uncased BERT), no for bpe].",
+        rich_help_panel=TOKENIZER, show_default=False)] = None,
+    text_column: TextColumnOpt = "text",
+    dataset: DatasetOpt = None,
+    dataset_config: DatasetConfigOpt = None,
+    split: SplitOpt = "train",
+    streaming: StreamingOpt = False,
+    dataset_revision: DatasetRevisionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the tokenizer (byte-level BPE or WordPiece) on FILE... and save it into DIR.
 
-    raise MlmtoolError("'tokenizer' is not available yet")
+    Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json (AutoTokenizer
+    loads DIR), and sets config.json's vocab_size and special token ids to match.
+    """
+    from mlmtool.corpus import open_corpus
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.progress import console, err_console, human_bytes, quiet, say
+    from mlmtool.tokenizer_train import train_tokenizer
+
+    mdir = ModelDir(model_dir)
+    mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
+    corpus = open_corpus(files, text_column=text_column, dataset=dataset,
+                         dataset_config=dataset_config, split=split, streaming=streaming,
+                         revision=dataset_revision)
+    say(f"Training the tokenizer on {corpus.describe()}")
+    result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
+                             min_frequency=min_frequency, lowercase=lowercase,
+                             show_progress=not json_out and not quiet())
+    for line in corpus.warnings():
+        err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
+    if json_out:
+        import json
+
+        console.print_json(json.dumps(result))
+        return
+    kind = "byte-level BPE" if result["type"] == "bpe" else "WordPiece"
+    case = ", lowercased" if result["lowercase"] else ""
+    say(f"Trained a {kind} tokenizer{case}: vocab {result['vocab_size']:,} "
+        f"(asked {result['requested_vocab_size']:,}), {result['documents']:,} documents, "
+        f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s")
+    say(f"Wrote {', '.join(result['files'])}; config.json vocab_size = {result['vocab_size']}")

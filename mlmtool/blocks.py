@@ -1,0 +1,226 @@
+"""The block store: tokenized, fixed-length training blocks on disk (``DIR/data``).
+
+Layout::
+
+    DIR/data/meta.json         what is stored (see below)
+    DIR/data/train.bin         raw little-endian uint16 (vocab ≤ 65536) or uint32,
+    DIR/data/validation.bin    row-major [num_blocks, seq_len]
+
+Raw arrays, so a block is read by slice through ``np.memmap`` with no parsing and no
+per-example overhead; ``meta.json`` carries everything needed to read them::
+
+    format, version            "mlmtool-blocks", 1
+    dtype                      "uint16" | "uint32" (little-endian on disk)
+    seq_len                    tokens per block
+    line_by_line               False: the documents' token stream concatenated and cut
+                               into blocks (remainder dropped); True: one document per
+                               block, truncated (keeping its last token) and padded
+    splits                     ["train", "validation"]
+    num_blocks / tokens /      per split: blocks stored; tokens the tokenizer produced;
+    documents / dropped_tokens documents; tokens not stored (remainder, truncation)
+    pad_token_id, mask_token_id, cls_token_id, sep_token_id, unk_token_id,
+    bos_token_id, eos_token_id special token ids (bos/eos null for WordPiece)
+    special_token_ids          all special ids (sorted), as transformers' all_special_ids
+    vocab_size                 the tokenizer's size (len(tokenizer))
+    validation_split_percentage, validation_rule
+    fingerprint                the corpus inputs (see mlmtool.corpus)
+    tokenizer_sha256           hash of the tokenizer.json the blocks were made with
+    key                        what "up to date" compares (inputs, tokenizer, arguments)
+    files                      {split: file name}
+    created, seconds           when and how long
+
+Readers use :class:`BlockStore`; writers :class:`SplitWriter` (inside a temporary
+directory that ``modeldir.atomic_directory`` swaps in whole).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from mlmtool.errors import DataError
+
+FORMAT = "mlmtool-blocks"
+VERSION = 1
+META = "meta.json"
+SPLITS = ("train", "validation")
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab_size ≤ 65536), else uint32; little-endian."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name not in ("uint16", "uint32"):
+        raise DataError(f"unknown block dtype {name!r} in meta.json", _REDO)
+    return np.dtype("<u2") if name == "uint16" else np.dtype("<u4")
+
+
+_REDO = "rerun 'mlmtool prepare DIR FILE... --force'"
+
+
+def split_file(split: str) -> str:
+    return f"{split}.bin"
+
+
+def read_meta(data_dir: Path | str) -> dict:
+    """``data_dir/meta.json`` (DataError if missing, unreadable or not a block store)."""
+    path = Path(data_dir) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"no prepared data in {Path(data_dir)} (no {META})",
+                        "run 'mlmtool prepare DIR FILE...' first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e.__class__.__name__})", _REDO) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not an mlmtool block store", _REDO)
+    if meta.get("version") != VERSION:
+        raise DataError(f"{path} has block store version {meta.get('version')!r}; this mlmtool "
+                        f"reads version {VERSION}", _REDO)
+    return meta
+
+
+class BlockStore:
+    """One split of the block store, read by index or range through ``np.memmap``.
+
+    Reads return ``int32`` arrays of shape ``[n, seq_len]``.
+    """
+
+    def __init__(self, path: Path, meta: dict, split: str):
+        self.path = Path(path)
+        self.meta = meta
+        self.split = split
+        self.seq_len = int(meta["seq_len"])
+        self.num_blocks = int(meta["num_blocks"][split])
+        self.pad_token_id = int(meta["pad_token_id"])
+        self.mask_token_id = int(meta["mask_token_id"])
+        self.special_token_ids = tuple(int(i) for i in meta["special_token_ids"])
+        self.vocab_size = int(meta["vocab_size"])
+        self.line_by_line = bool(meta.get("line_by_line", False))
+        self.dtype = _np_dtype(meta["dtype"])
+        if self.num_blocks:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r",
+                                   shape=(self.num_blocks, self.seq_len))
+        else:
+            self._data = np.zeros((0, self.seq_len), dtype=self.dtype)
+
+    @classmethod
+    def open(cls, data_dir: Path | str, split: str) -> "BlockStore":
+        """Open ``split`` ("train" or "validation") of the block store in ``data_dir``.
+
+        DataError if it is missing or damaged (file size not matching meta.json).
+        """
+        data_dir = Path(data_dir)
+        meta = read_meta(data_dir)
+        if split not in meta.get("num_blocks", {}):
+            raise DataError(f"no split {split!r} in {data_dir} "
+                            f"(it has: {', '.join(meta.get('num_blocks', {})) or 'none'})",
+                            "use 'train' or 'validation'")
+        try:
+            seq_len = int(meta["seq_len"])
+            num_blocks = int(meta["num_blocks"][split])
+            itemsize = _np_dtype(meta["dtype"]).itemsize
+            for key in ("pad_token_id", "mask_token_id", "special_token_ids", "vocab_size"):
+                meta[key]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{data_dir / META} is incomplete ({e.__class__.__name__}: {e})",
+                            _REDO) from None
+        path = data_dir / meta.get("files", {}).get(split, split_file(split))
+        if not path.exists():
+            raise DataError(f"{path} is missing", _REDO)
+        expected = num_blocks * seq_len * itemsize
+        actual = path.stat().st_size
+        if actual != expected:
+            raise DataError(f"{path} is damaged: {actual:,} bytes, meta.json says {num_blocks:,} "
+                            f"blocks of {seq_len} {meta['dtype']} ({expected:,} bytes)", _REDO)
+        return cls(path, meta, split)
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __repr__(self) -> str:
+        return (f"BlockStore({str(self.path)!r}, split={self.split!r}, "
+                f"num_blocks={self.num_blocks}, seq_len={self.seq_len})")
+
+    def read(self, indices) -> np.ndarray:
+        """Blocks at ``indices`` (any order, repeats allowed) as int32 ``[len(indices), seq_len]``.
+
+        The reads are done in sorted order (locality on disk); the result is in the
+        requested order.  Negative or out-of-range indices raise IndexError.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_blocks):
+            raise IndexError(f"block index out of range [0, {self.num_blocks}) in {self.split}")
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((idx.size, self.seq_len), dtype=np.int32)
+        out[order] = self._data[idx[order]]
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Blocks ``start:stop`` as int32 ``[stop - start, seq_len]`` (clipped like a slice)."""
+        return np.asarray(self._data[start:stop], dtype=np.int32)
+
+
+class SplitWriter:
+    """Append blocks of one split to ``path``.
+
+    Concatenated mode: :meth:`add_stream` takes token arrays of any length; full
+    ``seq_len`` blocks are written as soon as they exist and only the remainder (fewer
+    than ``seq_len`` tokens) is carried over, so time is linear and memory bounded.
+    The final remainder is dropped by :meth:`close`.
+    Line-by-line mode: :meth:`add_blocks` takes ready ``[n, seq_len]`` blocks.
+    """
+
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype):
+        self.path = Path(path)
+        self.seq_len = int(seq_len)
+        self.dtype = np.dtype(dtype)
+        self._file: BinaryIO = open(self.path, "wb", buffering=1 << 20)
+        self._rest = np.zeros(0, dtype=self.dtype)
+        self.num_blocks = 0
+        self.dropped_tokens = 0
+
+    def add_stream(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype != self.dtype:
+            tokens = tokens.astype(self.dtype)
+        if self._rest.size:
+            tokens = np.concatenate([self._rest, tokens])
+        n = tokens.size // self.seq_len
+        cut = n * self.seq_len
+        if n:
+            self._file.write(tokens[:cut].tobytes())
+            self.num_blocks += n
+        self._rest = tokens[cut:].copy()
+
+    def add_blocks(self, blocks: np.ndarray) -> None:
+        blocks = np.asarray(blocks)
+        if blocks.ndim != 2 or blocks.shape[1] != self.seq_len:
+            raise ValueError(f"blocks must be [n, {self.seq_len}], got {blocks.shape}")
+        self._file.write(np.ascontiguousarray(blocks, dtype=self.dtype).tobytes())
+        self.num_blocks += blocks.shape[0]
+
+    @property
+    def remainder(self) -> int:
+        return int(self._rest.size)
+
+    def close(self) -> None:
+        """Drop the remainder, flush and fsync."""
+        if self._file.closed:
+            return
+        self.dropped_tokens += int(self._rest.size)
+        self._rest = self._rest[:0]
+        self._file.flush()
+        import os
+
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()

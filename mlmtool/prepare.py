@@ -1,0 +1,494 @@
+"""Tokenize a corpus into the block store (``mlmtool prepare DIR FILE...``).
+
+Pipeline (linear time, bounded memory):
+
+1. The main process streams the corpus (:mod:`mlmtool.corpus`) in batches of about
+   1 MB of text and numbers the documents 0, 1, 2, ... in corpus order.
+2. Worker processes (``num_proc``, fork) load the tokenizer from ``tokenizer.json`` with
+   the ``tokenizers`` library and ``encode_batch`` each batch, special tokens included
+   (``<s> … </s>`` / ``[CLS] … [SEP]``, no truncation), single-threaded each
+   (``TOKENIZERS_PARALLELISM=false``).  They split the batch's documents into train and
+   validation and return one numpy token array per split (or, line by line, ready
+   blocks).  At most a few batches are in flight; results are consumed in order, so the
+   output does not depend on ``num_proc``.
+3. The main process appends each split's tokens to its file and cuts full blocks of
+   ``max_seq_length``, carrying the remainder (< max_seq_length tokens) over; only the
+   final remainder of each split is dropped.
+
+Validation split rule (systematic, by document): with p = validation_split_percentage,
+document i (0-based, in corpus order, counting only non-empty documents) goes to
+validation when ``floor((i + 1) * p / 100) > floor(i * p / 100)``.  Any first n
+documents then hold floor(n * p / 100) validation documents, spread evenly through the
+corpus (p = 5: documents 19, 39, 59, ...), without knowing n up front.  p is taken to
+1e-4 % (integer arithmetic, no float rounding).
+
+Everything is written into a temporary directory that replaces ``DIR/data`` whole at
+the end.  A second run with the same inputs (path, size, mtime), tokenizer.json
+(sha256), relevant config fields and arguments prints "up to date" without importing
+transformers or JAX and without reading the corpus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from mlmtool import blocks
+from mlmtool.corpus import Corpus
+from mlmtool.errors import ConfigError, DataError
+from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json
+
+DEFAULT_MAX_SEQ_LENGTH = 128
+DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
+VALIDATION_RULE = "systematic: document i -> validation iff floor((i+1)*p/100) > floor(i*p/100)"
+_PPM = 1_000_000          # percentages are applied in parts per million (p to 1e-4 %)
+_IN_FLIGHT_PER_PROC = 3   # batches queued per worker: enough to keep them busy, bounded memory
+
+
+# -- validation split ----------------------------------------------------------------------
+
+def _ppm(percentage: float) -> int:
+    return int(round(float(percentage) * _PPM / 100))
+
+
+def validation_mask(start: int, count: int, percentage: float) -> np.ndarray:
+    """Boolean mask: which of documents ``start .. start+count-1`` go to validation."""
+    q = _ppm(percentage)
+    i = np.arange(start, start + count, dtype=np.int64)
+    return ((i + 1) * q) // _PPM > (i * q) // _PPM
+
+
+def is_validation(index: int, percentage: float) -> bool:
+    """Whether document ``index`` goes to validation (the rule of :func:`validation_mask`)."""
+    q = _ppm(percentage)
+    return ((index + 1) * q) // _PPM > (index * q) // _PPM
+
+
+# -- tokenizer facts, without transformers ------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: str
+    sha256: str
+    vocab_size: int
+    pad_token_id: int
+    mask_token_id: int
+    unk_token_id: int | None
+    cls_token_id: int | None
+    sep_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    special_token_ids: tuple[int, ...]
+
+
+_NAME_DEFAULTS = {  # used when tokenizer_config.json is missing
+    "bpe": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+            "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"},
+    "wordpiece": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                  "cls_token": "[CLS]", "mask_token": "[MASK]"},
+}
+
+
+def _token_name(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
+    """Special ids, size and hash of DIR's tokenizer (tokenizers only, no transformers)."""
+    from tokenizers import Tokenizer
+
+    from mlmtool.tokenizer_train import file_sha256
+
+    path = model_dir.require_tokenizer()
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise DataError(f"cannot load {path} ({e})",
+                        f"retrain it with 'mlmtool tokenizer {model_dir} FILE...'") from None
+    names: dict[str, Any] = {}
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.exists():
+        try:
+            names = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            names = {}
+    if not any(_token_name(names.get(k)) for k in ("mask_token", "pad_token")):
+        names = _NAME_DEFAULTS["bpe" if tok.token_to_id("<mask>") is not None else "wordpiece"]
+
+    def tid(key: str) -> int | None:
+        name = _token_name(names.get(key))
+        return tok.token_to_id(name) if name else None
+
+    ids = {k: tid(k) for k in ("pad_token", "mask_token", "unk_token", "cls_token", "sep_token",
+                               "bos_token", "eos_token")}
+    for key in ("pad_token", "mask_token"):
+        if ids[key] is None:
+            raise DataError(f"the tokenizer in {model_dir} has no {key.replace('_', ' ')}",
+                            f"retrain it with 'mlmtool tokenizer {model_dir} FILE...'")
+    special = {i for i in ids.values() if i is not None}
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = names.get(key)
+        if isinstance(extra, list):
+            special.update(i for i in (tok.token_to_id(_token_name(t) or "") for t in extra)
+                           if i is not None)
+    special.update(t.get("id") for t in json.loads(path.read_text(encoding="utf-8"))
+                   .get("added_tokens", []) if t.get("special") and isinstance(t.get("id"), int))
+    return TokenizerInfo(
+        path=str(path), sha256=file_sha256(path),
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        pad_token_id=ids["pad_token"], mask_token_id=ids["mask_token"],
+        unk_token_id=ids["unk_token"], cls_token_id=ids["cls_token"], sep_token_id=ids["sep_token"],
+        bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+        special_token_ids=tuple(sorted(special)))
+
+
+# -- workers --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Job:
+    tokenizer_path: str
+    seq_len: int
+    line_by_line: bool
+    percentage: float
+    dtype: str
+    pad_token_id: int
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(job: _Job, ignore_sigint: bool = True) -> None:
+    import signal
+
+    from tokenizers import Tokenizer
+
+    if ignore_sigint:  # the parent handles Ctrl-C and terminates the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer.from_file(job.tokenizer_path)
+    tok.no_truncation()
+    tok.no_padding()
+    _worker.clear()
+    _worker.update(job=job, tok=tok)
+
+
+def _encode(tok, docs: list[str]) -> list[list[int]]:
+    enc = getattr(tok, "encode_batch_fast", tok.encode_batch)(docs, add_special_tokens=True)
+    return [e.ids for e in enc]
+
+
+def _concat(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
+    if not ids:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.array(x, dtype=dtype) for x in ids])
+
+
+def _to_blocks(ids: list[list[int]], seq_len: int, pad: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """One block per document: truncated keeping its last token, padded; (blocks, tokens cut)."""
+    out = np.full((len(ids), seq_len), pad, dtype=dtype)
+    cut = 0
+    for r, x in enumerate(ids):
+        n = len(x)
+        if n > seq_len:
+            cut += n - seq_len
+            out[r, :seq_len - 1] = x[:seq_len - 1]
+            out[r, seq_len - 1] = x[-1]
+        else:
+            out[r, :n] = x
+    return out, cut
+
+
+def _encode_task(task: tuple[int, list[str], int]) -> tuple[int, int, dict[str, dict]]:
+    """Worker: encode one batch; per split its tokens (or blocks) and counts."""
+    start, docs, progress = task
+    job: _Job = _worker["job"]
+    tok = _worker["tok"]
+    dtype = np.dtype(job.dtype)
+    ids = _encode(tok, docs)
+    val = validation_mask(start, len(docs), job.percentage) if job.percentage else None
+    parts = {"train": ids, "validation": []}
+    if val is not None and val.any():
+        parts = {"train": [x for x, v in zip(ids, val) if not v],
+                 "validation": [x for x, v in zip(ids, val) if v]}
+    out = {}
+    for split, split_ids in parts.items():
+        tokens = sum(map(len, split_ids))
+        if job.line_by_line:
+            data, cut = _to_blocks(split_ids, job.seq_len, job.pad_token_id, dtype)
+        else:
+            data, cut = _concat(split_ids, dtype), 0
+        out[split] = {"data": data, "documents": len(split_ids), "tokens": tokens, "truncated": cut}
+    return progress, len(docs), out
+
+
+def _tasks(corpus: Corpus) -> Iterator[tuple[int, list[str], int]]:
+    start = 0
+    for batch in corpus.batches():
+        yield start, batch.documents, batch.progress
+        start += len(batch.documents)
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers():
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _results(tasks: Iterable, job: _Job, num_proc: int) -> Iterator:
+    """Encoded batches in task order, computed by ``num_proc`` processes."""
+    if num_proc <= 1:
+        with _single_threaded_tokenizers():
+            _init_worker(job, ignore_sigint=False)
+            try:
+                for task in tasks:
+                    yield _encode_task(task)
+            finally:
+                _worker.clear()
+        return
+    import multiprocessing
+
+    # fork: workers start in milliseconds and inherit nothing big.  If JAX was imported in
+    # this process (its threads make fork unsafe), start clean workers instead.
+    method = "forkserver" if "jax" in sys.modules else "fork"
+    if method not in multiprocessing.get_all_start_methods():
+        method = "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        window = _IN_FLIGHT_PER_PROC * num_proc
+        for task in tasks:
+            pending.append(pool.apply_async(_encode_task, (task,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# -- the command ---------------------------------------------------------------------------
+
+def _raw_config(mdir: ModelDir) -> dict:
+    """The config fields prepare needs, from config.json without transformers.
+
+    Anything unusual falls back to ``ModelDir.read_config`` (full validation and its errors).
+    """
+    try:
+        raw = json.loads(mdir.config_path.read_text(encoding="utf-8"))
+        fields = {k: raw[k] for k in ("model_type", "max_position_embeddings", "pad_token_id",
+                                      "vocab_size")}
+        if fields["model_type"] in ("roberta", "bert") and all(
+                isinstance(fields[k], int) for k in fields if k != "model_type"):
+            return fields
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    full = mdir.read_config()
+    return {k: full[k] for k in ("model_type", "max_position_embeddings", "pad_token_id", "vocab_size")}
+
+
+def _key(corpus: Corpus, tok: TokenizerInfo, config: dict, args: dict) -> dict:
+    return {
+        "format_version": blocks.VERSION,
+        "inputs": corpus.fingerprint(),
+        "tokenizer_sha256": tok.sha256,
+        "config": {k: config[k] for k in ("model_type", "max_position_embeddings", "pad_token_id")},
+        "args": args,
+    }
+
+
+def _up_to_date(data_dir: Path, key: dict) -> dict | None:
+    try:
+        meta = blocks.read_meta(data_dir)
+        if meta.get("key") != key:
+            return None
+        for split in blocks.SPLITS:
+            blocks.BlockStore.open(data_dir, split)
+    except DataError:
+        return None
+    return meta
+
+
+def _summary(meta: dict, data_dir: Path, status: str, seconds: float, num_proc: int | None) -> dict:
+    docs = meta["documents"]
+    return {
+        "status": status,
+        "data_dir": str(data_dir),
+        "seq_len": meta["seq_len"],
+        "line_by_line": meta["line_by_line"],
+        "documents": sum(docs.values()),
+        "tokens": sum(meta["tokens"].values()),
+        "blocks": sum(meta["num_blocks"].values()),
+        "num_blocks": meta["num_blocks"],
+        "documents_per_split": docs,
+        "tokens_per_split": meta["tokens"],
+        "dropped_tokens": meta["dropped_tokens"],
+        "bytes": meta.get("bytes", 0),
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(meta.get("bytes", 0) / 1e6 / seconds, 2) if seconds > 0 else None,
+        "num_proc": num_proc,
+        "skipped_lines": meta.get("skipped_lines", 0),
+    }
+
+
+def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
+            max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, line_by_line: bool = False,
+            validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
+            num_proc: int | None = None, force: bool = False,
+            show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``corpus`` into ``DIR/data`` (see the module doc); return a summary dict.
+
+    ``status`` in the result is "written" or "up to date" (nothing done).
+    """
+    started = time.perf_counter()
+    mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+    if not mdir.config_path.exists():
+        mdir.read_config()  # raises "run 'mlmtool init DIR' first"
+    mdir.require_tokenizer()
+    config = _raw_config(mdir)
+    tok = tokenizer_info(mdir)
+
+    from mlmtool.presets import max_sequence_length
+
+    limit = max_sequence_length(config)
+    if max_seq_length < 2:
+        raise ConfigError(f"--max-seq-length must be at least 2, got {max_seq_length}",
+                          "use e.g. --max-seq-length 128")
+    if max_seq_length > limit:
+        raise ConfigError(f"--max-seq-length {max_seq_length} exceeds the model's limit of {limit} "
+                          f"positions (max_position_embeddings {config['max_position_embeddings']})",
+                          f"use --max-seq-length {limit} or less, or raise max_position_embeddings "
+                          "with 'mlmtool init DIR --set ... --force'")
+    if not 0 <= validation_split_percentage < 100:
+        raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
+                          f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
+    if tok.vocab_size > config["vocab_size"]:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
+                          f"is {config['vocab_size']}",
+                          f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
+    if tok.pad_token_id != config["pad_token_id"]:
+        raise ConfigError(f"config.json pad_token_id {config['pad_token_id']} differs from the "
+                          f"tokenizer's {tok.pad_token_id}",
+                          f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
+
+    args = {"max_seq_length": max_seq_length, "line_by_line": line_by_line,
+            "validation_split_percentage": float(validation_split_percentage)}
+    key = _key(corpus, tok, config, args)
+    if not force:
+        meta = _up_to_date(mdir.data_dir, key)
+        if meta is not None:
+            return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
+
+    num_proc = max(1, int(num_proc or os.cpu_count() or 1))
+    dtype = blocks.dtype_for_vocab(tok.vocab_size)
+    job = _Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=line_by_line,
+               percentage=float(validation_split_percentage), dtype=dtype.str,
+               pad_token_id=tok.pad_token_id)
+    counts = {s: {"documents": 0, "tokens": 0, "truncated": 0} for s in blocks.SPLITS}
+
+    from mlmtool.progress import StageProgress
+
+    progress = StageProgress("Tokenizing", total=corpus.total, unit=corpus.unit)
+    with atomic_directory(mdir.data_dir) as tmp:
+        writers = {s: blocks.SplitWriter(tmp / blocks.split_file(s), max_seq_length, dtype)
+                   for s in blocks.SPLITS}
+        try:
+            with (progress if show_progress else contextlib.nullcontext(progress)):
+                for adv, ndocs, out in _results(_tasks(corpus), job, num_proc):
+                    tokens = 0
+                    for split, part in out.items():
+                        c = counts[split]
+                        c["documents"] += part["documents"]
+                        c["tokens"] += part["tokens"]
+                        c["truncated"] += part["truncated"]
+                        tokens += part["tokens"]
+                        if line_by_line:
+                            writers[split].add_blocks(part["data"])
+                        else:
+                            writers[split].add_stream(part["data"])
+                    if show_progress:
+                        progress.advance(adv, documents=ndocs, tokens=tokens)
+            for w in writers.values():
+                w.close()
+        finally:
+            for w in writers.values():
+                w.abort()
+        _check_nonempty(writers, counts, max_seq_length, validation_split_percentage, line_by_line)
+        seconds = time.perf_counter() - started
+        meta = {
+            "format": blocks.FORMAT,
+            "version": blocks.VERSION,
+            "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+            "seq_len": max_seq_length,
+            "line_by_line": line_by_line,
+            "splits": list(blocks.SPLITS),
+            "files": {s: blocks.split_file(s) for s in blocks.SPLITS},
+            "num_blocks": {s: writers[s].num_blocks for s in blocks.SPLITS},
+            "tokens": {s: counts[s]["tokens"] for s in blocks.SPLITS},
+            "documents": {s: counts[s]["documents"] for s in blocks.SPLITS},
+            "dropped_tokens": {s: writers[s].dropped_tokens + counts[s]["truncated"]
+                               for s in blocks.SPLITS},
+            "pad_token_id": tok.pad_token_id,
+            "mask_token_id": tok.mask_token_id,
+            "unk_token_id": tok.unk_token_id,
+            "cls_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "special_token_ids": list(tok.special_token_ids),
+            "vocab_size": tok.vocab_size,
+            "validation_split_percentage": float(validation_split_percentage),
+            "validation_rule": VALIDATION_RULE,
+            "fingerprint": key["inputs"],
+            "tokenizer_sha256": tok.sha256,
+            "key": key,
+            "bytes": corpus.stats.bytes,
+            "skipped_lines": corpus.stats.skipped,
+            "num_proc": num_proc,
+            "seconds": round(seconds, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(tmp / blocks.META, meta)
+    result = _summary(meta, mdir.data_dir, "written", seconds, num_proc)
+    mdir.record("prepare", args={**args, "text_column": corpus.text_column, "num_proc": num_proc},
+                inputs=key["inputs"],
+                outputs={k: meta[k] for k in ("num_blocks", "tokens", "documents", "seq_len", "dtype")}
+                | {"tokenizer_sha256": tok.sha256})
+    return result
+
+
+def _check_nonempty(writers, counts, seq_len: int, percentage: float, line_by_line: bool) -> None:
+    train = writers["train"]
+    if train.num_blocks == 0:
+        c = counts["train"]
+        raise DataError(f"the corpus is too small: its training split has {c['tokens']:,} tokens "
+                        f"({c['documents']:,} documents), not one block of {seq_len}",
+                        "add text or lower --max-seq-length")
+    if percentage > 0 and writers["validation"].num_blocks == 0:
+        c = counts["validation"]
+        total_docs = counts["train"]["documents"] + c["documents"]
+        raise DataError(f"the validation split ({percentage:g}% of {total_docs:,} documents = "
+                        f"{c['documents']:,} documents, {c['tokens']:,} tokens) holds no block of "
+                        f"{seq_len} tokens",
+                        "add text, lower --max-seq-length, or change "
+                        "--validation-split-percentage (0 for no validation split)")
+
+
+__all__ = ["prepare", "validation_mask", "is_validation", "tokenizer_info", "TokenizerInfo",
+           "DEFAULT_MAX_SEQ_LENGTH", "DEFAULT_VALIDATION_SPLIT_PERCENTAGE", "VALIDATION_RULE"]

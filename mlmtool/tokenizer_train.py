@@ -1,0 +1,322 @@
+"""Train the model's tokenizer from a corpus (``mlmtool tokenizer DIR FILE...``).
+
+Two kinds, as the two model families were published:
+
+* ``bpe``: byte-level BPE as RoBERTa (and the seed notebook, HF's "Pre-Training a
+  Transformers model on TPU with Flax/JAX"): ByteLevel pre-tokenizer without prefix
+  space, initial alphabet = the 256 byte symbols, specials ``<s> <pad> </s> <unk> <mask>``
+  with ids 0..4 (the roberta config's bos 0 / pad 1 / eos 2), ``<mask>`` an lstrip
+  AddedToken, RobertaProcessing (``<s> … </s>``), ByteLevel decoder.  ``--lowercase``
+  adds a Lowercase normalizer (off by default).
+* ``wordpiece``: as BERT: BertNormalizer (lowercasing by default, as the uncased
+  presets), BertPreTokenizer, specials ``[PAD] [UNK] [CLS] [SEP] [MASK]`` with ids 0..4
+  (the bert config's pad 0), ``[CLS] $A [SEP]`` template, ``##`` continuing prefix.
+
+Training streams the corpus into ``tokenizers``' ``train_from_iterator`` in batches of
+documents (no per-document Python work).  The result is saved through transformers so
+``AutoTokenizer.from_pretrained(DIR)`` gives the same ids as
+``tokenizers.Tokenizer.from_file(DIR/tokenizer.json)``, and config.json's vocab_size and
+special token ids are brought into agreement with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlmtool.corpus import Corpus
+from mlmtool.errors import ConfigError
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, atomic_write_json
+
+KINDS = ("bpe", "wordpiece")
+DEFAULT_KIND = {"roberta": "bpe", "bert": "wordpiece"}
+DEFAULT_MIN_FREQUENCY = 2
+#: WordPiece keeps at most this many distinct characters (rarer ones become [UNK]), as
+#: HF's BertWordPieceTokenizer.train does.
+WORDPIECE_LIMIT_ALPHABET = 1000
+
+
+@dataclass(frozen=True)
+class Specials:
+    """Special token strings of one tokenizer kind, in id order (ids 0..4)."""
+
+    pad: str
+    unk: str
+    cls: str          # first token of every encoded sequence (<s> / [CLS])
+    sep: str          # last token of every encoded sequence (</s> / [SEP])
+    mask: str
+    order: tuple[str, ...]
+    bos: str | None = None
+    eos: str | None = None
+
+    def hf_kwargs(self) -> dict[str, str]:
+        """Keyword arguments naming the special tokens for a transformers tokenizer."""
+        out = {"unk_token": self.unk, "pad_token": self.pad, "cls_token": self.cls,
+               "sep_token": self.sep, "mask_token": self.mask}
+        if self.bos is not None:
+            out["bos_token"] = self.bos
+        if self.eos is not None:
+            out["eos_token"] = self.eos
+        return out
+
+
+SPECIALS = {
+    "bpe": Specials(pad="<pad>", unk="<unk>", cls="<s>", sep="</s>", mask="<mask>",
+                    order=("<s>", "<pad>", "</s>", "<unk>", "<mask>"), bos="<s>", eos="</s>"),
+    "wordpiece": Specials(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
+                          order=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")),
+}
+
+#: byte-level BPE: the 256 byte symbols + the 5 specials.
+BPE_MIN_VOCAB = 256 + len(SPECIALS["bpe"].order)
+
+
+def minimum_vocab_size(kind: str) -> int:
+    """Smallest vocabulary that holds the specials and the base alphabet (known up front).
+
+    For WordPiece the alphabet depends on the corpus; the check after training names it.
+    """
+    return BPE_MIN_VOCAB if kind == "bpe" else len(SPECIALS["wordpiece"].order) + 1
+
+
+def _added_tokens(kind: str) -> list:
+    from tokenizers import AddedToken
+
+    specials = SPECIALS[kind]
+    out = []
+    for content in specials.order:
+        # <mask> eats the space before it, as in RoBERTa ("Hello <mask>" masks " world").
+        lstrip = kind == "bpe" and content == specials.mask
+        out.append(AddedToken(content, lstrip=lstrip, rstrip=False, normalized=False, special=True))
+    return out
+
+
+def build_tokenizer(kind: str, *, lowercase: bool):
+    """An untrained ``tokenizers.Tokenizer`` of ``kind`` and its trainer factory."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False))
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=SPECIALS["wordpiece"].unk,
+                                         continuing_subword_prefix="##", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+    else:
+        raise ConfigError(f"unknown tokenizer type {kind!r}", f"use one of: {', '.join(KINDS)}")
+    return tok
+
+
+def build_trainer(kind: str, *, vocab_size: int, min_frequency: int):
+    from tokenizers import pre_tokenizers, trainers
+
+    if kind == "bpe":
+        return trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                   special_tokens=_added_tokens(kind), show_progress=False,
+                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                     special_tokens=_added_tokens(kind), show_progress=False,
+                                     limit_alphabet=WORDPIECE_LIMIT_ALPHABET,
+                                     continuing_subword_prefix="##")
+
+
+def add_post_processor(tok, kind: str) -> None:
+    """``<s> $A </s>`` (RobertaProcessing) or ``[CLS] $A [SEP]`` (TemplateProcessing)."""
+    from tokenizers import processors
+
+    specials = SPECIALS[kind]
+    cls_id, sep_id = tok.token_to_id(specials.cls), tok.token_to_id(specials.sep)
+    if kind == "bpe":
+        tok.post_processor = processors.RobertaProcessing(
+            (specials.sep, sep_id), (specials.cls, cls_id), trim_offsets=True, add_prefix_space=False)
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{specials.cls} $A {specials.sep}",
+            pair=f"{specials.cls} $A {specials.sep} $B:1 {specials.sep}:1",
+            special_tokens=[(specials.cls, cls_id), (specials.sep, sep_id)])
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int) -> list[Path]:
+    """Save through transformers into a temp dir, then rename each file into DIR.
+
+    tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
+    its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
+    the model-specific classes of transformers 5 rebuild the pipeline from vocab and merges
+    and would drop e.g. a Lowercase normalizer.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    specials = SPECIALS[kind]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
+                                   **specials.hf_kwargs())
+    written: list[Path] = []
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
+    try:
+        fast.save_pretrained(str(tmp))
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg["model_max_length"] = model_max_length
+        for key, value in specials.hf_kwargs().items():
+            cfg.setdefault(key, value)
+        atomic_write_json(cfg_path, cfg)
+        # transformers 5 no longer writes special_tokens_map.json; 4.x and other tools read it.
+        smap = {k: v for k, v in specials.hf_kwargs().items()}
+        smap["mask_token"] = {"content": specials.mask, "lstrip": kind == "bpe", "rstrip": False,
+                              "normalized": False, "single_word": False}
+        atomic_write_json(tmp / "special_tokens_map.json", smap)
+        # tokenizer.json last: it is what marks the stage as done.
+        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
+            _fsync(tmp / name)
+            os.replace(tmp / name, model_dir / name)
+            written.append(model_dir / name)
+        for stale in ("vocab.json", "merges.txt", "vocab.txt"):  # from another tool or kind
+            if (model_dir / stale).exists():
+                os.unlink(model_dir / stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ReadingProgress:
+    """Progress of the reading pass, closed as soon as the corpus is exhausted.
+
+    The trainer then computes the vocabulary without further progress; a status line
+    says so.
+    """
+
+    def __init__(self, corpus: Corpus, show: bool):
+        from mlmtool.progress import StageProgress
+
+        self.corpus = corpus
+        self.progress = StageProgress("Reading corpus", total=corpus.total, unit=corpus.unit) if show else None
+        self.open = False
+
+    def batches(self) -> Iterator[list[str]]:
+        if self.progress is not None:
+            self.progress.__enter__()
+            self.open = True
+        try:
+            for batch in self.corpus.batches():
+                if self.progress is not None:
+                    self.progress.advance(batch.progress, documents=len(batch.documents))
+                if batch.documents:
+                    yield batch.documents
+        except BaseException as e:
+            self.close(e)
+            raise
+        self.close(None)
+
+    def close(self, exc: BaseException | None) -> None:
+        if self.open:
+            self.open = False
+            self.progress.__exit__(type(exc) if exc else None, exc, None)
+
+
+def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
+                    kind: str | None = None, vocab_size: int | None = None,
+                    min_frequency: int = DEFAULT_MIN_FREQUENCY, lowercase: bool | None = None,
+                    show_progress: bool = True) -> dict[str, Any]:
+    """Train, save into DIR, update config.json and the manifest; return a summary dict.
+
+    ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
+    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.
+    """
+    from mlmtool.presets import max_sequence_length
+
+    mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+    config = mdir.read_config()
+    model_type = config["model_type"]
+    kind = (kind or DEFAULT_KIND.get(model_type, "bpe")).lower()
+    if kind not in KINDS:
+        raise ConfigError(f"unknown tokenizer type {kind!r}", f"use one of: {', '.join(KINDS)}")
+    requested = int(vocab_size if vocab_size is not None else config["vocab_size"])
+    minimum = minimum_vocab_size(kind)
+    if requested < minimum:
+        what = "the 256 byte symbols and 5 special tokens" if kind == "bpe" else "the special tokens"
+        raise ConfigError(f"vocab size {requested} is too small for {what}",
+                          f"use --vocab-size {minimum} or more")
+    if min_frequency < 1:
+        raise ConfigError(f"--min-frequency must be at least 1, got {min_frequency}",
+                          "use --min-frequency 2 (the default)")
+    if lowercase is None:
+        lowercase = kind == "wordpiece"
+
+    tok = build_tokenizer(kind, lowercase=lowercase)
+    trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
+    reading = _ReadingProgress(corpus, show_progress)
+    start = time.perf_counter()
+    try:
+        # An exception of the iterator (e.g. DataError: empty corpus) comes back out as is.
+        tok.train_from_iterator(reading.batches(), trainer=trainer)
+    finally:
+        reading.close(None)
+    seconds = time.perf_counter() - start
+
+    real = tok.get_vocab_size(with_added_tokens=True)
+    if real > requested:
+        raise ConfigError(f"vocab size {requested} is too small for this corpus' alphabet and the "
+                          f"special tokens (they need {real})",
+                          f"use --vocab-size {real} or more")
+    specials = SPECIALS[kind]
+    ids = {t: tok.token_to_id(t) for t in specials.order}
+    assert list(ids.values()) == list(range(len(ids))), ids
+    add_post_processor(tok, kind)
+
+    config["vocab_size"] = real
+    config["pad_token_id"] = ids[specials.pad]
+    if model_type == "roberta":
+        config["bos_token_id"] = ids[specials.cls]
+        config["eos_token_id"] = ids[specials.sep]
+    max_len = max_sequence_length(config)
+    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len)
+    mdir.write_config(config)
+
+    stats = corpus.stats
+    result = {
+        "type": kind,
+        "vocab_size": real,
+        "requested_vocab_size": requested,
+        "min_frequency": min_frequency,
+        "lowercase": lowercase,
+        "model_max_length": max_len,
+        "documents": stats.documents,
+        "bytes": stats.bytes,
+        "skipped_lines": stats.skipped,
+        "seconds": round(seconds, 3),
+        "special_tokens": {t: i for t, i in ids.items()},
+        "files": [str(p) for p in files],
+        "tokenizer_sha256": file_sha256(mdir.tokenizer_path),
+    }
+    mdir.record("tokenizer",
+                args={"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
+                      "lowercase": lowercase, "text_column": corpus.text_column},
+                inputs=corpus.fingerprint(),
+                outputs={k: result[k] for k in ("vocab_size", "documents", "bytes", "tokenizer_sha256")})
+    return result
