@@ -400,25 +400,27 @@ class Corpus:
         Raises :class:`DataError` at the end if the corpus held no document at all.
         """
         self.stats = CorpusStats()
-        if self.hub is not None:
-            yield from self._hub_batches(batch_documents)
-        else:
-            for src in self.sources:
-                if src.format == "txt":
-                    gen = self._txt_batches(src, batch_bytes)
-                elif src.format in ("jsonl", "json"):
-                    gen = self._json_batches(src, batch_bytes)
-                elif src.format == "csv":
-                    gen = self._csv_batches(src, batch_documents)
-                elif src.format == "parquet":
-                    gen = self._parquet_batches(src, batch_documents)
-                else:
-                    gen = self._saved_dataset_batches(src, batch_documents)
-                for batch in gen:
-                    self.stats.documents += len(batch.documents)
-                    yield batch
+        for batch in self._all_batches(batch_bytes, batch_documents):
+            self.stats.documents += len(batch.documents)
+            yield batch
         if self.stats.documents == 0:
             self._raise_empty()
+
+    def _all_batches(self, batch_bytes: int, batch_documents: int) -> Iterator[Batch]:
+        if self.hub is not None:
+            yield from self._hub_batches(batch_documents)
+            return
+        for src in self.sources:
+            if src.format == "txt":
+                yield from self._txt_batches(src, batch_bytes)
+            elif src.format in ("jsonl", "json"):
+                yield from self._json_batches(src, batch_bytes)
+            elif src.format == "csv":
+                yield from self._csv_batches(src, batch_documents)
+            elif src.format == "parquet":
+                yield from self._parquet_batches(src, batch_documents)
+            else:
+                yield from self._saved_dataset_batches(src, batch_documents)
 
     def _raise_empty(self) -> None:
         if self.stats.skipped:

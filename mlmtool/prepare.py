@@ -44,7 +44,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from mlmtool import blocks
-from mlmtool.corpus import Corpus
+from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.errors import ConfigError, DataError
 from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json
 
@@ -233,9 +233,9 @@ def _encode_task(task: tuple[int, list[str], int]) -> tuple[int, int, dict[str, 
     return progress, len(docs), out
 
 
-def _tasks(corpus: Corpus) -> Iterator[tuple[int, list[str], int]]:
+def _tasks(corpus: Corpus, batch_bytes: int) -> Iterator[tuple[int, list[str], int]]:
     start = 0
-    for batch in corpus.batches():
+    for batch in corpus.batches(batch_bytes=batch_bytes):
         yield start, batch.documents, batch.progress
         start += len(batch.documents)
 
@@ -351,10 +351,12 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, line_by_line: bool = False,
             validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
             num_proc: int | None = None, force: bool = False,
-            show_progress: bool = True) -> dict[str, Any]:
+            show_progress: bool = True, batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict[str, Any]:
     """Tokenize ``corpus`` into ``DIR/data`` (see the module doc); return a summary dict.
 
-    ``status`` in the result is "written" or "up to date" (nothing done).
+    ``status`` in the result is "written" or "up to date" (nothing done).  ``num_proc``
+    defaults to the number of CPU cores; ``batch_bytes`` is the text per worker task (it
+    changes speed only, never the output).
     """
     started = time.perf_counter()
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
@@ -410,7 +412,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                    for s in blocks.SPLITS}
         try:
             with (progress if show_progress else contextlib.nullcontext(progress)):
-                for adv, ndocs, out in _results(_tasks(corpus), job, num_proc):
+                for adv, ndocs, out in _results(_tasks(corpus, batch_bytes), job, num_proc):
                     tokens = 0
                     for split, part in out.items():
                         c = counts[split]

@@ -268,6 +268,11 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if lowercase is None:
         lowercase = kind == "wordpiece"
 
+    if show_progress:
+        from mlmtool.progress import say
+
+        say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
+            f"(vocab {requested:,}) on {corpus.describe()}")
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)

@@ -54,7 +54,6 @@ def tokenizer_command(
     corpus = open_corpus(files, text_column=text_column, dataset=dataset,
                          dataset_config=dataset_config, split=split, streaming=streaming,
                          revision=dataset_revision)
-    say(f"Training the tokenizer on {corpus.describe()}")
     result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
                              min_frequency=min_frequency, lowercase=lowercase,
                              show_progress=not json_out and not quiet())

@@ -1,0 +1,88 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+# -- corpus, tokenizer and prepare tests (test_corpus/test_tokenizer/test_prepare/test_blocks) --
+
+CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with for on at by "
+                "from house garden letter morning evening walk dance ball sister brother mother "
+                "father friend family marriage fortune estate visit conversation opinion "
+                "character manner feeling happiness pleasure anxious agreeable handsome "
+                "elegant amiable certainly perhaps never always quite very much little great "
+                "kernel driver device memory interrupt buffer register module config").split()
+
+
+def make_documents(n_docs: int = 300, seed: int = 0, min_words: int = 3,
+                   max_words: int = 40) -> list[str]:
+    """English-like documents (one line each) from a word list, fixed seed."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(CORPUS_WORDS) for _ in range(rng.randint(min_words, max_words))]
+        words[0] = words[0].capitalize()
+        docs.append(" ".join(words) + rng.choice([".", "!", "?", ", Mr. Darcy said."]))
+    return docs
+
+
+def write_documents(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def make_model_dir(path: Path, preset: str = "tiny", *overrides: str) -> Path:
+    """A model directory with config.json (as 'mlmtool init' writes it, without the CLI)."""
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.presets import build_config
+
+    ModelDir(path, create=True).write_config(build_config(preset, overrides=list(overrides)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    return make_documents(300, seed=0)
+
+
+@pytest.fixture
+def corpus_file(tmp_path, corpus_docs) -> Path:
+    return write_documents(tmp_path / "corpus.txt", corpus_docs)
+
+
+def _trained(tmp_path_factory, preset: str, vocab_size: int) -> Path:
+    from mlmtool.corpus import open_corpus
+    from mlmtool.tokenizer_train import train_tokenizer
+
+    root = tmp_path_factory.mktemp(f"trained-{preset}")
+    corpus = write_documents(root / "corpus.txt", make_documents(300, seed=0))
+    d = make_model_dir(root / "model", preset)
+    train_tokenizer(d, open_corpus([corpus]), vocab_size=vocab_size, show_progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def _bpe_dir(tmp_path_factory) -> Path:
+    return _trained(tmp_path_factory, "tiny", 400)
+
+
+@pytest.fixture(scope="session")
+def _wordpiece_dir(tmp_path_factory) -> Path:
+    return _trained(tmp_path_factory, "bert-tiny", 400)
+
+
+@pytest.fixture
+def bpe_dir(tmp_path, _bpe_dir) -> Path:
+    """A fresh copy of a roberta 'tiny' model directory with a trained byte-level BPE (vocab 400)."""
+    return Path(shutil.copytree(_bpe_dir, tmp_path / "bpe-model"))
+
+
+@pytest.fixture
+def wordpiece_dir(tmp_path, _wordpiece_dir) -> Path:
+    """A fresh copy of a 'bert-tiny' model directory with a trained WordPiece (vocab 400)."""
+    return Path(shutil.copytree(_wordpiece_dir, tmp_path / "wp-model"))

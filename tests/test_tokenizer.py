@@ -1,0 +1,195 @@
+"""``mlmtool tokenizer``: byte-level BPE and WordPiece, saved so AutoTokenizer loads DIR."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mlmtool.cli import app
+from tests.conftest import make_model_dir, write_documents
+
+SENTENCE = "Certainly, Mr. Darcy said the garden was very elegant in the morning!"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def assert_round_trip(d, mask: str, specials: list[str]):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(d))
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert hf.is_fast
+    for text in (SENTENCE, "hello world", f"The {mask} was very {mask} indeed."):
+        assert hf(text)["input_ids"] == raw.encode(text).ids
+    # the mask token is one token, and specials are marked exactly
+    enc = hf(f"The {mask} was elegant.", return_special_tokens_mask=True)
+    ids, smask = enc["input_ids"], enc["special_tokens_mask"]
+    assert ids.count(hf.mask_token_id) == 1
+    assert smask == [1 if i in (hf.cls_token_id, hf.sep_token_id) else 0 for i in ids]
+    assert smask[0] == smask[-1] == 1 and sum(smask) == 2
+    assert hf.convert_ids_to_tokens(list(range(5))) == specials
+    assert sorted(hf.all_special_ids) == [0, 1, 2, 3, 4]
+    return hf
+
+
+def test_bpe_end_to_end(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "tiny")
+    r = invoke("tokenizer", d, corpus_file, "--vocab-size", 400)
+    assert r.exit_code == 0, r.output
+    assert "Trained a byte-level BPE tokenizer" in r.output
+    assert "300 documents" in r.output
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (d / name).is_file()
+    assert not list(d.glob(".tokenizer.*"))  # the temp dir is gone
+
+    hf = assert_round_trip(d, "<mask>", ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    assert (hf.bos_token, hf.eos_token, hf.pad_token, hf.unk_token, hf.mask_token) == (
+        "<s>", "</s>", "<pad>", "<unk>", "<mask>")
+    assert hf.model_max_length == 512
+    ids = hf(SENTENCE)["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2
+    assert hf.decode(ids, skip_special_tokens=True) == SENTENCE
+    # <mask> takes the space before it (lstrip), as RoBERTa's
+    assert hf("the <mask>")["input_ids"] == hf("the<mask>")["input_ids"]
+    assert json.loads((d / "special_tokens_map.json").read_text())["mask_token"]["lstrip"] is True
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(d))
+    assert cfg.vocab_size == len(hf) <= 400
+    assert (cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id) == (0, 1, 2)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["tokenizer"]["args"]["type"] == "bpe"
+    assert manifest["tokenizer"]["inputs"]["files"][0]["path"] == str(corpus_file.resolve())
+    assert manifest["tokenizer"]["outputs"]["vocab_size"] == len(hf)
+
+
+def test_wordpiece_end_to_end(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "bert-tiny")
+    r = invoke("tokenizer", d, corpus_file, "--vocab-size", 400, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["type"] == "wordpiece" and result["lowercase"] is True
+    hf = assert_round_trip(d, "[MASK]", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert hf("Garden")["input_ids"] == hf("garden")["input_ids"]  # uncased by default
+    tokens = hf.convert_ids_to_tokens(hf("gardens")["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert any(t.startswith("##") for t in hf.get_vocab())
+    config = json.loads((d / "config.json").read_text())
+    assert config["vocab_size"] == len(hf) == result["vocab_size"]
+    assert config["pad_token_id"] == 0
+    assert hf.model_max_length == 512
+
+
+def test_lowercase_flags(tmp_path, corpus_file):
+    from tokenizers import Tokenizer
+
+    d = make_model_dir(tmp_path / "bpe", "tiny")
+    assert invoke("tokenizer", d, corpus_file, "--vocab-size", 300, "--lowercase").exit_code == 0
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert tok.encode("Garden WALK").ids == tok.encode("garden walk").ids
+
+    w = make_model_dir(tmp_path / "wp", "bert-tiny")
+    assert invoke("tokenizer", w, corpus_file, "--vocab-size", 400, "--no-lowercase").exit_code == 0
+    tok = Tokenizer.from_file(str(w / "tokenizer.json"))
+    assert tok.encode("Garden").ids != tok.encode("garden").ids
+
+
+def test_type_overrides_model_convention(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "tiny")  # roberta, but WordPiece asked for
+    assert invoke("tokenizer", d, corpus_file, "--type", "wordpiece", "--vocab-size", 400).exit_code == 0
+    config = json.loads((d / "config.json").read_text())
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 2, 3)
+    r = invoke("tokenizer", d, corpus_file, "--type", "unigram")
+    assert "unknown tokenizer type 'unigram'" in one_error_line(r)
+
+
+def test_vocab_too_small(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "tiny")
+    line = one_error_line(invoke("tokenizer", d, corpus_file, "--vocab-size", 100))
+    assert "vocab size 100 is too small" in line and "--vocab-size 261" in line
+    w = make_model_dir(tmp_path / "w", "bert-tiny")
+    line = one_error_line(invoke("tokenizer", w, corpus_file, "--vocab-size", 20))
+    assert "too small for this corpus' alphabet" in line
+    assert not (d / "tokenizer.json").exists() and not (w / "tokenizer.json").exists()
+
+
+def test_needs_config(tmp_path, corpus_file):
+    (tmp_path / "m").mkdir()
+    line = one_error_line(invoke("tokenizer", tmp_path / "m", corpus_file))
+    assert line == f"error: no config.json in {tmp_path / 'm'}: run 'mlmtool init {tmp_path / 'm'}' first"
+
+
+def test_corpus_errors_leave_nothing(tmp_path):
+    d = make_model_dir(tmp_path / "m", "tiny")
+    config_before = (d / "config.json").read_text()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "no documents" in one_error_line(invoke("tokenizer", d, empty))
+    assert "no corpus given" in one_error_line(invoke("tokenizer", d))
+    assert "does not exist" in one_error_line(invoke("tokenizer", d, tmp_path / "missing.txt"))
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
+    assert (d / "config.json").read_text() == config_before
+
+
+def test_non_utf8_warning(tmp_path, corpus_file):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n" + corpus_file.read_bytes())
+    d = make_model_dir(tmp_path / "m", "tiny")
+    r = invoke("tokenizer", d, bad, "--vocab-size", 300)
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipped 1 line that is not valid UTF-8: {bad} (1)" in r.output
+
+
+def test_retrain_updates_config(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "tiny")
+    assert invoke("tokenizer", d, corpus_file, "--vocab-size", 300).exit_code == 0
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 300
+    small = write_documents(tmp_path / "small.txt", ["ab ab ab ab", "ab ab"])
+    assert invoke("tokenizer", d, small, "--vocab-size", 1000).exit_code == 0
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
+    assert n < 300  # a tiny corpus gives few merges: config follows the real size
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == n
+
+
+def test_training_speed_close_to_bare_tokenizers(tmp_path):
+    """The corpus streaming adds little over tokenizers' own training (generous bound)."""
+    import time
+
+    from mlmtool.corpus import open_corpus
+    from mlmtool.tokenizer_train import build_tokenizer, build_trainer, train_tokenizer
+    from tests.conftest import make_documents
+
+    docs = make_documents(20000, seed=3)
+    p = write_documents(tmp_path / "c.txt", docs)
+    d = make_model_dir(tmp_path / "m", "tiny")
+
+    def bare():
+        tok = build_tokenizer("bpe", lowercase=False)
+        t = time.perf_counter()
+        tok.train_from_iterator(docs, trainer=build_trainer("bpe", vocab_size=500, min_frequency=2))
+        return time.perf_counter() - t
+
+    def ours():
+        r = train_tokenizer(d, open_corpus([p]), vocab_size=500, show_progress=False)
+        return r["seconds"]
+
+    bare_s = min(bare() for _ in range(2))
+    ours_s = min(ours() for _ in range(2))
+    assert ours_s < bare_s * 1.5 + 0.2, (ours_s, bare_s)
