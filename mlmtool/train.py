@@ -170,7 +170,7 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model
         "loss_sum": loss_sum,
         "accuracy_sum": correct_sum,
         "denominator": jnp.sum(masked.masked_weights),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

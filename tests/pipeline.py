@@ -1,0 +1,49 @@
+"""Shared helpers for tests that need a prepared model directory (small and fast)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mlmtool.cli import app
+
+WORDS = ("the king queen said good night to a man woman of this that and love war peace time day "
+         "come go see hear speak my lord lady sir sweet fair true false heart mind eye hand death life "
+         "house world heaven earth father mother son daughter friend enemy honour name word").split()
+
+
+def write_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
+    """English-like text with learnable structure (fixed phrases), one document per line."""
+    rng = random.Random(seed)
+    phrases = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) for _ in range(40)]
+    lines = []
+    for _ in range(n_docs):
+        doc = ". ".join(rng.choice(phrases).capitalize() for _ in range(rng.randint(2, 8)))
+        lines.append(doc + ".")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def invoke(*args: str, input: str | None = None):
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    return result
+
+
+def prepared_dir(root: Path, *, preset: str = "tiny", vocab_size: int = 300, max_seq_length: int = 32,
+                 n_docs: int = 400, extra_set: tuple[str, ...] = ()) -> Path:
+    """init → tokenizer → prepare on a generated corpus; returns DIR."""
+    corpus = write_corpus(root / "corpus.txt", n_docs=n_docs)
+    d = root / "model"
+    sets: list[str] = []
+    for s in ("hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2",
+              "max_position_embeddings=66", *extra_set):
+        sets += ["--set", s]
+    for args in (("init", d, "--preset", preset, *sets),
+                 ("tokenizer", d, corpus, "--vocab-size", vocab_size),
+                 ("prepare", d, corpus, "--max-seq-length", max_seq_length,
+                  "--validation-split-percentage", 10)):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output, r.exception)
+    return d
