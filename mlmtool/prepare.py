@@ -169,14 +169,15 @@ class _Job:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(job: _Job, ignore_sigint: bool = True) -> None:
-    import signal
-
+def _init_worker(job: _Job, worker_process: bool = True) -> None:
+    """Load the tokenizer for ``job`` (in a worker process, or in this one)."""
     from tokenizers import Tokenizer
 
-    if ignore_sigint:  # the parent handles Ctrl-C and terminates the pool
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if worker_process:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     tok = Tokenizer.from_file(job.tokenizer_path)
     tok.no_truncation()
     tok.no_padding()
@@ -241,9 +242,10 @@ def _tasks(corpus: Corpus, batch_bytes: int) -> Iterator[tuple[int, list[str], i
 
 
 @contextlib.contextmanager
-def _single_threaded_tokenizers():
+def _tokenizers_parallelism(value: str):
+    """Set TOKENIZERS_PARALLELISM for the duration (tokenizers reads it on each batch call)."""
     old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = value
     try:
         yield
     finally:
@@ -253,11 +255,29 @@ def _single_threaded_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def fork_is_safe() -> bool:
+    """Whether worker processes may be forked from this process.
+
+    Not once JAX is imported: forking a process whose JAX runtime threads hold locks can
+    deadlock the child (mlmtool's own corpus/prepare modules never import it; a script or
+    test that did gets the threaded fallback of :func:`_results`).
+    """
+    import multiprocessing
+
+    return "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+
+
 def _results(tasks: Iterable, job: _Job, num_proc: int) -> Iterator:
-    """Encoded batches in task order, computed by ``num_proc`` processes."""
-    if num_proc <= 1:
-        with _single_threaded_tokenizers():
-            _init_worker(job, ignore_sigint=False)
+    """Encoded batches in task order.
+
+    num_proc > 1: that many forked worker processes, a bounded number of batches in flight
+    (memory stays flat), results taken in submission order (output independent of
+    num_proc).  Where fork is unsafe (:func:`fork_is_safe`), this process encodes with
+    tokenizers' own thread pool instead.  num_proc == 1: this process, one thread.
+    """
+    if num_proc <= 1 or not fork_is_safe():
+        with _tokenizers_parallelism("false" if num_proc <= 1 else "true"):
+            _init_worker(job, worker_process=False)
             try:
                 for task in tasks:
                     yield _encode_task(task)
@@ -265,22 +285,27 @@ def _results(tasks: Iterable, job: _Job, num_proc: int) -> Iterator:
                 _worker.clear()
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    # fork: workers start in milliseconds and inherit nothing big.  If JAX was imported in
-    # this process (its threads make fork unsafe), start clean workers instead.
-    method = "forkserver" if "jax" in sys.modules else "fork"
-    if method not in multiprocessing.get_all_start_methods():
-        method = "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(job,)) as pool:
+    ctx = multiprocessing.get_context("fork")  # starts in milliseconds, inherits nothing big
+    # ProcessPoolExecutor rather than Pool: a worker that dies (killed, out of memory)
+    # raises BrokenProcessPool instead of hanging the run.
+    pool = ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+    try:
         pending: deque = deque()
         window = _IN_FLIGHT_PER_PROC * num_proc
         for task in tasks:
-            pending.append(pool.apply_async(_encode_task, (task,)))
+            pending.append(pool.submit(_encode_task, task))
             if len(pending) >= window:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise DataError("a tokenizing worker process died (out of memory, or killed)",
+                        "retry, with a smaller --num-proc if memory is short") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -343,6 +368,7 @@ def _summary(meta: dict, data_dir: Path, status: str, seconds: float, num_proc: 
         "seconds": round(seconds, 3),
         "mb_per_s": round(meta.get("bytes", 0) / 1e6 / seconds, 2) if seconds > 0 else None,
         "num_proc": num_proc,
+        "parallelism": meta.get("parallelism"),
         "skipped_lines": meta.get("skipped_lines", 0),
     }
 
@@ -398,6 +424,8 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
 
     num_proc = max(1, int(num_proc or os.cpu_count() or 1))
+    parallelism = ("single process" if num_proc == 1 else
+                   f"{num_proc} processes" if fork_is_safe() else "tokenizers threads")
     dtype = blocks.dtype_for_vocab(tok.vocab_size)
     job = _Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=line_by_line,
                percentage=float(validation_split_percentage), dtype=dtype.str,
@@ -463,6 +491,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             "bytes": corpus.stats.bytes,
             "skipped_lines": corpus.stats.skipped,
             "num_proc": num_proc,
+            "parallelism": parallelism,
             "seconds": round(seconds, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

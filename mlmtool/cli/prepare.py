@@ -66,7 +66,7 @@ def prepare_command(
         console.print_json(json.dumps(result))
         return
     if result["status"] == "up to date":
-        say(f"{result['data_dir']} is up to date ({result['num_blocks']['train']:,} train, "
+        say(f"Up to date: {result['data_dir']} ({result['num_blocks']['train']:,} train, "
             f"{result['num_blocks']['validation']:,} validation blocks of {result['seq_len']}); "
             "--force redoes it")
         return
@@ -76,4 +76,4 @@ def prepare_command(
         f"(train {nb['train']:,} blocks from {docs['train']:,} documents, "
         f"validation {nb['validation']:,} from {docs['validation']:,})")
     say(f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s "
-        f"({result['mb_per_s'] or 0:.1f} MB/s, {result['num_proc']} processes) → {result['data_dir']}")
+        f"({result['mb_per_s'] or 0:.1f} MB/s, {result['parallelism']}) → {result['data_dir']}")
