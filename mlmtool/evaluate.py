@@ -53,14 +53,12 @@ def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float,
     return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
 
 
-def evaluate(params: Any, *, model, mesh, params_sharding, store, per_device_batch_size: int,
-             mlm_probability: float, vocab_size: int, seed: int = EVAL_SEED,
+def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size: int,
              on_batch: Callable[[int], None] | None = None) -> dict:
-    """HF-named metrics over every block of ``store``."""
+    """HF-named metrics over every block of ``store``; ``step`` comes from :func:`make_eval_fn`
+    (built once and reused, so repeated evaluations do not recompile)."""
     from mlmtool import sharding as sh
 
-    step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
-                        vocab_size=vocab_size, seed=seed)
     global_batch = per_device_batch_size * mesh.size
     rows_sh = sh.batch_sharding(mesh)
     my_rows = sh.process_rows(rows_sh, (global_batch, store.seq_len))
@@ -140,9 +138,9 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
     params_sharding = sh.state_shardings(mesh, abstract)
     params, source = load_params(mdir, mcfg, checkpoint, mesh, params_sharding, abstract)
-    results = evaluate(params, model=model, mesh=mesh, params_sharding=params_sharding, store=store,
-                       per_device_batch_size=per_device_batch_size, mlm_probability=mlm_probability,
-                       vocab_size=config["vocab_size"])
+    step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
+                        vocab_size=config["vocab_size"])
+    results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)

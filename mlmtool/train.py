@@ -29,7 +29,7 @@ import optax
 
 from mlmtool import checkpoint, sharding as sh
 from mlmtool.errors import TrainingError
-from mlmtool.evaluate import evaluate, mlm_sums
+from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums
 from mlmtool.masking import default_max_predictions, mask_tokens
 
 
@@ -373,6 +373,7 @@ class Trainer:
         self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, sh.replicated(self.mesh)),
                              out_shardings=(self.state_sharding, sh.replicated(self.mesh)), donate_argnums=(0,))
         self.rng = jax.random.PRNGKey(cfg.seed)
+        self._eval_step = None  # built on first use, then reused
 
     # -- checkpoint metadata: what must match for a resume to continue the same run --
     def _run_identity(self) -> dict:
@@ -418,10 +419,13 @@ class Trainer:
         return state, latest
 
     def evaluate(self, params) -> dict:
+        if self._eval_step is None:
+            self._eval_step = make_eval_fn(self.model, self.mesh, self.state_sharding.params, store=self.val_store,
+                                           mlm_probability=self.cfg.mlm_probability,
+                                           vocab_size=self.config["vocab_size"])
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
-        return evaluate(params, model=self.model, mesh=self.mesh, params_sharding=self.state_sharding.params,
-                        store=self.val_store, per_device_batch_size=per_device,
-                        mlm_probability=self.cfg.mlm_probability, vocab_size=self.config["vocab_size"])
+        return evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
+                        per_device_batch_size=per_device)
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
             stop_requested=lambda: False) -> dict:
