@@ -32,23 +32,41 @@ def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[
 
 
 def eval_step(params: Any, input_ids: jax.Array, row_ids: jax.Array, *, model, pad_token_id: int,
-              mask_kwargs: dict, seed: int) -> dict:
-    """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B]."""
+              mask_kwargs: dict, seed: int, baseline_token: int = -1) -> dict:
+    """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B].
+
+    ``baseline_sum`` counts the predicted positions whose label is ``baseline_token`` (the
+    most frequent training token): the accuracy of the unigram baseline on the same masks."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(row_ids)  # [B, 2]
     masked = mask_rows(keys, input_ids, **mask_kwargs)
     logits = model.apply({"params": params}, masked.input_ids, attention_mask=(input_ids != pad_token_id),
                          deterministic=True, masked_positions=masked.masked_positions)  # [B, P, V]
     loss_sum, correct_sum = mlm_sums(logits, masked.masked_labels, masked.masked_weights)
-    return {"loss_sum": loss_sum, "accuracy_sum": correct_sum, "denominator": jnp.sum(masked.masked_weights)}
+    baseline_sum = jnp.sum((masked.masked_labels == baseline_token) * masked.masked_weights)
+    return {"loss_sum": loss_sum, "accuracy_sum": correct_sum, "denominator": jnp.sum(masked.masked_weights),
+            "baseline_sum": baseline_sum}
+
+
+def unigram_top_token(store, max_blocks: int = 20_000) -> int:
+    """The most frequent non-special token of ``store`` (from up to ``max_blocks`` evenly
+    spaced blocks): the unigram baseline predicts it at every masked position."""
+    n = len(store)
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_blocks)).astype(np.int64))
+    counts = np.zeros(store.vocab_size, dtype=np.int64)
+    for start in range(0, len(idx), 1024):
+        counts += np.bincount(store.read(idx[start:start + 1024]).ravel(), minlength=store.vocab_size)[:store.vocab_size]
+    counts[list(store.special_token_ids)] = 0
+    return int(np.argmax(counts))
 
 
 def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float, vocab_size: int,
-                 seed: int = EVAL_SEED) -> Callable:
+                 seed: int = EVAL_SEED, baseline_token: int = -1) -> Callable:
     from mlmtool import sharding as sh
 
     mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                        vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None)
-    fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed)
+    fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed,
+                 baseline_token=baseline_token)
     rows_sh = sh.batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
 
@@ -75,7 +93,8 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
         if on_batch is not None:
             on_batch(min(start + global_batch, n) - start)
-    totals = jax.device_get(totals) if totals is not None else {"loss_sum": 0.0, "accuracy_sum": 0.0, "denominator": 0.0}
+    totals = jax.device_get(totals) if totals is not None else {
+        "loss_sum": 0.0, "accuracy_sum": 0.0, "denominator": 0.0, "baseline_sum": 0.0}
     denom = float(totals["denominator"])
     loss = float(totals["loss_sum"]) / max(denom, 1.0)
     return {
@@ -84,6 +103,7 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
         "perplexity": math.exp(min(loss, 700.0)),
         "eval_tokens": int(denom),
         "eval_samples": n,
+        "eval_unigram_baseline_accuracy": float(totals["baseline_sum"]) / max(denom, 1.0),
     }
 
 
@@ -139,7 +159,8 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     params_sharding = sh.state_shardings(mesh, abstract)
     params, source = load_params(mdir, mcfg, checkpoint, mesh, params_sharding, abstract)
     step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
-                        vocab_size=config["vocab_size"])
+                        vocab_size=config["vocab_size"],
+                        baseline_token=unigram_top_token(BlockStore.open(mdir.data_dir, "train")))
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
     if sh.is_main_process():

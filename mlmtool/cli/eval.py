@@ -46,4 +46,6 @@ def eval_command(
     say(f"  eval_loss     {results['eval_loss']:.4f}")
     say(f"  eval_accuracy {results['eval_accuracy']:.4f}")
     say(f"  perplexity    {results['perplexity']:.2f}")
+    say(f"  (unigram baseline accuracy {results['eval_unigram_baseline_accuracy']:.4f}: always predicting "
+        f"the most frequent training token)")
     say(f"Wrote {mdir.eval_results_path}")
