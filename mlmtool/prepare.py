@@ -5,9 +5,10 @@ Pipeline (linear time, bounded memory):
 1. The main process streams the corpus (:mod:`mlmtool.corpus`) in batches of about
    1 MB of text and numbers the documents 0, 1, 2, ... in corpus order.
 2. Worker processes (``num_proc``, fork) load the tokenizer from ``tokenizer.json`` with
-   the ``tokenizers`` library and ``encode_batch`` each batch, special tokens included
-   (``<s> … </s>`` / ``[CLS] … [SEP]``, no truncation), single-threaded each
-   (``TOKENIZERS_PARALLELISM=false``).  They split the batch's documents into train and
+   the ``tokenizers`` library and encode each batch exactly as ``encode_batch`` would,
+   special tokens included (``<s> … </s>`` / ``[CLS] … [SEP]``, no truncation),
+   single-threaded each (``TOKENIZERS_PARALLELISM=false``); a cache of space-separated
+   pieces (:class:`PieceEncoder`) makes that 2-3x cheaper than plain ``encode_batch``.  They split the batch's documents into train and
    validation and return one numpy token array per split (or, line by line, ready
    blocks).  At most a few batches are in flight; results are consumed in order, so the
    output does not depend on ``num_proc``.
@@ -34,10 +35,12 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain, filterfalse
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -164,6 +167,7 @@ class _Job:
     percentage: float
     dtype: str
     pad_token_id: int
+    piece_cache: bool = True
 
 
 _worker: dict[str, Any] = {}
@@ -181,13 +185,150 @@ def _init_worker(job: _Job, worker_process: bool = True) -> None:
     tok = Tokenizer.from_file(job.tokenizer_path)
     tok.no_truncation()
     tok.no_padding()
+    encoder = PieceEncoder(tok)
+    if not job.piece_cache:
+        encoder.enabled = False
     _worker.clear()
-    _worker.update(job=job, tok=tok)
+    _worker.update(job=job, tok=tok, encoder=encoder)
 
 
-def _encode(tok, docs: list[str]) -> list[list[int]]:
-    enc = getattr(tok, "encode_batch_fast", tok.encode_batch)(docs, add_special_tokens=True)
-    return [e.ids for e in enc]
+class PieceEncoder:
+    r"""Encode documents exactly as ``tokenizer.encode_batch`` does (special tokens
+    included), about twice as fast or more, by caching the encoding of space-separated pieces.
+
+    A document is cut at every single space that lies between two non-whitespace
+    characters ("the cat" → "the", " cat"; the space goes with the piece after it).  With
+    the pipelines mlmtool trains, the tokens of the document are exactly the tokens of
+    its pieces, one after the other, between the post-processor's prefix and suffix:
+
+    * ByteLevel (no prefix space) splits with the GPT-2 pattern, none of whose matches
+      crosses such a space except one starting at it (`` ?\p{L}+`` etc.); BPE works per
+      pre-token.  BertPreTokenizer splits at whitespace anyway; WordPiece works per word.
+    * Lowercase and BertNormalizer act per character (a space is a starter, so NFD and
+      accent stripping do not cross it either).
+    * added tokens hold no whitespace and never strip to the right; ``lstrip`` (RoBERTa's
+      ``<mask>``) takes the space at the start of its piece as it would in the document.
+
+    Python's ``\s`` covers every character the tokenizers' regex engine calls whitespace,
+    so "between two non-whitespace characters" is decided conservatively.  Pieces repeat
+    (Zipf), so most are looked up, not tokenized; the unique ones are encoded in one batch
+    call.  :meth:`supports` admits only tokenizers of that shape, and a self-check on
+    tricky text at start-up falls back to plain ``encode_batch`` on any difference.
+    """
+
+    _SPLIT = re.compile(r"(?<=\S)(?= \S)")
+    _CHECK_TEXTS = (
+        "Hello world, it's 3.14 -- ok?", " leading and trailing ", "double  space\tand tab",
+        "<mask> The <mask>. A<mask>b <s> </s> [MASK] [CLS]", "naïve Émile ΟΔΟΣ straße 日本語 😀 x",
+        "a \u00a0b\u3000c \u200bd \x1ce", "don't 've 're 'll 'd 's", "x" * 300 + " y",
+        "  ", "tab\t", "mixed \t space", "a\u0301 \u0301b",
+    )
+
+    def __init__(self, tok, max_entries: int = 400_000):
+        self.tok = tok
+        self.max_entries = max_entries
+        self.first: dict[str, list[int]] = {}    # piece at the start of a document
+        self.spaced: dict[str, list[int]] = {}   # piece after a space (key without the space)
+        self.prefix, self.suffix = self._frame(tok)
+        self.enabled = self.prefix is not None and self._self_check()
+
+    @staticmethod
+    def supports(tokenizer_json: dict) -> bool:
+        """Whether the tokenizer's pipeline is one for which piece caching is exact."""
+        norm = tokenizer_json.get("normalizer")
+        if norm is not None and norm.get("type") not in ("Lowercase", "BertNormalizer"):
+            return False
+        pre = tokenizer_json.get("pre_tokenizer") or {}
+        if pre.get("type") == "ByteLevel":
+            if pre.get("add_prefix_space", True) or not pre.get("use_regex", True):
+                return False
+        elif pre.get("type") != "BertPreTokenizer":
+            return False
+        model = tokenizer_json.get("model") or {}
+        if model.get("type") not in ("BPE", "WordPiece") or model.get("dropout"):
+            return False
+        for t in tokenizer_json.get("added_tokens") or []:
+            content = t.get("content", "")
+            if (not content or any(c.isspace() for c in content) or t.get("rstrip")
+                    or t.get("single_word")):
+                return False
+        return True
+
+    @staticmethod
+    def _frame(tok) -> tuple[list[int] | None, list[int] | None]:
+        """The post-processor's tokens before and after a document's own."""
+        frame = tok.encode("", add_special_tokens=True).ids
+        full = tok.encode("a b", add_special_tokens=True).ids
+        bare = tok.encode("a b", add_special_tokens=False).ids
+        for k in range(len(frame) + 1):
+            if full == frame[:k] + bare + frame[k:]:
+                return frame[:k], frame[k:]
+        return None, None
+
+    def _self_check(self) -> bool:
+        texts = list(self._CHECK_TEXTS)
+        want = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]
+        got = self.encode_lists(texts, check=False)
+        self.first.clear()
+        self.spaced.clear()
+        return got == want
+
+    def _pieces(self, docs: list[str]) -> tuple[list[str], list[list[str]]]:
+        firsts, rests = [], []
+        split = self._SPLIT.split
+        for doc in docs:
+            if doc.isprintable() and "  " not in doc and doc[:1] != " " and doc[-1:] != " ":
+                parts = doc.split(" ")          # every space is single, between non-spaces
+                firsts.append(parts[0])
+                rests.append(parts[1:])
+            else:
+                parts = split(doc)
+                firsts.append(parts[0])
+                rests.append([p[1:] for p in parts[1:]])
+        return firsts, rests
+
+    def _fill(self, firsts: list[str], rests: list[list[str]]) -> None:
+        if len(self.spaced) > self.max_entries:
+            self.spaced.clear()
+        if len(self.first) > self.max_entries:
+            self.first.clear()
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        missing = list(set(filterfalse(self.first.__contains__, firsts)))
+        if missing:
+            for key, enc in zip(missing, encode(missing, add_special_tokens=False)):
+                self.first[key] = enc.ids
+        spaced = self.spaced
+        missing = list(set(chain.from_iterable(filterfalse(spaced.__contains__, r) for r in rests)))
+        if missing:
+            for key, enc in zip(missing, encode([" " + k for k in missing], add_special_tokens=False)):
+                spaced[key] = enc.ids
+
+    def _direct(self, docs: list[str]) -> list[list[int]]:
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        return [e.ids for e in encode(docs, add_special_tokens=True)]
+
+    def encode_lists(self, docs: list[str], check: bool = True) -> list[list[int]]:
+        """Token ids of each document, special tokens included."""
+        if check and not self.enabled:
+            return self._direct(docs)
+        firsts, rests = self._pieces(docs)
+        self._fill(firsts, rests)
+        first, get, pre, suf = self.first, self.spaced.__getitem__, self.prefix, self.suffix
+        return [list(chain(pre, first[f], chain.from_iterable(map(get, r)), suf))
+                for f, r in zip(firsts, rests)]
+
+    def encode_flat(self, docs: list[str], dtype: np.dtype) -> np.ndarray:
+        """The documents' token ids, special tokens included, concatenated."""
+        if not docs:
+            return np.zeros(0, dtype=dtype)
+        if not self.enabled:
+            return _concat(self._direct(docs), dtype)
+        firsts, rests = self._pieces(docs)
+        self._fill(firsts, rests)
+        first, get, pre, suf = self.first, self.spaced.__getitem__, self.prefix, self.suffix
+        per_doc = ((pre, first[f], chain.from_iterable(map(get, r)), suf)
+                   for f, r in zip(firsts, rests))
+        return np.fromiter(chain.from_iterable(chain.from_iterable(per_doc)), dtype=dtype)
 
 
 def _concat(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
@@ -215,22 +356,23 @@ def _encode_task(task: tuple[int, list[str], int]) -> tuple[int, int, dict[str, 
     """Worker: encode one batch; per split its tokens (or blocks) and counts."""
     start, docs, progress = task
     job: _Job = _worker["job"]
-    tok = _worker["tok"]
+    enc: PieceEncoder = _worker["encoder"]
     dtype = np.dtype(job.dtype)
-    ids = _encode(tok, docs)
     val = validation_mask(start, len(docs), job.percentage) if job.percentage else None
-    parts = {"train": ids, "validation": []}
+    parts = {"train": docs, "validation": []}
     if val is not None and val.any():
-        parts = {"train": [x for x, v in zip(ids, val) if not v],
-                 "validation": [x for x, v in zip(ids, val) if v]}
+        parts = {"train": [d for d, v in zip(docs, val) if not v],
+                 "validation": [d for d, v in zip(docs, val) if v]}
     out = {}
-    for split, split_ids in parts.items():
-        tokens = sum(map(len, split_ids))
+    for split, split_docs in parts.items():
         if job.line_by_line:
-            data, cut = _to_blocks(split_ids, job.seq_len, job.pad_token_id, dtype)
+            ids = enc.encode_lists(split_docs)
+            tokens = sum(map(len, ids))
+            data, cut = _to_blocks(ids, job.seq_len, job.pad_token_id, dtype)
         else:
-            data, cut = _concat(split_ids, dtype), 0
-        out[split] = {"data": data, "documents": len(split_ids), "tokens": tokens, "truncated": cut}
+            data = enc.encode_flat(split_docs, dtype)
+            tokens, cut = int(data.size), 0
+        out[split] = {"data": data, "documents": len(split_docs), "tokens": tokens, "truncated": cut}
     return progress, len(docs), out
 
 
@@ -377,12 +519,14 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, line_by_line: bool = False,
             validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
             num_proc: int | None = None, force: bool = False,
-            show_progress: bool = True, batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict[str, Any]:
+            show_progress: bool = True, batch_bytes: int = DEFAULT_BATCH_BYTES,
+            piece_cache: bool = True) -> dict[str, Any]:
     """Tokenize ``corpus`` into ``DIR/data`` (see the module doc); return a summary dict.
 
     ``status`` in the result is "written" or "up to date" (nothing done).  ``num_proc``
     defaults to the number of CPU cores; ``batch_bytes`` is the text per worker task (it
-    changes speed only, never the output).
+    changes speed only, never the output); ``piece_cache=False`` encodes every document
+    with plain ``encode_batch`` (same output, slower: see :class:`PieceEncoder`).
     """
     started = time.perf_counter()
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
@@ -427,9 +571,11 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     parallelism = ("single process" if num_proc == 1 else
                    f"{num_proc} processes" if fork_is_safe() else "tokenizers threads")
     dtype = blocks.dtype_for_vocab(tok.vocab_size)
+    piece_cache = piece_cache and PieceEncoder.supports(
+        json.loads(Path(tok.path).read_text(encoding="utf-8")))
     job = _Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=line_by_line,
                percentage=float(validation_split_percentage), dtype=dtype.str,
-               pad_token_id=tok.pad_token_id)
+               pad_token_id=tok.pad_token_id, piece_cache=piece_cache)
     counts = {s: {"documents": 0, "tokens": 0, "truncated": 0} for s in blocks.SPLITS}
 
     from mlmtool.progress import StageProgress

@@ -121,8 +121,13 @@ def test_document_boundaries_and_dropped_remainder(bpe_dir, tmp_path):
     assert meta["num_blocks"] == {"train": len(stream) // 4, "validation": 0}
 
 
-_words = st.sampled_from(CORPUS_WORDS + ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t"])
-_doc = st.lists(_words, min_size=0, max_size=60).map(" ".join)
+_TRICKY = ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t", "\u00a0", "\u3000", "\u200b", "\x1c",
+           "don't", "'s", "<mask>", "<s>", "</s>", "[MASK]", "ΟΔΟΣ", "a\u0301", "\u0301", "😀", "3.14",
+           "--", "(x)", "straße", "\r", "\x00", "\ufffd", "İ"]
+_words = st.sampled_from(CORPUS_WORDS + _TRICKY)
+# in a corpus file: no NUL (a binary file) and no line-final \r (stripped as a CRLF line end)
+_file_words = st.sampled_from(CORPUS_WORDS + [t for t in _TRICKY if t not in ("\x00", "\r")])
+_doc = st.lists(_file_words, min_size=0, max_size=60).map(" ".join)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -148,27 +153,39 @@ def test_property_matches_reference(bpe_dir, tmp_path_factory, docs, seq_len, pc
         assert np.array_equal(got[split], want[split]), split
 
 
-def test_independent_of_num_proc_and_batch_size(bpe_dir, tmp_path, monkeypatch):
-    import mlmtool.prepare as prep
+_RUN_PREPARE = """
+import hashlib, json, sys
+import mlmtool.prepare as prep
+from mlmtool.blocks import read_meta
+from mlmtool.corpus import open_corpus
+model_dir, corpus, num_proc, batch_bytes, fork = sys.argv[1:]
+if fork == "0":  # the threaded fallback used where forking is unsafe (JAX imported)
+    prep.fork_is_safe = lambda: False
+prep.prepare(model_dir, open_corpus([corpus]), max_seq_length=32, num_proc=int(num_proc),
+             force=True, show_progress=False, batch_bytes=int(batch_bytes))
+meta = read_meta(model_dir + "/data")
+files = {s: hashlib.sha256(open(f"{model_dir}/data/{s}.bin", "rb").read()).hexdigest()
+         for s in ("train", "validation")}
+skip = ("created", "seconds", "num_proc", "parallelism")
+print(json.dumps({"files": files, "meta": {k: v for k, v in meta.items() if k not in skip},
+                  "parallelism": meta["parallelism"]}))
+"""
 
+
+def test_independent_of_num_proc_and_batch_size(bpe_dir, tmp_path):
+    # In a fresh interpreter: forking worker processes is only done without JAX loaded,
+    # and other tests in this process may have imported it.
     docs = make_documents(1500, seed=5, max_words=120)
     corpus = write_documents(tmp_path / "c.txt", docs)
     outputs = []
-    for num_proc, batch_bytes, fork in ((1, 1 << 20, True), (2, 2048, True), (3, 777, True),
-                                        (2, 4096, False)):
-        # fork=False: the threaded fallback used where forking is unsafe (JAX imported);
-        # fork=True: worker processes (forced, even if another test imported JAX)
-        monkeypatch.setattr(prep, "fork_is_safe", lambda fork=fork: fork)
-        prepare(bpe_dir, open_corpus([corpus]), max_seq_length=32, num_proc=num_proc, force=True,
-                show_progress=False, batch_bytes=batch_bytes)
-        meta = read_meta(bpe_dir / "data")
-        outputs.append(((bpe_dir / "data" / "train.bin").read_bytes(),
-                        (bpe_dir / "data" / "validation.bin").read_bytes(),
-                        {k: v for k, v in meta.items()
-                         if k not in ("created", "seconds", "num_proc", "parallelism")}))
-        assert meta["num_proc"] == num_proc
-        assert meta["parallelism"] == ("single process" if num_proc == 1 else
-                                       f"{num_proc} processes" if fork else "tokenizers threads")
+    for num_proc, batch_bytes, fork in ((1, 1 << 20, 1), (2, 2048, 1), (3, 777, 1), (2, 4096, 0)):
+        out = subprocess.run([sys.executable, "-c", _RUN_PREPARE, str(bpe_dir), str(corpus),
+                              str(num_proc), str(batch_bytes), str(fork)],
+                             check=True, capture_output=True, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result.pop("parallelism") == ("single process" if num_proc == 1 else
+                                             f"{num_proc} processes" if fork else "tokenizers threads")
+        outputs.append(result)
     assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
     want = reference(bpe_dir, docs, 32, 5.0)
     assert np.array_equal(stored(bpe_dir)["train"], want["train"])
@@ -205,6 +222,77 @@ def test_wordpiece_blocks(wordpiece_dir, tmp_path, corpus_docs):
     assert (meta["pad_token_id"], meta["cls_token_id"], meta["sep_token_id"], meta["mask_token_id"]) == (0, 2, 3, 4)
     assert meta["bos_token_id"] is None and meta["special_token_ids"] == [0, 1, 2, 3, 4]
     assert got["train"][0, 0] == 2
+
+
+# -- the piece cache is exact ---------------------------------------------------------------
+
+def _lowercase_bpe(tmp_path_factory, corpus_docs) -> Path:
+    from mlmtool.tokenizer_train import train_tokenizer
+
+    d = make_model_dir(tmp_path_factory.mktemp("lc") / "m", "tiny")
+    corpus = write_documents(d.parent / "c.txt", corpus_docs)
+    train_tokenizer(d, open_corpus([corpus]), vocab_size=350, lowercase=True, show_progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tokenizer_paths(_bpe_dir, _wordpiece_dir, tmp_path_factory, corpus_docs) -> list[str]:
+    return [str(_bpe_dir / "tokenizer.json"), str(_wordpiece_dir / "tokenizer.json"),
+            str(_lowercase_bpe(tmp_path_factory, corpus_docs) / "tokenizer.json")]
+
+
+_text = st.lists(st.one_of(_words, st.sampled_from([" ", " ", " ", "  ", "\t", "\n"]),
+                           st.text(max_size=3)), max_size=40).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(docs=st.lists(_text, min_size=1, max_size=12))
+def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
+    from tokenizers import Tokenizer
+
+    from mlmtool.prepare import PieceEncoder
+
+    for path in tokenizer_paths:
+        tok = Tokenizer.from_file(path)
+        enc = PieceEncoder(tok)
+        assert enc.enabled and PieceEncoder.supports(json.loads(Path(path).read_text()))
+        want = [e.ids for e in tok.encode_batch(docs)]
+        for _ in range(2):  # cold and warm cache
+            assert enc.encode_lists(docs) == want
+            flat = enc.encode_flat(docs, np.dtype("<u2"))
+            assert flat.tolist() == [t for ids in want for t in ids]
+
+
+def test_piece_encoder_refuses_other_pipelines(_bpe_dir):
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+
+    from mlmtool.prepare import PieceEncoder
+
+    spec = json.loads((_bpe_dir / "tokenizer.json").read_text())
+    assert PieceEncoder.supports(spec)
+    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not PieceEncoder.supports(json.loads(tok.to_str()))
+    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
+    tok.add_tokens([AddedToken("New York")])
+    assert not PieceEncoder.supports(json.loads(tok.to_str()))
+    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<sep2>", rstrip=True)])
+    assert not PieceEncoder.supports(json.loads(tok.to_str()))
+    docs = ["Visit New York <sep2> now", "the garden"]
+    enc = PieceEncoder(tok)
+    enc.enabled = False  # what prepare does for such a tokenizer: plain encode_batch
+    assert enc.encode_lists(docs) == [e.ids for e in tok.encode_batch(docs)]
+
+
+def test_prepare_same_with_and_without_piece_cache(bpe_dir, tmp_path, corpus_docs):
+    corpus = write_documents(tmp_path / "c.txt", corpus_docs)
+    files = []
+    for cache in (True, False):
+        prepare(bpe_dir, open_corpus([corpus]), max_seq_length=32, num_proc=1, force=True,
+                show_progress=False, piece_cache=cache)
+        files.append([(bpe_dir / "data" / f"{s}.bin").read_bytes() for s in ("train", "validation")])
+    assert files[0] == files[1]
 
 
 # -- validation split rule -------------------------------------------------------------------
