@@ -550,7 +550,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if not 0 <= validation_split_percentage < 100:
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
-    if tok.vocab_size > config["vocab_size"]:
+    if tok.vocab_size != config["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                           f"is {config['vocab_size']}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
@@ -567,6 +567,18 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         if meta is not None:
             return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
 
+    with mdir.lock("prepare"):
+        return _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
+                      show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
+
+
+def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: dict, *,
+           started: float, num_proc: int | None, show_progress: bool, batch_bytes: int,
+           piece_cache: bool) -> dict[str, Any]:
+    """Tokenize into a temporary directory and swap it in as DIR/data (lock held)."""
+    max_seq_length = args["max_seq_length"]
+    line_by_line = args["line_by_line"]
+    validation_split_percentage = args["validation_split_percentage"]
     num_proc = max(1, int(num_proc or os.cpu_count() or 1))
     parallelism = ("single process" if num_proc == 1 else
                    f"{num_proc} processes" if fork_is_safe() else "tokenizers threads")

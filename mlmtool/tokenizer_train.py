@@ -246,10 +246,10 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
     ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
-    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.
+    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  DIR is locked
+    (``.mlmtool.lock``) while training, so a running ``train`` or ``prepare`` is not
+    pulled out from under.
     """
-    from mlmtool.presets import max_sequence_length
-
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
     config = mdir.read_config()
     model_type = config["model_type"]
@@ -273,6 +273,16 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
+    with mdir.lock("tokenizer"):
+        return _train(mdir, corpus, config, kind=kind, requested=requested,
+                      min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
+
+
+def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
+           min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
+    from mlmtool.presets import max_sequence_length
+
+    model_type = config["model_type"]
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)
