@@ -426,6 +426,28 @@ def test_data_errors_leave_nothing(bpe_dir, tmp_path, docs, args, message):
     assert no_leftovers(bpe_dir)
 
 
+def test_config_must_agree_with_tokenizer(bpe_dir, corpus_file):
+    config = json.loads((bpe_dir / "config.json").read_text())
+    (bpe_dir / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    line = error_line(invoke("prepare", bpe_dir, corpus_file))
+    assert "config.json's vocab_size" in line and "mlmtool tokenizer" in line
+    (bpe_dir / "config.json").write_text(json.dumps({**config, "pad_token_id": 0}))
+    assert "pad_token_id 0 differs from the tokenizer's 1" in error_line(invoke("prepare", bpe_dir, corpus_file))
+
+
+def test_refuses_a_directory_in_use(bpe_dir, corpus_file):
+    import socket
+
+    lock = bpe_dir / ".mlmtool.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "train"}))
+    line = error_line(invoke("prepare", bpe_dir, corpus_file))
+    assert "in use by 'mlmtool train'" in line
+    assert not (bpe_dir / "data").exists()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "train"}))
+    assert invoke("prepare", bpe_dir, corpus_file).exit_code == 0  # a stale lock is taken over
+    assert not lock.exists()
+
+
 def test_input_errors(bpe_dir, tmp_path):
     assert "no corpus given" in error_line(invoke("prepare", bpe_dir))
     assert "no files match" in error_line(invoke("prepare", bpe_dir, str(tmp_path / "*.txt")))
