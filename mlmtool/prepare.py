@@ -40,7 +40,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from itertools import chain, filterfalse
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -224,13 +224,25 @@ class PieceEncoder:
         "  ", "tab\t", "mixed \t space", "a\u0301 \u0301b",
     )
 
+    _PRE, _SUF = 0, 1   # piece ids of the post-processor's prefix and suffix
+
     def __init__(self, tok, max_entries: int = 400_000):
         self.tok = tok
         self.max_entries = max_entries
-        self.first: dict[str, list[int]] = {}    # piece at the start of a document
-        self.spaced: dict[str, list[int]] = {}   # piece after a space (key without the space)
         self.prefix, self.suffix = self._frame(tok)
+        self._reset()
         self.enabled = self.prefix is not None and self._self_check()
+
+    def _reset(self) -> None:
+        """Empty cache: piece strings → piece ids → token ids in one flat table."""
+        self.first: dict[str, int] = {}    # piece at the start of a document
+        self.spaced: dict[str, int] = {}   # piece after a space (key without the space)
+        self._tokens = np.zeros(1 << 16, dtype=np.int64)  # token ids of all pieces, back to back
+        self._start = np.zeros(1 << 12, dtype=np.int64)   # piece id → offset in _tokens
+        self._len = np.zeros(1 << 12, dtype=np.int64)     # piece id → number of tokens
+        self._pieces_n = self._tokens_n = 0
+        if self.prefix is not None:
+            self._add([self.prefix, self.suffix])  # ids 0 and 1
 
     @staticmethod
     def supports(tokenizer_json: dict) -> bool:
@@ -269,9 +281,27 @@ class PieceEncoder:
         texts = list(self._CHECK_TEXTS)
         want = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]
         got = self.encode_lists(texts, check=False)
-        self.first.clear()
-        self.spaced.clear()
+        self._reset()
         return got == want
+
+    def _add(self, id_lists: list[list[int]]) -> list[int]:
+        """Append pieces' token ids to the table; their new piece ids."""
+        lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        n_tok = int(lens.sum())
+        first_id, first_tok = self._pieces_n, self._tokens_n
+        if first_tok + n_tok > self._tokens.size:
+            self._tokens = np.resize(self._tokens, max(2 * self._tokens.size, first_tok + n_tok))
+        if first_id + len(id_lists) > self._start.size:
+            size = max(2 * self._start.size, first_id + len(id_lists))
+            self._start, self._len = np.resize(self._start, size), np.resize(self._len, size)
+        self._tokens[first_tok:first_tok + n_tok] = np.fromiter(
+            chain.from_iterable(id_lists), dtype=np.int64, count=n_tok)
+        ends = np.cumsum(lens)
+        self._start[first_id:first_id + len(id_lists)] = first_tok + ends - lens
+        self._len[first_id:first_id + len(id_lists)] = lens
+        self._pieces_n += len(id_lists)
+        self._tokens_n += n_tok
+        return list(range(first_id, first_id + len(id_lists)))
 
     def _pieces(self, docs: list[str]) -> tuple[list[str], list[list[str]]]:
         firsts, rests = [], []
@@ -287,21 +317,44 @@ class PieceEncoder:
                 rests.append([p[1:] for p in parts[1:]])
         return firsts, rests
 
-    def _fill(self, firsts: list[str], rests: list[list[str]]) -> None:
-        if len(self.spaced) > self.max_entries:
-            self.spaced.clear()
-        if len(self.first) > self.max_entries:
-            self.first.clear()
-        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        missing = list(set(filterfalse(self.first.__contains__, firsts)))
-        if missing:
-            for key, enc in zip(missing, encode(missing, add_special_tokens=False)):
-                self.first[key] = enc.ids
-        spaced = self.spaced
-        missing = list(set(chain.from_iterable(filterfalse(spaced.__contains__, r) for r in rests)))
-        if missing:
-            for key, enc in zip(missing, encode([" " + k for k in missing], add_special_tokens=False)):
-                spaced[key] = enc.ids
+    def _lookup(self, cache: dict[str, int], keys: list[str], prefix: str) -> np.ndarray:
+        """Piece ids of ``keys``, encoding (with ``prefix``) and adding the ones not cached."""
+        ids = np.fromiter(map(cache.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        miss = np.flatnonzero(ids < 0)
+        if miss.size:
+            new = list(dict.fromkeys([keys[i] for i in miss]))
+            encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+            encs = encode([prefix + k for k in new] if prefix else new, add_special_tokens=False)
+            cache.update(zip(new, self._add([e.ids for e in encs])))
+            ids[miss] = [cache[keys[i]] for i in miss]
+        return ids
+
+    def _encode(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all token ids, special tokens included, concatenated; tokens per document)."""
+        if len(self.first) + len(self.spaced) > self.max_entries:
+            self._reset()  # bounded memory: start over (rare; costs re-encoding)
+        firsts, rests = self._pieces(docs)
+        flat_rest = list(chain.from_iterable(rests))
+        first_ids = self._lookup(self.first, firsts, "")
+        rest_ids = self._lookup(self.spaced, flat_rest, " ")
+        # per document: prefix, first piece, the other pieces, suffix
+        per_doc = np.fromiter(map(len, rests), dtype=np.int64, count=len(rests)) + 3
+        ends = np.cumsum(per_doc)
+        starts = ends - per_doc
+        seq = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+        fixed = np.zeros(seq.size, dtype=bool)
+        fixed[starts] = fixed[starts + 1] = fixed[ends - 1] = True
+        seq[starts] = self._PRE
+        seq[starts + 1] = first_ids
+        seq[ends - 1] = self._SUF
+        seq[~fixed] = rest_ids
+        # gather the pieces' tokens from the table
+        lens = self._len[seq]
+        out_start = np.cumsum(lens) - lens
+        index = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(self._start[seq] - out_start, lens)
+        tokens = self._tokens[index]
+        per_doc_tokens = np.add.reduceat(lens, starts) if len(starts) else np.zeros(0, np.int64)
+        return tokens, per_doc_tokens
 
     def _direct(self, docs: list[str]) -> list[list[int]]:
         encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
@@ -311,11 +364,10 @@ class PieceEncoder:
         """Token ids of each document, special tokens included."""
         if check and not self.enabled:
             return self._direct(docs)
-        firsts, rests = self._pieces(docs)
-        self._fill(firsts, rests)
-        first, get, pre, suf = self.first, self.spaced.__getitem__, self.prefix, self.suffix
-        return [list(chain(pre, first[f], chain.from_iterable(map(get, r)), suf))
-                for f, r in zip(firsts, rests)]
+        if not docs:
+            return []
+        tokens, counts = self._encode(docs)
+        return [a.tolist() for a in np.split(tokens, np.cumsum(counts)[:-1])]
 
     def encode_flat(self, docs: list[str], dtype: np.dtype) -> np.ndarray:
         """The documents' token ids, special tokens included, concatenated."""
@@ -323,12 +375,7 @@ class PieceEncoder:
             return np.zeros(0, dtype=dtype)
         if not self.enabled:
             return _concat(self._direct(docs), dtype)
-        firsts, rests = self._pieces(docs)
-        self._fill(firsts, rests)
-        first, get, pre, suf = self.first, self.spaced.__getitem__, self.prefix, self.suffix
-        per_doc = ((pre, first[f], chain.from_iterable(map(get, r)), suf)
-                   for f, r in zip(firsts, rests))
-        return np.fromiter(chain.from_iterable(chain.from_iterable(per_doc)), dtype=dtype)
+        return self._encode(docs)[0].astype(dtype)
 
 
 def _concat(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
