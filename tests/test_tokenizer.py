@@ -168,27 +168,34 @@ def test_retrain_updates_config(tmp_path, corpus_file):
 
 
 def test_training_speed_close_to_bare_tokenizers(tmp_path):
-    """The corpus streaming adds little over tokenizers' own training (generous bound)."""
-    import time
+    """The corpus streaming adds little over tokenizers' own training on the same files.
+
+    Compared in CPU time (all threads), which other load on the machine disturbs less than
+    wall time; the bound is generous, the real overhead is a few percent.
+    """
+    import resource
 
     from mlmtool.corpus import open_corpus
     from mlmtool.tokenizer_train import build_tokenizer, build_trainer, train_tokenizer
     from tests.conftest import make_documents
 
-    docs = make_documents(20000, seed=3)
-    p = write_documents(tmp_path / "c.txt", docs)
+    p = write_documents(tmp_path / "c.txt", make_documents(8000, seed=3))
     d = make_model_dir(tmp_path / "m", "tiny")
+
+    def cpu_seconds(fn) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
     def bare():
         tok = build_tokenizer("bpe", lowercase=False)
-        t = time.perf_counter()
-        tok.train_from_iterator(docs, trainer=build_trainer("bpe", vocab_size=500, min_frequency=2))
-        return time.perf_counter() - t
+        tok.train([str(p)], trainer=build_trainer("bpe", vocab_size=500, min_frequency=2))
 
     def ours():
-        r = train_tokenizer(d, open_corpus([p]), vocab_size=500, show_progress=False)
-        return r["seconds"]
+        train_tokenizer(d, open_corpus([p]), vocab_size=500, show_progress=False)
 
-    bare_s = min(bare() for _ in range(2))
-    ours_s = min(ours() for _ in range(2))
-    assert ours_s < bare_s * 1.5 + 0.2, (ours_s, bare_s)
+    bare_s = min(cpu_seconds(bare) for _ in range(3))
+    ours_s = min(cpu_seconds(ours) for _ in range(3))
+    # ours also saves the tokenizer through transformers and rewrites config.json
+    assert ours_s < bare_s * 1.3 + 0.3, (ours_s, bare_s)
