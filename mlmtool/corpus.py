@@ -266,6 +266,8 @@ class _Opened:
         self._pos = 0
 
     def read(self, n: int) -> bytes:
+        if self.stream is self.raw:
+            return self.raw.read(n)
         try:
             return self.stream.read(n)
         except (OSError, EOFError, lzma.LZMAError) as e:
