@@ -204,26 +204,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class _ReadingProgress:
-    """Progress of the reading pass, closed as soon as the corpus is exhausted.
+#: Text per item handed to ``train_from_iterator``.  tokenizers buffers up to 256 items
+#: ahead of its workers, so this bounds the read-ahead (and the progress bar's lead over
+#: the real work) to about 16 MB.
+TRAIN_BATCH_BYTES = 1 << 16
 
-    The trainer then computes the vocabulary without further progress; a status line
-    says so.
+
+class _ReadingProgress:
+    """Progress of the reading (and counting) pass, then a status line while the trainer
+    computes the vocabulary from the counts, which it does without reporting progress.
     """
 
     def __init__(self, corpus: Corpus, show: bool):
         from mlmtool.progress import StageProgress
 
         self.corpus = corpus
+        self.show = show
         self.progress = StageProgress("Reading corpus", total=corpus.total, unit=corpus.unit) if show else None
         self.open = False
+        self._status = None
 
     def batches(self) -> Iterator[list[str]]:
         if self.progress is not None:
             self.progress.__enter__()
             self.open = True
         try:
-            for batch in self.corpus.batches():
+            for batch in self.corpus.batches(batch_bytes=TRAIN_BATCH_BYTES):
                 if self.progress is not None:
                     self.progress.advance(batch.progress, documents=len(batch.documents))
                 if batch.documents:
@@ -232,11 +238,25 @@ class _ReadingProgress:
             self.close(e)
             raise
         self.close(None)
+        if self.show:
+            from mlmtool.progress import console, say
+
+            if console.is_terminal:
+                self._status = console.status("Computing the vocabulary (merges / word pieces)…")
+                self._status.start()
+            else:
+                say("Computing the vocabulary (merges / word pieces)…")
 
     def close(self, exc: BaseException | None) -> None:
         if self.open:
             self.open = False
             self.progress.__exit__(type(exc) if exc else None, exc, None)
+
+    def finish(self) -> None:
+        self.close(None)
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
@@ -291,7 +311,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         # An exception of the iterator (e.g. DataError: empty corpus) comes back out as is.
         tok.train_from_iterator(reading.batches(), trainer=trainer)
     finally:
-        reading.close(None)
+        reading.finish()
     seconds = time.perf_counter() - start
 
     real = tok.get_vocab_size(with_added_tokens=True)
