@@ -62,5 +62,5 @@ DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
     "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
     rich_help_panel=CORPUS, show_default=False)]
 NumProcOpt = Annotated[Optional[int], typer.Option(
-    "--num-proc", min=1, help="Worker processes for tokenizing [default: all CPU cores].",
+    "--num-proc", min=1, help="Worker processes for tokenizing (default: all CPU cores).",
     show_default=False)]

@@ -19,17 +19,17 @@ def tokenizer_command(
     files: FilesArg = None,
     type_: Annotated[Optional[str], typer.Option(
         "--type", help="bpe (byte-level, as RoBERTa) or wordpiece (as BERT) "
-                       "[default: the model's: roberta → bpe, bert → wordpiece].",
+                       "(default: the model's: roberta → bpe, bert → wordpiece).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
-        "--vocab-size", min=1, help="Vocabulary size, special tokens included [default: config.json's].",
+        "--vocab-size", min=1, help="Vocabulary size, special tokens included (default: config.json's).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     min_frequency: Annotated[int, typer.Option(
         "--min-frequency", min=1, help="Least count for a merge / word piece to enter the vocabulary.",
         rich_help_panel=TOKENIZER)] = 2,
     lowercase: Annotated[Optional[bool], typer.Option(
-        "--lowercase/--no-lowercase", help="Lowercase the text first [default: the model's "
-        "convention: yes for wordpiece (uncased BERT), no for bpe].",
+        "--lowercase/--no-lowercase", help="Lowercase the text first (default: the model's "
+        "convention: yes for wordpiece (uncased BERT), no for bpe).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     text_column: TextColumnOpt = "text",
     dataset: DatasetOpt = None,
