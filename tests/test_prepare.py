@@ -357,6 +357,18 @@ def test_up_to_date_and_force(bpe_dir, corpus_file):
     assert read_meta(bpe_dir / "data")["vocab_size"] == 300
 
 
+def test_json_output(bpe_dir, corpus_file):
+    r = invoke("prepare", bpe_dir, corpus_file, "--max-seq-length", 32, "--json", "--num-proc", 1)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    meta = read_meta(bpe_dir / "data")
+    assert result["status"] == "written" and result["num_blocks"] == meta["num_blocks"]
+    assert result["documents"] == 300 and result["tokens"] == sum(meta["tokens"].values())
+    assert result["parallelism"] == "single process" and result["mb_per_s"] > 0
+    again = json.loads(invoke("prepare", bpe_dir, corpus_file, "--max-seq-length", 32, "--json").stdout)
+    assert again["status"] == "up to date" and again["num_blocks"] == meta["num_blocks"]
+
+
 def test_up_to_date_path_imports_neither_transformers_nor_jax(bpe_dir, corpus_file):
     assert invoke("prepare", bpe_dir, corpus_file).exit_code == 0
     code = f"""
