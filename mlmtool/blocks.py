@@ -143,6 +143,13 @@ class BlockStore:
     def __len__(self) -> int:
         return self.num_blocks
 
+    def __getstate__(self) -> dict:
+        # Pickle (e.g. to a loader process) by path, not by copying the mapped data.
+        return {"path": str(self.path), "meta": self.meta, "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(Path(state["path"]), state["meta"], state["split"])
+
     def __repr__(self) -> str:
         return (f"BlockStore({str(self.path)!r}, split={self.split!r}, "
                 f"num_blocks={self.num_blocks}, seq_len={self.seq_len})")
