@@ -145,6 +145,38 @@ def test_corpus_errors_leave_nothing(tmp_path):
     assert (d / "config.json").read_text() == config_before
 
 
+def test_every_corpus_error_is_one_line_and_leaves_nothing(tmp_path):
+    import gzip
+
+    d = make_model_dir(tmp_path / "m", "tiny")
+    (tmp_path / "a.docx").write_text("x")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.md").write_text("x")
+    (tmp_path / "bin.txt").write_bytes(b"\0" * 64)
+    with gzip.open(tmp_path / "blank.txt.gz", "wt") as f:
+        f.write("\n \n\t\n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    cases = [
+        ((), "no corpus given"),
+        ((tmp_path / "missing.txt",), "does not exist"),
+        ((str(tmp_path / "*.nothing"),), "no files match"),
+        ((tmp_path / "a.docx",), "unsupported input file type"),
+        ((tmp_path / "empty_dir",), "has no usable files"),
+        ((tmp_path / "notes",), "has no usable files"),
+        ((tmp_path / "bin.txt",), "looks binary"),
+        ((tmp_path / "blank.txt.gz",), "no documents"),
+        ((tmp_path / "latin1.txt",), "not valid UTF-8"),
+        ((tmp_path / "a.jsonl",), "has no column 'text' (its columns: 'body')"),
+        ((tmp_path / "a.jsonl", "--dataset", "oscar"), "both corpus files and --dataset"),
+    ]
+    for args, message in cases:
+        line = one_error_line(invoke("tokenizer", d, *args, "--vocab-size", 300))
+        assert message in line, (args, line)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
+
+
 def test_non_utf8_warning(tmp_path, corpus_file):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9\n" + corpus_file.read_bytes())
