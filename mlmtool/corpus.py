@@ -18,7 +18,10 @@ Inputs
   * a dataset directory written by ``datasets``' ``save_to_disk`` (has
     ``dataset_info.json``/``state.json``/``dataset_dict.json``), or a hub dataset
     (``dataset=NAME``, ``dataset_config``, ``split``, ``streaming``, ``revision``) read
-    with ``datasets.load_dataset``.
+    with ``datasets.load_dataset``; ``dataset`` may also name one of datasets' packaged
+    builders (``json``, ``csv``, ``parquet``, ``text``, ...) with ``data_files`` (local
+    paths and globs, checked and expanded here, or URLs): the same code path as a hub
+    dataset, streaming included, without a hub.
 
 Order is deterministic: the arguments in the order given, each directory or glob in
 sorted order; a file named twice is read once.  Lines that are not valid UTF-8 are
@@ -82,6 +85,7 @@ class HubDataset:
     split: str
     streaming: bool
     revision: str | None
+    data_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -103,6 +107,14 @@ class Batch(NamedTuple):
 
 
 # -- resolving the command line -----------------------------------------------------------
+
+def _file_fingerprint(name: str) -> dict | str:
+    """Path, size and mtime of a local file (a URL or a path in a hub repository as it is)."""
+    if "://" in name or not os.path.isfile(name):
+        return name
+    st = os.stat(name)
+    return {"path": str(Path(name).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
 
 def _split_suffix(path: Path) -> tuple[str | None, str | None]:
     """(format, compression) from the file name; format None if unsupported."""
@@ -203,7 +215,7 @@ def _expand(arg: str) -> list[Source]:
 def open_corpus(files: Sequence[str | os.PathLike] | None = None, *, text_column: str = "text",
                 dataset: str | None = None, dataset_config: str | None = None,
                 split: str = "train", streaming: bool = False,
-                revision: str | None = None) -> "Corpus":
+                revision: str | None = None, data_files: Sequence[str | os.PathLike] | None = None) -> "Corpus":
     """Resolve and check the inputs (raises :class:`DataError`); nothing is read yet.
 
     Either ``files`` (paths, directories, globs) or ``dataset`` (a hub dataset name) must
@@ -212,8 +224,17 @@ def open_corpus(files: Sequence[str | os.PathLike] | None = None, *, text_column
     files = [str(f) for f in (files or [])]
     if dataset and files:
         raise DataError("both corpus files and --dataset given", "pass one or the other")
+    if data_files and not dataset:
+        raise DataError("--data-files needs --dataset",
+                        "e.g. --dataset json --data-files 'data/*.jsonl' (or csv, parquet, text)")
     if dataset:
-        hub = HubDataset(dataset, dataset_config, split, streaming, revision)
+        if dataset in PACKAGED_BUILDERS and not data_files and not Path(dataset).exists():
+            raise DataError(f"--dataset {dataset} needs --data-files",
+                            f"e.g. --dataset {dataset} --data-files 'data/*.{dataset.replace('text', 'txt')}'")
+        patterns = [str(f) for f in data_files or []]
+        # Local files for a packaged builder; for a hub dataset, paths inside its repository.
+        hub = HubDataset(dataset, dataset_config, split, streaming, revision,
+                         _expand_data_files(patterns) if dataset in PACKAGED_BUILDERS else tuple(patterns))
         return Corpus([], text_column=text_column, split=split, hub=hub)
     if not files:
         raise DataError("no corpus given",
@@ -227,6 +248,31 @@ def open_corpus(files: Sequence[str | os.PathLike] | None = None, *, text_column
                 seen.add(key)
                 sources.append(src)
     return Corpus(sources, text_column=text_column, split=split)
+
+
+#: datasets' packaged builders that read --data-files (no hub needed).
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "webdataset", "xml")
+
+
+def _expand_data_files(patterns: list[str]) -> tuple[str, ...]:
+    """Local paths and globs -> existing files (sorted per pattern); URLs kept as given."""
+    out: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:
+            out.append(pattern)
+            continue
+        path = Path(pattern)
+        if path.is_dir():
+            matches = sorted(str(p) for p in path.rglob("*") if p.is_file() and not _is_hidden(p))
+        elif path.exists():
+            matches = [pattern]
+        else:
+            matches = sorted(m for m in _glob.glob(pattern, recursive=True)
+                             if Path(m).is_file() and not _is_hidden(Path(m)))
+        if not matches:
+            raise DataError(f"--data-files {pattern}: no such file", "check the path or pattern")
+        out.extend(m for m in matches if m not in out)
+    return tuple(out)
 
 
 # -- opening files ------------------------------------------------------------------------
@@ -363,7 +409,9 @@ class Corpus:
     def describe(self) -> str:
         if self.hub is not None:
             cfg = f" ({self.hub.config})" if self.hub.config else ""
-            return f"dataset {self.hub.name}{cfg}, split {self.hub.split}"
+            n = len(self.hub.data_files)
+            files = f" of {n} file{'s' if n != 1 else ''}" if n else ""
+            return f"dataset {self.hub.name}{cfg}{files}, split {self.hub.split}"
         n = len(self.sources)
         from mlmtool.progress import human_bytes
 
@@ -379,6 +427,8 @@ class Corpus:
                                   "split": self.hub.split, "text_column": self.text_column}
             if self.hub.revision:
                 fp["revision"] = self.hub.revision
+            if self.hub.data_files:
+                fp["data_files"] = [_file_fingerprint(f) for f in self.hub.data_files]
         else:
             fp = {"files": [s.fingerprint() for s in self.sources], "text_column": self.text_column}
             if any(s.format == "saved_dataset" for s in self.sources):
@@ -663,6 +713,8 @@ class Corpus:
         kwargs: dict[str, Any] = {"split": hub.split, "streaming": hub.streaming}
         if hub.revision:
             kwargs["revision"] = hub.revision
+        if hub.data_files:
+            kwargs["data_files"] = list(hub.data_files)
         try:
             ds = datasets.load_dataset(hub.name, hub.config, **kwargs)
         except Exception as e:

@@ -8,6 +8,8 @@ with one mask gives a list of those objects, with several masks a list per mask 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +24,20 @@ def load_tokenizer(mdir):
     return AutoTokenizer.from_pretrained(str(mdir.path))
 
 
+@functools.lru_cache(maxsize=4)
+def _probabilities_fn(mcfg):
+    """Jitted (params, ids, mask) -> softmax probabilities [B, L, V], one per model config, so
+    repeated calls (and texts padded to the same length) reuse the compiled function."""
+    from mlmtool.model import MaskedLM
+
+    model = MaskedLM(mcfg)
+    return jax.jit(lambda p, i, m: jax.nn.softmax(model.apply({"params": p}, i, attention_mask=m), axis=-1))
+
+
 def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "latest") -> list:
     from mlmtool import sharding as sh
     from mlmtool.evaluate import load_params
-    from mlmtool.model import MaskedLM, ModelConfig, init_params
+    from mlmtool.model import ModelConfig, init_params
 
     if top_k < 1:
         raise DataError("--top-k must be at least 1", "e.g. --top-k 5")
@@ -39,11 +51,13 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
     params, _ = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract)
-    model = MaskedLM(mcfg)
-    enc = tok(texts, padding=True, truncation=True, max_length=mcfg.max_sequence_length, return_tensors="np")
-    logits = jax.jit(lambda p, i, m: model.apply({"params": p}, i, attention_mask=m))(
-        params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))  # [B, L, V]
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    # Padded to a multiple of 8 (masked out) so that texts of similar lengths share a compilation.
+    enc = tok(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=mcfg.max_sequence_length,
+              return_tensors="np")
+    if enc["input_ids"].shape[1] > mcfg.max_sequence_length:  # the multiple of 8 overshot the limit
+        enc = tok(texts, padding=True, truncation=True, max_length=mcfg.max_sequence_length, return_tensors="np")
+    probs = np.asarray(_probabilities_fn(mcfg)(
+        params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))  # [B, L, V]
     results = []
     for row, ids in enumerate(enc["input_ids"]):
         ids = ids[enc["attention_mask"][row].astype(bool)]

@@ -128,11 +128,20 @@ def human_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Appends one JSON object per event to ``metrics.jsonl`` (process 0 only)."""
+    """Appends one JSON object per event to ``metrics.jsonl`` (process 0 only).
 
-    def __init__(self, path, enabled: bool = True):
+    With ``tensorboard_dir``, each record also goes into a TensorBoard event file there
+    (:mod:`mlmtool.tensorboard`).
+    """
+
+    def __init__(self, path, enabled: bool = True, tensorboard_dir=None):
         self.path = path
         self.enabled = enabled
+        self.tensorboard = None
+        if enabled and tensorboard_dir is not None:
+            from mlmtool.tensorboard import TensorBoardWriter
+
+            self.tensorboard = TensorBoardWriter(tensorboard_dir)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -141,6 +150,8 @@ class MetricsWriter:
 
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
 
 class TrainProgress:

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,16 @@ def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int
     return written
 
 
+def _import_quietly(name: str) -> None:
+    """Import ``name`` ahead of use; a failure is left for the real import to report."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -303,6 +314,10 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
     from mlmtool.presets import max_sequence_length
 
     model_type = config["model_type"]
+    # Saving goes through transformers, whose import takes seconds: do it while the
+    # trainer works in Rust (which releases the GIL), not after.
+    importer = threading.Thread(target=_import_quietly, args=("transformers",), daemon=True)
+    importer.start()
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)
@@ -330,6 +345,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
+    importer.join()
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len)
     mdir.write_config(config)
 

@@ -401,6 +401,14 @@ class Trainer:
                 checkpoint.remove_all(ckpt_dir)
             latest = None
         if latest is None:
+            from mlmtool.init_from import initial_params  # weights of 'mlmtool init DIR --from PATH'
+
+            params = initial_params(self.mdir, self.mcfg, say)
+            if params is not None:
+                params = jax.device_put(params, self.state_sharding.params)
+                opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+                return TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
+                                  opt_state=opt_state), 0
             return self._init_state(jax.random.fold_in(self.rng, 0xC0FFEE)), 0
         meta = checkpoint.restore_meta(ckpt_dir, latest)
         before, now = meta.get("run", {}), self._run_identity()
@@ -435,7 +443,7 @@ class Trainer:
 
         cfg, plan = self.cfg, self.plan
         state, start = self.initial_state(resume, force, say)
-        writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main)
+        writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
         if start >= plan.total_steps:
             say(f"Training already complete at step {start:,}.")
@@ -524,6 +532,7 @@ class Trainer:
             "grad_norm": float(got[-1]["grad_norm"]),
             "tokens_per_second": tokens / elapsed if window_steps else 0.0,
             "masked_tokens": int(denom),
+            "tokens_seen": done * self.plan.tokens_per_step,
             "time": time.time(),
         }
 

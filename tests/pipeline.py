@@ -47,3 +47,21 @@ def prepared_dir(root: Path, *, preset: str = "tiny", vocab_size: int = 300, max
         r = invoke(*args)
         assert r.exit_code == 0, (args, r.output, r.exception)
     return d
+
+
+# -- a trained model directory, shared by the predict/report/info/TensorBoard tests ------------
+
+TRAINED_ARGS = ("--max-steps", 20, "--per-device-train-batch-size", 8, "--learning-rate", 5e-3,
+                "--warmup-steps", 2, "--logging-steps", 5, "--eval-steps", 10, "--save-steps", 10)
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_dir(tmp_path_factory) -> Path:
+    """``prepared_dir`` + ``mlmtool train`` for 20 steps (TRAINED_ARGS: logs every 5, evaluates
+    at 10 and 20, checkpoints 10 and 20), built once per test session: copy it before changing it."""
+    if "dir" not in _TRAINED:
+        d = prepared_dir(tmp_path_factory.mktemp("trained"))
+        r = invoke("train", d, *TRAINED_ARGS)
+        assert r.exit_code == 0, (r.output, r.exception)
+        _TRAINED["dir"] = d
+    return _TRAINED["dir"]

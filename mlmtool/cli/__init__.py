@@ -55,7 +55,8 @@ app = typer.Typer(
     cls=_Group,
     name="mlmtool",
     help="Pre-train BERT/RoBERTa-style masked-language models in JAX/Flax, from raw text to a "
-         "Hugging Face model directory.\n\nPipeline: init → tokenizer → prepare → train → eval.",
+         "Hugging Face model directory.\n\nPipeline: init → tokenizer → prepare → train → eval; "
+         "then predict, report, info.",
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode="rich",
@@ -89,6 +90,7 @@ def _register() -> None:
     from mlmtool.cli import init, tokenizer, prepare, train  # noqa: F401
     from mlmtool.cli import eval as eval_cmd  # noqa: F401
     from mlmtool.cli import predict  # noqa: F401
+    from mlmtool.cli import report, info  # noqa: F401
 
 
 _register()

@@ -11,6 +11,12 @@ from mlmtool.cli import app
 from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg
 
 
+def _complete_preset(incomplete: str) -> list[str]:
+    from mlmtool.presets import PRESETS
+
+    return [name for name in PRESETS if name.startswith(incomplete)]
+
+
 def _preset_help() -> str:
     from mlmtool.presets import PRESET_HELP
 
@@ -20,22 +26,34 @@ def _preset_help() -> str:
 @app.command("init")
 def init_command(
     model_dir: ModelDirArg,
-    preset: Annotated[str, typer.Option("--preset", "-p", help=_preset_help())] = "roberta-base",
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", "-p", help=_preset_help(), show_default="roberta-base",
+        autocompletion=_complete_preset)] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Override a config field: --set num_hidden_layers=6 (repeatable).",
         show_default=False)] = None,
     from_config: Annotated[Optional[Path], typer.Option(
         "--from-config", help="Start from this config.json instead of a preset.",
         show_default=False)] = None,
+    from_model: Annotated[Optional[Path], typer.Option(
+        "--from", help="Continue pre-training this Hugging Face RoBERTa/BERT model directory "
+                       "(config.json, tokenizer, model.safetensors): copies its config and tokenizer, "
+                       "and 'train' starts from its weights.", show_default=False)] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create DIR with a config.json (model type, sizes, special token ids)."""
     from mlmtool import presets
-    from mlmtool.errors import ModelDirError
+    from mlmtool.errors import ConfigError, ModelDirError
     from mlmtool.modeldir import ModelDir
     from mlmtool.progress import console, say
 
+    if from_model is not None:
+        if preset is not None or from_config is not None:
+            raise ConfigError("--from cannot be combined with --preset or --from-config",
+                              "--from takes the config of the model directory it names")
+        _init_from(model_dir, from_model, set_ or [], force, json_out)
+        return
     config = presets.build_config(preset, overrides=set_ or [], from_config=from_config)
     mdir = ModelDir(model_dir, create=True)
     status = "written"
@@ -50,7 +68,12 @@ def init_command(
             raise ModelDirError(f"{mdir.config_path} already exists with a different config",
                                 "pass --force to overwrite it (or choose another DIR)")
     if status == "written":
+        from mlmtool.init_from import init_weights_path
+
         mdir.write_config(config)
+        if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
+            init_weights_path(mdir).unlink()
+            say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
         mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
                                   "from_config": str(from_config) if from_config else None})
 
@@ -79,3 +102,32 @@ def _print_summary(info: dict, say) -> None:
     verb = "Wrote" if info["status"] == "written" else "Up to date:"
     say(f"{verb} {info['config']}")
     say(table)
+
+
+def _init_from(model_dir, source, overrides, force, json_out) -> None:
+    from mlmtool.init_from import init_from
+    from mlmtool.model import ModelConfig, count_params
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.presets import summary
+    from mlmtool.progress import console, err_console, say
+
+    mdir = ModelDir(model_dir, create=True)
+    out = init_from(mdir, source, overrides=overrides, force=force)
+    config = out["config"]
+    info = {**summary(config), "parameters": count_params(ModelConfig.from_dict(config)),
+            "config": str(mdir.config_path), "status": out["status"], "from": out["source"],
+            "init_weights": str(mdir.path / "init.safetensors")}
+    redo = {"data": "run 'mlmtool prepare DIR FILE... --force'", "checkpoints": "train with --no-resume --force",
+            "model.safetensors": "train again"}
+    for name in out.get("stale", []):
+        err_console.print(f"[bold yellow]warning:[/] {mdir.path / name} was made with the earlier config or "
+                          f"tokenizer: {redo[name]}", soft_wrap=True, highlight=False)
+    if json_out:
+        import json
+
+        console.print_json(json.dumps(info))
+        return
+    _print_summary(info, say)
+    if out["status"] == "written":
+        say(f"Copied the tokenizer and the weights of {out['source']}; next: "
+            f"'mlmtool prepare {mdir.path} FILE...' (no 'mlmtool tokenizer' step)")

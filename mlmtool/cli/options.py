@@ -18,17 +18,23 @@ FilesArg = Annotated[Optional[list[str]], typer.Argument(
          "--text-column), compressed .gz/.xz/.zst, directories (walked) or glob patterns; or "
          "a dataset saved with datasets' save_to_disk.", show_default=False)]
 TextColumnOpt = Annotated[str, typer.Option(
-    "--text-column", help="Column holding the text in .jsonl/.json/.csv/.parquet/datasets input.",
+    "--text-column", envvar="MLMTOOL_TEXT_COLUMN",
+    help="Column holding the text in .jsonl/.json/.csv/.parquet/datasets input.",
     rich_help_panel=CORPUS)]
 DatasetOpt = Annotated[Optional[str], typer.Option(
-    "--dataset", help="Hugging Face hub dataset name instead of files (e.g. oscar).",
+    "--dataset", help="A dataset read with datasets.load_dataset instead of FILE...: a hub name "
+                      "(e.g. oscar), or a local builder (json, csv, parquet, text) with --data-files.",
+    rich_help_panel=CORPUS, show_default=False)]
+DataFilesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--data-files", help="Files (or globs) for --dataset json|csv|parquet|text, e.g. --dataset json "
+                         "--data-files 'shards/*.jsonl.gz' --streaming (repeatable).",
     rich_help_panel=CORPUS, show_default=False)]
 DatasetConfigOpt = Annotated[Optional[str], typer.Option(
     "--dataset-config", help="Hub dataset configuration (e.g. unshuffled_deduplicated_ko).",
     rich_help_panel=CORPUS, show_default=False)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split to read.", rich_help_panel=CORPUS)]
 StreamingOpt = Annotated[bool, typer.Option(
-    "--streaming", help="Stream the hub dataset instead of downloading it whole.",
+    "--streaming", help="Stream the --dataset instead of downloading (or converting) it whole.",
     rich_help_panel=CORPUS)]
 
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo / overwrite existing output.")]
@@ -40,14 +46,17 @@ MaxSeqLengthOpt = Annotated[int, typer.Option(
 # -- training / evaluation ------------------------------------------------------------------
 DIST = "Distributed"
 PerDeviceEvalBatchOpt = Annotated[Optional[int], typer.Option(
-    "--per-device-eval-batch-size", help="Sequences per device per eval step (default: the training one).",
+    "--per-device-eval-batch-size", envvar="MLMTOOL_PER_DEVICE_EVAL_BATCH_SIZE",
+    help="Sequences per device per eval step (default: the training one).",
     show_default=False)]
 MlmProbabilityOpt = Annotated[float, typer.Option(
     "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).")]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Computation dtype: float32 | bfloat16 (master weights stay float32).")]
+    "--dtype", envvar="MLMTOOL_DTYPE",
+    help="Computation dtype: float32 | bfloat16 (master weights stay float32).")]
 MeshOpt = Annotated[Optional[str], typer.Option(
-    "--mesh", help="Device mesh, e.g. data=-1,fsdp=2 (default: data parallel over all devices).",
+    "--mesh", envvar="MLMTOOL_MESH",
+    help="Device mesh, e.g. data=-1,fsdp=2 (default: data parallel over all devices).",
     rich_help_panel=DIST, show_default=False)]
 CoordinatorOpt = Annotated[Optional[str], typer.Option(
     "--coordinator-address", envvar="MLMTOOL_COORDINATOR_ADDRESS",
@@ -62,5 +71,6 @@ DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
     "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
     rich_help_panel=CORPUS, show_default=False)]
 NumProcOpt = Annotated[Optional[int], typer.Option(
-    "--num-proc", min=1, help="Worker processes for tokenizing (default: all CPU cores).",
+    "--num-proc", min=1, envvar="MLMTOOL_NUM_PROC",
+    help="Worker processes for tokenizing (default: all CPU cores).",
     show_default=False)]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
+from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
                                  ForceOpt, JsonOpt, MaxSeqLengthOpt, ModelDirArg, NumProcOpt,
                                  SplitOpt, StreamingOpt, TextColumnOpt)
 
@@ -35,6 +35,7 @@ def prepare_command(
     split: SplitOpt = "train",
     streaming: StreamingOpt = False,
     dataset_revision: DatasetRevisionOpt = None,
+    data_files: DataFilesOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -54,7 +55,7 @@ def prepare_command(
     mdir.require_tokenizer()
     corpus = open_corpus(files, text_column=text_column, dataset=dataset,
                          dataset_config=dataset_config, split=split, streaming=streaming,
-                         revision=dataset_revision)
+                         revision=dataset_revision, data_files=data_files)
     result = prepare(mdir, corpus, max_seq_length=max_seq_length, line_by_line=line_by_line,
                      validation_split_percentage=validation_split_percentage,
                      num_proc=num_proc, force=force, show_progress=not json_out and not quiet())

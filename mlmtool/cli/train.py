@@ -19,7 +19,8 @@ _D = None  # lazily created TrainConfig defaults (no jax import for --help)
 @app.command("train")
 def train_command(
     model_dir: ModelDirArg,
-    per_device_train_batch_size: Annotated[int, typer.Option(help="Sequences per device per step (the seed's 64).")] = 64,
+    per_device_train_batch_size: Annotated[int, typer.Option(
+        envvar="MLMTOOL_PER_DEVICE_TRAIN_BATCH_SIZE", help="Sequences per device per step (the seed's 64).")] = 64,
     per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPT)] = 5e-5,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPT)] = 0,

@@ -1,0 +1,182 @@
+"""``mlmtool init DIR --from PATH``: continue pre-training an existing model (domain adaptation).
+
+PATH is a Hugging Face RoBERTa/BERT model directory on disk (``config.json``, the tokenizer
+files, ``model.safetensors`` or a sharded ``model.safetensors.index.json``).  ``init``
+copies its config and tokenizer into DIR and converts its weights into
+``DIR/init.safetensors`` (checked against the config, normalised to the key names and
+float32 that mlmtool writes).  ``train`` then starts from those weights instead of a random
+initialisation when DIR has no checkpoint yet (:func:`initial_params`); ``mlmtool
+tokenizer`` refuses to replace the tokenizer, since the weights belong to it.
+
+PyTorch ``pytorch_model.bin`` files are not read: they are pickles, which can run code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from mlmtool.errors import CheckpointError, ConfigError, ModelDirError
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir
+
+INIT_WEIGHTS = "init.safetensors"
+#: Tokenizer files copied as they are (the vocab/merges files serve tokenizer classes that
+#: rebuild the tokenizer from them).
+_TOKENIZER_EXTRA = ("vocab.json", "merges.txt", "vocab.txt")
+
+
+def init_weights_path(mdir: ModelDir) -> Path:
+    return mdir.path / INIT_WEIGHTS
+
+
+def init_source(mdir: ModelDir) -> str | None:
+    """The PATH recorded by ``init --from`` (None if DIR was not made that way)."""
+    args = (mdir.read_manifest().get("init") or {}).get("args") or {}
+    return args.get("from")
+
+
+def _weight_files(src: Path) -> list[Path]:
+    from mlmtool.hf_weights import _safetensors_files
+
+    try:
+        return _safetensors_files(src)
+    except CheckpointError:
+        pickled = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if (src / n).exists()]
+        hint = (f"{src} has only {', '.join(pickled)}; convert it to safetensors first (in Python: "
+                "AutoModelForMaskedLM.from_pretrained(PATH).save_pretrained(NEW_PATH))"
+                if pickled else "PATH must be a model directory with model.safetensors")
+        raise CheckpointError(f"no model.safetensors in {src}", hint) from None
+
+
+def _fingerprint(files: list[Path]) -> list[dict]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _copy_tokenizer(src: Path, mdir: ModelDir) -> list[str]:
+    """Copy PATH's tokenizer into DIR (converted to tokenizer.json by transformers if PATH
+    has only the vocab files); tokenizer.json goes last, as it marks the stage done."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=mdir.path))
+    try:
+        if (src / "tokenizer.json").is_file():
+            for name in (*TOKENIZER_FILES, *_TOKENIZER_EXTRA):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+        else:
+            try:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
+            except Exception as e:
+                raise ModelDirError(f"cannot load the tokenizer of {src} ({e.__class__.__name__}: {e})",
+                                    "PATH must hold tokenizer.json, or vocab.json + merges.txt, or vocab.txt") from None
+            if not (tmp / "tokenizer.json").is_file():
+                raise ModelDirError(f"transformers wrote no tokenizer.json for the tokenizer of {src}",
+                                    "save a fast tokenizer into PATH first")
+        names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: n == "tokenizer.json")
+        for name in names:
+            os.replace(tmp / name, mdir.path / name)
+        for stale in _TOKENIZER_EXTRA:  # from an earlier tokenizer of DIR
+            if stale not in names and (mdir.path / stale).exists():
+                os.unlink(mdir.path / stale)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str] = (), force: bool = False,
+              say: Callable = lambda *a, **k: None) -> dict[str, Any]:
+    """Copy config and tokenizer of the model directory ``source`` into DIR and convert its
+    weights to ``DIR/init.safetensors``.  Returns the config and a status."""
+    from mlmtool import presets
+    from mlmtool.hf_weights import from_hf_state_dict, read_safetensors, save_safetensors
+    from mlmtool.model import ModelConfig
+
+    src = Path(source)
+    if not src.is_dir():
+        raise ModelDirError(f"--from {src}: not a directory",
+                            "pass a Hugging Face model directory (config.json, tokenizer, model.safetensors)")
+    if not (src / "config.json").is_file():
+        raise ModelDirError(f"--from {src}: no config.json", "pass a Hugging Face model directory")
+    if src.resolve() == mdir.path.resolve():
+        raise ModelDirError("--from names DIR itself", "pass the directory of the model to start from")
+    config = presets.build_config(overrides=list(overrides), from_config=src / "config.json")
+    files = _weight_files(src)
+    fingerprint = _fingerprint(files)
+
+    previous = mdir.read_manifest().get("init") or {}
+    existing = None
+    if mdir.config_path.exists():
+        try:
+            existing = mdir.read_config()
+        except Exception:
+            existing = None
+    same_source = ((previous.get("args") or {}).get("from") == str(src.resolve())
+                   and previous.get("inputs") == fingerprint)
+    if (existing == config and same_source and init_weights_path(mdir).exists()
+            and mdir.tokenizer_path.exists()):
+        return {"config": config, "status": "unchanged", "source": str(src.resolve())}
+    if existing is not None and existing != config and not force:
+        raise ModelDirError(f"{mdir.config_path} already exists with a different config",
+                            "pass --force to overwrite it (or choose another DIR)")
+    if mdir.tokenizer_path.exists() and not same_source and not force:
+        raise ModelDirError(f"{mdir} already has a tokenizer", "pass --force to replace it with the one of --from")
+
+    mcfg = ModelConfig.from_dict(config)
+    try:
+        params = from_hf_state_dict(read_safetensors(src), mcfg)
+    except CheckpointError as e:
+        with_set = " with --set" if overrides else ""
+        raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}",
+                              "only --set options that keep the parameter shapes (e.g. dropout) can be combined "
+                              "with --from") from None
+    mdir.write_config(config)
+    tokenizer_files = _copy_tokenizer(src, mdir)
+    _check_tokenizer(mdir, config)
+    save_safetensors(params, mcfg, init_weights_path(mdir))
+    mdir.record("init", args={"preset": None, "set": list(overrides), "from_config": None, "from": str(src.resolve())},
+                inputs=fingerprint, outputs={"init_weights": INIT_WEIGHTS, "tokenizer": tokenizer_files})
+    stale = [name for name in ("data", "checkpoints", "model.safetensors") if (mdir.path / name).exists()]
+    return {"config": config, "status": "written", "source": str(src.resolve()), "stale": stale,
+            "tokenizer_files": tokenizer_files}
+
+
+def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
+    from mlmtool.errors import DataError
+    from mlmtool.prepare import tokenizer_info
+
+    try:
+        tok = tokenizer_info(mdir)
+    except DataError as e:
+        raise ModelDirError(f"the tokenizer copied from --from is unusable: {e.message}",
+                            "check PATH's tokenizer files") from None
+    if tok.vocab_size > config["vocab_size"]:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {config['vocab_size']} "
+                          "embeddings", "PATH's tokenizer and weights do not belong together")
+    if tok.pad_token_id != config["pad_token_id"]:
+        raise ConfigError(f"the tokenizer's pad token id {tok.pad_token_id} differs from config.json's "
+                          f"pad_token_id {config['pad_token_id']}", "fix PATH's config.json")
+
+
+def initial_params(mdir: ModelDir, mcfg, say: Callable = lambda *a, **k: None):
+    """Host params from ``DIR/init.safetensors`` (written by ``init --from``), or None."""
+    path = init_weights_path(mdir)
+    if not path.exists():
+        return None
+    from mlmtool.hf_weights import load_safetensors
+
+    try:
+        params = load_safetensors(path, mcfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} does not fit config.json: {e.message}",
+                              f"config.json changed since 'mlmtool init {mdir.path} --from'; run it again "
+                              f"(or delete {path} to train from random weights)") from None
+    source = init_source(mdir)
+    say(f"Starting from the weights in {path}" + (f" (from {source})" if source else ""))
+    return params

@@ -1,0 +1,177 @@
+"""``mlmtool report DIR``: training curves from ``metrics.jsonl`` as a PNG, and a summary.
+
+``metrics.jsonl`` holds one JSON object per event: training records (``step``, ``loss``,
+``accuracy``, ``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``tokens_seen``, ...)
+and evaluation records (``eval_loss``, ``eval_accuracy``, ``perplexity``; with ``step``
+from ``train``, with ``"event": "eval"`` and ``checkpoint`` from ``mlmtool eval``).
+
+A run that was resumed from an earlier checkpoint, or restarted with ``--no-resume
+--force``, writes steps again that the file already holds; as TensorBoard does, a record
+whose step goes back to ``s`` drops the earlier records from step ``s`` on, so the curves
+show what the model in DIR went through.
+
+Only ``matplotlib`` (Agg backend, no display) is needed; no JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from mlmtool.errors import DataError
+
+TRAIN_KEYS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second")
+EVAL_KEYS = ("eval_loss", "eval_accuracy", "perplexity")
+
+
+def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
+    """(train records, eval records, unreadable lines) of a metrics.jsonl, restarts resolved.
+
+    Eval records written by ``mlmtool eval`` get the step of their checkpoint (``step N``),
+    or, for the export, the last training step.
+    """
+    train: list[dict] = []
+    evals: list[dict] = []
+    bad = 0
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return [], [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1  # e.g. a line cut short by a kill
+            continue
+        if not isinstance(rec, dict):
+            bad += 1
+            continue
+        if "eval_loss" in rec:
+            if not isinstance(rec.get("step"), int):
+                ckpt = str(rec.get("checkpoint", ""))
+                if ckpt.startswith("step ") and ckpt[5:].isdigit():
+                    rec = {**rec, "step": int(ckpt[5:])}
+                else:
+                    rec = {**rec, "step": train[-1]["step"] if train else 0}
+            rec.setdefault("source", "eval" if rec.get("event") == "eval" else "train")
+            evals.append(rec)
+        elif "loss" in rec and isinstance(rec.get("step"), int):
+            step = rec["step"]
+            if train and step <= train[-1]["step"]:
+                # Resumed from an earlier checkpoint, or restarted: the old records from
+                # this step on no longer describe the model.
+                train = [r for r in train if r["step"] < step]
+                evals = [r for r in evals if r["step"] < step]
+            train.append(rec)
+    # One evaluation per step and kind: the latest.
+    latest = {(r["step"], r["source"]): r for r in evals}
+    evals = sorted(latest.values(), key=lambda r: r["step"])
+    return train, evals, bad
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def summarize(mdir) -> dict[str, Any]:
+    """Everything the summary table shows, as a JSON-able dict."""
+    train, evals, bad = read_metrics(mdir.metrics_path)
+    out: dict[str, Any] = {"metrics": str(mdir.metrics_path), "train_records": len(train),
+                           "eval_records": len(evals), "unreadable_lines": bad}
+    if train:
+        last = train[-1]
+        out["steps"] = last["step"]
+        out["epochs"] = last.get("epoch")
+        out["tokens_seen"] = last.get("tokens_seen")
+        out["masked_tokens_seen"] = sum(int(r.get("masked_tokens", 0)) for r in train)
+        rates = [v for v in _finite(r.get("tokens_per_second") for r in train) if v > 0]
+        out["tokens_per_second"] = {"last": last.get("tokens_per_second"),
+                                    "mean": sum(rates) / len(rates) if rates else None,
+                                    "max": max(rates) if rates else None}
+        if len(train) >= 2 and isinstance(train[0].get("time"), (int, float)):
+            out["wall_seconds"] = float(last["time"]) - float(train[0]["time"])
+        out["train"] = {}
+        for key, better in (("loss", min), ("accuracy", max), ("learning_rate", None), ("grad_norm", None)):
+            series = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+            if not series:
+                continue
+            entry: dict[str, Any] = {"last": series[-1][1], "first": series[0][1]}
+            finite = [(s, v) for s, v in series if math.isfinite(v)]
+            if better is not None and finite:
+                step, value = better(finite, key=lambda sv: sv[1])
+                entry.update(best=value, best_step=step)
+            out["train"][key] = entry
+    if evals:
+        out["eval"] = {}
+        for key, better in (("eval_loss", min), ("eval_accuracy", max), ("perplexity", min)):
+            series = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            finite = [(s, v) for s, v in series if math.isfinite(v)]
+            if finite:
+                step, value = better(finite, key=lambda sv: sv[1])
+                out["eval"][key] = {"last": series[-1][1], "last_step": series[-1][0], "best": value,
+                                    "best_step": step}
+    if mdir.eval_results_path.exists():
+        try:
+            out["eval_results"] = json.loads(mdir.eval_results_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int = 110) -> Path:
+    """Write the 2 x 2 figure (loss, accuracy, learning rate, tokens/s against step) to ``output``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train, evals, _ = read_metrics(mdir.metrics_path)
+    if not train and not evals:
+        raise DataError(f"no training metrics in {mdir.metrics_path}", f"run 'mlmtool train {mdir}' first")
+    output = Path(output)
+
+    def series(records, key):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    (ax_loss, ax_acc), (ax_lr, ax_tps) = axes
+    panels = [
+        (ax_loss, "loss", [("loss", train, "train", "-"), ("eval_loss", evals, "eval", "o--")]),
+        (ax_acc, "accuracy (masked tokens)", [("accuracy", train, "train", "-"),
+                                              ("eval_accuracy", evals, "eval", "o--")]),
+        (ax_lr, "learning rate", [("learning_rate", train, None, "-")]),
+        (ax_tps, "tokens / s", [("tokens_per_second", train, None, "-")]),
+    ]
+    for ax, name, lines in panels:
+        drawn = False
+        for key, records, label, style in lines:
+            xs, ys = series(records, key)
+            if xs:
+                ax.plot(xs, ys, style, label=label, markersize=4, linewidth=1.4)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if any(label for _, _, label, _ in lines) and drawn:
+            ax.legend()
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig.suptitle(title or f"mlmtool: {mdir.path.resolve().name}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}{output.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return output
