@@ -517,12 +517,14 @@ def _raw_config(mdir: ModelDir) -> dict:
     return {k: full[k] for k in ("model_type", "max_position_embeddings", "pad_token_id", "vocab_size")}
 
 
-def _key(corpus: Corpus, tok: TokenizerInfo, config: dict, args: dict) -> dict:
+def _key(corpus: Corpus, tokenizer_sha256: str, config: dict, args: dict) -> dict:
+    """What the blocks depend on: "up to date" compares it with meta.json's."""
     return {
         "format_version": blocks.VERSION,
         "inputs": corpus.fingerprint(),
-        "tokenizer_sha256": tok.sha256,
-        "config": {k: config[k] for k in ("model_type", "max_position_embeddings", "pad_token_id")},
+        "tokenizer_sha256": tokenizer_sha256,
+        "config": {k: config[k] for k in ("model_type", "max_position_embeddings", "pad_token_id",
+                                          "vocab_size")},
         "args": args,
     }
 
@@ -581,9 +583,9 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         mdir.read_config()  # raises "run 'mlmtool init DIR' first"
     mdir.require_tokenizer()
     config = _raw_config(mdir)
-    tok = tokenizer_info(mdir)
 
     from mlmtool.presets import max_sequence_length
+    from mlmtool.tokenizer_train import file_sha256
 
     limit = max_sequence_length(config)
     if max_seq_length < 2:
@@ -597,6 +599,16 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if not 0 <= validation_split_percentage < 100:
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
+
+    args = {"max_seq_length": max_seq_length, "line_by_line": line_by_line,
+            "validation_split_percentage": float(validation_split_percentage)}
+    key = _key(corpus, file_sha256(mdir.tokenizer_path), config, args)
+    if not force:  # checked before loading the tokenizer: this path must stay fast
+        meta = _up_to_date(mdir.data_dir, key)
+        if meta is not None:
+            return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
+
+    tok = tokenizer_info(mdir)
     if tok.vocab_size != config["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                           f"is {config['vocab_size']}",
@@ -605,14 +617,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         raise ConfigError(f"config.json pad_token_id {config['pad_token_id']} differs from the "
                           f"tokenizer's {tok.pad_token_id}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
-
-    args = {"max_seq_length": max_seq_length, "line_by_line": line_by_line,
-            "validation_split_percentage": float(validation_split_percentage)}
-    key = _key(corpus, tok, config, args)
-    if not force:
-        meta = _up_to_date(mdir.data_dir, key)
-        if meta is not None:
-            return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
+    key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
 
     with mdir.lock("prepare"):
         return _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
