@@ -383,7 +383,8 @@ assert not heavy, heavy
 print(time.perf_counter() - t)
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert float(out.stdout.strip().splitlines()[-1]) < 1.0
+    # imports included; generous for a loaded CI machine (typically ~0.4 s)
+    assert float(out.stdout.strip().splitlines()[-1]) < 2.5
 
 
 def test_interrupted_prepare_keeps_previous_data(bpe_dir, corpus_file, monkeypatch):
