@@ -282,7 +282,7 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     pulled out from under.
     """
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
-    config = mdir.read_config()
+    config = _raw_config(mdir)
     model_type = config["model_type"]
     kind = (kind or DEFAULT_KIND.get(model_type, "bpe")).lower()
     if kind not in KINDS:
@@ -305,19 +305,59 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     with mdir.lock("tokenizer"):
-        return _train(mdir, corpus, config, kind=kind, requested=requested,
+        return _train(mdir, corpus, kind=kind, requested=requested,
                       min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
 
 
-def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
+def _raw_config(mdir: ModelDir) -> dict:
+    """config.json as written, without transformers (its import takes seconds).
+
+    Missing or unreadable: ``ModelDir.read_config`` raises the proper error.
+    """
+    try:
+        raw = json.loads(mdir.config_path.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and raw.get("model_type") in ("roberta", "bert") \
+                and isinstance(raw.get("vocab_size"), int):
+            return raw
+    except (OSError, ValueError):
+        pass
+    return mdir.read_config()
+
+
+class _Background(threading.Thread):
+    """Run ``fn`` in a daemon thread; :meth:`result` joins and returns or re-raises."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            self.error = e
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _train(mdir: ModelDir, corpus: Corpus, *, kind: str, requested: int,
            min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
-    model_type = config["model_type"]
-    # Saving goes through transformers, whose import takes seconds: do it while the
-    # trainer works in Rust (which releases the GIL), not after.
-    importer = threading.Thread(target=_import_quietly, args=("transformers",), daemon=True)
-    importer.start()
+    # Validating config.json and saving the tokenizer go through transformers, whose
+    # import takes seconds: do both while the trainer works in Rust (which releases the
+    # GIL), not before and after.
+    def config_and_imports() -> dict:
+        config = mdir.read_config()
+        _import_quietly("transformers.tokenization_utils_tokenizers")  # PreTrainedTokenizerFast
+        return config
+
+    full_config = _Background(config_and_imports)
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)
@@ -329,6 +369,8 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         reading.finish()
     seconds = time.perf_counter() - start
 
+    config = full_config.result()  # config.json validated (ConfigError before anything is written)
+    model_type = config["model_type"]
     real = tok.get_vocab_size(with_added_tokens=True)
     if real > requested:
         raise ConfigError(f"vocab size {requested} is too small for this corpus' alphabet and the "
@@ -345,7 +387,6 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
-    importer.join()
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len)
     mdir.write_config(config)
 

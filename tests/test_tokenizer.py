@@ -133,6 +133,17 @@ def test_needs_config(tmp_path, corpus_file):
     assert line == f"error: no config.json in {tmp_path / 'm'}: run 'mlmtool init {tmp_path / 'm'}' first"
 
 
+def test_bad_config_is_refused_before_writing(tmp_path, corpus_file):
+    d = make_model_dir(tmp_path / "m", "tiny")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    assert "not a multiple of num_attention_heads" in one_error_line(
+        invoke("tokenizer", d, corpus_file, "--vocab-size", 300))
+    (d / "config.json").write_text("{not json")
+    assert "is not valid JSON" in one_error_line(invoke("tokenizer", d, corpus_file))
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
+
+
 def test_corpus_errors_leave_nothing(tmp_path):
     d = make_model_dir(tmp_path / "m", "tiny")
     config_before = (d / "config.json").read_text()

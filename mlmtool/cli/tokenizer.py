@@ -54,7 +54,8 @@ def tokenizer_command(
     from mlmtool.tokenizer_train import train_tokenizer
 
     mdir = ModelDir(model_dir)
-    mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
+    if not mdir.config_path.exists():
+        mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
     from mlmtool.init_from import init_source, init_weights_path
 
     if init_weights_path(mdir).exists() and not force:
