@@ -282,7 +282,7 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     pulled out from under.
     """
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
-    config = _raw_config(mdir)
+    config = _read_config(mdir)
     model_type = config["model_type"]
     kind = (kind or DEFAULT_KIND.get(model_type, "bpe")).lower()
     if kind not in KINDS:
@@ -305,22 +305,32 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     with mdir.lock("tokenizer"):
-        return _train(mdir, corpus, kind=kind, requested=requested,
+        return _train(mdir, corpus, config, kind=kind, requested=requested,
                       min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
 
 
-def _raw_config(mdir: ModelDir) -> dict:
-    """config.json as written, without transformers (its import takes seconds).
+_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings", "pad_token_id")
 
-    Missing or unreadable: ``ModelDir.read_config`` raises the proper error.
+
+def _read_config(mdir: ModelDir) -> dict:
+    """config.json, checked, without importing transformers when it is complete.
+
+    ``mlmtool init`` writes every field; such a file is read as JSON and checked with
+    ``presets.validate`` (transformers' AutoConfig would import torch: seconds).  A missing,
+    unreadable or partial file goes through ``ModelDir.read_config`` (its errors, HF
+    defaults for the fields left out).
     """
+    from mlmtool.presets import SUPPORTED_MODEL_TYPES, validate
+
     try:
         raw = json.loads(mdir.config_path.read_text(encoding="utf-8"))
-        if isinstance(raw, dict) and raw.get("model_type") in ("roberta", "bert") \
-                and isinstance(raw.get("vocab_size"), int):
-            return raw
     except (OSError, ValueError):
-        pass
+        raw = None
+    if (isinstance(raw, dict) and raw.get("model_type") in SUPPORTED_MODEL_TYPES
+            and all(isinstance(raw.get(k), int) for k in _CONFIG_FIELDS)):
+        validate(raw)
+        return raw
     return mdir.read_config()
 
 
@@ -345,19 +355,13 @@ class _Background(threading.Thread):
         return self.value
 
 
-def _train(mdir: ModelDir, corpus: Corpus, *, kind: str, requested: int,
+def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
            min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
-    # Validating config.json and saving the tokenizer go through transformers, whose
-    # import takes seconds: do both while the trainer works in Rust (which releases the
-    # GIL), not before and after.
-    def config_and_imports() -> dict:
-        config = mdir.read_config()
-        _import_quietly("transformers.tokenization_utils_tokenizers")  # PreTrainedTokenizerFast
-        return config
-
-    full_config = _Background(config_and_imports)
+    # Saving goes through transformers, whose import takes a second or more: do it while
+    # the trainer works in Rust (which releases the GIL), not after.
+    importer = _Background(lambda: _import_quietly("transformers.tokenization_utils_tokenizers"))
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)
@@ -369,7 +373,6 @@ def _train(mdir: ModelDir, corpus: Corpus, *, kind: str, requested: int,
         reading.finish()
     seconds = time.perf_counter() - start
 
-    config = full_config.result()  # config.json validated (ConfigError before anything is written)
     model_type = config["model_type"]
     real = tok.get_vocab_size(with_added_tokens=True)
     if real > requested:
@@ -387,6 +390,7 @@ def _train(mdir: ModelDir, corpus: Corpus, *, kind: str, requested: int,
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
+    importer.result()
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len)
     mdir.write_config(config)
 
