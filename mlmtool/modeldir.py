@@ -10,8 +10,11 @@ tokenizer files, then ``model.safetensors``), with mlmtool's own state beside it
       special_tokens_map.json  tokenizer
       data/                    prepare      (block store: train.bin, validation.bin, meta.json)
       checkpoints/             train        (orbax: one folder per saved step)
+      init.safetensors         init --from  (starting weights for continued pre-training)
       model.safetensors        train        (export, HF key names and layouts)
       metrics.jsonl            train/eval   (one JSON object per logging event)
+      tensorboard/             train        (TensorBoard event files)
+      report.png               report       (training and evaluation curves)
       eval_results.json        eval         (HF key names)
       manifest.json            every step   (arguments, input fingerprints, versions)
       .mlmtool.lock            train/prepare while running (PID of the holder)
