@@ -9,7 +9,11 @@ previous checkpoint as the latest readable one.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,21 @@ from absl import logging as absl_logging
 
 from mlmtool.errors import CheckpointError
 
-absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter is not for users
+_DEBUG = os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
+# orbax's INFO/WARNING chatter is not for users; nor are the tracebacks it logs when a save
+# fails (disk full): save() and wait() raise that failure as one CheckpointError line.
+absl_logging.set_verbosity(absl_logging.ERROR if _DEBUG else absl_logging.FATAL)
+
+
+def _quiet_closed_loop(unraisable, _previous=sys.unraisablehook) -> None:
+    # After a failed asynchronous save, tensorstore calls back into orbax's closed event loop.
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    _previous(unraisable)
+
+
+if not _DEBUG:
+    sys.unraisablehook = _quiet_closed_loop
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -51,9 +69,48 @@ def latest_step(directory: Path) -> int | None:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                             opt_state=ocp.args.StandardSave(opt_state),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
+    """Start saving ``step`` (asynchronously); CheckpointError if this or an earlier save failed."""
+    try:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 opt_state=ocp.args.StandardSave(opt_state),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+        raise save_error(mngr, e, step) from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the saves in flight; CheckpointError if one failed."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise save_error(mngr, e, None) from e
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or e.__class__.__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) -> CheckpointError:
+    """What a failed save means for the user: which step, why (disk full?), what is kept."""
+    text = one_line(e)
+    m = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(e))
+    if m:
+        step = int(m.group(1))
+    directory = Path(str(mngr.directory))
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+    try:
+        kept = [s for s in all_steps(directory) if step is None or s < step]
+    except Exception:
+        kept = []
+    where = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    resume = (f"'mlmtool train {directory.parent}' resumes from step {kept[-1]}, the last complete checkpoint"
+              if kept else f"'mlmtool train {directory.parent}' starts over (no complete checkpoint)")
+    if full:
+        return CheckpointError(f"cannot save {where} in {directory}: the disk is full",
+                               f"free some space, then {resume}")
+    return CheckpointError(f"cannot save {where} in {directory} ({e.__class__.__name__}: {text})",
+                           f"fix the cause, then {resume}")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
@@ -67,10 +124,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-        raise CheckpointError(
-            f"checkpoint step {step} in {mngr.directory} cannot be read ({e.__class__.__name__}: {str(e)[:200]})",
-            f"delete {Path(str(mngr.directory)) / str(step)} to resume from an earlier one, or train with --no-resume --force") from e
+        raise damaged(Path(str(mngr.directory)), step, e) from e
     return dict(out)
+
+
+def damaged(directory: Path, step: int, e: BaseException) -> CheckpointError:
+    """The error for an unreadable checkpoint: which step, and how to go on without it."""
+    try:
+        earlier = [s for s in all_steps(directory) if s < step]
+    except Exception:
+        earlier = []
+    fallback = (f"delete {Path(directory) / str(step)} to resume from step {earlier[-1]} (the previous checkpoint)"
+                if earlier else f"delete {Path(directory) / str(step)}")
+    return CheckpointError(f"checkpoint step {step} in {directory} is damaged or incomplete "
+                           f"({e.__class__.__name__}: {one_line(e, 200)})",
+                           f"{fallback}, or start over with 'mlmtool train {Path(directory).parent} --no-resume --force'")
 
 
 def restore_meta(directory: Path, step: int) -> dict:
@@ -78,8 +146,7 @@ def restore_meta(directory: Path, step: int) -> dict:
         try:
             return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step} has no readable metadata ({e.__class__.__name__})",
-                                  f"delete {Path(directory) / str(step)} or train with --no-resume --force") from e
+            raise damaged(Path(directory).absolute(), step, e) from e
 
 
 def remove_all(directory: Path) -> None:

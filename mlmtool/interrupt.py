@@ -31,7 +31,7 @@ def graceful(announce=None) -> Iterator[StopRequest]:
         from mlmtool.progress import err_console
 
         def announce(text: str) -> None:
-            err_console.print(text)
+            err_console.print(text, soft_wrap=True)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 

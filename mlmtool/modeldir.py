@@ -101,6 +101,16 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_leftovers(final: Path) -> None:
+    """Delete what a killed :func:`atomic_directory` for ``final`` left behind (its ``.tmp``
+    and ``.old`` folders).  Call it only while holding the directory's lock."""
+    final = Path(final)
+    for pattern in (f".{final.name}.*.tmp", f".{final.name}.old.*"):
+        for p in final.parent.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -201,47 +211,23 @@ class ModelDir:
     # -- lock ----------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, command: str, enabled: bool = True) -> Iterator[None]:
-        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if a live process holds it.
+        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if another process holds it.
 
-        The lock file records the holder's PID and host; a lock left by a dead process on
-        this host is taken over.
+        The lock is an advisory ``flock`` on that file, which the kernel drops when its
+        holder exits, however it exits (``kill -9`` included): a lock file left behind is
+        taken over, even when its PID has been reused by another process, as in a restarted
+        container.  The file records the holder's PID, host and command for the message.
+        A holder on another host is assumed alive; where flock is not available, a lock
+        whose PID is gone on this host is stale.
         """
         if not enabled:
             yield
             return
-        import socket
-
-        path = self.path / LOCK
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(path)
-                if holder and _alive(holder):
-                    raise ModelDirError(
-                        f"{self.path} is in use by 'mlmtool {holder.get('command', '?')}' "
-                        f"(PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('time', '?')})",
-                        "wait for it to finish or stop it; a second command on the same directory would corrupt it")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # stale: its process is gone
-                continue
-            except OSError as e:
-                raise ModelDirError(f"cannot write to {self.path} ({e.strerror})",
-                                    "check the directory's permissions and free space") from e
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
-        else:
-            raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")
+        fd = _acquire(self.path, command)
         try:
             yield
         finally:
-            holder = _read_lock(path)
-            if holder and holder.get("pid") == me["pid"]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            _release(self.path / LOCK, fd)
 
     # -- manifest ------------------------------------------------------------
     def read_manifest(self) -> dict:
@@ -268,9 +254,10 @@ class ModelDir:
 
 def _read_lock(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _alive(holder: dict) -> bool:
@@ -285,3 +272,125 @@ def _alive(holder: dict) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return True
     return True
+
+
+# Lock file descriptors this process holds; a forked child (prepare's workers) closes its
+# copies, so that a child outliving its parent does not keep the directory locked.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
+    import socket
+
+    if not holder:  # its holder is still writing it
+        return ModelDirError(f"{directory} is in use by another mlmtool command",
+                             "wait for it to finish or stop it; two commands on one directory would corrupt it")
+    elsewhere = holder.get("host") != socket.gethostname()
+    return ModelDirError(
+        f"{directory} is in use by 'mlmtool {holder.get('command', '?')}' "
+        f"(PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('time', '?')})",
+        "wait for it to finish or stop it; two commands on one directory would corrupt it"
+        + (f" (if it is no longer running, delete {directory / LOCK})" if elsewhere else ""))
+
+
+def _lock_record(command: str) -> dict:
+    import socket
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _acquire(directory: Path, command: str) -> int | None:
+    """Take DIR's lock: an open, flock'ed descriptor of the lock file (None: PID scheme)."""
+    import fcntl
+    import socket
+
+    path = directory / LOCK
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
+                                "check the directory's permissions and free space") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(directory, _read_lock(path)) from None
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            return _acquire_by_pid(directory, command)
+        try:  # the file may have been released (unlinked) between our open and flock
+            st = os.stat(path)
+            current = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        except FileNotFoundError:
+            current = False
+        if not current:
+            os.close(fd)
+            continue
+        holder = _read_lock(path)
+        if holder and holder.get("host") != socket.gethostname():
+            os.close(fd)  # flock may not reach across hosts: believe the file
+            raise _in_use(directory, holder)
+        _HELD.add(fd)
+        try:
+            data = json.dumps(_lock_record(command)).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except OSError as e:
+            _release(path, fd)
+            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
+                                "check the directory's permissions and free space") from e
+        return fd
+    raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")
+
+
+def _release(path: Path, fd: int | None) -> None:
+    if fd is None:
+        holder = _read_lock(path)
+        if holder and holder.get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return
+    try:
+        with contextlib.suppress(OSError):  # unlink while still holding it, then let go
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                os.unlink(path)
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+def _acquire_by_pid(directory: Path, command: str) -> None:
+    """The lock without flock: O_EXCL create; a holder whose PID is gone on this host is stale."""
+    path = directory / LOCK
+    me = _lock_record(command)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder and holder.get("pid") != me["pid"] and _alive(holder):
+                raise _in_use(directory, holder) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: its process is gone
+            continue
+        except OSError as e:
+            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
+                                "check the directory's permissions and free space") from e
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")

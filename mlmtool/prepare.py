@@ -49,7 +49,7 @@ import numpy as np
 from mlmtool import blocks
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json
+from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json, remove_leftovers
 
 DEFAULT_MAX_SEQ_LENGTH = 128
 DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
@@ -182,6 +182,7 @@ def _init_worker(job: _Job, worker_process: bool = True) -> None:
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+        _exit_with_parent()
     tok = Tokenizer.from_file(job.tokenizer_path)
     tok.no_truncation()
     tok.no_padding()
@@ -190,6 +191,22 @@ def _init_worker(job: _Job, worker_process: bool = True) -> None:
         encoder.enabled = False
     _worker.clear()
     _worker.update(job=job, tok=tok, encoder=encoder)
+
+
+def _exit_with_parent() -> None:
+    """In a worker process: exit when the parent is gone (killed with -9, it cannot shut
+    the pool down, and the workers would wait for tasks forever)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mlmtool-parent-watch", daemon=True).start()
 
 
 class PieceEncoder:
@@ -620,6 +637,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
 
     with mdir.lock("prepare"):
+        remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
         return _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
                       show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from mlmtool.corpus import Corpus
 from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, atomic_write_json
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, atomic_write_json, remove_leftovers
 
 KINDS = ("bpe", "wordpiece")
 DEFAULT_KIND = {"roberta": "bpe", "bert": "wordpiece"}
@@ -155,8 +155,13 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int) -> list[Path]:
+def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
+                   config: dict | None = None) -> list[Path]:
     """Save through transformers into a temp dir, then rename each file into DIR.
+
+    tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
+    DIR's config.json when given), and an old one is removed first: a run killed at any
+    moment leaves either no tokenizer.json or a complete set that agrees with config.json.
 
     tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
     its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
@@ -185,8 +190,13 @@ def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int
                               "normalized": False, "single_word": False}
         atomic_write_json(tmp / "special_tokens_map.json", smap)
         # tokenizer.json last: it is what marks the stage as done.
-        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
+        for name in TOKENIZER_FILES:
             _fsync(tmp / name)
+        if model_dir.tokenizer_path.exists():
+            os.unlink(model_dir.tokenizer_path)
+        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
+            if name == "tokenizer.json" and config is not None:
+                model_dir.write_config(config)
             os.replace(tmp / name, model_dir / name)
             written.append(model_dir / name)
         for stale in ("vocab.json", "merges.txt", "vocab.txt"):  # from another tool or kind
@@ -305,6 +315,7 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     with mdir.lock("tokenizer"):
+        remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
         return _train(mdir, corpus, config, kind=kind, requested=requested,
                       min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
 
@@ -361,6 +372,10 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
 
     # Saving goes through transformers, whose import takes a second or more: do it while
     # the trainer works in Rust (which releases the GIL), not after.
+    # The tokenizers modules this thread uses are imported first: transformers imports them
+    # too, and a module imported by two threads at once can be seen half-initialised.
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
+
     importer = _Background(lambda: _import_quietly("transformers.tokenization_utils_tokenizers"))
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
@@ -391,8 +406,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
     importer.result()
-    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len)
-    mdir.write_config(config)
+    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config)
 
     stats = corpus.stats
     result = {

@@ -172,6 +172,8 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model
         "denominator": jnp.sum(masked.masked_weights),
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
+        # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
+        "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -296,11 +298,27 @@ def _open_stores(mdir, config: dict):
             f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
             f"vocab_size={config['vocab_size']}",
             f"run 'mlmtool tokenizer {mdir}' and 'mlmtool prepare {mdir} --force' again")
+    _check_tokenizer(mdir, meta)
     if train_store.seq_len > max_sequence_length(config):
         raise TrainingError(f"blocks of {train_store.seq_len} tokens exceed the model's "
                             f"{max_sequence_length(config)} positions",
                             f"run 'mlmtool prepare {mdir} --max-seq-length {max_sequence_length(config)} --force'")
     return train_store, val_store
+
+
+def _check_tokenizer(mdir, meta: dict) -> None:
+    """The export is a Hugging Face directory: its tokenizer.json must be the one the data was made with."""
+    import hashlib
+
+    want = meta.get("tokenizer_sha256")
+    path = mdir.tokenizer_path
+    if not want or not path.exists():
+        return
+    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        raise TrainingError(f"{path} is not the tokenizer the data in {mdir.data_dir} was prepared with "
+                            "(it was retrained, replaced or damaged)",
+                            f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "
+                            f"'mlmtool prepare {mdir} FILE... --force'")
 
 
 def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
@@ -492,7 +510,7 @@ class Trainer:
                         break
             finally:
                 loader.close()
-                mngr.wait_until_finished()
+                checkpoint.wait(mngr)
         result["stopped_early"] = stopped_early
         result["final_step"] = int(jax.device_get(state.step))
         if stopped_early:
@@ -509,18 +527,27 @@ class Trainer:
         result["exported"] = str(self.mdir.weights_path)
         return result
 
+    def _diverged(self, step: int, loss: float, lr: float, mngr) -> None:
+        """Stop on inf/nan: name the step and the likely cause; no checkpoint of it is written."""
+        last_good = mngr.latest_step()
+        keep = (f"the last good checkpoint (step {last_good}) is kept and training resumes from it"
+                if last_good is not None else "no checkpoint was written; training starts over")
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "the weights became inf/nan"
+        clip = ", clip gradients with --max-grad-norm 1.0" if not self.cfg.max_grad_norm > 0 else ""
+        raise TrainingError(
+            f"training diverged at step {step}: {what}",
+            f"the learning rate ({lr:.2e} at that step) is probably too high: lower --learning-rate, "
+            f"raise --warmup-steps{clip}; {keep}")
+
     def _flush(self, window: list[dict], done: int, window_start: float, window_steps: int, mngr) -> dict:
         got = jax.device_get(window)
         loss_sum = sum(float(m["loss_sum"]) for m in got)
         denom = sum(float(m["denominator"]) for m in got)
         loss = loss_sum / max(denom, 1.0)
-        if not math.isfinite(loss):
-            last_good = mngr.latest_step()
-            keep = f"the last good checkpoint (step {last_good}) is kept" if last_good else "no checkpoint was written"
-            raise TrainingError(
-                f"the loss became {loss} by step {done}",
-                f"the learning rate ({float(got[-1]['learning_rate']):.2e}) is probably too high: lower "
-                f"--learning-rate or raise --warmup-steps; {keep}")
+        for i, m in enumerate(got):  # before any checkpoint of these steps is written
+            step_loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
+            if not (math.isfinite(step_loss) and bool(m.get("finite", True))):
+                self._diverged(done - len(got) + i + 1, step_loss, float(m["learning_rate"]), mngr)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         tokens = window_steps * self.plan.tokens_per_step
         return {

@@ -453,9 +453,11 @@ def test_config_must_agree_with_tokenizer(bpe_dir, corpus_file):
 def test_refuses_a_directory_in_use(bpe_dir, corpus_file):
     import socket
 
+    from mlmtool.modeldir import ModelDir
+
     lock = bpe_dir / ".mlmtool.lock"
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "train"}))
-    line = error_line(invoke("prepare", bpe_dir, corpus_file))
+    with ModelDir(bpe_dir).lock("train"):  # held, as by a running 'mlmtool train'
+        line = error_line(invoke("prepare", bpe_dir, corpus_file))
     assert "in use by 'mlmtool train'" in line
     assert not (bpe_dir / "data").exists()
     lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "train"}))

@@ -28,6 +28,22 @@ def _error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
 
 
+def _os_error(e: OSError) -> str:
+    """'problem (file): fix' for an OSError from the environment."""
+    import errno
+
+    what = e.strerror or (os.strerror(e.errno) if isinstance(e.errno, int) else str(e) or e.__class__.__name__)
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    hint = {errno.ENOSPC: "free some space and run the command again (finished artefacts are intact)",
+            errno.EDQUOT: "free some space and run the command again (finished artefacts are intact)",
+            errno.EROFS: "the file system is read-only: use a writable directory",
+            errno.EACCES: "check the permissions of the model directory and the input files",
+            errno.EPERM: "check the permissions of the model directory and the input files",
+            errno.ENOMEM: "free memory, or use smaller batches (--per-device-train-batch-size, --num-proc)",
+            }.get(e.errno, "check the file system and run the command again")
+    return f"{what}{where}: {hint}"
+
+
 class _Group(TyperGroup):
     """Turns the project's errors into one line + exit 1 for every subcommand."""
 
@@ -42,12 +58,16 @@ class _Group(TyperGroup):
                 raise
             _error_line(str(e).replace("[", r"\["))
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # a second Ctrl-C during train, or Ctrl-C elsewhere
+            if debug():
+                raise
+            _error_line("interrupted")
+            raise typer.Exit(130) from None
         except OSError as e:
             # Disk full, permission denied, ...: the user's environment, not our bug.
             if debug():
                 raise
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            _error_line(f"{e.strerror or e}{where}".replace("[", r"\["))
+            _error_line(_os_error(e).replace("[", r"\["))
             raise typer.Exit(1) from None
 
 
