@@ -107,18 +107,17 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
     }
 
 
-def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
-    """Parameters from a checkpoint (``latest`` or a step number) or the export."""
+def select_checkpoint(mdir, which: str) -> int | None:
+    """The checkpoint step that ``which`` (``latest``, ``export`` or a step number) names,
+    or None for the export (model.safetensors); CheckpointError if there is none."""
     from mlmtool import checkpoint
     from mlmtool.errors import CheckpointError
-    from mlmtool.hf_weights import load_safetensors
 
     steps = checkpoint.all_steps(mdir.checkpoints_dir)
     if which == "export" or (which == "latest" and not steps):
         if not mdir.weights_path.exists():
             raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
-        params = load_safetensors(mdir.weights_path, mcfg)
-        return jax.device_put(params, params_sharding), "export"
+        return None
     if which == "latest":
         step = steps[-1]
     else:
@@ -130,6 +129,18 @@ def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) 
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir}",
                                   f"available: {', '.join(map(str, steps)) or 'none'}")
+    return step
+
+
+def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
+    """Parameters from a checkpoint (``latest`` or a step number) or the export."""
+    from mlmtool import checkpoint
+    from mlmtool.hf_weights import load_safetensors
+
+    step = select_checkpoint(mdir, which)
+    if step is None:
+        params = load_safetensors(mdir.weights_path, mcfg)
+        return jax.device_put(params, params_sharding), "export"
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_params, params_sharding)
     with checkpoint.manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
@@ -146,21 +157,38 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.modeldir import atomic_write_json
 
-    config = mdir.read_config()
-    mcfg = ModelConfig.from_dict(config)
-    mdir.require_data()
-    if not read_meta(mdir.data_dir).get("num_blocks", {}).get("validation", 0):
-        raise DataError(f"the prepared data in {mdir} has no validation blocks",
-                        f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
-    store = BlockStore.open(mdir.data_dir, "validation")
-    model = MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    mesh = sh.make_mesh(mesh_spec)
-    abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
-    params_sharding = sh.state_shardings(mesh, abstract)
-    params, source = load_params(mdir, mcfg, checkpoint, mesh, params_sharding, abstract)
+    error = None
+    try:  # everything that can fail on one host alone, before any collective
+        config = mdir.read_config()
+        mcfg = ModelConfig.from_dict(config)
+        mdir.require_data()
+        if not read_meta(mdir.data_dir).get("num_blocks", {}).get("validation", 0):
+            raise DataError(f"the prepared data in {mdir} has no validation blocks",
+                            f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
+        store = BlockStore.open(mdir.data_dir, "validation")
+        model = MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        mesh = sh.make_mesh(mesh_spec)
+        abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
+        params_sharding = sh.state_shardings(mesh, abstract)
+        selected = select_checkpoint(mdir, checkpoint)
+        train_store = BlockStore.open(mdir.data_dir, "train")
+        baseline_token = unigram_top_token(train_store)
+    except Exception as e:  # fail on every process together, not on one while the others wait
+        error = e
+    sh.agree(None if error else {
+        "checkpoint": selected, "--per-device-eval-batch-size": per_device_batch_size,
+        "--mlm-probability": mlm_probability, "--dtype": dtype, "mesh": dict(mesh.shape), "config.json": config,
+        "data": sh.store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
+        hint="start every process with the same options on the same model directory")
+    error = None
+    try:
+        params, source = load_params(mdir, mcfg, "export" if selected is None else str(selected), mesh,
+                                     params_sharding, abstract)
+    except Exception as e:
+        error = e
+    sh.agree(error=error)
     step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
-                        vocab_size=config["vocab_size"],
-                        baseline_token=unigram_top_token(BlockStore.open(mdir.data_dir, "train")))
+                        vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
     if sh.is_main_process():

@@ -294,7 +294,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for file in _safetensors_files(Path(path)):
         try:
             # The "flax" framework reads every dtype, bfloat16 included; keep it on the host.
-            with jax.default_device(jax.devices("cpu")[0]), safe_open(str(file), framework="flax") as f:
+            with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(str(file), framework="flax") as f:
                 for key in f.keys():
                     array = np.asarray(f.get_tensor(key))
                     state[key] = array.astype(np.float32) if array.dtype.name == "bfloat16" else array

@@ -253,6 +253,9 @@ class BatchLoader:
 
 # -- the loop ------------------------------------------------------------------------------
 
+STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
+
+
 @dataclasses.dataclass
 class Plan:
     """The numbers that matter, printed before training starts."""
@@ -348,6 +351,16 @@ class Trainer:
     """Builds the sharded state, restores or initialises it, runs the loop, exports."""
 
     def __init__(self, mdir, cfg: TrainConfig, *, mesh_spec: str | None = None):
+        error = None
+        try:
+            self._setup(mdir, cfg, mesh_spec)
+        except Exception as e:  # fail on every process together, not on one while the others wait
+            error = e
+        sh.agree(None if error else self._settings(), error=error, what="training settings",
+                 hint="start every process with the same options on the same model directory (prepared once on "
+                      "shared storage, or identically on every host)")
+
+    def _setup(self, mdir, cfg: TrainConfig, mesh_spec: str | None) -> None:
         from mlmtool.model import init_params
 
         cfg.validate()
@@ -357,6 +370,7 @@ class Trainer:
         self.train_store, self.val_store = _open_stores(mdir, self.config)
         self.mesh = sh.make_mesh(mesh_spec)
         self.main = sh.is_main_process()
+        self.multi = jax.process_count() > 1
         devs = sh.device_summary()
 
         abstract_params = jax.eval_shape(lambda r: init_params(self.mcfg, r), jax.random.PRNGKey(0))
@@ -393,6 +407,12 @@ class Trainer:
         self.rng = jax.random.PRNGKey(cfg.seed)
         self._eval_step = None  # built on first use, then reused
 
+    def _settings(self) -> dict:
+        """What must be the same on every process of a multi-process run (see sh.agree)."""
+        return {**{f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self.cfg).items()},
+                "mesh": dict(self.mesh.shape), "config.json": self.config,
+                "data": sh.store_fingerprint(self.train_store, self.val_store)}
+
     # -- checkpoint metadata: what must match for a resume to continue the same run --
     def _run_identity(self) -> dict:
         return {"seed": self.cfg.seed, "global_batch": self.plan.global_batch,
@@ -410,13 +430,25 @@ class Trainer:
 
     def initial_state(self, resume: bool, force: bool, say) -> tuple[TrainState, int]:
         ckpt_dir = self.mdir.checkpoints_dir
-        latest = checkpoint.latest_step(ckpt_dir)
+        latest, error = None, None
+        try:
+            latest = checkpoint.latest_step(ckpt_dir)
+        except Exception as e:
+            error = e
+        sh.agree(None if error else {"--resume": resume, "--force": force, "latest checkpoint": latest}, error=error,
+                 what="checkpoints", hint=f"start every process with the same options; {ckpt_dir} must be one "
+                                          "directory that every host shares (NFS, GCS-fuse, ...)")
         if latest is not None and not resume:
             if not force:
                 raise TrainingError(f"{ckpt_dir} holds checkpoints up to step {latest}",
                                     "drop --no-resume to continue that run, or add --force to delete them and start over")
-            if self.main:
-                checkpoint.remove_all(ckpt_dir)
+            error = None
+            try:
+                if self.main:
+                    checkpoint.remove_all(ckpt_dir)
+            except Exception as e:
+                error = e
+            sh.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
             latest = None
         if latest is None:
             from mlmtool.init_from import initial_params  # weights of 'mlmtool init DIR --from PATH'
@@ -487,6 +519,9 @@ class Trainer:
                         window_start, window_steps = time.perf_counter(), 0
                     last = done == plan.total_steps
                     stop = stop_requested()
+                    if self.multi:  # a signal to one process stops them all, at the same step
+                        stop = not last and (done % STOP_CHECK_EVERY == 0 or done % cfg.logging_steps == 0) \
+                            and sh.any_process(stop)
                     if progress is not None:
                         progress.step(done)
                     if done % cfg.logging_steps == 0 or done % cfg.save_steps == 0 or last or stop:

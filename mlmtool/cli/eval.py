@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DtypeOpt, JsonOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg,
-                                 NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
+from mlmtool.cli.options import (CoordinatorOpt, DistributedTimeoutOpt, DtypeOpt, JsonOpt, MeshOpt, MlmProbabilityOpt,
+                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
 
 
 @app.command("eval")
@@ -24,20 +24,28 @@ def eval_command(
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
+    distributed_timeout: DistributedTimeoutOpt = None,
 ) -> None:
     """Evaluate the trained model on the validation blocks; writes eval_results.json."""
     import json
 
     from mlmtool.modeldir import ModelDir
     from mlmtool.progress import console, say
-    from mlmtool.sharding import initialize_distributed
+    from mlmtool.sharding import agree, initialize_distributed, is_main_process
 
-    mdir = ModelDir(model_dir)
-    initialize_distributed(coordinator_address, num_processes, process_id)
+    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
+    mdir = error = None
+    try:
+        mdir = ModelDir(model_dir)
+    except Exception as e:
+        error = e
+    agree(error=error)  # a host without DIR stops every process, not just itself
     from mlmtool.evaluate import run_eval
 
     results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size or 64,
                        mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh)
+    if not is_main_process():  # process 0 reports for the whole run
+        return
     if json_out:
         typer.echo(json.dumps(results))
         return

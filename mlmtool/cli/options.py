@@ -67,6 +67,10 @@ NumProcessesOpt = Annotated[Optional[int], typer.Option(
 ProcessIdOpt = Annotated[Optional[int], typer.Option(
     "--process-id", envvar="MLMTOOL_PROCESS_ID", help="This process's index (0 .. num-processes-1).",
     rich_help_panel=DIST, show_default=False)]
+DistributedTimeoutOpt = Annotated[Optional[int], typer.Option(
+    "--distributed-timeout", envvar="MLMTOOL_DISTRIBUTED_TIMEOUT", min=1,
+    help="Seconds to wait for every process to join before failing with an error (default: 300).",
+    rich_help_panel=DIST, show_default=False)]
 DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
     "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
     rich_help_panel=CORPUS, show_default=False)]

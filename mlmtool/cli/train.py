@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Optional
 
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DtypeOpt, ForceOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg,
-                                 NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt)
+from mlmtool.cli.options import (CoordinatorOpt, DistributedTimeoutOpt, DtypeOpt, ForceOpt, MeshOpt, MlmProbabilityOpt,
+                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt)
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
@@ -57,14 +58,13 @@ def train_command(
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
+    distributed_timeout: DistributedTimeoutOpt = None,
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
-    from mlmtool.modeldir import ModelDir
     from mlmtool.progress import TrainProgress, say
     from mlmtool.sharding import initialize_distributed
 
-    mdir = ModelDir(model_dir)
-    initialize_distributed(coordinator_address, num_processes, process_id)
+    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
 
     from mlmtool import interrupt
     from mlmtool.sharding import is_main_process
@@ -80,7 +80,7 @@ def train_command(
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
-    with mdir.lock("train", enabled=main):
+    with _locked(model_dir, main) as mdir:
         trainer = Trainer(mdir, cfg, mesh_spec=mesh)
         if main:
             _print_plan(trainer.plan, out)
@@ -91,9 +91,36 @@ def train_command(
     if result.get("stopped_early"):
         from mlmtool.errors import TrainingError
 
-        raise TrainingError(f"stopped at step {result['final_step']:,} by {stop.signal_name}; checkpoint saved",
+        raise TrainingError(f"stopped at step {result['final_step']:,} by "
+                            f"{stop.signal_name or 'a signal to another process'}; checkpoint saved",
                             f"run 'mlmtool train {model_dir}' again to resume")
     out(f"Done: step {result['final_step']:,}; model written to {result['exported']}")
+
+
+@contextlib.contextmanager
+def _locked(model_dir, main: bool):
+    """DIR, with its lock held by process 0; if any process cannot open DIR or process 0
+    cannot take the lock, every process stops with that error (none waits forever)."""
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.sharding import agree
+
+    mdir = lock = error = None
+    try:
+        mdir = ModelDir(model_dir)
+        lock = mdir.lock("train", enabled=main)
+        lock.__enter__()
+    except Exception as e:
+        error = e
+    try:
+        agree(error=error)
+    except BaseException:
+        if error is None:
+            lock.__exit__(None, None, None)
+        raise
+    try:
+        yield mdir
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _args(cfg, mesh) -> dict:
