@@ -29,7 +29,7 @@ import optax
 
 from mlmtool import checkpoint, sharding as sh
 from mlmtool.errors import TrainingError
-from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums
+from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
 from mlmtool.masking import default_max_predictions, mask_tokens
 
 
@@ -480,7 +480,8 @@ class Trainer:
         if self._eval_step is None:
             self._eval_step = make_eval_fn(self.model, self.mesh, self.state_sharding.params, store=self.val_store,
                                            mlm_probability=self.cfg.mlm_probability,
-                                           vocab_size=self.config["vocab_size"])
+                                           vocab_size=self.config["vocab_size"],
+                                           baseline_token=unigram_top_token(self.train_store))
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
         return evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
                         per_device_batch_size=per_device)
@@ -608,4 +609,5 @@ def _gather(tree):
 
 def _format_eval(step: int, ev: dict) -> str:
     return (f"eval @ step {step:,}: loss {ev['eval_loss']:.4f} | accuracy {ev['eval_accuracy']:.4f} | "
-            f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens")
+            f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens "
+            f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})")
