@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,16 +206,6 @@ def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int
     return written
 
 
-def _import_quietly(name: str) -> None:
-    """Import ``name`` ahead of use; a failure is left for the real import to report."""
-    import importlib
-
-    try:
-        importlib.import_module(name)
-    except Exception:
-        pass
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -345,38 +334,10 @@ def _read_config(mdir: ModelDir) -> dict:
     return mdir.read_config()
 
 
-class _Background(threading.Thread):
-    """Run ``fn`` in a daemon thread; :meth:`result` joins and returns or re-raises."""
-
-    def __init__(self, fn):
-        super().__init__(daemon=True)
-        self.fn, self.value, self.error = fn, None, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as e:  # re-raised in the caller's thread
-            self.error = e
-
-    def result(self):
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
            min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
-    # Saving goes through transformers, whose import takes a second or more: do it while
-    # the trainer works in Rust (which releases the GIL), not after.
-    # The tokenizers modules this thread uses are imported first: transformers imports them
-    # too, and a module imported by two threads at once can be seen half-initialised.
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
-
-    importer = _Background(lambda: _import_quietly("transformers.tokenization_utils_tokenizers"))
     tok = build_tokenizer(kind, lowercase=lowercase)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
     reading = _ReadingProgress(corpus, show_progress)
@@ -405,7 +366,6 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
-    importer.result()
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config)
 
     stats = corpus.stats
