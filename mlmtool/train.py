@@ -464,10 +464,10 @@ class Trainer:
         before, now = meta.get("run", {}), self._run_identity()
         changed = [k for k in ("seed", "global_batch", "train_blocks", "seq_len") if before.get(k) != now[k]]
         if changed:
+            was = ", ".join(f"{k}={before.get(k)}" for k in changed)
+            now_ = ", ".join(f"{k}={now[k]}" for k in changed)
             raise TrainingError(
-                "the checkpoint at step {} was trained with {}".format(
-                    latest, ", ".join(f"{k}={before.get(k)}" for k in changed)) + f", this run has "
-                + ", ".join(f"{k}={now[k]}" for k in changed),
+                f"the checkpoint at step {latest} was trained with {was}, this run has {now_}",
                 "use the same settings to resume, or --no-resume --force to start over")
         with checkpoint.manager(ckpt_dir, async_save=False) as mngr:
             out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state)

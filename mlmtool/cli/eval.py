@@ -30,7 +30,7 @@ def eval_command(
     import json
 
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console, say
+    from mlmtool.progress import say
     from mlmtool.sharding import agree, initialize_distributed, is_main_process
 
     initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
