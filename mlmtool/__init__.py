@@ -4,4 +4,9 @@ Importing this package is cheap on purpose (no jax, no transformers): the CLI's
 ``--help`` path must stay fast.
 """
 
+import os
+
+# transformers advises installing PyTorch when it is absent; mlmtool never needs it.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 __version__ = "0.1.0"
