@@ -57,7 +57,15 @@ from mlmtool.errors import ConfigError
 SUPPORTED_MODEL_TYPES = ("roberta", "bert")
 
 # Hugging Face activation names (transformers.activations.ACT2FN) we reproduce exactly.
-_exact_gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+
+def _exact_gelu(x):
+    """x * Phi(x) written with erf, as torch.nn.functional.gelu computes it.  (jax.nn.gelu's
+    exact form uses erfc, which XLA:CPU expands into a costlier select of two expansions:
+    this one makes the training step ~2% faster on CPU, docs/benchmarks.md.)"""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5))
+
+
 _tanh_gelu = functools.partial(jax.nn.gelu, approximate=True)
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": _exact_gelu,  # HF GELUActivation = torch.nn.functional.gelu (erf)
@@ -234,6 +242,88 @@ def _embedding_init(std: float, padding_idx: int | None):
     return init
 
 
+# --------------------------------------------------------------------------- building blocks
+#
+# Dense and Dropout are nn.Dense / nn.Dropout with the same parameters, initialisation and
+# semantics, written for speed on XLA:CPU, where the training step was measured (see
+# docs/benchmarks.md, "Training", for the numbers behind each choice).
+
+
+class Dense(nn.Module):
+    """``nn.Dense`` (same parameter names, shapes and initialisation) computed as ONE 2-D
+    matmul over the flattened leading axes: ``[..., in] -> [N, in] @ [in, out]``.
+
+    With nn.Dense's N-D ``dot_general`` the weight gradient contracts two axes (batch and
+    length), and XLA:CPU first copies the output gradient into a transposed layout for it;
+    as a 2-D product the gradient is a plain ``x.T @ dy``.  That alone makes the training
+    step ~13% faster on CPU.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))  # [N, out]
+        return y.reshape(*x.shape[:-1], self.features) + bias.astype(self.dtype)
+
+
+def _threefry2x32(key0, key1, x0, x1):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as
+    1, 2, 3"), the generator behind ``jax.random``, unrolled: XLA fuses it into one pass.
+    (jax lowers it on CPU as a 5-trip while loop that streams the state through memory.)"""
+    def rotl(v, r):
+        return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+
+    keys = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = rotl(x1, r) ^ x0
+        x0 = x0 + keys[(i + 1) % 3]
+        x1 = x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _random_bits(key, shape) -> jax.Array:
+    """uint32 random bits of ``shape``: one Threefry block (counter i) gives the i-th element
+    of each half of the last axis.  (``jax.random.bits`` spends a block per element.)"""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    key = key.reshape(-1).astype(jnp.uint32)
+    half = (*shape[:-1], (shape[-1] + 1) // 2)
+    counter = jax.lax.iota(jnp.uint32, int(np.prod(half))).reshape(half)
+    bits0, bits1 = _threefry2x32(key[0], key[1], counter, jnp.zeros_like(counter))
+    return jnp.concatenate([bits0, bits1], axis=-1)[..., :shape[-1]]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, as ``nn.Dropout``/``torch.nn.Dropout``: zero each element with
+    probability ``rate`` and scale the rest by 1 / (1 - rate); uses the 'dropout' rng.
+
+    Same generator as nn.Dropout (Threefry-2x32), but 2 elements per block and unrolled:
+    about half of dropout's cost in the CPU training step goes (docs/benchmarks.md).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        threshold = np.uint32(min(round(keep_prob * 2**32), 2**32 - 1))  # P(bits < t) = keep_prob
+        keep = _random_bits(self.make_rng("dropout"), x.shape or (1,)).reshape(x.shape) < threshold
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -242,8 +332,8 @@ class _Base(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(
+    def dense(self, features: int, name: str) -> Dense:
+        return Dense(
             features,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -285,7 +375,7 @@ class Embeddings(_Base):
             embedding_init=_embedding_init(cfg.initializer_range, None),
         )
         self.LayerNorm = self.layer_norm("LayerNorm")
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.config
@@ -327,7 +417,7 @@ class SelfAttention(_Base):
             scores = scores * head_dim**-0.5  # [B, N, L, L], scaled as in Vaswani et al.
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1)  # float32 softmax
-            probs = nn.Dropout(rate)(probs, deterministic=False)
+            probs = Dropout(rate)(probs, deterministic=False)
             out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
         return out.reshape(batch, length, cfg.hidden_size)  # [B, L, N, D] -> [B, L, H]
 
@@ -338,7 +428,7 @@ class ResidualOutput(_Base):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         x = self.dense(self.config.hidden_size, "dense")(x)
-        x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(x + residual)
 
 
@@ -436,7 +526,10 @@ class MaskedLM(nn.Module):
         masked_positions [B, P] (the final hidden states are gathered at those positions
         BEFORE the MLM head, so the head runs only on P << L positions, as MosaicBERT does).
         Positions must lie in [0, L); rows with fewer masks pad with any valid position and
-        the caller weights those out of the loss.
+        the caller weights those out of the loss.  masked_positions may also be [G, P] for G
+        groups of B / G consecutive rows that share their P slots (positions then index the
+        group's rows laid end to end, [0, B / G * L)): a group needs fewer slots per row than
+        a single row for the same overflow odds.  The logits are then [G, P, V].
         Dropout uses the 'dropout' rng when deterministic=False.
 
         attention_mask defaults to all ones and token_type_ids to zeros, as in HF.
@@ -462,9 +555,15 @@ class MaskedLM(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, deterministic)  # [B, L, H]
         x = self.encoder(x, mask, deterministic)  # [B, L, H]
         if masked_positions is not None:
-            # [B, L, H] gathered at [B, P] -> [B, P, H]
-            x = jnp.take_along_axis(x, jnp.asarray(masked_positions)[:, :, None], axis=1)
-        return self.lm_head(x, self.embeddings.word_embeddings.embedding)  # [B, L or P, V]
+            masked_positions = jnp.asarray(masked_positions)
+            groups = masked_positions.shape[0]
+            if masked_positions.ndim != 2 or x.shape[0] % groups:
+                raise ValueError(f"masked_positions must be [G, P] with G dividing the batch size "
+                                 f"{x.shape[0]}, got shape {masked_positions.shape}")
+            x = x.reshape(groups, -1, x.shape[-1])  # [G, B / G * L, H]
+            # gathered at [G, P] -> [G, P, H]
+            x = jnp.take_along_axis(x, masked_positions[:, :, None], axis=1)
+        return self.lm_head(x, self.embeddings.word_embeddings.embedding)  # [B, L, V] or [G, P, V]
 
 
 # --------------------------------------------------------------------------- helpers
