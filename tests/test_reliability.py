@@ -138,8 +138,9 @@ class Steps:
             return 0
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            lines = f.read().decode().splitlines()
-        steps = [json.loads(x)["step"] for x in lines if x.strip() and '"loss"' in x]
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1].decode()  # a line may be half-written as we read
+        steps = [json.loads(x)["step"] for x in complete.splitlines() if '"loss"' in x]
         return max(steps, default=0)
 
 
@@ -183,6 +184,7 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         assert "Traceback" not in run.out, run
         assert complete_steps(d)[-1] == stopped == steps.last() < 12
         assert not (d / ".mlmtool.lock").exists()
+        print(f"SIGTERM after step {first}: stopped at {stopped}")
 
         # 2. Resume, then Ctrl-C: the same, from where it stopped.
         steps, run = Steps(d), Run(tmp_path, "sigint", "train", d, *TRAIN, env=paced)
@@ -193,12 +195,14 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         assert "press Ctrl-C again to stop at once" in run.out, run
         stopped = int(re.search(r"stopped at step (\d+) by SIGINT", run.out)[1])
         assert complete_steps(d)[-1] == stopped < 12, run
+        print(f"SIGINT: stopped at {stopped}")
 
         # 3. SIGKILL while a checkpoint is being written: orbax's temporary folder is left,
         #    ignored by readers, and the previous checkpoint is the latest complete one.
         run = Run(tmp_path, "kill-in-save", "train", d, *TRAIN, env={"MLMTOOL_TEST_KILL_IN_SAVE": "1"})
         assert run.wait() == -signal.SIGKILL, run
         in_save = int(re.search(r"KILLED IN SAVE (\d+)", run.out)[1])
+        print(f"SIGKILL while saving step {in_save}")
         leftovers = sorted(p.name for p in (d / "checkpoints").iterdir() if not p.name.isdigit())
         assert leftovers == [f"{in_save}.orbax-checkpoint-tmp"], leftovers
         assert complete_steps(d)[-1] == stopped < in_save
@@ -209,6 +213,7 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         # 4. SIGKILL at a random moment of a random step (in a step, a save, an eval...).
         steps, run = Steps(d), Run(tmp_path, "sigkill", "train", d, *TRAIN, env=paced)
         target = rng.randint(stopped + 1, 11)
+        print(f"SIGKILL after step {target}")
         wait_for(lambda: steps.last() >= target, what=f"step {target}", run=run)
         time.sleep(rng.uniform(0, 0.3))
         run.signal(signal.SIGKILL)
