@@ -313,9 +313,12 @@ def _lock_record(command: str) -> dict:
 
 def _acquire(directory: Path, command: str) -> int | None:
     """Take DIR's lock: an open, flock'ed descriptor of the lock file (None: PID scheme)."""
-    import fcntl
     import socket
 
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return _acquire_by_pid(directory, command)
     path = directory / LOCK
     for _ in range(10):
         try:
