@@ -1,0 +1,39 @@
+"""Model directory helpers: atomic writes keep normal file permissions and leave no temp files."""
+
+import json
+import os
+
+import pytest
+
+from mlmtool.modeldir import atomic_write_json
+
+
+def test_atomic_write_uses_umask_permissions_not_mkstemp_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import mlmtool.modeldir as md
+
+        importlib.reload(md)
+        md.atomic_write_json(tmp_path / "config.json", {"a": 1})
+    finally:
+        os.umask(old)
+        importlib.reload(md)
+    assert (os.stat(tmp_path / "config.json").st_mode & 0o777) == 0o644
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    atomic_write_json(path, {"old": True})
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_json(path, {"new": True})
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
