@@ -8,18 +8,11 @@ import pytest
 from mlmtool.modeldir import atomic_write_json
 
 
-def test_atomic_write_uses_umask_permissions_not_mkstemp_0600(tmp_path):
-    old = os.umask(0o022)
-    try:
-        import importlib
+def test_atomic_write_uses_umask_permissions_not_mkstemp_0600(tmp_path, monkeypatch):
+    import mlmtool.modeldir as md
 
-        import mlmtool.modeldir as md
-
-        importlib.reload(md)
-        md.atomic_write_json(tmp_path / "config.json", {"a": 1})
-    finally:
-        os.umask(old)
-        importlib.reload(md)
+    monkeypatch.setattr(md, "_UMASK", 0o022)
+    md.atomic_write_json(tmp_path / "config.json", {"a": 1})
     assert (os.stat(tmp_path / "config.json").st_mode & 0o777) == 0o644
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
