@@ -53,7 +53,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
     gradient_accumulation_steps: int = 1
     mlm_probability: float = 0.15               # BERT's 15%
-    max_predictions_per_seq: int | None = None  # None: mean + 5 sd of the masked count
+    max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
     dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
     seed: int = 0                               # the seed's training_seed
     logging_steps: int = 100
@@ -275,7 +275,8 @@ class Plan:
     total_steps: int
     epochs: float
     warmup_steps: int
-    max_predictions_per_seq: int
+    prediction_slots: int  # MLM-head slots per group of rows (see masking)
+    rows_per_group: int
     dtype: str
     platform: str
 
@@ -324,6 +325,16 @@ def _check_tokenizer(mdir, meta: dict) -> None:
                             f"'mlmtool prepare {mdir} FILE... --force'")
 
 
+def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
+    """(slots, rows per group) of the MLM head: ``--max-predictions-per-seq`` slots for each
+    row when given (BERT's per-row cap), else one group per device micro-batch sharing
+    mean + 5 sd slots (the head shrinks by 42% at 32 x 128; see masking)."""
+    if cfg.max_predictions_per_seq:
+        return cfg.max_predictions_per_seq, 1
+    rows = cfg.per_device_train_batch_size
+    return default_max_predictions(seq_len, cfg.mlm_probability, rows=rows), rows
+
+
 def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
                   parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
                   processes: int = 1) -> Plan:
@@ -337,13 +348,14 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
             "lower --per-device-train-batch-size or prepare more data")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
-    max_pred = cfg.max_predictions_per_seq or default_max_predictions(seq_len, cfg.mlm_probability)
+    slots, rows_per_group = prediction_layout(cfg, seq_len)
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
                 per_device_batch=cfg.per_device_train_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
                 seq_len=seq_len, tokens_per_step=global_batch * seq_len, train_blocks=n_train,
                 validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
-                epochs=total / steps_per_epoch, warmup_steps=warmup, max_predictions_per_seq=max_pred,
+                epochs=total / steps_per_epoch, warmup_steps=warmup, prediction_slots=slots,
+                rows_per_group=rows_per_group,
                 dtype=cfg.dtype, platform=platform)
 
 
@@ -398,7 +410,7 @@ class Trainer:
         store = self.train_store
         self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                                 vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
-                                max_predictions=self.plan.max_predictions_per_seq)
+                                max_predictions=self.plan.prediction_slots, rows_per_group=self.plan.rows_per_group)
         self.batch_sharding = sh.batch_sharding(self.mesh, leading_dims=1)
         step_fn = partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
                           pad_token_id=store.pad_token_id, mask_kwargs=self.mask_kwargs)

@@ -130,7 +130,6 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
 
     from mlmtool import sharding as sh
     from mlmtool import train
-    from mlmtool.masking import default_max_predictions
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule, train_step
 
@@ -143,11 +142,9 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     # The masking settings Trainer uses.
     mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
                        mlm_probability=cfg.mlm_probability)
-    if hasattr(train, "prediction_slots"):  # a device's rows share their MLM-head slots
-        mask_kwargs.update(max_predictions=train.prediction_slots(cfg, args.seq_len), rows_per_group=args.batch_size)
-    else:  # slots per row
-        mask_kwargs.update(max_predictions=default_max_predictions(args.seq_len, cfg.mlm_probability))
-    head_rows = args.batch_size // mask_kwargs.get("rows_per_group", 1) * mask_kwargs["max_predictions"]
+    slots, rows_per_group = train.prediction_layout(cfg, args.seq_len)  # Trainer's: a device's rows share slots
+    mask_kwargs.update(max_predictions=slots, rows_per_group=rows_per_group)
+    head_rows = args.batch_size // rows_per_group * slots
 
     # Exactly Trainer's jit: a (1-device) mesh, sharded state, batch [A=1, B, L], donated state.
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
@@ -186,7 +183,7 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     m = jax.device_get(box["metrics"])
     return {**summarise(wall, cpu, args.batch_size * args.seq_len), "compile_s": compile_s, "xla_flops": xla_flops,
             "head_rows": head_rows, "prediction_slots": mask_kwargs["max_predictions"],
-            "rows_per_group": mask_kwargs.get("rows_per_group", 1),
+            "rows_per_group": rows_per_group,
             "loss_last": float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)}
 
 

@@ -91,3 +91,40 @@ def test_deterministic_per_key_and_rowwise_independent_of_batch():
 def test_default_slots_bounded(seq_len, p):
     n = default_max_predictions(seq_len, p)
     assert 1 <= n <= seq_len and (n % 8 == 0 or n == seq_len)
+
+
+def test_groups_share_slots_and_choose_the_same_tokens_as_rows():
+    """Groups of rows share their slots: same corruption as per-row slots with the same key,
+    positions index the group's rows laid end to end, and fewer slots cover the same tokens."""
+    ids = _batch(np.random.default_rng(4), b=32)
+    kw = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB)
+    rows = mask_tokens(jax.random.PRNGKey(11), ids, **kw, max_predictions=None)
+    slots = default_max_predictions(128, 0.15, rows=8)
+    assert slots < 8 * default_max_predictions(128, 0.15)
+    grouped = mask_tokens(jax.random.PRNGKey(11), ids, **kw, max_predictions=slots, rows_per_group=8)
+    assert np.array_equal(np.asarray(grouped.input_ids), np.asarray(rows.input_ids))
+    pos, lab, w = (np.asarray(x) for x in grouped[1:])
+    assert pos.shape == lab.shape == w.shape == (4, slots)
+    assert int(w.sum()) == int(np.asarray(rows.masked_weights).sum())  # nothing dropped
+    flat = np.asarray(ids).reshape(4, 8 * 128)
+    for g in range(4):
+        k = int(w[g].sum())
+        assert np.all(w[g, :k] == 1) and np.all(w[g, k:] == 0)
+        assert np.all(np.diff(pos[g, :k]) > 0)
+        assert np.array_equal(lab[g, :k], flat[g, pos[g, :k]])
+        # The chosen positions of the group's rows, row r's position i at r * 128 + i.
+        row_pos = [r * 128 + p for r in range(8)
+                   for p, wt in zip(np.asarray(rows.masked_positions)[g * 8 + r], np.asarray(rows.masked_weights)[g * 8 + r])
+                   if wt]
+        assert np.array_equal(pos[g, :k], np.asarray(row_pos))
+    with pytest.raises(ValueError, match="does not divide"):
+        mask_tokens(jax.random.PRNGKey(11), ids, **kw, max_predictions=slots, rows_per_group=5)
+
+
+def test_group_cap_drops_only_excess():
+    ids = _batch(np.random.default_rng(5), b=8, n_pad=0)
+    out = mask_tokens(jax.random.PRNGKey(5), ids, special_token_ids=SPECIALS, mask_token_id=MASK,
+                      vocab_size=VOCAB, mlm_probability=0.5, max_predictions=24, rows_per_group=4)
+    assert np.all(np.asarray(out.masked_weights).sum(axis=1) == 24)
+    changed = (np.asarray(out.input_ids) != np.asarray(ids)).reshape(2, -1).sum(axis=1)
+    assert np.all(changed <= 24)
