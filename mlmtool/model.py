@@ -273,23 +273,6 @@ class Dense(nn.Module):
         return y.reshape(*x.shape[:-1], self.features) + bias.astype(self.dtype)
 
 
-class DenseWeights(nn.Module):
-    """The parameters of a :class:`Dense` layer (same names, shapes and initialisation),
-    returned instead of applied, so that projections of one input run as one matmul."""
-
-    in_features: int
-    features: int
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param("kernel", self.kernel_init, (self.in_features, self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return kernel, bias
-
-
 def _threefry2x32(key0, key1, x0, x1):
     """Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as
     1, 2, 3"), the generator behind ``jax.random``, unrolled: XLA fuses it into one pass.
@@ -348,16 +331,12 @@ class _Base(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @property
-    def kernel_init(self) -> Callable:
-        return _normal(self.config.initializer_range)
-
     def dense(self, features: int, name: str) -> Dense:
         return Dense(
             features,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
+            kernel_init=_normal(self.config.initializer_range),
             bias_init=nn.initializers.zeros,
             name=name,
         )
@@ -421,15 +400,11 @@ class SelfAttention(_Base):
         batch, length, _ = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
-        # HF's three projections (query, key, value params) as ONE [H, 3H] matmul: at small
-        # hidden sizes three [N, H] x [H, H] products leave the CPU's matmul units half idle.
-        weights = [DenseWeights(x.shape[-1], cfg.hidden_size, self.param_dtype, kernel_init=self.kernel_init,
-                                name=name)() for name in ("query", "key", "value")]
-        kernel = jnp.concatenate([w for w, _ in weights], axis=1).astype(self.dtype)  # [H, 3H]
-        bias = jnp.concatenate([b for _, b in weights]).astype(self.dtype)  # [3H]
-        qkv = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel) + bias  # [B * L, 3H]
-        qkv = qkv.reshape(batch, length, 3, heads, head_dim)  # [B * L, 3H] -> [B, L, 3, N, D]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, N, D]
+        def project(name):
+            # [B, L, H] -> [B, L, N, D]
+            return self.dense(cfg.hidden_size, name)(x).reshape(batch, length, heads, head_dim)
+
+        q, k, v = project("query"), project("key"), project("value")
         rate = cfg.attention_probs_dropout_prob
         if deterministic or rate == 0.0:
             # jax's fused attention entry point (softmax in float32). implementation=None is
