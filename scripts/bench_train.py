@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                       # tiny + small, 32 x 128, float32
     python scripts/bench_train.py --presets small --steps 20 --no-torch
+    python scripts/bench_train.py --presets small --no-torch --profile /tmp/trace   # where the time goes
 
 For each preset (vocabulary 8192) it times the project's real ``train_step`` (on-device
 masking, forward, backward, global-norm clipping and AdamW with the ``TrainConfig``
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="computation dtype of our step (PyTorch always runs float32)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-matmul probe (default 2048)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also trace 3 more steps of ours with jax.profiler into DIR (TensorBoard/XProf "
+                        "format) and print where the step's time goes, grouped by HLO op_name")
     p.add_argument("--torch-worker", help=argparse.SUPPRESS)  # internal: run one PyTorch config, print JSON
     return p.parse_args(argv)
 
@@ -181,10 +185,50 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
 
     wall, cpu = timed_steps(one_step, args.warmup, args.steps)
     m = jax.device_get(box["metrics"])
+    if args.profile:
+        print_profile(f"{args.profile}/{preset}", compiled, one_step)
     return {**summarise(wall, cpu, args.batch_size * args.seq_len), "compile_s": compile_s, "xla_flops": xla_flops,
             "head_rows": head_rows, "prediction_slots": mask_kwargs["max_predictions"],
             "rows_per_group": rows_per_group,
             "loss_last": float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)}
+
+
+PROFILE_GROUPS = (  # (label, regular expression on the op_name), first match wins
+    ("attention matmuls (scores, context)", r"bqnd|bknd|bnqk"),
+    ("dense matmuls (projections, FFN, MLM head)", r"dot_general"),
+    ("LayerNorm", r"LayerNorm|layer_norm"),
+    ("dropout", r"[Dd]ropout"),
+    ("attention softmax, mask, transposes", r"attention/self/"),
+    ("activation (GELU)", r"intermediate/"),
+    ("loss over the head slots", r"^jit\(train_step\)/(transpose\()?jvp\((jit\(\w*\))?\)"),
+)
+
+
+def print_profile(trace_dir: str, compiled, one_step, n: int = 3) -> None:
+    """Trace ``n`` steps and print op time per step by PROFILE_GROUPS (all threads summed)."""
+    import collections
+    import glob
+    import re
+
+    import jax
+
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', compiled.as_text(), re.M))
+    with jax.profiler.trace(trace_dir):
+        for _ in range(n):
+            one_step()
+    xplane = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=lambda f: Path(f).stat().st_mtime)[-1]
+    per_group = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(xplane).planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name in op_names or ev.name.split(".")[0] in ("ynn_fusion", "dot", "sort", "while", "copy"):
+                    op = op_names.get(ev.name, "")
+                    group = next((g for g, rx in PROFILE_GROUPS if re.search(rx, op)), "other")
+                    per_group[group] += ev.duration_ns / 1e6 / n
+    total = sum(per_group.values())
+    print(f"  profile ({trace_dir}): {total:.0f} ms of op time per step")
+    for group, ms in per_group.most_common():
+        print(f"    {ms:7.1f} ms  {100 * ms / total:4.1f}%  {group}")
 
 
 # -- PyTorch -------------------------------------------------------------------------------
