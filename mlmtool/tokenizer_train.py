@@ -13,7 +13,8 @@ Two kinds, as the two model families were published:
   (the bert config's pad 0), ``[CLS] $A [SEP]`` template, ``##`` continuing prefix.
 
 Training streams the corpus into ``tokenizers``' ``train_from_iterator`` in batches of
-documents (no per-document Python work).  The result is saved through transformers so
+documents (no per-document Python work).  The result is saved as a Hugging Face
+tokenizer directory (without importing transformers) so
 ``AutoTokenizer.from_pretrained(DIR)`` gives the same ids as
 ``tokenizers.Tokenizer.from_file(DIR/tokenizer.json)``, and config.json's vocab_size and
 special token ids are brought into agreement with it.
@@ -33,7 +34,7 @@ from typing import Any, Iterator
 
 from mlmtool.corpus import Corpus
 from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, atomic_write_json, remove_leftovers
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, remove_leftovers
 
 KINDS = ("bpe", "wordpiece")
 DEFAULT_KIND = {"roberta": "bpe", "bert": "wordpiece"}
@@ -149,48 +150,44 @@ def add_post_processor(tok, kind: str) -> None:
             special_tokens=[(specials.cls, cls_id), (specials.sep, sep_id)])
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def tokenizer_files(tok, kind: str, *, model_max_length: int) -> dict[str, str]:
+    """The three files of a Hugging Face tokenizer directory, as text, without transformers.
+
+    tokenizer.json is ``Tokenizer.to_str`` (byte for byte what ``save_pretrained`` writes).
+    tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
+    its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
+    the model-specific classes of transformers 5 rebuild the pipeline from vocab and merges
+    and would drop e.g. a Lowercase normalizer.  special_tokens_map.json is for transformers
+    4.x and other tools (5 no longer writes it).  Importing transformers to write them cost
+    0.65 CPU-s, 10% of training a 50k vocabulary on 21 MB (docs/benchmarks.md).
+    """
+    specials = SPECIALS[kind]
+    config = {"backend": "tokenizers", **specials.hf_kwargs(), "model_max_length": model_max_length,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    smap = dict(specials.hf_kwargs())
+    smap["mask_token"] = {"content": specials.mask, "lstrip": kind == "bpe", "rstrip": False,
+                          "normalized": False, "single_word": False}
+    dump = lambda d: json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
+    return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": dump(config),
+            "special_tokens_map.json": dump(smap)}
 
 
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
                    config: dict | None = None) -> list[Path]:
-    """Save through transformers into a temp dir, then rename each file into DIR.
+    """Write :func:`tokenizer_files` into a temp dir, then rename each file into DIR.
 
     tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
     DIR's config.json when given), and an old one is removed first: a run killed at any
     moment leaves either no tokenizer.json or a complete set that agrees with config.json.
-
-    tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
-    its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
-    the model-specific classes of transformers 5 rebuild the pipeline from vocab and merges
-    and would drop e.g. a Lowercase normalizer.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    specials = SPECIALS[kind]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
-                                   **specials.hf_kwargs())
     written: list[Path] = []
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
     try:
-        fast.save_pretrained(str(tmp))
-        cfg_path = tmp / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        cfg["model_max_length"] = model_max_length
-        for key, value in specials.hf_kwargs().items():
-            cfg.setdefault(key, value)
-        atomic_write_json(cfg_path, cfg)
-        # transformers 5 no longer writes special_tokens_map.json; 4.x and other tools read it.
-        smap = {k: v for k, v in specials.hf_kwargs().items()}
-        smap["mask_token"] = {"content": specials.mask, "lstrip": kind == "bpe", "rstrip": False,
-                              "normalized": False, "single_word": False}
-        atomic_write_json(tmp / "special_tokens_map.json", smap)
-        # tokenizer.json last: it is what marks the stage as done.
-        for name in TOKENIZER_FILES:
-            _fsync(tmp / name)
+        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length).items():
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
         if model_dir.tokenizer_path.exists():
             os.unlink(model_dir.tokenizer_path)
         for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
