@@ -88,22 +88,47 @@ PRESET_HELP = {
 }
 
 
-def _hf_config(model_type: str, fields: dict):
-    """A transformers config object (fills HF's defaults for every field we don't set)."""
-    from transformers import AutoConfig
+_COMMON_DEFAULTS = dict(
+    add_cross_attention=False, architectures=None, attention_probs_dropout_prob=0.1, chunk_size_feed_forward=0,
+    classifier_dropout=None, dtype=None, hidden_act="gelu", hidden_dropout_prob=0.1, hidden_size=768,
+    id2label={"0": "LABEL_0", "1": "LABEL_1"}, initializer_range=0.02, intermediate_size=3072, is_decoder=False,
+    is_encoder_decoder=False, label2id={"LABEL_0": 0, "LABEL_1": 1}, layer_norm_eps=1e-12,
+    max_position_embeddings=512, num_attention_heads=12, num_hidden_layers=12, output_attentions=False,
+    output_hidden_states=False, problem_type=None, return_dict=True, tie_word_embeddings=True, type_vocab_size=2,
+    use_cache=True,
+)
+#: ``AutoConfig.for_model(model_type).to_dict()`` of transformers 5 (without
+#: transformers_version, as JSON stores it): every field a config.json of that type has.  Written out so that
+#: ``init`` needs neither transformers nor the torch it imports (3 CPU-s); test_presets
+#: checks it against the installed transformers.
+HF_DEFAULTS: dict[str, dict] = {
+    "roberta": {**_COMMON_DEFAULTS, "model_type": "roberta", "vocab_size": 50265, "bos_token_id": 0,
+                "pad_token_id": 1, "eos_token_id": 2},
+    "bert": {**_COMMON_DEFAULTS, "model_type": "bert", "vocab_size": 30522, "bos_token_id": None,
+             "pad_token_id": 0, "eos_token_id": None},
+}
+# Fields transformers derives or renames (num_labels -> id2label, torch_dtype -> dtype): a
+# config that sets them to anything but the default goes through transformers itself.
+_DERIVED = ("id2label", "label2id", "dtype")
+
+
+def _full_dict(model_type: str, fields: dict) -> dict:
+    """Every field of a config.json: HF's defaults for the fields ``fields`` does not set."""
+    import copy
 
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}",
                           f"use one of: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    fields = {k: v for k, v in fields.items() if k != "model_type"}
-    return AutoConfig.for_model(model_type, **fields)
+    defaults = HF_DEFAULTS[model_type]
+    fields = {k: v for k, v in fields.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
+    if all(k in defaults for k in fields) and all(fields.get(k, defaults[k]) == defaults[k] for k in _DERIVED):
+        return copy.deepcopy({**defaults, **fields})
+    from transformers import AutoConfig  # unknown or derived fields: let transformers resolve them
 
-
-def _full_dict(model_type: str, fields: dict) -> dict:
-    d = _hf_config(model_type, fields).to_dict()
+    d = AutoConfig.for_model(model_type, **fields).to_dict()
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
-    return d
+    return json.loads(json.dumps(d))  # as config.json holds it (id2label's keys are strings)
 
 
 def load_config_file(path: Path) -> dict:

@@ -77,9 +77,9 @@ def init_command(
         mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
                                   "from_config": str(from_config) if from_config else None})
 
-    from mlmtool.model import ModelConfig, count_params
+    from mlmtool.info import parameter_count  # arithmetic: importing jax would cost seconds
 
-    n_params = count_params(ModelConfig.from_dict(config))
+    n_params = parameter_count(config)
     info = {**presets.summary(config), "parameters": n_params, "config": str(mdir.config_path),
             "status": status}
     if json_out:
@@ -105,8 +105,8 @@ def _print_summary(info: dict, say) -> None:
 
 
 def _init_from(model_dir, source, overrides, force, json_out) -> None:
+    from mlmtool.info import parameter_count
     from mlmtool.init_from import init_from
-    from mlmtool.model import ModelConfig, count_params
     from mlmtool.modeldir import ModelDir
     from mlmtool.presets import summary
     from mlmtool.progress import console, err_console, say
@@ -114,7 +114,7 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     mdir = ModelDir(model_dir, create=True)
     out = init_from(mdir, source, overrides=overrides, force=force)
     config = out["config"]
-    info = {**summary(config), "parameters": count_params(ModelConfig.from_dict(config)),
+    info = {**summary(config), "parameters": parameter_count(config),
             "config": str(mdir.config_path), "status": out["status"], "from": out["source"],
             "init_weights": str(mdir.path / "init.safetensors")}
     redo = {"data": "run 'mlmtool prepare DIR FILE... --force'", "checkpoints": "train with --no-resume --force",

@@ -1,0 +1,67 @@
+"""Presets and config.json: the same dicts as transformers builds, without importing it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlmtool import presets
+from mlmtool.presets import HF_DEFAULTS, PRESETS, build_config, load_config_file
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_dict(model_type: str, fields: dict) -> dict:
+    d = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k != "model_type"}).to_dict()
+    d.pop("transformers_version", None)
+    d.pop("_name_or_path", None)
+    return json.loads(json.dumps(d))  # as config.json stores it
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
+def test_defaults_are_transformers_defaults(model_type):
+    assert HF_DEFAULTS[model_type] == _hf_dict(model_type, {})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_match_transformers(name):
+    assert build_config(name) == _hf_dict(PRESETS[name]["model_type"], PRESETS[name])
+
+
+def test_overrides_match_transformers():
+    sets = ["num_hidden_layers=3", "hidden_dropout_prob=0.2", "vocab_size=1000", "hidden_act=gelu_new"]
+    want = _hf_dict("roberta", {**PRESETS["tiny"], "num_hidden_layers": 3, "hidden_dropout_prob": 0.2,
+                                "vocab_size": 1000, "hidden_act": "gelu_new"})
+    assert build_config("tiny", overrides=sets) == want
+
+
+def test_config_files_with_unknown_or_derived_fields_go_through_transformers(tmp_path):
+    for extra in ({"position_embedding_type": "absolute", "gradient_checkpointing": False},
+                  {"num_labels": 3}, {"torch_dtype": "float32"}):
+        path = tmp_path / "config.json"
+        raw = {**PRESETS["bert-tiny"], **extra}
+        path.write_text(json.dumps(raw))
+        assert load_config_file(path) == _hf_dict("bert", raw), extra
+    assert len(load_config_file(path)["id2label"]) == 2  # torch_dtype: defaults kept
+    path.write_text(json.dumps({**PRESETS["bert-tiny"], "num_labels": 3}))
+    assert len(load_config_file(path)["id2label"]) == 3
+
+
+def test_our_config_json_reloads_unchanged(tmp_path):
+    config = build_config("small")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert load_config_file(path) == config
+
+
+def test_init_imports_neither_transformers_nor_jax(tmp_path):
+    code = ("import sys; from mlmtool.cli import app; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(app, ['init', {str(tmp_path / 'm')!r}, '--preset', 'small']); "
+            "assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch', 'jax', 'flax')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == presets.build_config("small")
