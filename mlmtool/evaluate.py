@@ -107,24 +107,37 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
     }
 
 
-def select_checkpoint(mdir, which: str) -> int | None:
-    """The checkpoint step that ``which`` (``latest``, ``export`` or a step number) names,
-    or None for the export (model.safetensors); CheckpointError if there is none."""
+INIT = "init"  # --checkpoint init: the starting weights 'init --from' wrote (init.safetensors)
+
+
+def select_checkpoint(mdir, which: str) -> int | str | None:
+    """The checkpoint that ``which`` (``latest``, ``export``, ``init`` or a step number)
+    names: a step, None for the export (model.safetensors) or ``INIT`` for the weights
+    ``init --from`` wrote; CheckpointError if there is none.  ``latest`` falls back to the
+    export, then (before any training of an ``init --from`` directory) to those weights."""
     from mlmtool import checkpoint
     from mlmtool.errors import CheckpointError
+    from mlmtool.init_from import init_weights_path
 
+    if which == INIT:
+        if not init_weights_path(mdir).exists():
+            raise CheckpointError(f"{init_weights_path(mdir)} does not exist",
+                                  f"it is written by 'mlmtool init {mdir} --from MODEL_DIR'")
+        return INIT
     steps = checkpoint.all_steps(mdir.checkpoints_dir)
     if which == "export" or (which == "latest" and not steps):
-        if not mdir.weights_path.exists():
-            raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
-        return None
+        if mdir.weights_path.exists():
+            return None
+        if which == "latest" and init_weights_path(mdir).exists():
+            return INIT
+        raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
     if which == "latest":
         step = steps[-1]
     else:
         try:
             step = int(which)
         except ValueError:
-            raise CheckpointError(f"--checkpoint {which!r} is not latest, export or a step number",
+            raise CheckpointError(f"--checkpoint {which!r} is not latest, export, init or a step number",
                                   "e.g. --checkpoint latest") from None
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir}",
@@ -133,11 +146,14 @@ def select_checkpoint(mdir, which: str) -> int | None:
 
 
 def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
-    """Parameters from a checkpoint (``latest`` or a step number) or the export."""
+    """Parameters from a checkpoint (``latest`` or a step number), the export or ``init``."""
     from mlmtool import checkpoint
     from mlmtool.hf_weights import load_safetensors
+    from mlmtool.init_from import initial_params
 
     step = select_checkpoint(mdir, which)
+    if step == INIT:
+        return jax.device_put(initial_params(mdir, mcfg), params_sharding), "init (before training)"
     if step is None:
         params = load_safetensors(mdir.weights_path, mcfg)
         return jax.device_put(params, params_sharding), "export"

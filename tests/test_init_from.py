@@ -114,6 +114,12 @@ def test_train_starts_from_the_weights(source, tmp_path):
     assert invoke("init", d, "--from", src).exit_code == 0
     r = invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10)
     assert r.exit_code == 0, r.output
+    # Before any training, eval and predict use PATH's weights (the baseline of the adaptation).
+    r = invoke("eval", d, "--json", "--per-device-eval-batch-size", 8)
+    assert r.exit_code == 0, r.output
+    before = json.loads(r.stdout)
+    assert before["checkpoint"] == "init (before training)" and np.isfinite(before["eval_loss"])
+    assert invoke("eval", d, "--checkpoint", "export").exit_code == 1
 
     trainer = Trainer(ModelDir(d), TrainConfig(per_device_train_batch_size=8, max_steps=2))
     said = []
@@ -139,8 +145,13 @@ def test_train_starts_from_the_weights(source, tmp_path):
     exported = read_safetensors(d / "model.safetensors")
     for key, value in exported.items():
         np.testing.assert_allclose(value, theirs[key], atol=1e-6, err_msg=key)
-    first = json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "eval" and records[0]["checkpoint"] == "init (before training)"
+    first = next(r for r in records if "step" in r)
     assert first["step"] == 1 and np.isfinite(first["loss"])
+    r = invoke("eval", d, "--json", "--per-device-eval-batch-size", 8, "--checkpoint", "export")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval_loss"] == pytest.approx(before["eval_loss"], abs=1e-4)
 
 
 def test_tokenizer_force_and_init_force_drop_the_weights(source, tmp_path):
