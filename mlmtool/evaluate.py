@@ -209,7 +209,15 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     results["checkpoint"] = source
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)
+        from mlmtool import checkpoint as ckpt
         from mlmtool.progress import MetricsWriter
 
-        MetricsWriter(mdir.metrics_path).write({"event": "eval", "checkpoint": source, **results})
+        record = {"event": "eval", "checkpoint": source, **results}
+        # The training step the weights are from, for the TensorBoard event: the export is
+        # written with the run's last checkpoint.
+        steps = ckpt.all_steps(mdir.checkpoints_dir)
+        at = selected if isinstance(selected, int) else 0 if selected == INIT else steps[-1] if steps else None
+        if at is not None:
+            record["step"] = at
+        MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir / "tensorboard").write(record)
     return results

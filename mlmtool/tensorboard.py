@@ -1,7 +1,8 @@
-"""TensorBoard event files for ``mlmtool train`` (``DIR/tensorboard/``), written by process 0.
+"""TensorBoard event files of ``mlmtool train`` and ``eval`` (``DIR/tensorboard/``), by process 0.
 
-Every record ``train`` appends to ``metrics.jsonl`` also goes into an event file as scalars,
-named as Hugging Face's Trainer names them: ``train/loss``, ``train/accuracy``,
+Every record ``train`` and ``eval`` append to ``metrics.jsonl`` also goes into an event
+file as scalars (``eval``'s at the training step of the weights it scored), named as
+Hugging Face's Trainer names them: ``train/loss``, ``train/accuracy``,
 ``train/learning_rate``, ``train/grad_norm``, ``train/tokens_per_second``, ``train/epoch``,
 ``train/tokens_seen`` and ``eval/loss``, ``eval/accuracy``, ``eval/perplexity``.
 

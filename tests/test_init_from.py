@@ -147,7 +147,8 @@ def test_train_starts_from_the_weights(source, tmp_path):
         np.testing.assert_allclose(value, theirs[key], atol=1e-6, err_msg=key)
     records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "eval" and records[0]["checkpoint"] == "init (before training)"
-    first = next(r for r in records if "step" in r)
+    assert records[0]["step"] == 0
+    first = next(r for r in records if "loss" in r)
     assert first["step"] == 1 and np.isfinite(first["loss"])
     r = invoke("eval", d, "--json", "--per-device-eval-batch-size", 8, "--checkpoint", "export")
     assert r.exit_code == 0, r.output
