@@ -31,6 +31,23 @@ def invoke(*args: str, input: str | None = None):
     return result
 
 
+HEAVY = ("transformers", "torch", "jax", "flax", "datasets")
+
+
+def heavy_imports(*args) -> list[str]:
+    """The HEAVY top-level packages that ``mlmtool ARGS`` imports, run in a fresh interpreter
+    (it must succeed)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mlmtool.cli import app; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(app, {[str(a) for a in args]!r}); assert r.exit_code == 0, r.output; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip().splitlines()[-1])  # a printed list of names
+
+
 def prepared_dir(root: Path, *, preset: str = "tiny", vocab_size: int = 300, max_seq_length: int = 32,
                  n_docs: int = 400, extra_set: tuple[str, ...] = ()) -> Path:
     """init → tokenizer → prepare on a generated corpus; returns DIR."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from mlmtool import presets
 from mlmtool.presets import HF_DEFAULTS, PRESETS, build_config, load_config_file
+from tests.pipeline import heavy_imports
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,10 +57,5 @@ def test_our_config_json_reloads_unchanged(tmp_path):
 
 
 def test_init_imports_neither_transformers_nor_jax(tmp_path):
-    code = ("import sys; from mlmtool.cli import app; from typer.testing import CliRunner; "
-            f"r = CliRunner().invoke(app, ['init', {str(tmp_path / 'm')!r}, '--preset', 'small']); "
-            "assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch', 'jax', 'flax')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert heavy_imports("init", tmp_path / "m", "--preset", "small") == []
     assert json.loads((tmp_path / "m" / "config.json").read_text()) == presets.build_config("small")

@@ -237,14 +237,8 @@ def test_files_match_what_transformers_saves(tmp_path):
 
 def test_training_does_not_import_transformers(tmp_path, corpus_file):
     """transformers costs 0.65 CPU-s to import, 10% of a 50k-vocabulary run (docs/benchmarks.md)."""
-    import subprocess
-    import sys
+    from tests.pipeline import heavy_imports
 
     d = make_model_dir(tmp_path / "m", "tiny")
-    code = ("import sys; from mlmtool.cli import app; from typer.testing import CliRunner; "
-            f"r = CliRunner().invoke(app, ['tokenizer', {str(d)!r}, {str(corpus_file)!r}, '--vocab-size', '400']); "
-            "assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch', 'jax')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert heavy_imports("tokenizer", d, corpus_file, "--vocab-size", 400) == []
     assert (d / "tokenizer.json").is_file()
