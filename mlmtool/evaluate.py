@@ -187,6 +187,13 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
         abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
         params_sharding = sh.state_shardings(mesh, abstract)
         selected = select_checkpoint(mdir, checkpoint)
+        # The training step the weights are from, for the TensorBoard event (the export is
+        # written with the run's last checkpoint).  On every process: opening the
+        # checkpoints is collective.
+        from mlmtool import checkpoint as ckpt
+
+        weights_step = (selected if isinstance(selected, int) else 0 if selected == INIT
+                        else ckpt.latest_step(mdir.checkpoints_dir))
         train_store = BlockStore.open(mdir.data_dir, "train")
         baseline_token = unigram_top_token(train_store)
     except Exception as e:  # fail on every process together, not on one while the others wait
@@ -209,15 +216,10 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     results["checkpoint"] = source
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)
-        from mlmtool import checkpoint as ckpt
         from mlmtool.progress import MetricsWriter
 
         record = {"event": "eval", "checkpoint": source, **results}
-        # The training step the weights are from, for the TensorBoard event: the export is
-        # written with the run's last checkpoint.
-        steps = ckpt.all_steps(mdir.checkpoints_dir)
-        at = selected if isinstance(selected, int) else 0 if selected == INIT else steps[-1] if steps else None
-        if at is not None:
-            record["step"] = at
+        if weights_step is not None:
+            record["step"] = weights_step
         MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir / "tensorboard").write(record)
     return results
