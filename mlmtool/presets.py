@@ -97,10 +97,10 @@ _COMMON_DEFAULTS = dict(
     output_hidden_states=False, problem_type=None, return_dict=True, tie_word_embeddings=True, type_vocab_size=2,
     use_cache=True,
 )
-#: ``AutoConfig.for_model(model_type).to_dict()`` of transformers 5 (without
-#: transformers_version, as JSON stores it): every field a config.json of that type has.  Written out so that
-#: ``init`` needs neither transformers nor the torch it imports (3 CPU-s); test_presets
-#: checks it against the installed transformers.
+#: ``AutoConfig.for_model(model_type).to_dict()`` of transformers 5, as config.json stores
+#: it (without transformers_version): every field a config.json of that type has.  Written
+#: out so that ``init`` needs neither transformers nor the torch it imports (seconds);
+#: tests/test_presets.py checks it against the installed transformers.
 HF_DEFAULTS: dict[str, dict] = {
     "roberta": {**_COMMON_DEFAULTS, "model_type": "roberta", "vocab_size": 50265, "bos_token_id": 0,
                 "pad_token_id": 1, "eos_token_id": 2},

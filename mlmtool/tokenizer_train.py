@@ -153,7 +153,7 @@ def add_post_processor(tok, kind: str) -> None:
 def tokenizer_files(tok, kind: str, *, model_max_length: int) -> dict[str, str]:
     """The three files of a Hugging Face tokenizer directory, as text, without transformers.
 
-    tokenizer.json is ``Tokenizer.to_str`` (byte for byte what ``save_pretrained`` writes).
+    tokenizer.json is ``Tokenizer.to_str``, the same JSON ``save_pretrained`` writes (tested).
     tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
     its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
     the model-specific classes of transformers 5 rebuild the pipeline from vocab and merges

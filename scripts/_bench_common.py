@@ -153,7 +153,7 @@ def matmul_peak(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dict
 
 def print_json(record: dict[str, Any]) -> None:
     """The one machine-readable line every benchmark ends with."""
-    print(json.dumps(record, sort_keys=True, default=float))
+    print(json.dumps(record, sort_keys=True, default=float), flush=True)
 
 
 def si(x: float, unit: str = "") -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,23 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _bench_common import cores, cpu_model, median, print_json  # noqa: E402,F401  (re-exported)
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+DEFAULT_CORPUS = "/work/shared/corpora/en_linux_kernel_docs.txt.xz"
+
+
+def add_corpus_argument(p) -> None:
+    """The ``--corpus`` option of the benchmarks that read a text corpus."""
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="text file, one document per line "
+                   "(.xz/.gz/.bz2 are decompressed first) (default: the Linux kernel docs corpus)")
 
 
 def loadavg() -> list[float]:
@@ -205,15 +199,6 @@ def disk_usage(path: str | os.PathLike) -> int:
             except OSError:
                 pass
     return total
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
-def print_json(record: dict[str, Any]) -> None:
-    """The one machine-readable line every benchmark ends with."""
-    print(json.dumps(record, sort_keys=True, default=float), flush=True)
 
 
 def decompress(src: str | os.PathLike, dest: str | os.PathLike) -> Path:

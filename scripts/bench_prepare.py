@@ -47,18 +47,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_proc import (decompress, disk_usage, format_machine, machine_info, median,  # noqa: E402
-                         mlmtool_exe, print_json, run_measured)
+from _bench_proc import (add_corpus_argument, decompress, disk_usage, format_machine,  # noqa: E402
+                         machine_info, median, mlmtool_exe, print_json, run_measured)
 
-DEFAULT_CORPUS = "/work/shared/corpora/en_linux_kernel_docs.txt.xz"
 MAX_SEQ_LENGTH = 128
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="text file, one document per line "
-                   "(.xz/.gz/.bz2 are decompressed first) (default: the Linux kernel docs corpus)")
+    add_corpus_argument(p)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: roberta-base's 50265)")
     p.add_argument("--num-proc", type=int, default=2, help="processes for both (default 2)")

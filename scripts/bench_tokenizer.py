@@ -8,8 +8,8 @@ Set-up: the corpus is decompressed into a temporary directory and ``mlmtool init
 subprocesses and in turn (the order rotates from one repeat to the next):
 
 * ours, end to end: ``mlmtool tokenizer DIR CORPUS --vocab-size V --json`` (the installed
-  console script: imports, reading the corpus, training, saving through transformers,
-  config.json); its ``seconds`` field is the training part (``train_from_iterator``,
+  console script: imports, reading the corpus, training, saving the
+  tokenizer files, config.json); its ``seconds`` field is the training part (``train_from_iterator``,
   corpus streaming included);
 * ours, training part alone: the same tokenizer, trainer and corpus batches as the
   command (``build_tokenizer``, ``build_trainer``, ``Corpus.batches(TRAIN_BATCH_BYTES)`` into
@@ -40,10 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_proc import (decompress, format_machine, machine_info, median, mlmtool_exe,  # noqa: E402
-                         print_json, run_measured)
+from _bench_proc import (add_corpus_argument, decompress, format_machine, machine_info,  # noqa: E402
+                         median, mlmtool_exe, print_json, run_measured)
 
-DEFAULT_CORPUS = "/work/shared/corpora/en_linux_kernel_docs.txt.xz"
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 TARGET = 0.90
 
@@ -51,8 +50,7 @@ TARGET = 0.90
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="text file, one document per line "
-                   "(.xz/.gz/.bz2 are decompressed first) (default: the Linux kernel docs corpus)")
+    add_corpus_argument(p)
     p.add_argument("--vocab-size", type=int, default=50265, help="vocabulary (default 50265, roberta-base's)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each run (default 3; medians reported)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one timed training in a child process

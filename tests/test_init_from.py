@@ -120,6 +120,9 @@ def test_train_starts_from_the_weights(source, tmp_path):
     before = json.loads(r.stdout)
     assert before["checkpoint"] == "init (before training)" and np.isfinite(before["eval_loss"])
     assert invoke("eval", d, "--checkpoint", "export").exit_code == 1
+    r = invoke("eval", d, "--json", "--per-device-eval-batch-size", 8, "--checkpoint", "init")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == before
 
     trainer = Trainer(ModelDir(d), TrainConfig(per_device_train_batch_size=8, max_steps=2))
     said = []

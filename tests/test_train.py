@@ -81,6 +81,9 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
 
     step, value = read_scalars(d / "tensorboard")["eval/loss"][-1]
     assert step == 8 and value == pytest.approx(other["eval_loss"], rel=1e-6)
+    # No 'init --from' here: --checkpoint init has nothing to read.
+    r = invoke("eval", d, "--checkpoint", "init")
+    assert r.exit_code == 1 and "init.safetensors does not exist" in r.output, r.output
 
     # A finished run resumes into "already complete" and does not train again.
     r = invoke("train", d, "--max-steps", 8, *TRAIN)
