@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmtool.errors import ConfigError
+from mlmtool.kernels import Kernels, select as select_kernels
 
 SUPPORTED_MODEL_TYPES = ("roberta", "bert")
 
@@ -250,13 +251,15 @@ def _embedding_init(std: float, padding_idx: int | None):
 
 
 class Dense(nn.Module):
-    """``nn.Dense`` (same parameter names, shapes and initialisation) computed as ONE 2-D
-    matmul over the flattened leading axes: ``[..., in] -> [N, in] @ [in, out]``.
+    """``nn.Dense`` (same parameter names, shapes and initialisation), with the matmul's form
+    chosen per backend (``mlmtool.kernels``):
 
-    With nn.Dense's N-D ``dot_general`` the weight gradient contracts two axes (batch and
-    length), and XLA:CPU first copies the output gradient into a transposed layout for it;
-    as a 2-D product the gradient is a plain ``x.T @ dy``.  That alone makes the training
-    step ~13% faster on CPU.
+    * ``"flat"``: ONE 2-D matmul over the flattened leading axes, ``[..., in] -> [N, in] @
+      [in, out]``.  With an N-D ``dot_general`` the weight gradient contracts two axes (batch
+      and length), and XLA:CPU first copies the output gradient into a transposed layout for
+      it; as a 2-D product the gradient is a plain ``x.T @ dy``.  That alone makes the CPU
+      training step ~13% faster.
+    * ``"nd"``: ``nn.Dense``'s ``dot_general`` over the last axis.
     """
 
     features: int
@@ -264,13 +267,19 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    form: str = "flat"
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))  # [N, out]
-        return y.reshape(*x.shape[:-1], self.features) + bias.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.form == "flat":
+            y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)  # [N, in] @ [in, out] -> [N, out]
+            y = y.reshape(*x.shape[:-1], self.features)  # [N, out] -> [..., out]
+        else:
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))  # [..., out]
+        return y + bias.astype(self.dtype)
 
 
 def _threefry2x32(key0, key1, x0, x1):
@@ -306,12 +315,15 @@ class Dropout(nn.Module):
     """Inverted dropout, as ``nn.Dropout``/``torch.nn.Dropout``: zero each element with
     probability ``rate`` and scale the rest by 1 / (1 - rate); uses the 'dropout' rng.
 
-    Same generator as nn.Dropout (Threefry-2x32), unrolled so that XLA fuses the bits, the
-    comparison and the select into one pass: dropout's share of the CPU training step falls
-    from ~7% to ~1% (docs/benchmarks.md).
+    ``form`` (``mlmtool.kernels``): ``"fused-threefry"`` draws nn.Dropout's generator
+    (Threefry-2x32) unrolled, so that XLA:CPU fuses the bits, the comparison and the select
+    into one pass (dropout's share of the CPU step falls from ~7% to ~1%, docs/benchmarks.md);
+    ``"jax"`` draws ``jax.random.bits`` with the key's own implementation (``rbg`` on
+    accelerators).  A key that is not Threefry's always takes ``"jax"``.
     """
 
     rate: float
+    form: str = "fused-threefry"
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
@@ -319,17 +331,43 @@ class Dropout(nn.Module):
             return x
         keep_prob = 1.0 - self.rate
         threshold = np.uint32(min(round(keep_prob * 2**32), 2**32 - 1))  # P(bits < t) = keep_prob
-        keep = _random_bits(self.make_rng("dropout"), x.shape or (1,)).reshape(x.shape) < threshold
+        key = self.make_rng("dropout")
+        if self.form == "fused-threefry" and _is_threefry(key):
+            bits = _random_bits(key, x.shape or (1,)).reshape(x.shape)
+        else:
+            bits = jax.random.bits(key, x.shape, jnp.uint32)
+        keep = bits < threshold
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _is_threefry(key) -> bool:
+    """A raw uint32[2] key (jax's default implementation) or a typed Threefry key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    return key.shape[-1:] == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+
+
 # --------------------------------------------------------------------------- modules
+
+# Gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost",
+# arXiv:1604.06174), per encoder layer: what the backward pass keeps of each layer's forward.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+}
 
 
 class _Base(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kernels: Kernels = Kernels()
+
+    @property
+    def kw(self) -> dict:
+        """The attributes every submodule shares."""
+        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
 
     def dense(self, features: int, name: str) -> Dense:
         return Dense(
@@ -338,8 +376,12 @@ class _Base(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=_normal(self.config.initializer_range),
             bias_init=nn.initializers.zeros,
+            form=self.kernels.dense,
             name=name,
         )
+
+    def dropout(self, rate: float) -> Dropout:
+        return Dropout(rate, form=self.kernels.dropout)
 
     def layer_norm(self, name: str) -> nn.LayerNorm:
         # Float32 output; use_fast_variance=False computes var as E[(x - mean)^2] like torch.
@@ -374,7 +416,7 @@ class Embeddings(_Base):
             embedding_init=_embedding_init(cfg.initializer_range, None),
         )
         self.LayerNorm = self.layer_norm("LayerNorm")
-        self.dropout = Dropout(cfg.hidden_dropout_prob)
+        self.drop = self.dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.config
@@ -388,14 +430,18 @@ class Embeddings(_Base):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)  # [B, L, H]
         x = self.LayerNorm(x)
-        return self.dropout(x, deterministic=deterministic)
+        return self.drop(x, deterministic=deterministic)
 
 
 class SelfAttention(_Base):
-    """HF ``attention.self``: multi-head scaled dot-product attention (no output projection)."""
+    """HF ``attention.self``: multi-head scaled dot-product attention (no output projection).
+
+    ``attention_mask`` is the bool key padding mask [B, L]; the kernel (``mlmtool.kernels``)
+    decides the form it takes: a [B, 1, 1, L] mask for XLA, per-row key lengths for cuDNN
+    (rows padded on the right)."""
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x, attention_mask, deterministic: bool):
         cfg = self.config
         batch, length, _ = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -406,18 +452,22 @@ class SelfAttention(_Base):
 
         q, k, v = project("query"), project("key"), project("value")
         rate = cfg.attention_probs_dropout_prob
-        if deterministic or rate == 0.0:
-            # jax's fused attention entry point (softmax in float32). implementation=None is
-            # XLA's kernel; a later switch to implementation="cudnn" is a one-line change here.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, N, D]
-        else:
-            # dot_product_attention has no dropout, so spell attention out when training with it.
+        mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
+        if not (deterministic or rate == 0.0):
+            # Neither fused entry point has dropout: spell attention out when training with it.
             scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
             scores = scores * head_dim**-0.5  # [B, N, L, L], scaled as in Vaswani et al.
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1)  # float32 softmax
-            probs = Dropout(rate)(probs, deterministic=False)
+            probs = self.dropout(rate)(probs, deterministic=False)
             out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
+        elif self.kernels.attention == "cudnn":
+            # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
+            lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                               implementation="cudnn")  # [B, L, N, D]
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
         return out.reshape(batch, length, cfg.hidden_size)  # [B, L, N, D] -> [B, L, H]
 
 
@@ -427,7 +477,7 @@ class ResidualOutput(_Base):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         x = self.dense(self.config.hidden_size, "dense")(x)
-        x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = self.dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(x + residual)
 
 
@@ -435,10 +485,9 @@ class Attention(_Base):
     """HF ``attention``: ``self`` (attention) followed by ``output`` (projection + add & norm)."""
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        context = SelfAttention(**kw, name="self")(x, mask, deterministic)
-        return ResidualOutput(**kw, name="output")(context, x, deterministic)
+    def __call__(self, x, attention_mask, deterministic: bool):
+        context = SelfAttention(**self.kw, name="self")(x, attention_mask, deterministic)
+        return ResidualOutput(**self.kw, name="output")(context, x, deterministic)
 
 
 class Intermediate(_Base):
@@ -454,31 +503,62 @@ class EncoderLayer(_Base):
     """One post-LN transformer block (Vaswani et al. 2017, as used by BERT)."""
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Attention(**kw, name="attention")(x, mask, deterministic)
-        h = Intermediate(**kw, name="intermediate")(x)
-        return ResidualOutput(**kw, name="output")(h, x, deterministic)
+    def __call__(self, x, attention_mask, deterministic: bool):
+        x = Attention(**self.kw, name="attention")(x, attention_mask, deterministic)
+        h = Intermediate(**self.kw, name="intermediate")(x)
+        return ResidualOutput(**self.kw, name="output")(h, x, deterministic)
 
 
 class LayerStack(_Base):
-    """HF's ``encoder.layer`` ModuleList: blocks named "0", "1", ... so params read layer/<i>/..."""
+    """HF's ``encoder.layer`` ModuleList: blocks named "0", "1", ... so params read layer/<i>/...
+
+    ``remat`` is the gradient-checkpointing policy of each layer (REMAT_POLICIES).  With
+    ``scan`` the layers run as one ``lax.scan`` over their weights stacked on the fly: XLA
+    compiles one layer instead of ``num_hidden_layers``, and the parameter tree (checkpoints,
+    optimizer state, the export) stays exactly the unrolled one.  Both give the same logits;
+    in training their dropout masks differ (the scan folds the layer index into the key).
+    """
+
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    def __call__(self, x, attention_mask, deterministic: bool):
+        policy = REMAT_POLICIES[self.remat]
+        if self.scan and not self.is_initializing():
+            return self._scanned(x, attention_mask, deterministic, policy)
+        layer = EncoderLayer if self.remat == "none" else nn.remat(EncoderLayer, policy=policy, static_argnums=(3,))
         for i in range(self.config.num_hidden_layers):
-            x = EncoderLayer(**kw, name=str(i))(x, mask, deterministic)
+            x = layer(**self.kw, name=str(i))(x, attention_mask, deterministic)
+        return x
+
+    def _scanned(self, x, attention_mask, deterministic: bool, policy):
+        n = self.config.num_hidden_layers
+        layers = [self.variables["params"][str(i)] for i in range(n)]
+        stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *layers)  # each leaf [n, ...]
+        block = EncoderLayer(**self.kw, parent=None)  # unbound: applied to one layer's weights
+        dropout_key = None if deterministic else self.make_rng("dropout")
+
+        def body(h, weights_and_index):
+            weights, i = weights_and_index
+            rngs = {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
+            return block.apply({"params": weights}, h, attention_mask, deterministic, rngs=rngs), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # no CSE to prevent inside a scan
+        x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(n)))  # [B, L, H]
         return x
 
 
 class Encoder(_Base):
     """HF ``encoder``."""
 
+    remat: str = "none"
+    scan: bool = False
+
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        return LayerStack(**kw, name="layer")(x, mask, deterministic)
+    def __call__(self, x, attention_mask, deterministic: bool):
+        return LayerStack(**self.kw, remat=self.remat, scan=self.scan, name="layer")(x, attention_mask, deterministic)
 
 
 class MLMHead(_Base):
@@ -506,16 +586,32 @@ class MLMHead(_Base):
 
 
 class MaskedLM(nn.Module):
-    """BERT/RoBERTa encoder with the masked-language-model head (HF ``*ForMaskedLM``)."""
+    """BERT/RoBERTa encoder with the masked-language-model head (HF ``*ForMaskedLM``).
+
+    ``kernels`` (None: ``mlmtool.kernels.select`` for jax's default backend and ``dtype``),
+    ``remat`` (a REMAT_POLICIES key) and ``scan_layers`` (None: scan when ``remat`` is on)
+    change how the network is computed, never the parameters or the function: checkpoints
+    and exports are interchangeable."""
 
     config: ModelConfig
     dtype: Any = jnp.float32  # computation dtype (float32 or bfloat16)
     param_dtype: Any = jnp.float32  # master weights always float32
+    kernels: Kernels | None = None
+    remat: str = "none"
+    scan_layers: bool | None = None  # None: scan exactly when gradient checkpointing is on
 
     def setup(self):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"unknown gradient checkpointing policy {self.remat!r}",
+                              hint=f"use one of {', '.join(REMAT_POLICIES)}")
+        kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=self.config.head_dim)
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
         self.embeddings = Embeddings(**kw)
-        self.encoder = Encoder(**kw)
+        # Rematerialisation pays off under the scan: XLA's scheduler keeps one layer's
+        # recomputation at a time there, while across unrolled layers it saved 7% of the
+        # activation memory where the scan saved 78% (docs/benchmarks.md, "Memory").
+        scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
+        self.encoder = Encoder(**kw, remat=self.remat, scan=scan)
         self.lm_head = MLMHead(**kw)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
@@ -531,7 +627,8 @@ class MaskedLM(nn.Module):
         a single row for the same overflow odds.  The logits are then [G, P, V].
         Dropout uses the 'dropout' rng when deterministic=False.
 
-        attention_mask defaults to all ones and token_type_ids to zeros, as in HF.
+        attention_mask defaults to all ones and token_type_ids to zeros, as in HF.  With the
+        cuDNN attention kernel (bfloat16 on NVIDIA GPUs) padding must be on the right.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
@@ -543,16 +640,13 @@ class MaskedLM(nn.Module):
                 f"{cfg.max_sequence_length} (max_position_embeddings={cfg.max_position_embeddings})",
                 hint="use shorter sequences or a model with more position embeddings",
             )
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
+        attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
+            else jnp.asarray(attention_mask).astype(bool)  # [B, L]
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
 
-        # Keys a query may attend to: [B, L] -> [B, 1, 1, L] (broadcast over heads and queries).
-        mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-
         x = self.embeddings(input_ids, token_type_ids, deterministic)  # [B, L, H]
-        x = self.encoder(x, mask, deterministic)  # [B, L, H]
+        x = self.encoder(x, attention_mask, deterministic)  # [B, L, H]
         if masked_positions is not None:
             masked_positions = jnp.asarray(masked_positions)
             groups = masked_positions.shape[0]

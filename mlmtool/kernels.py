@@ -1,0 +1,115 @@
+"""Which kernel computes attention, the Dense layers and dropout: chosen per backend, here only.
+
+The model (``mlmtool.model``) asks :func:`select` once, when it is built, and computes the
+same function whichever kernels it gets (tests/test_kernels.py checks the logits agree):
+
+* ``attention``
+  - ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, any backend and dtype;
+  - ``"cudnn"``: cuDNN's fused flash attention through the same entry point
+    (``implementation="cudnn"``).  NVIDIA GPUs only, bfloat16/float16 only, head_dim a
+    multiple of 8 and at most 128.  The key padding mask goes in as per-row key lengths
+    (cuDNN's PADDING mask), so rows must be padded on the right, as every mlmtool path
+    pads them (the block store, ``eval``, ``predict``, HF's tokenizers by default).
+  Training with attention-probability dropout (``attention_probs_dropout_prob > 0``, BERT's
+  and RoBERTa's 0.1) spells attention out on every backend: neither entry point has dropout.
+* ``dense``
+  - ``"flat"``: one 2-D matmul over the flattened leading axes (XLA:CPU's weight gradient
+    then needs no transposed copy: the CPU training step is ~13% faster,
+    docs/benchmarks.md);
+  - ``"nd"``: ``nn.Dense``'s N-D ``dot_general``, what the accelerators' compilers expect.
+* ``dropout``
+  - ``"fused-threefry"``: Threefry-2x32 unrolled so XLA fuses the bits, the comparison and
+    the select into one pass (dropout falls from ~7% to ~1% of the CPU step);
+  - ``"jax"``: ``jax.random.bits`` of the key's own implementation (``--prng-impl rbg``
+    gives the hardware generator MaxText uses on accelerators).
+  Both keep each element with probability 1 - rate and scale by 1 / (1 - rate).
+
+Defaults: CPU keeps the CPU-tuned kernels; GPU and TPU take the library ones (``nd`` Dense,
+``jax`` dropout) unless a measurement on that backend says otherwise (docs/benchmarks.md,
+"Accelerators").  On TPU attention is XLA's: the Pallas splash kernel is not wired in.
+
+``MLMTOOL_KERNELS`` overrides any choice for A/B measurements, e.g.
+``MLMTOOL_KERNELS=attention=xla,dropout=fused-threefry``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from mlmtool.errors import ConfigError
+
+Attention = Literal["xla", "cudnn"]
+Dense = Literal["flat", "nd"]
+Dropout = Literal["fused-threefry", "jax"]
+
+CHOICES = {"attention": ("xla", "cudnn"), "dense": ("flat", "nd"), "dropout": ("fused-threefry", "jax")}
+ENV = "MLMTOOL_KERNELS"
+
+# Per-backend defaults, before the per-configuration checks of select().
+DEFAULTS: dict[str, dict[str, str]] = {
+    "cpu": {"attention": "xla", "dense": "flat", "dropout": "fused-threefry"},
+    "gpu": {"attention": "cudnn", "dense": "nd", "dropout": "jax"},
+    "tpu": {"attention": "xla", "dense": "nd", "dropout": "jax"},
+}
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper with recent cuDNN; 128 holds on every supported GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    attention: Attention = "xla"
+    dense: Dense = "flat"
+    dropout: Dropout = "fused-threefry"
+
+    def describe(self) -> str:
+        return f"attention {self.attention}, dense {self.dense}, dropout {self.dropout}"
+
+
+def parse_overrides(text: str | None) -> dict[str, str]:
+    """``"attention=xla,dense=nd"`` -> ``{"attention": "xla", "dense": "nd"}``, checked."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = (s.strip() for s in item.partition("="))
+        if name not in CHOICES or value not in CHOICES[name]:
+            raise ConfigError(f"{ENV}: {item.strip()!r} is not a kernel choice",
+                              hint="use " + "; ".join(f"{k}={'|'.join(v)}" for k, v in CHOICES.items()))
+        out[name] = value
+    return out
+
+
+def platform_of(backend: str) -> str:
+    """jax's backend name ("cpu", "gpu", "cuda", "rocm", "tpu", ...) -> a DEFAULTS key."""
+    if backend in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return backend if backend in DEFAULTS else "cpu"
+
+
+def select(backend: str | None = None, *, dtype: str = "float32", head_dim: int = 64,
+           gpu_vendor: str = "nvidia", overrides: str | None = None) -> Kernels:
+    """The kernels for ``backend`` (default: jax's default backend) and this configuration.
+
+    cuDNN attention is taken only where it runs: an NVIDIA GPU, a 16-bit dtype and a head
+    size it supports; elsewhere attention falls back to XLA's.  ``overrides`` (default: the
+    ``MLMTOOL_KERNELS`` environment variable) replaces the defaults but cannot force cuDNN
+    where it cannot run.
+    """
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+        if backend == "gpu":  # jax names CUDA and ROCm devices both "gpu"
+            gpu_vendor = "nvidia" if "nvidia" in jax.devices()[0].device_kind.lower() else "other"
+    if backend == "rocm":
+        gpu_vendor = "other"
+    platform = platform_of(backend)
+    choice = dict(DEFAULTS[platform])
+    choice.update(parse_overrides(os.environ.get(ENV) if overrides is None else overrides))
+    cudnn_ok = (platform == "gpu" and gpu_vendor == "nvidia" and dtype in CUDNN_DTYPES
+                and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    if choice["attention"] == "cudnn" and not cudnn_ok:
+        choice["attention"] = "xla"
+    return Kernels(**choice)
