@@ -33,6 +33,9 @@ from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
 from mlmtool.masking import default_max_predictions, mask_tokens
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training arguments, named as in HF's TrainingArguments; defaults from the seed notebook."""
@@ -55,6 +58,9 @@ class TrainConfig:
     mlm_probability: float = 0.15               # BERT's 15%
     max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
     dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
+    gradient_checkpointing: str = "none"        # remat per layer: none | dots | full (model.REMAT_POLICIES)
+    scan_layers: bool | None = None             # None: scan the layers when gradient checkpointing is on
+    prng_impl: str = "threefry2x32"             # jax's default; rbg / unsafe_rbg are the accelerators' fast ones
     seed: int = 0                               # the seed's training_seed
     logging_steps: int = 100
     eval_steps: int | None = None               # None: evaluate at the end only
@@ -62,6 +68,8 @@ class TrainConfig:
     save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
 
     def validate(self) -> None:
+        from mlmtool.model import REMAT_POLICIES
+
         checks = [
             (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
             (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
@@ -71,6 +79,9 @@ class TrainConfig:
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
             (self.lr_scheduler in ("linear", "cosine", "constant"), "--lr-scheduler must be linear, cosine or constant"),
             (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
+            (self.gradient_checkpointing in REMAT_POLICIES,
+             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
+            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
             (self.logging_steps > 0, "--logging-steps must be positive"),
             (self.save_steps > 0, "--save-steps must be positive"),
             (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
@@ -281,12 +292,38 @@ class Plan:
     platform: str
 
 
-def _model_and_config(mdir, dtype: str):
-    from mlmtool.model import MaskedLM, ModelConfig
+def build_model(mcfg, cfg: TrainConfig):
+    """The network as ``cfg`` computes it (dtype, gradient checkpointing, scanned layers;
+    kernels chosen for the backend by ``mlmtool.kernels``)."""
+    from mlmtool.model import MaskedLM
+
+    return MaskedLM(mcfg, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+                    remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
+
+
+def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
+    return TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract_state.params),
+                      opt_state=sh.state_shardings(mesh, abstract_state.opt_state))
+
+
+def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
+                   mask_kwargs: dict):
+    """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
+    split over the mesh's batch axes, a replicated key.  Returns (step, batch sharding)."""
+    batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
+    step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
+                      mask_kwargs=mask_kwargs)
+    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, sh.replicated(mesh)),
+                   out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))
+    return step, batch_sharding
+
+
+def _model_and_config(mdir, cfg: TrainConfig):
+    from mlmtool.model import ModelConfig
 
     config = mdir.read_config()
     mcfg = ModelConfig.from_dict(config)
-    return config, mcfg, MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    return config, mcfg, build_model(mcfg, cfg)
 
 
 def _open_stores(mdir, config: dict):
@@ -378,7 +415,7 @@ class Trainer:
         cfg.validate()
         self.mdir = mdir
         self.cfg = cfg
-        self.config, self.mcfg, self.model = _model_and_config(mdir, cfg.dtype)
+        self.config, self.mcfg, self.model = _model_and_config(mdir, cfg)
         self.train_store, self.val_store = _open_stores(mdir, self.config)
         self.mesh = sh.make_mesh(mesh_spec)
         self.main = sh.is_main_process()
@@ -400,9 +437,7 @@ class Trainer:
             return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params))
 
         abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-        self.state_sharding = TrainState(step=sh.replicated(self.mesh),
-                                         params=sh.state_shardings(self.mesh, abstract_state.params),
-                                         opt_state=sh.state_shardings(self.mesh, abstract_state.opt_state))
+        self.state_sharding = state_shardings(self.mesh, abstract_state)
         self.abstract_state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
         self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
@@ -411,12 +446,12 @@ class Trainer:
         self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                                 vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
                                 max_predictions=self.plan.prediction_slots, rows_per_group=self.plan.rows_per_group)
-        self.batch_sharding = sh.batch_sharding(self.mesh, leading_dims=1)
-        step_fn = partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-                          pad_token_id=store.pad_token_id, mask_kwargs=self.mask_kwargs)
-        self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, sh.replicated(self.mesh)),
-                             out_shardings=(self.state_sharding, sh.replicated(self.mesh)), donate_argnums=(0,))
-        self.rng = jax.random.PRNGKey(cfg.seed)
+        self._step, self.batch_sharding = jit_train_step(self.model, self.tx, self.schedule, self.mesh,
+                                                         self.state_sharding, pad_token_id=store.pad_token_id,
+                                                         mask_kwargs=self.mask_kwargs)
+        # Each step's masking and dropout draw from fold_in(rng, step) (the initial weights
+        # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
+        self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
         self._eval_step = None  # built on first use, then reused
 
     def _settings(self) -> dict:
@@ -436,7 +471,7 @@ class Trainer:
     def _meta(self, step: int) -> dict:
         epoch, pos = divmod(step, self.plan.steps_per_epoch)
         return {"step": step, "epoch": epoch, "position_in_epoch": pos,
-                "rng": np.asarray(self.rng).tolist(),  # PRNGKey(seed); each step uses fold_in(rng, step)
+                "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),  # each step uses fold_in(rng, step)
                 "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg),
                 "total_steps": self.plan.total_steps}
 
@@ -471,7 +506,7 @@ class Trainer:
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
                 return TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
                                   opt_state=opt_state), 0
-            return self._init_state(jax.random.fold_in(self.rng, 0xC0FFEE)), 0
+            return self._init_state(jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 0xC0FFEE)), 0
         meta = checkpoint.restore_meta(ckpt_dir, latest)
         before, now = meta.get("run", {}), self._run_identity()
         changed = [k for k in ("seed", "global_batch", "train_blocks", "seq_len") if before.get(k) != now[k]]

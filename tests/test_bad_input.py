@@ -211,6 +211,14 @@ def _mesh_not_dividing(tmp, env):
     return ("train", _copy(env, tmp), "--mesh", f"data=-1,fsdp={jax.device_count() + 1}")
 
 
+def _unknown_remat_policy(tmp, env):
+    return ("train", _copy(env, tmp), "--gradient-checkpointing", "some")
+
+
+def _unknown_prng_impl(tmp, env):
+    return ("train", _copy(env, tmp), "--prng-impl", "philox")
+
+
 def _config_truncated(tmp, env):
     d = _copy(env, tmp)
     _truncate(d / "config.json")
@@ -384,6 +392,10 @@ CASES = [
          "lower --per-device-train-batch-size"),
     Case("mesh-not-dividing-devices", _mesh_not_dividing, "devices are not divisible by",
          "choose axis sizes that divide the device count"),
+    Case("unknown-remat-policy", _unknown_remat_policy, "--gradient-checkpointing must be one of none, dots, full",
+         "fix the option"),
+    Case("unknown-prng-impl", _unknown_prng_impl, "--prng-impl must be one of threefry2x32, rbg, unsafe_rbg",
+         "fix the option"),
     Case("config-truncated", _config_truncated, "config.json is not valid JSON", "mlmtool init DIR --force"),
     Case("config-not-an-object", _config_not_an_object, "config.json has no model_type", "mlmtool init DIR --force"),
     Case("tokenizer-truncated-prepare", _tokenizer_truncated_prepare, "cannot load", "retrain it with 'mlmtool tokenizer"),

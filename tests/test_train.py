@@ -94,9 +94,11 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output
 
 
-def test_resume_is_bit_identical(prepared, tmp_path):
+@pytest.mark.parametrize("execution", [{}, {"prng_impl": "rbg", "gradient_checkpointing": "full"}],
+                         ids=["default", "rbg+remat"])
+def test_resume_is_bit_identical(prepared, tmp_path, execution):
     cfg = TrainConfig(per_device_train_batch_size=8, max_steps=10, learning_rate=1e-3, warmup_steps=2,
-                      logging_steps=3, save_steps=4, save_total_limit=2)
+                      logging_steps=3, save_steps=4, save_total_limit=2, **execution)
     from mlmtool.modeldir import ModelDir
 
     a = _copy(prepared, tmp_path / "a")
@@ -107,7 +109,10 @@ def test_resume_is_bit_identical(prepared, tmp_path):
     out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None, stop_requested=lambda: next(calls) == 6)
     assert out["stopped_early"] and out["final_step"] == 7
     said = []
-    out = Trainer(ModelDir(b), cfg).run(say=said.append)
+    trainer = Trainer(ModelDir(b), cfg)
+    assert str(jax.random.key_impl(trainer.rng)) == cfg.prng_impl
+    assert trainer.model.remat == cfg.gradient_checkpointing
+    out = trainer.run(say=said.append)
     assert out["start_step"] == 7 and out["final_step"] == 10
     assert any("Resuming from checkpoint step 7" in s for s in said)
 

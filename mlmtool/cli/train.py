@@ -13,6 +13,7 @@ from mlmtool.cli.options import (CoordinatorOpt, DistributedTimeoutOpt, DtypeOpt
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
+PERF = "Memory and speed"
 
 _D = None  # lazily created TrainConfig defaults (no jax import for --help)
 
@@ -43,6 +44,17 @@ def train_command(
                                                              rich_help_panel=OPT)] = 1,
     mlm_probability: MlmProbabilityOpt = 0.15,
     dtype: DtypeOpt = "float32",
+    gradient_checkpointing: Annotated[str, typer.Option(
+        help="Recompute each layer's activations in the backward pass to save memory: none | dots (keep "
+             "matmul outputs) | full (keep only each layer's input).", rich_help_panel=PERF)] = "none",
+    scan_layers: Annotated[Optional[bool], typer.Option(
+        "--scan-layers/--no-scan-layers", help="Run the layers as one loop, compiled once (default: with "
+        "--gradient-checkpointing, where it is what saves the memory). Checkpoints and exports are the same "
+        "either way.", rich_help_panel=PERF,
+        show_default=False)] = None,
+    prng_impl: Annotated[str, typer.Option(
+        help="Random generator for masking and dropout: threefry2x32 | rbg | unsafe_rbg (faster on "
+             "accelerators).", rich_help_panel=PERF)] = "threefry2x32",
     seed: SeedOpt = 0,
     logging_steps: Annotated[int, typer.Option(help="Log metrics every N steps.", rich_help_panel=SCHED)] = 100,
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).",
@@ -76,7 +88,8 @@ def train_command(
         num_train_epochs=num_train_epochs, max_steps=max_steps, lr_scheduler=lr_scheduler,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
         adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
-        mlm_probability=mlm_probability, dtype=dtype, seed=seed, logging_steps=logging_steps,
+        mlm_probability=mlm_probability, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+        scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
