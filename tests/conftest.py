@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
 
 import pytest
+
+# The suite compiles into no persistent cache (tests/test_compilation_cache.py turns it on
+# in its own subprocesses); subprocesses the tests start inherit this.
+os.environ["MLMTOOL_COMPILATION_CACHE"] = "0"
 
 # -- corpus, tokenizer and prepare tests (test_corpus/test_tokenizer/test_prepare/test_blocks) --
 

@@ -100,9 +100,11 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", envvar="MLMTOOL_QUIET",
                                help="Print only errors and requested results."),
 ) -> None:
+    from mlmtool import compilation_cache
     from mlmtool.progress import set_quiet
 
     set_quiet(quiet)
+    compilation_cache.configure()
 
 
 def _register() -> None:
