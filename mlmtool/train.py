@@ -29,6 +29,7 @@ import optax
 
 from mlmtool import checkpoint, sharding as sh
 from mlmtool.errors import TrainingError
+from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
 from mlmtool.masking import default_max_predictions, mask_tokens
 
@@ -290,14 +291,20 @@ class Plan:
     rows_per_group: int
     dtype: str
     platform: str
+    device_kind: str = ""
+    kernels: str = ""                 # mlmtool.kernels choices, as the plan prints them
+    flops_per_token: float = 0.0      # training FLOPs our step executes per token (mlmtool.flops)
+    peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
 
 
 def build_model(mcfg, cfg: TrainConfig):
     """The network as ``cfg`` computes it (dtype, gradient checkpointing, scanned layers;
     kernels chosen for the backend by ``mlmtool.kernels``)."""
+    from mlmtool.kernels import select
     from mlmtool.model import MaskedLM
 
     return MaskedLM(mcfg, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+                    kernels=select(dtype=cfg.dtype, head_dim=mcfg.head_dim),
                     remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
 
 
@@ -316,6 +323,14 @@ def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad
     step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, sh.replicated(mesh)),
                    out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))
     return step, batch_sharding
+
+
+def _describe_execution(model) -> str:
+    text = model.kernels.describe()
+    if model.remat != "none":
+        text += f"; gradient checkpointing {model.remat}"
+    scanned = model.remat != "none" if model.scan_layers is None else model.scan_layers
+    return text + ("; layers scanned" if scanned else "")
 
 
 def _model_and_config(mdir, cfg: TrainConfig):
@@ -429,6 +444,11 @@ class Trainer:
                                   seq_len=self.train_store.seq_len, n_devices=self.mesh.size,
                                   parameters=n_params, mesh=dict(self.mesh.shape), platform=devs["platform"],
                                   processes=devs["processes"])
+        slot_share = self.plan.prediction_slots / (self.plan.rows_per_group * self.plan.seq_len)
+        self.plan = dataclasses.replace(
+            self.plan, device_kind=devs["device_kind"], kernels=_describe_execution(self.model),
+            flops_per_token=training_flops_per_token(self.config, self.plan.seq_len, slot_share)["executed"],
+            peak_flops=peak_flops(devs["device_kind"], cfg.dtype))
         self.schedule = make_schedule(cfg, self.plan.total_steps, self.plan.warmup_steps)
         self.tx = make_optimizer(cfg, self.schedule)
 
@@ -564,6 +584,8 @@ class Trainer:
                     if done == start + 1:  # exclude compilation from throughput
                         jax.block_until_ready(metrics)
                         result["compile_seconds"] = time.perf_counter() - window_start
+                        if progress is not None:
+                            progress.message(f"compiled and ran the first step in {result['compile_seconds']:.1f} s")
                         window_start, window_steps = time.perf_counter(), 0
                     last = done == plan.total_steps
                     stop = stop_requested()
@@ -633,6 +655,10 @@ class Trainer:
                 self._diverged(done - len(got) + i + 1, step_loss, float(m["learning_rate"]), mngr)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         tokens = window_steps * self.plan.tokens_per_step
+        tokens_per_second = tokens / elapsed if window_steps else 0.0
+        mfu = {}
+        if self.plan.peak_flops:  # model-FLOPs utilisation of the devices (mlmtool.flops)
+            mfu["mfu"] = tokens_per_second * self.plan.flops_per_token / (self.plan.peak_flops * self.plan.devices)
         return {
             "step": done,
             "epoch": done / self.plan.steps_per_epoch,
@@ -640,7 +666,8 @@ class Trainer:
             "accuracy": sum(float(m["accuracy_sum"]) for m in got) / max(denom, 1.0),
             "learning_rate": float(got[-1]["learning_rate"]),
             "grad_norm": float(got[-1]["grad_norm"]),
-            "tokens_per_second": tokens / elapsed if window_steps else 0.0,
+            "tokens_per_second": tokens_per_second,
+            **mfu,
             "masked_tokens": int(denom),
             "tokens_seen": done * self.plan.tokens_per_step,
             "time": time.time(),

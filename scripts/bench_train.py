@@ -78,14 +78,14 @@ def model_config(preset: str) -> dict:
     return build_config(preset, overrides=[f"vocab_size={VOCAB}"])
 
 
-def random_batches(n: int, batch: int, seq_len: int, seed: int = 0):
+def random_batches(n: int, batch: int, seq_len: int, seed: int = 0, vocab: int = VOCAB):
     """``n`` int32 arrays [batch, seq_len]: ``<s>``, ids uniform over the non-special vocabulary, ``</s>``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        ids = rng.integers(len(SPECIALS), VOCAB, (batch, seq_len), dtype=np.int32)
+        ids = rng.integers(len(SPECIALS), vocab, (batch, seq_len), dtype=np.int32)
         ids[:, 0], ids[:, -1] = BOS, EOS
         out.append(ids)
     return out
@@ -112,35 +112,30 @@ def summarise(wall: list[float], cpu: list[float], tokens: int) -> dict:
 # -- FLOPs ---------------------------------------------------------------------------------
 
 def flops_per_step(config: dict, batch: int, seq_len: int, head_rows: int) -> dict:
-    """Training FLOPs of one step (forward + backward = 3 x forward; a multiply-add is 2 FLOPs)."""
-    H, I, V, layers = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
-    per_layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H  # q,k,v,o + biases, FFN + biases, 2 LayerNorms
-    encoder = layers * per_layer + 2 * H  # + the embedding LayerNorm
-    head = H * H + H + 2 * H + H * V + V  # dense, LayerNorm, tied decoder (the word embeddings) + bias
-    attention = 12 * layers * H * seq_len  # per token: QK^T and PV, 2 FLOPs x 2 matmuls x 3 (fwd + bwd)
+    """Training FLOPs of one step (``mlmtool.flops``: forward + backward = 3 x forward)."""
+    from mlmtool.flops import matmul_parameters, training_flops_per_token
+
     tokens = batch * seq_len
-    return {"n_params_mfu": encoder + head, "head_rows": head_rows,
-            "model_flops": float((6 * (encoder + head) + attention) * tokens),
-            "executed_flops": float((6 * encoder + attention) * tokens + 6 * head * head_rows)}
+    per_token = training_flops_per_token(config, seq_len, head_fraction=head_rows / tokens)
+    return {"n_params_mfu": sum(matmul_parameters(config)), "head_rows": head_rows,
+            "model_flops": per_token["model"] * tokens, "executed_flops": per_token["executed"] * tokens}
 
 
 # -- ours ----------------------------------------------------------------------------------
 
 def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
-    from functools import partial
-
     import jax
     import jax.numpy as jnp
 
     from mlmtool import sharding as sh
     from mlmtool import train
-    from mlmtool.model import MaskedLM, ModelConfig, init_params
-    from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule, train_step
+    from mlmtool.model import ModelConfig, init_params
+    from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule
 
     config = model_config(preset)
     mcfg = ModelConfig.from_dict(config)
     cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
-    model = MaskedLM(mcfg, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    model = train.build_model(mcfg, cfg)
     schedule = make_schedule(cfg, 10_000, 0)
     tx = make_optimizer(cfg, schedule)
     # The masking settings Trainer uses.
@@ -150,21 +145,17 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     mask_kwargs.update(max_predictions=slots, rows_per_group=rows_per_group)
     head_rows = args.batch_size // rows_per_group * slots
 
-    # Exactly Trainer's jit: a (1-device) mesh, sharded state, batch [A=1, B, L], donated state.
+    # Exactly Trainer's jit (train.jit_train_step) on a 1-device mesh.
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
 
     def init_state(rng):
         params = init_params(mcfg, rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-    state_sh = TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract.params),
-                          opt_state=sh.state_shardings(mesh, abstract.opt_state))
+    state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    batch_sh = sh.batch_sharding(mesh, leading_dims=1)
-    step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=PAD, mask_kwargs=mask_kwargs)
-    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, sh.replicated(mesh)),
-                   out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+    step, batch_sh = train.jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
+                                          mask_kwargs=mask_kwargs)
     rng = jax.random.PRNGKey(0)
     device_batches = [jax.device_put(b[None], batch_sh) for b in batches]
 
@@ -233,15 +224,11 @@ def print_profile(trace_dir: str, compiled, one_step, n: int = 3) -> None:
 
 # -- PyTorch -------------------------------------------------------------------------------
 
-def torch_worker(spec: dict) -> dict:
-    """One PyTorch configuration (run in a child process): HF RobertaForMaskedLM + AdamW."""
-    import torch
+def hf_roberta_config(c: dict):
+    """transformers' RobertaConfig with the sizes and dropouts of our config.json ``c``."""
     import transformers
 
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    c = spec["config"]
-    hf_cfg = transformers.RobertaConfig(
+    return transformers.RobertaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
         num_attention_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
         hidden_act=c["hidden_act"], hidden_dropout_prob=c["hidden_dropout_prob"],
@@ -249,39 +236,57 @@ def torch_worker(spec: dict) -> dict:
         max_position_embeddings=c["max_position_embeddings"], type_vocab_size=c["type_vocab_size"],
         layer_norm_eps=c["layer_norm_eps"], initializer_range=c["initializer_range"],
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    model = transformers.RobertaForMaskedLM(hf_cfg)
-    model.train()
-    # HF Trainer's parameter groups: no weight decay on biases and LayerNorm weights.
+
+
+def torch_adamw(model, fused: bool = True):
+    """HF Trainer's AdamW (fused, its default for torch >= 2.8) with its parameter groups (no
+    weight decay on biases and LayerNorm weights) and our TrainConfig's betas, eps, decay."""
+    import torch
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=5e-5, betas=(0.9, 0.98), eps=1e-8, fused=True)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=5e-5, betas=(0.9, 0.98), eps=1e-8, fused=fused)
+
+
+def torch_mlm_mask(inputs, generator, vocab: int):
+    """DataCollatorForLanguageModeling.torch_mask_tokens on ``inputs``' device: 15% of the
+    non-special tokens; of those 80% <mask>, 10% a random token, 10% kept; labels -100 elsewhere."""
+    import torch
+
+    dev = inputs.device
+    inputs, labels = inputs.clone(), inputs.clone()
+    prob = torch.full(labels.shape, 0.15, device=dev)
+    prob.masked_fill_(torch.isin(labels, torch.as_tensor(SPECIALS, device=dev)), 0.0)
+    masked = torch.bernoulli(prob, generator=generator).bool()
+    labels[~masked] = -100
+    replaced = torch.bernoulli(torch.full(labels.shape, 0.8, device=dev), generator=generator).bool() & masked
+    inputs[replaced] = MASK
+    rand = torch.bernoulli(torch.full(labels.shape, 0.5, device=dev), generator=generator).bool() & masked & ~replaced
+    inputs[rand] = torch.randint(vocab, labels.shape, dtype=torch.long, generator=generator, device=dev)[rand]
+    return inputs, labels
+
+
+def torch_worker(spec: dict) -> dict:
+    """One PyTorch configuration (run in a child process): HF RobertaForMaskedLM + AdamW."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model = transformers.RobertaForMaskedLM(hf_roberta_config(spec["config"]))
+    model.train()
+    opt = torch_adamw(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / 10_000))
     batches = [torch.as_tensor(b, dtype=torch.long)
                for b in random_batches(spec["n_batches"], spec["batch_size"], spec["seq_len"])]
-    specials = torch.as_tensor(SPECIALS)
     gen = torch.Generator().manual_seed(0)
-
-    def mask(inputs):
-        # DataCollatorForLanguageModeling.torch_mask_tokens: 15% of the non-special tokens;
-        # of those 80% <mask>, 10% a random token, 10% kept; labels -100 elsewhere.
-        inputs, labels = inputs.clone(), inputs.clone()
-        prob = torch.full(labels.shape, 0.15)
-        prob.masked_fill_(torch.isin(labels, specials), 0.0)
-        masked = torch.bernoulli(prob, generator=gen).bool()
-        labels[~masked] = -100
-        replaced = torch.bernoulli(torch.full(labels.shape, 0.8), generator=gen).bool() & masked
-        inputs[replaced] = MASK
-        rand = torch.bernoulli(torch.full(labels.shape, 0.5), generator=gen).bool() & masked & ~replaced
-        inputs[rand] = torch.randint(VOCAB, labels.shape, dtype=torch.long, generator=gen)[rand]
-        return inputs, labels
-
     attention_mask = torch.ones_like(batches[0])
     box = {"i": 0, "loss": None}
 
     def one_step():
-        inputs, labels = mask(batches[box["i"] % len(batches)])
+        inputs, labels = torch_mlm_mask(batches[box["i"] % len(batches)], gen, VOCAB)
         loss = model(input_ids=inputs, attention_mask=attention_mask, labels=labels).loss  # mean over masked
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

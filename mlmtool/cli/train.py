@@ -142,6 +142,10 @@ def _args(cfg, mesh) -> dict:
     return {**dataclasses.asdict(cfg), "mesh": mesh}
 
 
+def _si(x: float) -> str:
+    return next(f"{x / f:.3g} {u}" for f, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")) if x >= f or f == 1)
+
+
 def _print_plan(plan, say) -> None:
     from rich.table import Table
 
@@ -160,7 +164,11 @@ def _print_plan(plan, say) -> None:
         ("training blocks", f"{plan.train_blocks:,} ({plan.steps_per_epoch:,} steps per epoch)"),
         ("validation blocks", f"{plan.validation_blocks:,}"),
         ("total steps", f"{plan.total_steps:,} ({plan.epochs:.2f} epochs, {plan.warmup_steps:,} warm-up)"),
-        ("dtype", plan.dtype),
+        ("dtype", plan.dtype + (f" on {plan.device_kind}" if plan.device_kind else "")),
+        ("kernels", plan.kernels),
+        ("FLOPs per token", f"{_si(plan.flops_per_token)}FLOP executed"
+                            + (f" (MFU against {plan.peak_flops / 1e12:.0f} TFLOP/s per device)" if plan.peak_flops
+                               else "")),
     ]
     for k, v in rows:
         t.add_row(k, v)

@@ -1,0 +1,553 @@
+"""Training throughput on an accelerator: tokens/s, MFU, memory and compile time of mlmtool's
+real step, beside transformers + torch.compile on the same batches.
+
+    python scripts/bench_accel.py                  # on a GPU/TPU (about 6 minutes on one H200)
+    python scripts/bench_accel.py --smoke          # anywhere, in seconds: tiny sizes (CI runs it)
+    python scripts/bench_accel.py --models roberta-base --batch-sizes 128,512 --ab none --no-torch
+
+For each model (``roberta-base`` at sequence length 128, the seed's; ``modernbert-base`` at
+1024 once that preset exists) it times ``train.jit_train_step`` (what ``mlmtool train`` runs:
+on-device masking, forward, backward, clipping, AdamW, donated state) on random rows that
+start with ``<s>`` and end with ``</s>``, at each batch size (ascending; a batch that does not
+fit is reported as such).  Per configuration: median step time over ``--steps`` fully
+synchronised steps after compilation and warm-up, tokens/s, sequences/s, training FLOPs per
+token (``mlmtool.flops``: ``executed``, the MLM head only at the prediction slots, and
+``model``, the head everywhere as Hugging Face computes it), MFU against the device's dense
+bf16 peak (``mlmtool.flops.PEAK_BF16_FLOPS``) and against a ``jnp.dot`` measured in the same
+run, the program's device memory (XLA's buffer assignment) and the process's peak, and the
+compile time.
+
+``--ab`` adds kernel A/B runs at one batch size (``--ab-batch``), each one switch away from
+the defaults: the CPU-tuned Dense and dropout (``MLMTOOL_KERNELS``), ``--prng-impl rbg``, and
+without attention dropout (the only configuration cuDNN's fused attention can take) with
+cuDNN and with XLA attention.
+
+The peer, in a child process (so that neither framework holds the other's memory): the same
+config through transformers' ``RobertaForMaskedLM`` with ``torch.compile``, bf16 autocast, fused
+AdamW with HF Trainer's parameter groups, gradient clipping, ``DataCollatorForLanguageModeling``
+masking on the device and HF's loss, on the same batches.  Ends with one JSON line; with
+``--json-out FILE`` also writes it there (docs/bench/accel-<device>-<date>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench_common import median, print_json, si  # noqa: E402
+from bench_train import MASK, PAD, SPECIALS, random_batches  # noqa: E402
+
+# model -> (preset, sequence length): the seed's roberta-base at 128; ModernBERT's 1024.
+MODELS = {"roberta-base": ("roberta-base", 128), "modernbert-base": ("modernbert-base", 1024)}
+AB = {  # name -> (MLMTOOL_KERNELS, TrainConfig changes, config.json changes)
+    "dense=flat": ("dense=flat", {}, {}),
+    "dropout=fused-threefry": ("dropout=fused-threefry", {}, {}),
+    "prng=rbg": ("", {"prng_impl": "rbg"}, {}),
+    "no-attn-dropout": ("", {}, {"attention_probs_dropout_prob": 0.0}),
+    "no-attn-dropout,attention=xla": ("attention=xla", {}, {"attention_probs_dropout_prob": 0.0}),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="roberta-base,modernbert-base", help="comma-separated, from: " + ", ".join(MODELS))
+    p.add_argument("--batch-sizes", default="64,256,512", help="sequences per step, ascending")
+    p.add_argument("--find-max", action="store_true",
+                   help="after the largest batch size, keep doubling it until one does not fit (at most 16384)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--ab", default=",".join(AB), help="kernel A/B runs (comma-separated, or 'none'): " + ", ".join(AB))
+    p.add_argument("--ab-batch", type=int, default=256, help="batch size of the A/B runs")
+    p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch peer")
+    p.add_argument("--torch-batch-sizes", default="256", help="batch sizes the peer runs (torch.compile per shape)")
+    p.add_argument("--no-torch-compile", action="store_true", help="the peer in eager mode")
+    p.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 jnp.dot peak probe")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes that run anywhere in seconds (preset tiny, seq 32, batches 2,4)")
+    p.add_argument("--compile-ab", metavar="PRESET",
+                   help="also compile (not run) PRESET's step at --ab-batch with layers unrolled, scanned, and "
+                        "scanned with gradient checkpointing: compile time and program memory (e.g. roberta-large)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="trace 3 more steps of the first model at --ab-batch with jax.profiler into DIR and print "
+                        "the device's kernel time by kind (matmuls, attention, XLA fusions, copies) and its idle share")
+    p.add_argument("--budget", type=float, help="seconds: start no phase after that, stop a running one there")
+    p.add_argument("--json-out", help="also write the JSON line to this file")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch_sizes, args.steps, args.warmup, args.matmul_n = "4", 2, 1, 256
+        args.ab_batch, args.torch_batch_sizes = 4, "4"
+        args.ab = "dense=flat" if args.ab == ",".join(AB) else args.ab
+    return args
+
+
+def model_config(name: str, smoke: bool) -> tuple[str, dict, int] | None:
+    """(preset, config.json dict, sequence length) for ``name``; None when the preset is missing."""
+    from mlmtool.errors import MlmtoolError
+    from mlmtool.presets import build_config
+
+    preset, seq_len = MODELS.get(name, (name, 128))
+    if smoke:
+        preset, seq_len = ("tiny", 32) if name == "roberta-base" else (preset.replace("-base", "-tiny"), 64)
+    try:
+        return preset, build_config(preset), seq_len
+    except MlmtoolError:
+        return None
+
+
+# -- ours (child process) ---------------------------------------------------------------------
+
+def is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def jax_worker(spec: dict) -> None:
+    """Every configuration of ``spec["runs"]`` in this process; one JSON line each."""
+    import jax
+
+    from mlmtool.kernels import ENV
+
+    dev = jax.devices()[0]
+    print(json.dumps({"device": {"backend": jax.default_backend(), "device_kind": dev.device_kind,
+                                 "count": jax.device_count(), "jax": jax.__version__}}), flush=True)
+    peak = measured_matmul(spec["matmul_n"], spec["dtype"])
+    print(json.dumps({"matmul": peak}), flush=True)
+    for run in spec["runs"]:
+        os.environ[ENV] = run.get("kernels", "")
+        try:
+            out = time_config(run, spec)
+        except Exception as e:  # report and go on: a configuration that does not fit is a result
+            out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "oom": is_oom(e)}
+        print(json.dumps({"run": {**run, **out}}), flush=True)
+        jax.clear_caches()
+        gc.collect()
+
+
+def measured_matmul(n: int, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)  # never zeros: see METHOD
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return {"n": n, "dtype": dtype, "flops": 2.0 * n ** 3 / median(times)}
+
+
+def time_config(run: dict, spec: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mlmtool import sharding as sh
+    from mlmtool import train
+    from mlmtool.model import ModelConfig, init_params
+    from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule
+
+    config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
+    mcfg = ModelConfig.from_dict(config)
+    cfg = TrainConfig(per_device_train_batch_size=batch, dtype=spec["dtype"], max_steps=10_000, **run.get("train", {}))
+    model = train.build_model(mcfg, cfg)
+    schedule = make_schedule(cfg, 10_000, 0)
+    tx = make_optimizer(cfg, schedule)
+    slots, rows_per_group = train.prediction_layout(cfg, seq_len)
+    mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=config["vocab_size"],
+                       mlm_probability=cfg.mlm_probability, max_predictions=slots, rows_per_group=rows_per_group)
+    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
+
+    def init_state(rng):
+        params = init_params(mcfg, rng)
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+
+    state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    step, batch_sh = train.jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
+                                          mask_kwargs=mask_kwargs)
+    if run.get("compile_only"):  # abstract arguments: nothing is allocated
+        state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       jax.eval_shape(init_state, jax.random.PRNGKey(0)), state_sh)
+    else:
+        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
+    rng = jax.random.key(0, impl=cfg.prng_impl)
+    batches = [jax.device_put(b[None], batch_sh)
+               for b in random_batches(spec["n_batches"], batch, seq_len, vocab=config["vocab_size"])]
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0], rng).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    program_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                                 + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    if run.get("compile_only"):
+        return {"compile_s": compile_s, "program_memory_bytes": program_bytes}
+    metrics = None
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batches[i % len(batches)], rng)
+        jax.block_until_ready((state, metrics))
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t)
+    m = jax.device_get(metrics)
+    loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
+    profile = {}
+    if run.get("profile"):
+        def one_step(i=[0]):
+            nonlocal state
+            state, out = compiled(state, batches[i[0] % len(batches)], rng)
+            jax.block_until_ready((state, out))
+            i[0] += 1
+
+        profile = {"profile": kernel_time(run["profile"], one_step, median(times))}
+    stats = jax.devices()[0].memory_stats() or {}
+    sec = median(times)
+    return {"step_s": sec, "min_step_s": min(times), "max_step_s": max(times),
+            "tokens_per_s": batch * seq_len / sec, "sequences_per_s": batch / sec,
+            "compile_s": compile_s, "program_memory_bytes": program_bytes,
+            "peak_memory_bytes": stats.get("peak_bytes_in_use"), "memory_limit_bytes": stats.get("bytes_limit"),
+            "head_fraction": slots / (rows_per_group * seq_len), "kernels_used": model.kernels.describe(),
+            "loss_last": loss, **profile}
+
+
+KERNEL_KINDS = (  # (kind, substrings of a device kernel's name), first match wins
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmul (cuBLAS/cuBLASLt/CUTLASS)", ("gemm", "xmma", "cutlass", "cublas", "matmul", "sm90_", "sm80_", "dot")),
+    ("copies and memset", ("memcpy", "memset", "copy")),
+    ("XLA fusions (elementwise, norms, softmax, dropout, optimizer)", ("fusion", "loop_", "input_", "reduce")),
+)
+
+
+def kernel_time(trace_dir: str, one_step, step_s: float, n: int = 3) -> dict:
+    """Device time per step by kind of kernel, from a jax.profiler trace of ``n`` steps."""
+    import collections
+    import glob
+
+    import jax
+
+    with jax.profiler.trace(trace_dir):
+        for _ in range(n):
+            one_step()
+    xplane = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    planes = [p for p in jax.profiler.ProfileData.from_file(xplane).planes if "/device:" in p.name]
+    for plane in planes[:1]:  # the first device
+        for line in plane.lines:
+            if "stream" not in line.name.lower():  # kernels run on streams; skip the derived lines
+                continue
+            for ev in line.events:
+                name = ev.name.lower()
+                kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
+                by_kind[kind] += ev.duration_ns / 1e6 / n
+                by_name[ev.name[:80]] += ev.duration_ns / 1e6 / n
+    busy = sum(by_kind.values())
+    lines = sorted({f"{p.name}: {ln.name}" for p in planes[:1] for ln in p.lines})
+    return {"trace": xplane, "lines": lines, "step_ms": 1e3 * step_s, "device_busy_ms": busy,
+            "by_kind_ms": dict(by_kind.most_common()), "top_kernels_ms": dict(by_name.most_common(12))}
+
+
+# -- the peer (child process) -----------------------------------------------------------------
+
+def torch_worker(spec: dict) -> None:
+    """transformers RobertaForMaskedLM, torch.compile, bf16 autocast; one JSON line per batch size."""
+    import torch
+    import transformers
+
+    from bench_train import hf_roberta_config, torch_adamw, torch_mlm_mask
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                      "device": torch.cuda.get_device_name() if cuda else "cpu"}), flush=True)
+    for run in spec["runs"]:
+        try:
+            out = _torch_config(run, spec, dev, hf_roberta_config, torch_adamw, torch_mlm_mask)
+        except Exception as e:
+            out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                   "oom": "out of memory" in str(e).lower()}
+        print(json.dumps({"run": {**run, **out}}), flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _torch_config(run, spec, dev, hf_roberta_config, torch_adamw, torch_mlm_mask) -> dict:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = transformers.RobertaForMaskedLM(hf_roberta_config(config)).to(dev)
+    model.train()
+    opt = torch_adamw(model, fused=True)
+    fwd = torch.compile(model) if spec["torch_compile"] else model
+    batches = [torch.as_tensor(b, dtype=torch.long, device=dev)
+               for b in random_batches(spec["n_batches"], batch, seq_len, vocab=config["vocab_size"])]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    attention_mask = torch.ones_like(batches[0])
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
+    box = {"loss": None}
+
+    def one_step(i):
+        inputs, labels = torch_mlm_mask(batches[i % len(batches)], gen, config["vocab_size"])
+        with autocast:
+            loss = fwd(input_ids=inputs, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        box["loss"] = loss
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    one_step(0)  # compiles
+    sync()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(1, 1 + spec["warmup"] + spec["steps"]):
+        t = time.perf_counter()
+        one_step(i)
+        sync()
+        if i > spec["warmup"]:
+            times.append(time.perf_counter() - t)
+    sec = median(times)
+    return {"step_s": sec, "min_step_s": min(times), "max_step_s": max(times),
+            "tokens_per_s": batch * seq_len / sec, "sequences_per_s": batch / sec, "compile_s": compile_s,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "attn_implementation": model.config._attn_implementation, "torch_compile": spec["torch_compile"],
+            "loss_last": float(box["loss"])}
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+def run_worker(kind: str, spec: dict, timeout: float | None = None) -> list[dict]:
+    """The worker's JSON lines (whatever it printed before a crash or the timeout)."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, err, code = p.stdout, p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err, code = "timed out", None
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    if code != 0:
+        print(f"  ({kind} worker exited {code}: {err.strip().splitlines()[-1] if err.strip() else ''})", flush=True)
+    return lines
+
+
+def device_tag(kind: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in kind.lower().replace("nvidia ", "")).strip("-") or "cpu"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.spec)
+        (jax_worker if args.worker == "jax" else torch_worker)(spec)
+        return
+
+    from mlmtool.flops import peak_flops, training_flops_per_token
+
+    deadline = time.monotonic() + args.budget if args.budget else None
+
+    def remaining() -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    common = {"dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "n_batches": 4,
+              "matmul_n": args.matmul_n}
+    defaults, ab_runs, compile_runs, skipped = plan_runs(args)
+    for name in skipped:
+        print(f"{name}: skipped (no such preset in this mlmtool)")
+
+    # In order of importance, each phase only while the budget lasts: the batch sizes, the
+    # peer, the A/B runs, the largest batch that fits, the compile-only runs.
+    lines = run_worker("jax", {**common, "runs": defaults}, remaining())
+    device = next((x["device"] for x in lines if "device" in x), {})
+    matmul = next((x["matmul"] for x in lines if "matmul" in x), {})
+    ours = [x["run"] for x in lines if "run" in x]
+    theirs = [] if args.no_torch else run_peer(args, common, ours, remaining)
+    if ab_runs and remaining() != 0.0:
+        ours += [x["run"] for x in run_worker("jax", {**common, "runs": ab_runs}, remaining()) if "run" in x]
+    if args.find_max:
+        ours += find_max(common, ours, remaining)
+    if compile_runs and remaining() != 0.0:
+        ours += [x["run"] for x in run_worker("jax", {**common, "runs": compile_runs}, remaining()) if "run" in x]
+
+    kind = device.get("device_kind", "unknown")
+    peak = peak_flops(kind, args.dtype)
+    for r in ours:
+        r["dtype"] = args.dtype
+        if "error" in r or r.get("compile_only"):
+            continue
+        fl = training_flops_per_token(r["config"], r["seq_len"], r["head_fraction"])
+        r["flops_per_token_executed"], r["flops_per_token_model"] = fl["executed"], fl["model"]
+        r["mfu"] = r["tokens_per_s"] * fl["executed"] / peak if peak else None
+        r["mfu_model"] = r["tokens_per_s"] * fl["model"] / peak if peak else None
+        r["mfu_measured_peak"] = r["tokens_per_s"] * fl["executed"] / matmul["flops"] if matmul else None
+    for r in theirs:
+        r["dtype"] = args.dtype
+        if "error" not in r:
+            fl = training_flops_per_token(r["config"], r["seq_len"])  # the head on every position
+            r["mfu"] = r["tokens_per_s"] * fl["model"] / peak if peak else None
+            mine = [o for o in ours if o["variant"] == "default" and o["model"] == r["model"]
+                    and o["batch_size"] == r["batch_size"] and "error" not in o]
+            if mine:
+                r["ours_over_torch"] = mine[0]["tokens_per_s"] / r["tokens_per_s"]
+
+    print_report(device, matmul, peak, ours, theirs, args)
+    record = {"benchmark": "accel", "date": datetime.date.today().isoformat(), "device": kind,
+              "backend": device.get("backend"), "jax": device.get("jax"), "dtype": args.dtype,
+              "peak_flops": peak, "measured_matmul_flops": matmul.get("flops"), "smoke": args.smoke,
+              "results": [_slim(r) for r in ours], "torch": [_slim(r) for r in theirs], "skipped": skipped}
+    print_json(record)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(record, sort_keys=True, default=float) + "\n")
+
+
+def plan_runs(args) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+    """(each model at each batch size, the A/B runs, the compile-only runs, models without a preset)."""
+    from mlmtool.presets import build_config
+
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    ab = [] if args.ab in ("", "none") else [x.strip() for x in args.ab.split(",") if x.strip()]
+    defaults, ab_runs, compile_runs, skipped = [], [], [], []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        got = model_config(name, args.smoke)
+        if got is None:
+            skipped.append(name)
+            continue
+        preset, config, seq_len = got
+        base = {"model": name, "preset": preset, "seq_len": seq_len, "config": config}
+        defaults += [{**base, "variant": "default", "batch_size": b} for b in sizes]
+        if args.profile and not any("profile" in r for r in defaults):
+            at = next((r for r in defaults if r["batch_size"] == args.ab_batch), defaults[-1])
+            at["profile"] = f"{args.profile}/{name}-{at['batch_size']}"
+        for v in ab:
+            kernels, train_changes, config_changes = AB[v]
+            ab_runs.append({**base, "config": {**config, **config_changes}, "variant": v,
+                           "batch_size": args.ab_batch, "kernels": kernels, "train": train_changes})
+    if args.compile_ab:
+        config = build_config(args.compile_ab)
+        seq_len = next((s for p, s in MODELS.values() if p == args.compile_ab), 128)
+        for variant, changes in (("unrolled", {"scan_layers": False}), ("scanned", {"scan_layers": True}),
+                                 ("scanned+remat full", {"gradient_checkpointing": "full"})):
+            compile_runs.append({"model": args.compile_ab, "preset": args.compile_ab, "seq_len": seq_len, "config": config,
+                           "variant": f"compile only: {variant}", "batch_size": args.ab_batch, "train": changes,
+                           "compile_only": True})
+    return defaults, ab_runs, compile_runs, skipped
+
+
+def run_peer(args, common: dict, ours: list[dict], remaining) -> list[dict]:
+    """transformers + torch on the batch sizes --torch-batch-sizes names that ours ran."""
+    tsizes = [int(x) for x in args.torch_batch_sizes.split(",") if x.strip()]
+    truns = [{k: r[k] for k in ("model", "preset", "seq_len", "config", "batch_size")}
+             for r in ours if r["variant"] == "default" and r["batch_size"] in tsizes and "error" not in r
+             and r["config"].get("model_type") in ("roberta", "bert")]
+    if not truns or remaining() == 0.0:
+        return []
+    tspec = {**common, "runs": truns, "torch_compile": not args.no_torch_compile and not args.smoke}
+    return [x["run"] for x in run_worker("torch", tspec, remaining()) if "run" in x]
+
+
+def find_max(common: dict, ours: list[dict], remaining) -> list[dict]:
+    """Double each model's largest batch until one does not fit (or 16384, or the budget)."""
+    found = []
+    for name in dict.fromkeys(r["model"] for r in ours if r["variant"] == "default"):
+        fits = [r for r in ours if r["model"] == name and r["variant"] == "default" and "error" not in r]
+        if not fits:
+            continue
+        run = {k: fits[-1][k] for k in ("model", "preset", "seq_len", "config", "variant")}
+        batch = max(r["batch_size"] for r in fits) * 2
+        while batch <= 16384 and remaining() != 0.0:
+            got = [x["run"] for x in run_worker("jax", {**common, "runs": [{**run, "batch_size": batch}]},
+                                                remaining()) if "run" in x]
+            found += got or [{**run, "batch_size": batch, "error": "no result (the worker died or the budget ran out)",
+                              "oom": False}]
+            if not got or "error" in got[-1]:
+                break
+            batch *= 2
+    return found
+
+
+def _slim(r: dict) -> dict:
+    """A run without its config.json (the JSON keeps the model name and what changed)."""
+    return {k: v for k, v in r.items() if k != "config"}
+
+
+def print_report(device, matmul, peak, ours, theirs, args) -> None:
+    kind = device.get("device_kind", "?")
+    print(f"device: {kind} ({device.get('backend')}, jax {device.get('jax')}); dtype {args.dtype}; "
+          f"datasheet peak {si(peak, 'FLOP/s') if peak else 'unknown'}; "
+          f"measured jnp.dot {matmul.get('n')}^3: {si(matmul['flops'], 'FLOP/s') if matmul else '-'}")
+    print(f"median of {args.steps} steps after compilation and {args.warmup} warm-up steps\n")
+    print(f"{'preset':<16}{'variant':<31}{'seq':>5}{'batch':>6}{'tok/s':>11}{'seq/s':>9}{'step ms':>9}"
+          f"{'MFU':>7}{'MFU model':>10}{'of dot':>8}{'mem GiB':>9}{'compile s':>10}")
+    for r in ours:
+        head = f"{r['preset']:<16}{r['variant']:<31}{r['seq_len']:>5}{r['batch_size']:>6}"
+        if "error" in r:
+            print(head + ("  does not fit in memory" if r.get("oom") else f"  failed: {r['error']}"))
+            continue
+        if r.get("compile_only"):
+            print(head + f"{'':>61}{(r['program_memory_bytes'] or 0) / 2**30:>9.2f}{r['compile_s']:>10.1f}")
+            continue
+        mem = r.get("peak_memory_bytes") or r.get("program_memory_bytes")
+
+        def pct(x):
+            return f"{100 * x:.1f}%" if x is not None else "-"
+
+        print(head + f"{r['tokens_per_s']:>11,.0f}{r['sequences_per_s']:>9,.0f}{1e3 * r['step_s']:>9.1f}"
+              f"{pct(r['mfu']):>7}{pct(r['mfu_model']):>10}{pct(r['mfu_measured_peak']):>8}"
+              f"{(mem or 0) / 2**30:>9.2f}{r['compile_s']:>10.1f}")
+    for r in theirs:
+        head = f"{r['preset']:<16}{'transformers+torch':<31}{r['seq_len']:>5}{r['batch_size']:>6}"
+        if "error" in r:
+            print(head + f"  failed: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(head + f"{r['tokens_per_s']:>11,.0f}{r['sequences_per_s']:>9,.0f}{1e3 * r['step_s']:>9.1f}"
+              f"{mfu:>7}{'':>10}{'':>8}{(r.get('peak_memory_bytes') or 0) / 2**30:>9.2f}{r['compile_s']:>10.1f}"
+              + (f"   ours/torch {r['ours_over_torch']:.2f}x" if "ours_over_torch" in r else ""))
+    for r in ours:
+        if r.get("profile"):
+            p = r["profile"]
+            busy = p["device_busy_ms"]
+            print(f"\nprofile of {r['preset']} at batch {r['batch_size']} ({p['trace']}): step {p['step_ms']:.1f} ms, "
+                  f"device busy {busy:.1f} ms ({100 * busy / p['step_ms']:.0f}%)")
+            for kind, ms in p["by_kind_ms"].items():
+                print(f"  {ms:8.2f} ms  {100 * ms / max(busy, 1e-9):5.1f}%  {kind}")
+            print("  top kernels:")
+            for name, ms in p["top_kernels_ms"].items():
+                print(f"  {ms:8.2f} ms  {name}")
+    fits = [r for r in ours if r["variant"] == "default" and "error" not in r and not r.get("compile_only")]
+    for name in dict.fromkeys(r["model"] for r in fits):
+        best = max((r for r in fits if r["model"] == name), key=lambda r: r["tokens_per_s"])
+        largest = max(r["batch_size"] for r in fits if r["model"] == name)
+        print(f"{name} ({best['preset']}): best {best['tokens_per_s']:,.0f} tok/s at batch {best['batch_size']}; largest batch run "
+              f"{largest}; {si(best['flops_per_token_executed'])}FLOP/token executed, "
+              f"{si(best['flops_per_token_model'])}FLOP/token with the head everywhere; kernels: {best['kernels_used']}")
+
+
+if __name__ == "__main__":
+    main()
