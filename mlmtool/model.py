@@ -341,9 +341,10 @@ class Dropout(nn.Module):
 
 
 def _is_threefry(key) -> bool:
-    """A raw uint32[2] key (jax's default implementation) or a typed Threefry key."""
+    """A Threefry key: raw uint32[2] (jax's default implementation) or typed with 2 words
+    of key data (rbg and unsafe_rbg keys have 4)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return str(jax.random.key_impl(key)) == "threefry2x32"
+        return jax.random.key_data(key).shape[-1:] == (2,)
     return key.shape[-1:] == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
 
 
