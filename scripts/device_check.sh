@@ -33,7 +33,7 @@ if [ -n "${DRY_RUN:-}" ]; then  # the same stages with sizes a CPU runs in secon
   TRAIN_PRESET=tiny; TRAIN_BATCH=16; TRAIN_STEPS=20; LOG_EVERY=5; VOCAB=2000; KTESTS="cudnn or selects"
 else
   BENCH=(--find-max --compile-ab roberta-large --profile /tmp/mlmtool-profile --budget 270)
-  TRAIN_PRESET=roberta-base; TRAIN_BATCH=256; TRAIN_STEPS=200; LOG_EVERY=50; VOCAB=50265; KTESTS="kernel or cudnn or dropout or scanned or checkpointing"
+  TRAIN_PRESET=roberta-base; TRAIN_BATCH=256; TRAIN_STEPS=200; LOG_EVERY=50; VOCAB=50265; KTESTS="cudnn or every_kernel or dropout_kernels or scanned_layers or selects"
 fi
 
 stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null; \
