@@ -168,14 +168,25 @@ def test_schedule_warmup_then_decay(kind):
         assert float(s(60)) == pytest.approx(0.5)
 
 
-def test_gradient_accumulation_trains(prepared, tmp_path):
+def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
+    # Pretend the device has a known 16-bit peak of 1 GFLOP/s: the log then carries the MFU.
+    monkeypatch.setattr("mlmtool.train.peak_flops", lambda kind, dtype: 1e9)
     d = _copy(prepared, tmp_path / "ga")
     r = invoke("train", d, "--max-steps", 3, "--per-device-train-batch-size", 4, "--gradient-accumulation-steps", 2,
                "--logging-steps", 1, "--save-steps", 10)
     assert r.exit_code == 0, r.output
-    assert "accumulation" in r.output
+    assert "accumulation" in r.output and "MFU against 1 GFLOP/s per device" in r.output
     lines = [m for m in _metrics(d) if "loss" in m]
     assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
+
+    from mlmtool.flops import training_flops_per_token
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.train import prediction_layout
+
+    slots, rows = prediction_layout(TrainConfig(per_device_train_batch_size=4), 32)
+    per_token = training_flops_per_token(ModelDir(d).read_config(), 32, slots / (rows * 32))["executed"]
+    for m in lines:
+        assert m["mfu"] == pytest.approx(m["tokens_per_second"] * per_token / 1e9, rel=1e-6)
 
 
 def test_batch_larger_than_data_is_refused(prepared, tmp_path):

@@ -167,7 +167,7 @@ def _print_plan(plan, say) -> None:
         ("dtype", plan.dtype + (f" on {plan.device_kind}" if plan.device_kind else "")),
         ("kernels", plan.kernels),
         ("FLOPs per token", f"{_si(plan.flops_per_token)}FLOP executed"
-                            + (f" (MFU against {plan.peak_flops / 1e12:.0f} TFLOP/s per device)" if plan.peak_flops
+                            + (f" (MFU against {_si(plan.peak_flops)}FLOP/s per device)" if plan.peak_flops
                                else "")),
     ]
     for k, v in rows:
