@@ -381,7 +381,7 @@ class _Base(nn.Module):
             name=name,
         )
 
-    def dropout(self, rate: float) -> Dropout:
+    def dropout_layer(self, rate: float) -> Dropout:
         return Dropout(rate, form=self.kernels.dropout)
 
     def layer_norm(self, name: str) -> nn.LayerNorm:
@@ -417,7 +417,7 @@ class Embeddings(_Base):
             embedding_init=_embedding_init(cfg.initializer_range, None),
         )
         self.LayerNorm = self.layer_norm("LayerNorm")
-        self.drop = self.dropout(cfg.hidden_dropout_prob)
+        self.dropout = self.dropout_layer(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.config
@@ -431,7 +431,7 @@ class Embeddings(_Base):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)  # [B, L, H]
         x = self.LayerNorm(x)
-        return self.drop(x, deterministic=deterministic)
+        return self.dropout(x, deterministic=deterministic)
 
 
 class SelfAttention(_Base):
@@ -460,7 +460,7 @@ class SelfAttention(_Base):
             scores = scores * head_dim**-0.5  # [B, N, L, L], scaled as in Vaswani et al.
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1)  # float32 softmax
-            probs = self.dropout(rate)(probs, deterministic=False)
+            probs = self.dropout_layer(rate)(probs, deterministic=False)
             out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
         elif self.kernels.attention == "cudnn":
             # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
@@ -478,7 +478,7 @@ class ResidualOutput(_Base):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         x = self.dense(self.config.hidden_size, "dense")(x)
-        x = self.dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = self.dropout_layer(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(x + residual)
 
 
