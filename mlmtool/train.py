@@ -32,6 +32,7 @@ from mlmtool.errors import TrainingError
 from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
 from mlmtool.masking import default_max_predictions, mask_tokens
+from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -48,12 +49,16 @@ class TrainConfig:
     warmup_ratio: float = 0.0                   # used when warmup_steps is 0
     num_train_epochs: float = 10.0              # the seed's num_epochs
     max_steps: int = -1                         # > 0 overrides num_train_epochs
-    lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax)
+    lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax); see optim
+    decay_steps: int = 0                        # wsd: steps of the final decay (0: decay_ratio of the run)
+    decay_ratio: float = 0.1                    # wsd: the last 10% of the run, as in Hägele et al. 2024
+    decay_shape: str = "1-sqrt"                 # wsd: 1-sqrt (ModernBERT's), linear or cosine
+    optimizer: str = "adamw"                    # adamw | adafactor | lamb | lion | stable-adamw (see optim)
     weight_decay: float = 0.01                  # the seed's
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98                    # RoBERTa's (more stable than 0.999 at large batch)
     adam_epsilon: float = 1e-8
-    adafactor: bool = False
+    adafactor: bool = False                     # the old switch: the same as optimizer="adafactor"
     max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
     gradient_accumulation_steps: int = 1
     mlm_probability: float = 0.15               # BERT's 15%
@@ -68,6 +73,11 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
 
+    def __post_init__(self) -> None:
+        if self.adafactor:  # one field for the fact: --adafactor is --optimizer adafactor
+            object.__setattr__(self, "optimizer", "adafactor")
+            object.__setattr__(self, "adafactor", False)
+
     def validate(self) -> None:
         from mlmtool.model import REMAT_POLICIES
 
@@ -78,7 +88,11 @@ class TrainConfig:
             (self.learning_rate > 0, "--learning-rate must be positive"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
-            (self.lr_scheduler in ("linear", "cosine", "constant"), "--lr-scheduler must be linear, cosine or constant"),
+            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
+            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
+            (self.decay_steps >= 0, "--decay-steps must not be negative"),
+            (0.0 < self.decay_ratio <= 1.0, "--decay-ratio must be in (0, 1]"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
             (self.gradient_checkpointing in REMAT_POLICIES,
              f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
@@ -101,41 +115,6 @@ class TrainState:
     step: jax.Array   # int32 scalar: optimizer steps taken
     params: Any
     opt_state: Any
-
-
-# -- optimizer -----------------------------------------------------------------------------
-
-def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: not biases, not LayerNorm scales (run_mlm_flax)."""
-    flat = flax.traverse_util.flatten_dict(params)
-    mask = {path: not (path[-1] == "bias" or (path[-1] == "scale" and path[-2] in ("LayerNorm", "layer_norm")))
-            for path in flat}
-    return flax.traverse_util.unflatten_dict(mask)
-
-
-def make_schedule(cfg: TrainConfig, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    lr = cfg.learning_rate
-    decay_steps = max(total_steps - warmup_steps, 1)
-    if cfg.lr_scheduler == "linear":
-        after = optax.linear_schedule(lr, 0.0, decay_steps)
-    elif cfg.lr_scheduler == "cosine":
-        after = optax.cosine_decay_schedule(lr, decay_steps)
-    else:
-        after = optax.constant_schedule(lr)
-    if warmup_steps <= 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
-
-
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    if cfg.adafactor:
-        opt = optax.adafactor(learning_rate=schedule)
-    else:
-        opt = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                          weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
-    return opt
 
 
 # -- the step ------------------------------------------------------------------------------

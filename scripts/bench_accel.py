@@ -160,7 +160,8 @@ def time_config(run: dict, spec: dict) -> dict:
     from mlmtool import sharding as sh
     from mlmtool import train
     from mlmtool.model import ModelConfig, init_params
-    from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule
+    from mlmtool.optim import make_optimizer, make_schedule
+    from mlmtool.train import TrainConfig, TrainState
 
     config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
     mcfg = ModelConfig.from_dict(config)

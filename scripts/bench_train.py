@@ -130,7 +130,8 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     from mlmtool import sharding as sh
     from mlmtool import train
     from mlmtool.model import ModelConfig, init_params
-    from mlmtool.train import TrainConfig, TrainState, make_optimizer, make_schedule
+    from mlmtool.optim import make_optimizer, make_schedule
+    from mlmtool.train import TrainConfig, TrainState
 
     config = model_config(preset)
     mcfg = ModelConfig.from_dict(config)

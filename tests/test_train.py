@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from mlmtool.model import ModelConfig
-from mlmtool.train import TrainConfig, Trainer, decay_mask, make_schedule
+from mlmtool.optim import decay_mask, make_schedule
+from mlmtool.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,11 +95,13 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output
 
 
-@pytest.mark.parametrize("execution", [{}, {"prng_impl": "rbg", "gradient_checkpointing": "full"}],
-                         ids=["default", "rbg+remat"])
+@pytest.mark.parametrize("execution", [
+    {}, {"prng_impl": "rbg", "gradient_checkpointing": "full", "optimizer": "stable-adamw", "lr_scheduler": "inverse_sqrt"},
+    {"optimizer": "lamb", "lr_scheduler": "wsd", "decay_steps": 4}, {"optimizer": "lion", "learning_rate": 1e-4},
+], ids=["default", "rbg+remat+stable-adamw+inverse_sqrt", "lamb+wsd", "lion"])
 def test_resume_is_bit_identical(prepared, tmp_path, execution):
-    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=10, learning_rate=1e-3, warmup_steps=2,
-                      logging_steps=3, save_steps=4, save_total_limit=2, **execution)
+    cfg = TrainConfig(**{**dict(per_device_train_batch_size=8, max_steps=10, learning_rate=1e-3, warmup_steps=2,
+                                logging_steps=3, save_steps=4, save_total_limit=2), **execution})
     from mlmtool.modeldir import ModelDir
 
     a = _copy(prepared, tmp_path / "a")
@@ -150,8 +153,9 @@ def test_two_devices_match_one_device(prepared, tmp_path):
 
 
 def test_decay_mask_excludes_bias_and_layernorm():
-    params = {"embeddings": {"LayerNorm": {"scale": 1, "bias": 1}, "word_embeddings": {"embedding": 1}},
-              "lm_head": {"bias": 1, "layer_norm": {"scale": 1, "bias": 1}, "dense": {"kernel": 1, "bias": 1}}}
+    vec, mat = np.zeros(4), np.zeros((4, 4))  # the rule is by dimensions: biases and norm scales are vectors
+    params = {"embeddings": {"LayerNorm": {"scale": vec, "bias": vec}, "word_embeddings": {"embedding": mat}},
+              "lm_head": {"bias": vec, "layer_norm": {"scale": vec, "bias": vec}, "dense": {"kernel": mat, "bias": vec}}}
     m = decay_mask(params)
     assert m["embeddings"]["word_embeddings"]["embedding"] and m["lm_head"]["dense"]["kernel"]
     assert not m["embeddings"]["LayerNorm"]["scale"] and not m["embeddings"]["LayerNorm"]["bias"]

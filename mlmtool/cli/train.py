@@ -30,14 +30,23 @@ def train_command(
                                                 rich_help_panel=OPT)] = 0.0,
     num_train_epochs: Annotated[float, typer.Option(help="Epochs over the training blocks (the seed's 10).")] = 10.0,
     max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")] = -1,
-    lr_scheduler: Annotated[str, typer.Option(help="linear | cosine | constant (after warm-up).",
-                                              rich_help_panel=OPT)] = "linear",
+    lr_scheduler: Annotated[str, typer.Option(
+        help="After warm-up: linear | cosine | constant | wsd (constant, then --decay-shape to 0 over the last "
+             "--decay-steps) | inverse_sqrt.", rich_help_panel=OPT)] = "linear",
+    decay_steps: Annotated[int, typer.Option(help="wsd: steps of the final decay (0: --decay-ratio of the run).",
+                                             rich_help_panel=OPT)] = 0,
+    decay_ratio: Annotated[float, typer.Option(help="wsd: the share of the run that decays.",
+                                               rich_help_panel=OPT)] = 0.1,
+    decay_shape: Annotated[str, typer.Option(help="wsd: 1-sqrt | linear | cosine.", rich_help_panel=OPT)] = "1-sqrt",
+    optimizer: Annotated[str, typer.Option(
+        help="adamw | adafactor | lamb (large batches) | lion (3-10x lower --learning-rate) | stable-adamw "
+             "(AdamW with per-tensor update clipping, ModernBERT's).", rich_help_panel=OPT)] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases/LayerNorm).",
                                                 rich_help_panel=OPT)] = 0.01,
     adam_beta1: Annotated[float, typer.Option(rich_help_panel=OPT)] = 0.9,
     adam_beta2: Annotated[float, typer.Option(help="RoBERTa's 0.98.", rich_help_panel=OPT)] = 0.98,
     adam_epsilon: Annotated[float, typer.Option(rich_help_panel=OPT)] = 1e-8,
-    adafactor: Annotated[bool, typer.Option(help="Adafactor instead of AdamW.", rich_help_panel=OPT)] = False,
+    adafactor: Annotated[bool, typer.Option(help="The same as --optimizer adafactor.", rich_help_panel=OPT)] = False,
     max_grad_norm: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
                                                  rich_help_panel=OPT)] = 1.0,
     gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.",
@@ -85,7 +94,8 @@ def train_command(
     cfg = TrainConfig(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         learning_rate=learning_rate, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-        num_train_epochs=num_train_epochs, max_steps=max_steps, lr_scheduler=lr_scheduler,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, lr_scheduler=lr_scheduler, decay_steps=decay_steps,
+        decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
         adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
         mlm_probability=mlm_probability, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
