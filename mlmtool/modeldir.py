@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mlmtool.errors import ModelDirError
 
@@ -63,21 +63,39 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same
+    directory, which is flushed to disk and renamed over ``path``.
+
+    The one way every artefact of a model directory is written (config, JSON, weights,
+    figures): a reader sees the old file or the complete new one, and the file gets the
+    permissions of the umask like any other (not mkstemp's 0600), so a directory shared
+    between users or hosts stays readable.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.close(fd)
+        fd = None
+        write(Path(tmp))  # a writer may replace the file (safetensors does): set the mode after it
+        fd = os.open(tmp, os.O_RDONLY)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a model directory is shared like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
         os.replace(tmp, path)
     except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -98,6 +116,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: other users and hosts read the block store
         yield tmp
         old = None
         if final.exists():
