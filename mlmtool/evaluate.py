@@ -164,6 +164,20 @@ def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) 
     return out["params"], f"step {step}"
 
 
+def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: str) -> None:
+    """eval's options, before any work: a loss over no predicted token would read as perfect."""
+    from mlmtool.errors import ConfigError
+
+    if not 0.0 < mlm_probability < 1.0:
+        raise ConfigError(f"--mlm-probability must be in (0, 1), got {mlm_probability}",
+                          "with nothing masked there is nothing to evaluate: use e.g. 0.15 (the default)")
+    if per_device_batch_size < 1:
+        raise ConfigError(f"--per-device-eval-batch-size must be positive, got {per_device_batch_size}",
+                          "use e.g. 64")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}", "use --dtype float32")
+
+
 def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 64, mlm_probability: float = 0.15,
              dtype: str = "float32", mesh_spec: str | None = None) -> dict:
     """Evaluate DIR's model on its validation split and write eval_results.json."""
@@ -173,6 +187,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.modeldir import atomic_write_json
 
+    check_options(per_device_batch_size=per_device_batch_size, mlm_probability=mlm_probability, dtype=dtype)
     error = None
     try:  # everything that can fail on one host alone, before any collective
         config = mdir.read_config()

@@ -41,12 +41,12 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
 
     if top_k < 1:
         raise DataError("--top-k must be at least 1", "e.g. --top-k 5")
+    config = mdir.read_config()  # its errors first: transformers' AutoTokenizer reads config.json too
     tok = load_tokenizer(mdir)
     mask = tok.mask_token
     for text in texts:
         if mask not in text:
             raise DataError(f"no {mask} in {text!r}", f"put {mask} where the model should fill in a token")
-    config = mdir.read_config()
     mcfg = ModelConfig.from_dict(config)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))

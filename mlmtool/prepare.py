@@ -613,6 +613,10 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           f"positions (max_position_embeddings {config['max_position_embeddings']})",
                           f"use --max-seq-length {limit} or less, or raise max_position_embeddings "
                           "with 'mlmtool init DIR --set ... --force'")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_proc is not None and not 1 <= num_proc <= 4 * cores:
+        raise ConfigError(f"--num-proc {num_proc} is not in 1 .. {4 * cores} (4 x the {cores} CPU cores)",
+                          f"use --num-proc {cores}, or leave it out (one per core)")
     if not 0 <= validation_split_percentage < 100:
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")

@@ -62,11 +62,22 @@ class TrainConfig:
     save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
 
     def validate(self) -> None:
+        """Every option's range, checked before any work (a NaN fails every comparison)."""
+        finite = math.isfinite
         checks = [
             (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
             (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
              "--per-device-eval-batch-size must be positive"),
-            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate must be a positive number, got {self.learning_rate}"),
+            (0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}"),
+            (0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}"),
+            (0 < self.adam_epsilon < math.inf, f"--adam-epsilon must be a positive number, got {self.adam_epsilon}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 <= self.max_grad_norm < math.inf, f"--max-grad-norm must be a number >= 0 (0: no clipping), "
+                                                 f"got {self.max_grad_norm}"),
+            (finite(self.num_train_epochs), f"--num-train-epochs must be a finite number, got {self.num_train_epochs}"),
+            (self.max_steps < 2**31, f"--max-steps must be below 2^31, got {self.max_steps}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
             (self.lr_scheduler in ("linear", "cosine", "constant"), "--lr-scheduler must be linear, cosine or constant"),
@@ -347,6 +358,9 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
             f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
             "lower --per-device-train-batch-size or prepare more data")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    if total >= 2**31:
+        raise TrainingError(f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps are {total:,} steps, "
+                            "beyond the 2^31 a run can count", "lower --num-train-epochs or set --max-steps")
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     slots, rows_per_group = prediction_layout(cfg, seq_len)
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
