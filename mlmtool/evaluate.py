@@ -178,6 +178,21 @@ def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: 
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}", "use --dtype float32")
 
 
+def check_results(results: dict, mdir, source: str) -> None:
+    """A loss over no predicted token, or a nan, is no result: never written as one."""
+    from mlmtool.errors import CheckpointError, DataError
+
+    if results["eval_tokens"] == 0:
+        raise DataError(f"the {results['eval_samples']:,} validation blocks in {mdir.data_dir} hold no token to "
+                        "predict (only special tokens or padding): the loss would read 0",
+                        f"prepare blocks with text in them: 'mlmtool prepare {mdir} FILE... --max-seq-length N "
+                        "--force' with a larger N")
+    if not (math.isfinite(results["eval_loss"]) and math.isfinite(results["eval_accuracy"])):
+        raise CheckpointError(f"the evaluation of {source} computed a loss of {results['eval_loss']}: its weights "
+                              "hold inf or nan (or overflow in bfloat16)",
+                              "evaluate another checkpoint (--checkpoint STEP), use --dtype float32, or train again")
+
+
 def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 64, mlm_probability: float = 0.15,
              dtype: str = "float32", mesh_spec: str | None = None) -> dict:
     """Evaluate DIR's model on its validation split and write eval_results.json."""
@@ -229,6 +244,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
                         vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
+    check_results(results, mdir, source)
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)
         from mlmtool.progress import MetricsWriter

@@ -606,6 +606,11 @@ class Trainer:
         loss_sum = sum(float(m["loss_sum"]) for m in got)
         denom = sum(float(m["denominator"]) for m in got)
         loss = loss_sum / max(denom, 1.0)
+        if denom == 0:  # a loss of 0 over nothing: not a perfect model
+            raise TrainingError(
+                f"no token was chosen for prediction in steps {done - len(got) + 1}..{done}: the loss would read 0",
+                f"the blocks hold only special tokens, or --mlm-probability ({self.cfg.mlm_probability}) is too "
+                f"small: prepare with a larger --max-seq-length ('mlmtool prepare {self.mdir} FILE... --force')")
         for i, m in enumerate(got):  # before any checkpoint of these steps is written
             step_loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
             if not (math.isfinite(step_loss) and bool(m.get("finite", True))):

@@ -194,3 +194,99 @@ def test_paths_in_meta_json_stay_inside_dir(prepared, tmp_path, name):
     before = snapshot(d)
     refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8), d, before,
             f"names {name!r} for the train split, a path outside", "mlmtool prepare")
+
+
+# == 3. No silent wrong result ====================================================================
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2", ".zst"])
+def test_every_compressed_format_fails_loudly_when_truncated(prepared, corpus, tmp_path, suffix):
+    """A truncated .zst was read as a shorter corpus, with exit 0."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    compress = {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress,
+                ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    data = compress(corpus.read_bytes() * 4)
+    whole, cut = tmp_path / f"whole.txt{suffix}", tmp_path / f"cut.txt{suffix}"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    for command in ("tokenizer", "prepare"):
+        refused(invoke(command, d, cut, *(("--max-seq-length", 32) if command == "prepare" else ())), d, before,
+                f"cannot decompress {cut}", "the file is damaged")
+    r = invoke("prepare", d, whole, "--max-seq-length", 32, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    assert sum(meta["documents"].values()) == 4 * len(corpus.read_text().splitlines())
+
+
+def test_zstd_with_several_frames_is_read_whole(tmp_path):
+    import zstandard
+
+    from mlmtool.corpus import open_corpus
+
+    path = tmp_path / "two-frames.txt.zst"
+    c = zstandard.ZstdCompressor()
+    path.write_bytes(c.compress(b"first document\n" * 5000) + c.compress(b"second document\n"))
+    docs = [doc for b in open_corpus([path]).batches(batch_bytes=4096) for doc in b.documents]
+    assert len(docs) == 5001 and docs[-1] == "second document"
+
+
+def test_predict_refuses_a_text_longer_than_the_model_reads(trained, tmp_path):
+    """A mask past the model's positions got no prediction, and predict exited 0."""
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    long = " ".join(["the king said"] * 30) + " <mask>."
+    refused(invoke("predict", d, long), d, before, "tokens long, but the model reads at most 64",
+            "shorten the text")
+    assert invoke("predict", d, "the king said <mask>.").exit_code == 0
+
+
+def test_line_by_line_blocks_of_only_special_tokens_are_refused(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 2, "--force"), d, before,
+            "hold only the 2 special tokens", "--max-seq-length 3 or more")
+    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 3, "--validation-split-percentage", 10,
+               "--force")
+    assert r.exit_code == 0, r.output
+
+
+def _special_only(d: Path, split: str) -> None:
+    import numpy as np
+
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    path = d / "data" / f"{split}.bin"
+    np.full(path.stat().st_size // 2, meta["cls_token_id"], dtype="<u2").tofile(path)
+
+
+def test_nothing_to_predict_is_no_perfect_score(trained, prepared, tmp_path):
+    """Blocks without a maskable token gave loss 0 / perplexity 1.00 in eval and train."""
+    d = copy(trained, tmp_path)
+    _special_only(d, "validation")
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "hold no token to predict", "mlmtool prepare")
+    d = copy(prepared, tmp_path, "fresh")
+    _special_only(d, "train")
+    line = error_line(invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--logging-steps", 1))
+    assert "no token was chosen for prediction in steps 1..1" in line, line
+    assert not (d / "checkpoints").exists() or not any((d / "checkpoints").iterdir())
+
+
+def test_nan_weights_fail_eval_and_predict(trained, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")
+    state = load_file(d / "model.safetensors")
+    key = sorted(state)[0]
+    state[key] = state[key] * np.nan
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "computed a loss of nan", "evaluate another checkpoint")
+    refused(invoke("predict", d, "the <mask> said"), d, before, "predictions are not finite", "--checkpoint")
