@@ -145,7 +145,8 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
     return step
 
 
-def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
+def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params,
+                config: dict | None = None) -> tuple[Any, str]:
     """Parameters from a checkpoint (``latest`` or a step number), the export or ``init``."""
     from mlmtool import checkpoint
     from mlmtool.hf_weights import load_safetensors
@@ -160,7 +161,7 @@ def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) 
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_params, params_sharding)
     with checkpoint.manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
-        out = checkpoint.restore(mngr, step, abstract)
+        out = checkpoint.restore(mngr, step, abstract, config=config)
     return out["params"], f"step {step}"
 
 
@@ -236,7 +237,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     error = None
     try:
         params, source = load_params(mdir, mcfg, "export" if selected is None else str(selected), mesh,
-                                     params_sharding, abstract)
+                                     params_sharding, abstract, config=config)
     except Exception as e:
         error = e
     sh.agree(error=error)

@@ -212,6 +212,21 @@ class ModelDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (orbax renames a step's folder to its number when
+        it is complete), without importing orbax."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def trained_state(self) -> list[str]:
+        """What training left in DIR (checkpoints, the export), in words; empty if nothing."""
+        steps = self.checkpoint_steps()
+        out = [f"checkpoints up to step {steps[-1]}"] if steps else []
+        if self.weights_path.exists():
+            out.append(WEIGHTS)
+        return out
+
     # -- stage checks --------------------------------------------------------
     def read_config(self) -> dict:
         """config.json as a full dict (every field, HF defaults filled in)."""
@@ -333,6 +348,14 @@ def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
         + (f" (if it is no longer running, delete {directory / LOCK})" if elsewhere else ""))
 
 
+def _cannot_write(directory: Path, e: OSError) -> ModelDirError:
+    import errno
+
+    read_only = "the file system is read-only: use a writable directory, or " if e.errno == errno.EROFS else ""
+    return ModelDirError(f"cannot write to {directory} ({e.strerror})",
+                         f"{read_only}check the directory's permissions and free space")
+
+
 def _lock_record(command: str) -> dict:
     import socket
 
@@ -353,8 +376,7 @@ def _acquire(directory: Path, command: str) -> int | None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
-            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
-                                "check the directory's permissions and free space") from e
+            raise _cannot_write(directory, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -50,7 +50,8 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
     mcfg = ModelConfig.from_dict(config)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
-    params, source = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract)
+    params, source = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract,
+                                 config=config)
     limit = mcfg.max_sequence_length
     for text, ids in zip(texts, tok(texts, verbose=False)["input_ids"]):
         if len(ids) > limit:  # a mask past the cut would get no prediction, silently

@@ -266,14 +266,41 @@ class _ReadingProgress:
             self._status = None
 
 
+def check_replaceable(mdir: ModelDir, force: bool) -> None:
+    """Refuse (before reading any corpus) to retrain the tokenizer of a DIR whose trained or
+    imported weights belong to it: a new vocabulary makes every checkpoint, the export and
+    ``init --from``'s weights unusable."""
+    from mlmtool.errors import ModelDirError
+    from mlmtool.init_from import init_source, init_weights_path
+
+    if force:
+        return
+    if init_weights_path(mdir).exists():
+        raise ModelDirError(
+            f"{mdir} continues the model {init_source(mdir) or init_weights_path(mdir)} ('mlmtool init --from'), "
+            "whose weights belong to its tokenizer",
+            f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
+            "and start from random weights")
+    trained = mdir.trained_state()
+    if trained:
+        raise ModelDirError(
+            f"{mdir} holds a model trained with its tokenizer ({', '.join(trained)}): a new tokenizer would make "
+            "it unusable",
+            f"train the new tokenizer in a new directory ('mlmtool init NEW --from-config {mdir.config_path}'), "
+            "or pass --force to replace it anyway (then 'mlmtool prepare DIR FILE... --force' and "
+            "'mlmtool train DIR --no-resume --force')")
+
+
 def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                     kind: str | None = None, vocab_size: int | None = None,
                     min_frequency: int = DEFAULT_MIN_FREQUENCY, lowercase: bool | None = None,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
     ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
-    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  DIR is locked
+    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  Without
+    ``force``, a tokenizer that trained weights or prepared data belong to is not replaced
+    by a different one (:func:`check_replaceable`; a retrained identical one is fine).  DIR is locked
     (``.mlmtool.lock``) while training, so a running ``train`` or ``prepare`` is not
     pulled out from under.
     """
@@ -300,10 +327,11 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
+    check_replaceable(mdir, force)
     with mdir.lock("tokenizer"):
         remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
-        return _train(mdir, corpus, config, kind=kind, requested=requested,
-                      min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
+        return _train(mdir, corpus, config, kind=kind, requested=requested, min_frequency=min_frequency,
+                      lowercase=lowercase, show_progress=show_progress, force=force)
 
 
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -332,7 +360,7 @@ def _read_config(mdir: ModelDir) -> dict:
 
 
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
-           min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
+           min_frequency: int, lowercase: bool, show_progress: bool, force: bool = True) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
     tok = build_tokenizer(kind, lowercase=lowercase)
@@ -363,6 +391,15 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
+    if not force and (mdir.data_dir / "meta.json").exists() and mdir.tokenizer_path.exists():
+        new = tokenizer_files(tok, kind, model_max_length=max_len)["tokenizer.json"]
+        if new != mdir.tokenizer_path.read_text(encoding="utf-8", errors="replace"):
+            from mlmtool.errors import ModelDirError
+
+            raise ModelDirError(f"the new tokenizer differs from the one the data in {mdir.data_dir} was prepared "
+                                "with; replacing it would leave that data unusable",
+                                "pass --force to replace it (then 'mlmtool prepare DIR FILE... --force'), or train "
+                                "it in a new directory")
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config)
 
     stats = corpus.stats

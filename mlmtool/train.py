@@ -451,7 +451,7 @@ class Trainer:
         epoch, pos = divmod(step, self.plan.steps_per_epoch)
         return {"step": step, "epoch": epoch, "position_in_epoch": pos,
                 "rng": np.asarray(self.rng).tolist(),  # PRNGKey(seed); each step uses fold_in(rng, step)
-                "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg),
+                "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg), "config": self.config,
                 "total_steps": self.plan.total_steps}
 
     def initial_state(self, resume: bool, force: bool, say) -> tuple[TrainState, int]:
@@ -477,9 +477,11 @@ class Trainer:
             sh.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
             latest = None
         if latest is None:
-            from mlmtool.init_from import initial_params  # weights of 'mlmtool init DIR --from PATH'
+            from mlmtool.init_from import exported_params, initial_params
 
-            params = initial_params(self.mdir, self.mcfg, say)
+            params = initial_params(self.mdir, self.mcfg, say)  # weights of 'mlmtool init DIR --from PATH'
+            if params is None:  # a save_pretrained directory: continue from its weights, never overwrite them
+                params = exported_params(self.mdir, self.mcfg, resume=resume, force=force, say=say)
             if params is not None:
                 params = jax.device_put(params, self.state_sharding.params)
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -487,6 +489,8 @@ class Trainer:
                                   opt_state=opt_state), 0
             return self._init_state(jax.random.fold_in(self.rng, 0xC0FFEE)), 0
         meta = checkpoint.restore_meta(ckpt_dir, latest)
+        checkpoint.check_fits(ckpt_dir, latest, self.abstract_state.params)  # config.json changed?
+        checkpoint.check_config(ckpt_dir, latest, meta, self.config)
         before, now = meta.get("run", {}), self._run_identity()
         changed = [k for k in ("seed", "global_batch", "train_blocks", "seq_len") if before.get(k) != now[k]]
         if changed:
@@ -496,7 +500,8 @@ class Trainer:
                 f"the checkpoint at step {latest} was trained with {was}, this run has {now_}",
                 "use the same settings to resume, or --no-resume --force to start over")
         with checkpoint.manager(ckpt_dir, async_save=False) as mngr:
-            out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state)
+            out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state,
+                                     config=self.config)
         state = TrainState(step=jax.device_put(jnp.int32(latest), self.state_sharding.step),
                            params=out["params"], opt_state=out["opt_state"])
         say(f"Resuming from checkpoint step {latest:,} (of {self.plan.total_steps:,}) in {ckpt_dir}")
@@ -513,13 +518,16 @@ class Trainer:
                         per_device_batch_size=per_device)
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
-            stop_requested=lambda: False) -> dict:
-        """Train to ``plan.total_steps``; returns the last logged metrics and eval results."""
+            stop_requested=lambda: False, on_start=None) -> dict:
+        """Train to ``plan.total_steps``; returns the last logged metrics and eval results.
+        ``on_start()`` runs once the starting state is settled (a refused run never calls it)."""
         from mlmtool.hf_weights import save_safetensors
         from mlmtool.progress import MetricsWriter
 
         cfg, plan = self.cfg, self.plan
         state, start = self.initial_state(resume, force, say)
+        if on_start is not None:
+            on_start()
         writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
         if start >= plan.total_steps:

@@ -290,3 +290,122 @@ def test_nan_weights_fail_eval_and_predict(trained, tmp_path):
     before = snapshot(d)
     refused(invoke("eval", d), d, before, "computed a loss of nan", "evaluate another checkpoint")
     refused(invoke("predict", d, "the <mask> said"), d, before, "predictions are not finite", "--checkpoint")
+
+
+# == 1. Nothing trained or imported is destroyed or invalidated without --force ====================
+
+def test_tokenizer_refuses_to_replace_the_tokenizer_of_a_trained_model(trained, corpus, tmp_path):
+    """It retrained the tokenizer, changed vocab_size, and every checkpoint stopped loading."""
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, "--vocab-size", 320), d, before,
+            "holds a model trained with its tokenizer (checkpoints up to step 4, model.safetensors)",
+            "train the new tokenizer in a new directory", "--force")
+    shutil.rmtree(d / "checkpoints")  # the export alone is protected too
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus), d, before, "(model.safetensors)")
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 320, "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 320
+
+
+def test_tokenizer_keeps_the_one_prepared_data_was_made_with(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, "--vocab-size", 320), d, before,
+            "the new tokenizer differs from the one the data in", "--force")
+    r = invoke("tokenizer", d, corpus)  # the same tokenizer again: nothing is invalidated
+    assert r.exit_code == 0, r.output
+    assert snapshot(d)["tokenizer.json"] == before["tokenizer.json"]
+
+
+def test_a_save_pretrained_directory_is_trained_from_its_weights(trained, corpus, tmp_path):
+    """config + tokenizer + model.safetensors (as save_pretrained writes) then prepare and train
+    silently replaced the user's weights with a random initialisation."""
+    from safetensors.numpy import load_file
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "model.safetensors"):
+        shutil.copy(trained / name, d / name)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--no-resume"), d, before,
+            "model.safetensors holds trained weights that --no-resume would replace", "add --force")
+    mine = load_file(d / "model.safetensors")
+    r = invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--learning-rate", "1e-9")
+    assert r.exit_code == 0, r.output
+    assert "".join(f"Starting from the weights in {d / 'model.safetensors'}".split()) in "".join(r.output.split())
+    after = load_file(d / "model.safetensors")  # one step at lr 1e-9: still the user's weights
+    key = "roberta.embeddings.word_embeddings.weight"
+    assert abs(after[key] - mine[key]).max() < 1e-6
+
+
+def test_imported_weights_that_do_not_fit_the_config_are_not_overwritten(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")
+    edit_config(d, intermediate_size=48)
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8), d, before,
+            "model.safetensors does not fit config.json", "--no-resume --force")
+
+
+def test_init_takes_the_lock_of_a_running_command(trained, tmp_path):
+    """init --force during a running train rewrote config.json under it."""
+    from mlmtool.modeldir import ModelDir
+
+    d = copy(trained, tmp_path)
+    with ModelDir(d).lock("train"):
+        before = snapshot(d)
+        refused(invoke("init", d, "--preset", "tiny", "--force"), d, before, "is in use by 'mlmtool train'")
+    r = invoke("init", d, "--preset", "tiny", "--force")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("how", ["other-settings", "damaged-checkpoint"])
+def test_a_refused_train_leaves_the_manifest_as_it_was(trained, tmp_path, how):
+    """It rewrote manifest.json, losing the record of the settings that resume needs."""
+    d = copy(trained, tmp_path)
+    if how == "other-settings":
+        args = ("--seed", 7)
+    else:
+        for p in (d / "checkpoints" / "4" / "params").rglob("manifest.ocdbt"):
+            p.unlink()
+        args = ()
+    before = snapshot(d)
+    line = error_line(invoke("train", d, *TRAIN4, *args))
+    assert "seed=0" in line or "damaged" in line, line
+    assert snapshot(d) == before
+
+
+# == 2. Diagnose, never misdiagnose ===============================================================
+
+@pytest.mark.parametrize("command", ["eval", "predict", "train"])
+def test_a_changed_config_is_named_not_called_damage(trained, tmp_path, command):
+    """eval/predict/train said "checkpoint step 4 is damaged, delete it" about good checkpoints."""
+    d = copy(trained, tmp_path)
+    edit_config(d, intermediate_size=48)
+    before = snapshot(d)
+    args = {"eval": (), "predict": ("the <mask> said",), "train": ("--max-steps", 6, "--per-device-train-batch-size", 8)}
+    line = refused(invoke(command, d, *args[command]), d, before,
+                   "config.json no longer matches checkpoint step 4", "intermediate_size 64 -> 48",
+                   "put back intermediate_size=64 in", "--no-resume --force")
+    assert "damaged" not in line and "delete" not in line, line
+
+
+def test_a_field_that_keeps_the_shapes_is_named_too(trained, tmp_path):
+    """num_attention_heads changes no parameter shape: the checkpoint's recorded config names it."""
+    d = copy(trained, tmp_path)
+    edit_config(d, num_attention_heads=4)
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "num_attention_heads 2 -> 4", "put back num_attention_heads=2")
+
+
+def test_a_retrained_tokenizer_is_named_as_the_cause(trained, corpus, tmp_path):
+    d = copy(trained, tmp_path)
+    assert invoke("tokenizer", d, corpus, "--vocab-size", 320, "--force").exit_code == 0
+    before = snapshot(d)
+    refused(invoke("eval", d, "--checkpoint", "2"), d, before, "vocab_size 300 -> 320",
+            "put back the old tokenizer files too")

@@ -70,12 +70,13 @@ def init_command(
     if status == "written":
         from mlmtool.init_from import init_weights_path
 
-        mdir.write_config(config)
-        if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
-            init_weights_path(mdir).unlink()
-            say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
-        mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
-                                  "from_config": str(from_config) if from_config else None})
+        with mdir.lock("init"):  # not under a running train, prepare or tokenizer
+            mdir.write_config(config)
+            if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
+                init_weights_path(mdir).unlink()
+                say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
+            mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
+                                      "from_config": str(from_config) if from_config else None})
 
     from mlmtool.info import parameter_count  # arithmetic: importing jax would cost seconds
 
@@ -112,7 +113,8 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     from mlmtool.progress import console, err_console, say
 
     mdir = ModelDir(model_dir, create=True)
-    out = init_from(mdir, source, overrides=overrides, force=force)
+    with mdir.lock("init"):
+        out = init_from(mdir, source, overrides=overrides, force=force)
     config = out["config"]
     info = {**summary(config), "parameters": parameter_count(config),
             "config": str(mdir.config_path), "status": out["status"], "from": out["source"],

@@ -84,10 +84,10 @@ def train_command(
         trainer = Trainer(mdir, cfg, mesh_spec=mesh)
         if main:
             _print_plan(trainer.plan, out)
-            mdir.record("train", args=_args(cfg, mesh))
+        record = (lambda: mdir.record("train", args=_args(cfg, mesh))) if main else None  # not for a refused run
         with interrupt.graceful() as stop, TrainProgress(trainer.plan.total_steps, 0, enabled=main) as progress:
             result = trainer.run(resume=resume, force=force, progress=progress, say=out,
-                                 stop_requested=stop.requested)
+                                 stop_requested=stop.requested, on_start=record)
     if result.get("stopped_early"):
         from mlmtool.errors import TrainingError
 
