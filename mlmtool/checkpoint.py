@@ -94,6 +94,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) -> CheckpointError:
     """What a failed save means for the user: which step, why (disk full?), what is kept."""
     text = one_line(e)
+    remove_temporary(Path(str(mngr.directory)))  # a half-written step would keep the disk full
     m = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(e))
     if m:
         step = int(m.group(1))
@@ -233,6 +234,17 @@ def restore_meta(directory: Path, step: int) -> dict:
             return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
             raise damaged(Path(directory).absolute(), step, e) from e
+
+
+def remove_temporary(directory: Path) -> None:
+    """Delete the temporary folders of unfinished saves (``<step>.orbax-checkpoint-tmp*``); on
+    process 0 (the others share the directory)."""
+    import jax
+
+    if jax.process_index() != 0 or not Path(directory).is_dir():
+        return
+    for p in Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_all(directory: Path) -> None:

@@ -148,6 +148,14 @@ def _dataset_source(path: Path) -> Source:
 
 
 def _file_source(path: Path) -> Source:
+    if not path.is_file():  # a FIFO, a device, a socket: read twice (sniffed, then read), it would hang
+        import stat
+
+        mode = path.stat().st_mode
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise DataError(f"{path} is {kind}: a corpus is read more than once",
+                        "write the stream to a file first (e.g. 'cat ... > corpus.txt') and pass that file")
     fmt, compression = _split_suffix(path)
     if fmt is None:
         raise DataError(f"unsupported input file type: {path}",

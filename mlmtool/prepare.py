@@ -181,6 +181,7 @@ def _init_worker(job: _Job, worker_process: bool = True) -> None:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and SIGTERM: it cleans up, then shuts the pool down
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
         _exit_with_parent()
     tok = Tokenizer.from_file(job.tokenizer_path)

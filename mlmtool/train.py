@@ -95,6 +95,23 @@ class TrainConfig:
                 raise TrainingError(message, "fix the option and run again")
 
 
+def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict, int | None]:
+    """The settings a plain ``mlmtool train DIR`` resumes with: those recorded in the latest
+    checkpoint (``train_config``), except the options given now (``explicit``), which win --
+    the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
+    Returns the config, the settings taken from the checkpoint and its step."""
+    try:
+        latest = checkpoint.latest_step(mdir.checkpoints_dir)
+        recorded = checkpoint.restore_meta(mdir.checkpoints_dir, latest).get("train_config") if latest is not None else None
+    except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
+        return cfg, {}, None
+    if not isinstance(recorded, dict):
+        return cfg, {}, latest
+    names = {f.name for f in dataclasses.fields(cfg)}
+    taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
+    return dataclasses.replace(cfg, **taken), taken, latest
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array   # int32 scalar: optimizer steps taken

@@ -409,3 +409,112 @@ def test_a_retrained_tokenizer_is_named_as_the_cause(trained, corpus, tmp_path):
     before = snapshot(d)
     refused(invoke("eval", d, "--checkpoint", "2"), d, before, "vocab_size 300 -> 320",
             "put back the old tokenizer files too")
+
+
+# == 5. Interrupted means resumable, with nothing left behind =====================================
+
+def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
+    """After Ctrl-C the tool says "run 'mlmtool train DIR' again", and exactly that failed: the
+    batch size had to be repeated."""
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints" / "4")  # as if stopped at step 2
+    before = snapshot(d)
+    # options given now still must match what fixes the data order
+    refused(invoke("train", d, "--per-device-train-batch-size", 4), d, before,
+            "trained with global_batch=8, this run has global_batch=4", "--no-resume --force")
+    r = invoke("train", d)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "Resuming with the settings recorded at step 2: --per-device-train-batch-size 8" in out, out
+    assert "--save-steps 2" in out and "Resuming from checkpoint step 2 (of 4)" in out, out
+    from mlmtool import checkpoint
+
+    assert checkpoint.all_steps(d / "checkpoints") == [2, 4]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["train"]["args"]["per_device_train_batch_size"] == 8
+
+
+def test_a_failed_checkpoint_save_leaves_no_temporary_folder(prepared, tmp_path, monkeypatch):
+    """A full disk during train left checkpoints/<step>.orbax-checkpoint-tmp filling the disk."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def half_written_then_full(self, step, *a, **k):
+        tmp = Path(str(self.directory)) / f"{step}.orbax-checkpoint-tmp-1234"
+        tmp.mkdir(parents=True)
+        (tmp / "params").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", half_written_then_full)
+    d = copy(prepared, tmp_path)
+    line = error_line(invoke("train", d, "--max-steps", 4, "--per-device-train-batch-size", 8, "--save-steps", 2))
+    assert "cannot save checkpoint step 2" in line and "the disk is full" in line, line
+    assert list((d / "checkpoints").iterdir()) == []
+
+
+def _sigterm(tmp_path: Path, args: list, started) -> tuple[int, str]:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_reliability import _SLOW_PREPARE, ENV, ROOT, wait_for
+
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, *map(str, args)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(started, timeout=120, what="the command to start writing")
+        assert p.poll() is None, "it finished before the signal"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, " ".join(err.split())
+
+
+@pytest.mark.parametrize("command", ["prepare", "tokenizer"])
+def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp_path, command):
+    """SIGTERM exited 143 with no message and left a temporary block store and the lock."""
+    from tests.test_reliability import _big_corpus
+
+    big = _big_corpus(tmp_path / "big.txt", mb=3)
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    if command == "prepare":
+        args = ["prepare", d, big, "--max-seq-length", 32, "--num-proc", 2, "--force"]
+        started = lambda: [x for x in d.glob(".data.*.tmp") if (x / "train.bin").exists()]  # noqa: E731
+    else:
+        args = ["tokenizer", d, big, "--force"]
+        started = lambda: (d / ".mlmtool.lock").exists()  # noqa: E731
+    rc, err = _sigterm(tmp_path, args, started)
+    assert rc == 143, err
+    assert "error: stopped by SIGTERM; temporary files removed" in err and "Traceback" not in err, err
+    assert snapshot(d) == before  # no .data.*.tmp, no .tokenizer.*.tmp, no lock, data as it was
+
+
+def test_a_fifo_corpus_is_refused_not_waited_on(prepared, tmp_path):
+    """A FIFO given as a corpus hung prepare for ever (it was opened twice)."""
+    import signal
+
+    fifo = tmp_path / "stream.txt"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # data waiting, and a writer that never closes
+    os.write(writer, b"the king said good night\n" * 100)
+
+    def hung(*_):
+        raise AssertionError("the command waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        d = copy(prepared, tmp_path)
+        before = snapshot(d)
+        for command in ("tokenizer", "prepare"):
+            refused(invoke(command, d, fifo, "--force"), d, before, "is a named pipe (FIFO)",
+                    "write the stream to a file first")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(writer)
