@@ -160,7 +160,7 @@ def config_mismatch(directory: Path, step: int, was: dict, now: dict) -> "Config
     the way back (the checkpoint itself is intact: deleting it would lose good work)."""
     from mlmtool.errors import ConfigError
 
-    changed = [k for k in was if k in now and was[k] != now[k]] or sorted(set(was) ^ set(now))
+    changed = list(was)
     what = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
     back = " ".join(f"{k}={was.get(k)}" for k in changed)
     run = Path(directory).parent
@@ -177,13 +177,16 @@ def check_fits(directory: Path, step: int, abstract_params: Any, config: dict | 
     from its metadata before any array is read (a failed restore reads as damage, and leaves
     orbax's coroutines to complain)."""
     have, want = stored_shapes(directory, step), _shapes(abstract_params)
-    if have is None or have == want:
+    if not have or have == want:
         return
     was, now = config_fields(have), config_fields(want)
-    if was == now:  # shapes differ elsewhere: name the first parameter
-        path = next(k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
-        was, now = {path: have.get(path)}, {path: want.get(path)}
-    raise config_mismatch(Path(directory).absolute(), step, was, now)
+    changed = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+    if not changed:  # shapes differ elsewhere: name the first parameter
+        changed = [k for k in sorted(have.keys() & want.keys()) if have[k] != want[k]][:1]
+        was, now = have, want
+    if changed:  # else entries are missing: damage (or another structure), which the restore reports
+        raise config_mismatch(Path(directory).absolute(), step, {k: was[k] for k in changed},
+                              {k: now[k] for k in changed})
 
 
 def check_config(directory: Path, step: int, meta: dict, config: dict | None) -> None:
