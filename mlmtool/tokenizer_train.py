@@ -299,8 +299,9 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
     ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
     byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  Without
-    ``force``, a tokenizer that trained weights or prepared data belong to is not replaced
-    by a different one (:func:`check_replaceable`; a retrained identical one is fine).  DIR is locked
+    ``force``, a tokenizer that trained weights belong to is not replaced
+    (:func:`check_replaceable`); prepared data made with another tokenizer is reported
+    (``stale_data``: the CLI warns, ``train`` refuses it until ``prepare --force``).  DIR is locked
     (``.mlmtool.lock``) while training, so a running ``train`` or ``prepare`` is not
     pulled out from under.
     """
@@ -331,7 +332,15 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     with mdir.lock("tokenizer"):
         remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
         return _train(mdir, corpus, config, kind=kind, requested=requested, min_frequency=min_frequency,
-                      lowercase=lowercase, show_progress=show_progress, force=force)
+                      lowercase=lowercase, show_progress=show_progress)
+
+
+def _data_tokenizer(mdir: ModelDir) -> str | None:
+    """sha256 of the tokenizer.json DIR/data was prepared with (None: no prepared data)."""
+    try:
+        return json.loads((mdir.data_dir / "meta.json").read_text(encoding="utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -360,7 +369,7 @@ def _read_config(mdir: ModelDir) -> dict:
 
 
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
-           min_frequency: int, lowercase: bool, show_progress: bool, force: bool = True) -> dict[str, Any]:
+           min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
     tok = build_tokenizer(kind, lowercase=lowercase)
@@ -391,15 +400,6 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         config["bos_token_id"] = ids[specials.cls]
         config["eos_token_id"] = ids[specials.sep]
     max_len = max_sequence_length(config)
-    if not force and (mdir.data_dir / "meta.json").exists() and mdir.tokenizer_path.exists():
-        new = tokenizer_files(tok, kind, model_max_length=max_len)["tokenizer.json"]
-        if new != mdir.tokenizer_path.read_text(encoding="utf-8", errors="replace"):
-            from mlmtool.errors import ModelDirError
-
-            raise ModelDirError(f"the new tokenizer differs from the one the data in {mdir.data_dir} was prepared "
-                                "with; replacing it would leave that data unusable",
-                                "pass --force to replace it (then 'mlmtool prepare DIR FILE... --force'), or train "
-                                "it in a new directory")
     files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config)
 
     stats = corpus.stats
@@ -418,6 +418,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         "files": [str(p) for p in files],
         "tokenizer_sha256": file_sha256(mdir.tokenizer_path),
     }
+    result["stale_data"] = _data_tokenizer(mdir) not in (None, result["tokenizer_sha256"])
     mdir.record("tokenizer",
                 args={"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
                       "lowercase": lowercase, "text_column": corpus.text_column},

@@ -40,8 +40,8 @@ def tokenizer_command(
     data_files: DataFilesOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", "-f", help="Replace the tokenizer even though trained weights (checkpoints, "
-                              "model.safetensors, 'init --from' weights) or prepared data belong to it: they "
-                              "become unusable ('init --from' weights are dropped).")] = False,
+                              "model.safetensors, 'init --from' weights) belong to it: they become unusable "
+                              "('init --from' weights are dropped).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the tokenizer (byte-level BPE or WordPiece) on FILE... and save it into DIR.
@@ -72,6 +72,10 @@ def tokenizer_command(
         err_console.print(f"[bold yellow]warning:[/] removed {init_weights_path(mdir)}: the new tokenizer "
                           "makes those weights meaningless; training starts from random weights",
                           soft_wrap=True, highlight=False)
+    if result.get("stale_data"):
+        err_console.print(f"[bold yellow]warning:[/] {mdir.data_dir} was prepared with the previous tokenizer: "
+                          f"run 'mlmtool prepare {mdir} FILE... --force' before training", soft_wrap=True,
+                          highlight=False)
     for line in corpus.warnings():
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
