@@ -454,14 +454,34 @@ def test_a_failed_checkpoint_save_leaves_no_temporary_folder(prepared, tmp_path,
     assert list((d / "checkpoints").iterdir()) == []
 
 
+# `mlmtool` reading its corpus and writing blocks slowly (a bigger corpus, in effect), so that
+# the signal lands mid-run and not while the finished artefact is being renamed into place.
+_SLOW = r"""
+import sys, time
+from mlmtool import blocks, corpus
+read, add = corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream
+def slow_read(self, *a, **k):
+    for batch in read(self, *a, **k):
+        time.sleep(0.1)
+        yield batch
+def slow_add(self, tokens):
+    time.sleep(0.15)
+    return add(self, tokens)
+corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream = slow_read, slow_add
+from mlmtool.cli import main
+sys.argv = ["mlmtool", *sys.argv[1:]]
+main()
+"""
+
+
 def _sigterm(tmp_path: Path, args: list, started) -> tuple[int, str]:
     import signal
     import subprocess
     import sys
 
-    from tests.test_reliability import _SLOW_PREPARE, ENV, ROOT, wait_for
+    from tests.test_reliability import ENV, ROOT, wait_for
 
-    p = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, *map(str, args)], cwd=ROOT, env=ENV,
+    p = subprocess.Popen([sys.executable, "-c", _SLOW, *map(str, args)], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for(started, timeout=120, what="the command to start writing")
@@ -478,6 +498,8 @@ def _sigterm(tmp_path: Path, args: list, started) -> tuple[int, str]:
 @pytest.mark.parametrize("command", ["prepare", "tokenizer"])
 def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp_path, command):
     """SIGTERM exited 143 with no message and left a temporary block store and the lock."""
+    import time
+
     from tests.test_reliability import _big_corpus
 
     big = _big_corpus(tmp_path / "big.txt", mb=3)
@@ -488,7 +510,7 @@ def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp
         started = lambda: [x for x in d.glob(".data.*.tmp") if (x / "train.bin").exists()]  # noqa: E731
     else:
         args = ["tokenizer", d, big, "--force"]
-        started = lambda: (d / ".mlmtool.lock").exists()  # noqa: E731
+        started = lambda: (d / ".mlmtool.lock").exists() and time.sleep(0.5) is None  # noqa: E731
     rc, err = _sigterm(tmp_path, args, started)
     assert rc == 143, err
     assert "error: stopped by SIGTERM; temporary files removed" in err and "Traceback" not in err, err
