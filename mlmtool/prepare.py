@@ -640,19 +640,19 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           f"tokenizer's {tok.pad_token_id}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
     key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
+    with mdir.lock("prepare"):
+        remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
+        result = _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
+                      show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
     if line_by_line:
         from tokenizers import Tokenizer
 
         frame = len(Tokenizer.from_file(tok.path).encode("", add_special_tokens=True).ids)
-        if max_seq_length <= frame:  # every block would be <s> </s>: nothing to predict, a "perfect" model
-            raise ConfigError(f"--line-by-line blocks of {max_seq_length} tokens hold only the {frame} special "
-                              "tokens around each document: no token to predict",
-                              f"use --max-seq-length {frame + 1} or more (e.g. 128)")
-
-    with mdir.lock("prepare"):
-        remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
-        return _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
-                      show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
+        if max_seq_length <= frame:  # every block is <s> </s>: train and eval refuse to score nothing
+            result["warnings"] = [f"--line-by-line blocks of {max_seq_length} tokens hold only the {frame} special "
+                                  "tokens around each document, no token to predict (train and eval refuse them): "
+                                  f"prepare again with --max-seq-length {frame + 1} or more (e.g. 128) and --force"]
+    return result
 
 
 def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: dict, *,

@@ -317,8 +317,13 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         what = "the 256 byte symbols and 5 special tokens" if kind == "bpe" else "the special tokens"
         raise ConfigError(f"vocab size {requested} is too small for {what}",
                           f"use --vocab-size {minimum} or more")
-    if min_frequency < 1:
-        raise ConfigError(f"--min-frequency must be at least 1, got {min_frequency}",
+    from mlmtool.presets import MAX_VOCAB_SIZE
+
+    if requested > MAX_VOCAB_SIZE:
+        raise ConfigError(f"vocab size {requested:,} is beyond the {MAX_VOCAB_SIZE:,} token ids the block store holds",
+                          "use e.g. --vocab-size 50265 (RoBERTa's)")
+    if not 1 <= min_frequency < 2**32:
+        raise ConfigError(f"--min-frequency must be in 1 .. 2^32-1, got {min_frequency}",
                           "use --min-frequency 2 (the default)")
     if lowercase is None:
         lowercase = kind == "wordpiece"

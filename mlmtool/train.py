@@ -87,6 +87,7 @@ class TrainConfig:
             (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
+            (self.warmup_steps < 2**31, f"--warmup-steps must be below 2^31, got {self.warmup_steps}"),
             (self.max_steps > 0 or self.num_train_epochs > 0, "give --max-steps or a positive --num-train-epochs"),
             (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
         ]

@@ -96,6 +96,7 @@ def refused(r, d: Path, before: dict, *phrases: str) -> str:
     (("--seed", "-1"), "--seed must be in [0, 2^32), got -1"),
     (("--seed", str(2**70)), "--seed must be in [0, 2^32)"),
     (("--per-device-eval-batch-size", "0"), "--per-device-eval-batch-size must be positive"),
+    (("--warmup-steps", str(2**70)), "--warmup-steps must be below 2^31"),
 ])
 def test_train_option_ranges_are_checked_before_any_work(prepared, tmp_path, args, phrase):
     d = copy(prepared, tmp_path)
@@ -115,6 +116,16 @@ def test_eval_option_ranges(trained, tmp_path, args, phrase):
     d = copy(trained, tmp_path)
     before = snapshot(d)
     refused(invoke("eval", d, *args), d, before, phrase)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (("--vocab-size", str(2**70)), "token ids the block store holds"),
+    (("--min-frequency", str(2**70)), "--min-frequency must be in 1 .. 2^32-1"),
+])
+def test_tokenizer_option_ranges(prepared, corpus, tmp_path, args, phrase):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, *args), d, before, phrase)
 
 
 def test_prepare_num_proc_beyond_the_cores_is_refused(prepared, corpus, tmp_path):
@@ -246,14 +257,18 @@ def test_predict_refuses_a_text_longer_than_the_model_reads(trained, tmp_path):
     assert invoke("predict", d, "the king said <mask>.").exit_code == 0
 
 
-def test_line_by_line_blocks_of_only_special_tokens_are_refused(prepared, corpus, tmp_path):
+def test_line_by_line_blocks_of_only_special_tokens_are_flagged_then_refused(prepared, corpus, tmp_path):
+    """--line-by-line --max-seq-length 2 trained to a "perfect" model (loss 0 over nothing)."""
     d = copy(prepared, tmp_path)
-    before = snapshot(d)
-    refused(invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 2, "--force"), d, before,
-            "hold only the 2 special tokens", "--max-seq-length 3 or more")
-    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 3, "--validation-split-percentage", 10,
+    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 2, "--validation-split-percentage", 10,
                "--force")
     assert r.exit_code == 0, r.output
+    assert "warning: --line-by-line blocks of 2 tokens hold only the 2 special tokens" in " ".join(r.stderr.split())
+    line = error_line(invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--logging-steps", 1))
+    assert "no token was chosen for prediction in steps 1..1: the loss would read 0" in line, line
+    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 3, "--validation-split-percentage", 10,
+               "--force")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
 
 
 def _special_only(d: Path, split: str) -> None:
@@ -358,11 +373,15 @@ def test_init_takes_the_lock_of_a_running_command(trained, tmp_path):
     from mlmtool.modeldir import ModelDir
 
     d = copy(trained, tmp_path)
+    before = snapshot(d)
     with ModelDir(d).lock("train"):
-        before = snapshot(d)
-        refused(invoke("init", d, "--preset", "tiny", "--force"), d, before, "is in use by 'mlmtool train'")
+        refused(invoke("init", d, "--preset", "tiny", "--force"), d, snapshot(d), "is in use by 'mlmtool train'")
+    refused(invoke("init", d, "--preset", "tiny"), d, before,
+            "already exists with a different config (checkpoints up to step 4, model.safetensors were made with it)",
+            "--force")
     r = invoke("init", d, "--preset", "tiny", "--force")
     assert r.exit_code == 0, r.output
+    assert "model.safetensors in" in r.stderr and "were made with the earlier config" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("how", ["other-settings", "damaged-checkpoint"])
