@@ -22,26 +22,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline import invoke, prepared_dir
+from tests.pipeline import TRAINED_ARGS, invoke, trained_dir
 from tests.test_bad_input import snapshot
 
 # A failed orbax restore leaves coroutines that pytest reports when they are collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-TRAIN4 = ("--max-steps", 4, "--per-device-train-batch-size", 8, "--save-steps", 2, "--logging-steps", 2)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The session's trained directory (tests/pipeline.py: TRAINED_ARGS, 20 steps, checkpoints
+    10 and 20, model.safetensors), shared with the predict/report/info tests: copy it first."""
+    return trained_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return prepared_dir(tmp_path_factory.mktemp("promises"))
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory) -> Path:
-    """``prepared`` + 4 training steps: checkpoints 2 and 4, model.safetensors."""
-    d = Path(shutil.copytree(prepared, tmp_path_factory.mktemp("promises-trained") / "model"))
-    r = invoke("train", d, *TRAIN4)
-    assert r.exit_code == 0, r.output
+def prepared(trained, tmp_path_factory) -> Path:
+    """``trained`` before training: config, tokenizer, data (and its corpus beside it)."""
+    root = tmp_path_factory.mktemp("promises")
+    shutil.copy(trained.parent / "corpus.txt", root / "corpus.txt")
+    d = Path(shutil.copytree(trained, root / "model"))
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(d / name, ignore_errors=True)
+    for name in ("model.safetensors", "metrics.jsonl", "eval_results.json", "manifest.json", "report.png"):
+        (d / name).unlink(missing_ok=True)
     return d
 
 
@@ -177,19 +180,23 @@ def test_report_output_is_checked_before_any_work(trained, tmp_path):
 
 # == 6. Shared storage works ======================================================================
 
-def test_weights_and_block_store_honour_the_umask(prepared, corpus, tmp_path, monkeypatch):
+def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, monkeypatch):
     """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
     import mlmtool.modeldir as md
+    from mlmtool.hf_weights import load_safetensors, save_safetensors
+    from mlmtool.model import ModelConfig
 
     monkeypatch.setattr(md, "_UMASK", 0o022)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     d = copy(prepared, tmp_path)
     assert invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10,
                   "--force").exit_code == 0
-    assert invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8).exit_code == 0
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
-    assert mode(d / "model.safetensors") == 0o644
     assert mode(d / "data") == 0o755
     assert all(mode(p) == 0o644 for p in (d / "data").iterdir())
+    # train's export, as train writes it
+    mcfg = ModelConfig.from_dict(json.loads((trained / "config.json").read_text()))
+    save_safetensors(load_safetensors(trained / "model.safetensors", mcfg), mcfg, d / "model.safetensors")
+    assert mode(d / "model.safetensors") == 0o644
     # init --from converts the weights into init.safetensors with the same helper
     r = invoke("init", tmp_path / "cont", "--from", d)
     assert r.exit_code == 0, r.output
@@ -266,6 +273,7 @@ def test_line_by_line_blocks_of_only_special_tokens_are_flagged_then_refused(pre
     assert "warning: --line-by-line blocks of 2 tokens hold only the 2 special tokens" in " ".join(r.stderr.split())
     line = error_line(invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--logging-steps", 1))
     assert "no token was chosen for prediction in steps 1..1: the loss would read 0" in line, line
+    assert not (d / "checkpoints").exists() or not any((d / "checkpoints").iterdir())
     r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 3, "--validation-split-percentage", 10,
                "--force")
     assert r.exit_code == 0 and "warning" not in r.output, r.output
@@ -285,11 +293,7 @@ def test_nothing_to_predict_is_no_perfect_score(trained, prepared, tmp_path):
     _special_only(d, "validation")
     before = snapshot(d)
     refused(invoke("eval", d), d, before, "hold no token to predict", "mlmtool prepare")
-    d = copy(prepared, tmp_path, "fresh")
-    _special_only(d, "train")
-    line = error_line(invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--logging-steps", 1))
-    assert "no token was chosen for prediction in steps 1..1" in line, line
-    assert not (d / "checkpoints").exists() or not any((d / "checkpoints").iterdir())
+    # train on such blocks: test_line_by_line_blocks_of_only_special_tokens_are_flagged_then_refused
 
 
 def test_nan_weights_fail_eval_and_predict(trained, tmp_path):
@@ -314,7 +318,7 @@ def test_tokenizer_refuses_to_replace_the_tokenizer_of_a_trained_model(trained, 
     d = copy(trained, tmp_path)
     before = snapshot(d)
     refused(invoke("tokenizer", d, corpus, "--vocab-size", 320), d, before,
-            "holds a model trained with its tokenizer (checkpoints up to step 4, model.safetensors)",
+            "holds a model trained with its tokenizer (checkpoints up to step 20, model.safetensors)",
             "train the new tokenizer in a new directory", "--force")
     shutil.rmtree(d / "checkpoints")  # the export alone is protected too
     before = snapshot(d)
@@ -377,7 +381,7 @@ def test_init_takes_the_lock_of_a_running_command(trained, tmp_path):
     with ModelDir(d).lock("train"):
         refused(invoke("init", d, "--preset", "tiny", "--force"), d, snapshot(d), "is in use by 'mlmtool train'")
     refused(invoke("init", d, "--preset", "tiny"), d, before,
-            "already exists with a different config (checkpoints up to step 4, model.safetensors were made with it)",
+            "already exists with a different config (checkpoints up to step 20, model.safetensors were made with it)",
             "--force")
     r = invoke("init", d, "--preset", "tiny", "--force")
     assert r.exit_code == 0, r.output
@@ -391,11 +395,11 @@ def test_a_refused_train_leaves_the_manifest_as_it_was(trained, tmp_path, how):
     if how == "other-settings":
         args = ("--seed", 7)
     else:
-        for p in (d / "checkpoints" / "4" / "params").rglob("manifest.ocdbt"):
+        for p in (d / "checkpoints" / "20" / "params").rglob("manifest.ocdbt"):
             p.unlink()
         args = ()
     before = snapshot(d)
-    line = error_line(invoke("train", d, *TRAIN4, *args))
+    line = error_line(invoke("train", d, *TRAINED_ARGS, *args))
     assert "seed=0" in line or "damaged" in line, line
     assert snapshot(d) == before
 
@@ -404,13 +408,13 @@ def test_a_refused_train_leaves_the_manifest_as_it_was(trained, tmp_path, how):
 
 @pytest.mark.parametrize("command", ["eval", "predict", "train"])
 def test_a_changed_config_is_named_not_called_damage(trained, tmp_path, command):
-    """eval/predict/train said "checkpoint step 4 is damaged, delete it" about good checkpoints."""
+    """eval/predict/train said "checkpoint step 20 is damaged, delete it" about good checkpoints."""
     d = copy(trained, tmp_path)
     edit_config(d, intermediate_size=48)
     before = snapshot(d)
     args = {"eval": (), "predict": ("the <mask> said",), "train": ("--max-steps", 6, "--per-device-train-batch-size", 8)}
     line = refused(invoke(command, d, *args[command]), d, before,
-                   "config.json no longer matches checkpoint step 4", "intermediate_size 64 -> 48",
+                   "config.json no longer matches checkpoint step 20", "intermediate_size 64 -> 48",
                    "put back intermediate_size=64 in", "--no-resume --force")
     assert "damaged" not in line and "delete" not in line, line
 
@@ -427,7 +431,7 @@ def test_a_retrained_tokenizer_is_named_as_the_cause(trained, corpus, tmp_path):
     d = copy(trained, tmp_path)
     assert invoke("tokenizer", d, corpus, "--vocab-size", 320, "--force").exit_code == 0
     before = snapshot(d)
-    refused(invoke("eval", d, "--checkpoint", "2"), d, before, "vocab_size 300 -> 320",
+    refused(invoke("eval", d, "--checkpoint", "10"), d, before, "vocab_size 300 -> 320",
             "put back the old tokenizer files too")
 
 
@@ -437,7 +441,7 @@ def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
     """After Ctrl-C the tool says "run 'mlmtool train DIR' again", and exactly that failed: the
     batch size had to be repeated."""
     d = copy(trained, tmp_path)
-    shutil.rmtree(d / "checkpoints" / "4")  # as if stopped at step 2
+    shutil.rmtree(d / "checkpoints" / "20")  # as if stopped at step 10
     before = snapshot(d)
     # options given now still must match what fixes the data order
     refused(invoke("train", d, "--per-device-train-batch-size", 4), d, before,
@@ -445,32 +449,30 @@ def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
     r = invoke("train", d)
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "Resuming with the settings recorded at step 2: --per-device-train-batch-size 8" in out, out
-    assert "--save-steps 2" in out and "Resuming from checkpoint step 2 (of 4)" in out, out
+    assert "Resuming with the settings recorded at step 10: --per-device-train-batch-size 8" in out, out
+    assert "--learning-rate 0.005" in out and "Resuming from checkpoint step 10 (of 20)" in out, out
     from mlmtool import checkpoint
 
-    assert checkpoint.all_steps(d / "checkpoints") == [2, 4]
+    assert checkpoint.all_steps(d / "checkpoints") == [10, 20]
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["train"]["args"]["per_device_train_batch_size"] == 8
 
 
-def test_a_failed_checkpoint_save_leaves_no_temporary_folder(prepared, tmp_path, monkeypatch):
-    """A full disk during train left checkpoints/<step>.orbax-checkpoint-tmp filling the disk."""
+def test_a_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
+    """A full disk during train left checkpoints/<step>.orbax-checkpoint-tmp filling the disk.
+    (train's path to this: test_bad_input's disk-full-checkpoint case.)"""
     import errno
 
-    import orbax.checkpoint as ocp
+    from mlmtool import checkpoint
 
-    def half_written_then_full(self, step, *a, **k):
-        tmp = Path(str(self.directory)) / f"{step}.orbax-checkpoint-tmp-1234"
-        tmp.mkdir(parents=True)
-        (tmp / "params").write_bytes(b"\0" * 4096)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", half_written_then_full)
-    d = copy(prepared, tmp_path)
-    line = error_line(invoke("train", d, "--max-steps", 4, "--per-device-train-batch-size", 8, "--save-steps", 2))
-    assert "cannot save checkpoint step 2" in line and "the disk is full" in line, line
-    assert list((d / "checkpoints").iterdir()) == []
+    ckpts = tmp_path / "model" / "checkpoints"
+    tmp = ckpts / "2.orbax-checkpoint-tmp-1234"
+    (tmp / "params").mkdir(parents=True)
+    (tmp / "params" / "d").write_bytes(b"\0" * 4096)
+    with checkpoint.manager(ckpts, async_save=False) as mngr:
+        e = checkpoint.save_error(mngr, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2)
+    assert "cannot save checkpoint step 2" in str(e) and "the disk is full" in str(e), str(e)
+    assert list(ckpts.iterdir()) == []
 
 
 # `mlmtool` reading its corpus and writing blocks slowly (a bigger corpus, in effect), so that
