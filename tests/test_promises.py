@@ -7,9 +7,9 @@
 5. Interrupted means resumable, with nothing left behind.
 6. Shared storage works.
 
-Each case runs the command in-process on a copy of a small prepared (or 4-step trained)
-directory, as tests/test_bad_input.py does; what the command must leave untouched is compared
-file by file (its ``snapshot``).
+Each case runs the command in-process on a copy of the session's small trained directory
+(tests/pipeline.py) or of its state before training, as tests/test_bad_input.py does; what the
+command must leave untouched is compared file by file (its ``snapshot``).
 """
 
 from __future__ import annotations
