@@ -130,7 +130,13 @@ class BlockStore:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{data_dir / META} is incomplete ({e.__class__.__name__}: {e})",
                             _REDO) from None
-        path = data_dir / meta.get("files", {}).get(split, split_file(split))
+        files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+        name = files.get(split, split_file(split))
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            # meta.json names files in DIR/data only: never a path elsewhere (../, /etc/...)
+            raise DataError(f"{data_dir / META} names {name!r} for the {split} split, a path outside "
+                            f"{data_dir}", _REDO)
+        path = data_dir / name
         if not path.exists():
             raise DataError(f"{path} is missing", _REDO)
         expected = num_blocks * seq_len * itemsize

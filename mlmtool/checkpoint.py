@@ -94,6 +94,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) -> CheckpointError:
     """What a failed save means for the user: which step, why (disk full?), what is kept."""
     text = one_line(e)
+    remove_temporary(Path(str(mngr.directory)))  # a half-written step would keep the disk full
     m = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(e))
     if m:
         step = int(m.group(1))
@@ -113,11 +114,99 @@ def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) 
                            f"fix the cause, then {resume}")
 
 
+#: config.json fields that make the model (not dropout): a checkpoint is read only under these.
+ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",
+                "pad_token_id")
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    import jax
+
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def stored_shapes(directory: Path, step: int) -> dict[str, tuple] | None:
+    """{parameter path: shape} of checkpoint ``step``, from its metadata alone (None if unreadable)."""
+    try:
+        with ocp.StandardCheckpointer() as c:
+            md = c.metadata(Path(directory).absolute() / str(step) / "params")
+        return _shapes(getattr(md, "item_metadata", md))
+    except Exception:
+        return None
+
+
+def config_fields(shapes: dict[str, tuple]) -> dict[str, int]:
+    """The config.json sizes that parameter shapes imply (vocab_size, hidden_size, ...)."""
+    out: dict[str, int] = {}
+
+    def get(path: str, axis: int, field: str) -> None:
+        if path in shapes and len(shapes[path]) > axis:
+            out[field] = shapes[path][axis]
+
+    get("['embeddings']['word_embeddings']['embedding']", 0, "vocab_size")
+    get("['embeddings']['word_embeddings']['embedding']", 1, "hidden_size")
+    get("['embeddings']['position_embeddings']['embedding']", 0, "max_position_embeddings")
+    get("['embeddings']['token_type_embeddings']['embedding']", 0, "type_vocab_size")
+    get("['encoder']['layer']['0']['intermediate']['dense']['kernel']", 1, "intermediate_size")
+    layers = {k.split("]")[2] for k in shapes if k.startswith("['encoder']['layer']")}
+    if layers:
+        out["num_hidden_layers"] = len(layers)
+    return out
+
+
+def config_mismatch(directory: Path, step: int, was: dict, now: dict) -> "ConfigError":
+    """config.json no longer describes checkpoint ``step``: name each field, old -> new, and
+    the way back (the checkpoint itself is intact: deleting it would lose good work)."""
+    from mlmtool.errors import ConfigError
+
+    changed = list(was)
+    what = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    back = " ".join(f"{k}={was.get(k)}" for k in changed)
+    run = Path(directory).parent
+    return ConfigError(f"config.json no longer matches checkpoint step {step} in {directory} (the checkpoint is "
+                       f"intact): {what} (checkpoint -> config.json)",
+                       f"to use the checkpoints, put back {back} in {run / 'config.json'}"
+                       + (" (a retrained tokenizer changes vocab_size: put back the old tokenizer files too)"
+                          if "vocab_size" in changed else "")
+                       + f"; to start a new run with this config instead, 'mlmtool train {run} --no-resume --force'")
+
+
+def check_fits(directory: Path, step: int, abstract_params: Any, config: dict | None = None) -> None:
+    """ConfigError naming the fields if checkpoint ``step`` was made under another config, found
+    from its metadata before any array is read (a failed restore reads as damage, and leaves
+    orbax's coroutines to complain)."""
+    have, want = stored_shapes(directory, step), _shapes(abstract_params)
+    if not have or have == want:
+        return
+    was, now = config_fields(have), config_fields(want)
+    changed = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+    if not changed:  # shapes differ elsewhere: name the first parameter
+        changed = [k for k in sorted(have.keys() & want.keys()) if have[k] != want[k]][:1]
+        was, now = have, want
+    if changed:  # else entries are missing: damage (or another structure), which the restore reports
+        raise config_mismatch(Path(directory).absolute(), step, {k: was[k] for k in changed},
+                              {k: now[k] for k in changed})
+
+
+def check_config(directory: Path, step: int, meta: dict, config: dict | None) -> None:
+    """ConfigError if the checkpoint's recorded config.json (written since issue 13) differs
+    from ``config`` in a field that makes the model, e.g. num_attention_heads (same shapes)."""
+    recorded = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict) or config is None:
+        return
+    was = {k: recorded.get(k) for k in ARCHITECTURE if recorded.get(k) != config.get(k)}
+    if was:
+        raise config_mismatch(Path(directory).absolute(), step, was, {k: config.get(k) for k in was})
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
-            abstract_opt_state: Any = None) -> dict:
+            abstract_opt_state: Any = None, config: dict | None = None) -> dict:
     """Restore ``step`` into arrays laid out like the abstract trees (ShapeDtypeStructs
     with shardings); without ``abstract_opt_state`` only params and meta are read.
-    Raises CheckpointError with the fix if the files are damaged."""
+    Raises ConfigError naming the fields if config.json (``config``) no longer describes the
+    checkpoint, CheckpointError with the fix if the files are damaged."""
+    check_fits(Path(str(mngr.directory)), step, abstract_params, config)
     items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -125,6 +214,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
         out = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
         raise damaged(Path(str(mngr.directory)), step, e) from e
+    check_config(Path(str(mngr.directory)), step, out["meta"], config)
     return dict(out)
 
 
@@ -147,6 +237,17 @@ def restore_meta(directory: Path, step: int) -> dict:
             return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
             raise damaged(Path(directory).absolute(), step, e) from e
+
+
+def remove_temporary(directory: Path) -> None:
+    """Delete the temporary folders of unfinished saves (``<step>.orbax-checkpoint-tmp*``); on
+    process 0 (the others share the directory)."""
+    import jax
+
+    if jax.process_index() != 0 or not Path(directory).is_dir():
+        return
+    for p in Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_all(directory: Path) -> None:

@@ -148,6 +148,14 @@ def _dataset_source(path: Path) -> Source:
 
 
 def _file_source(path: Path) -> Source:
+    if not path.is_file():  # a FIFO, a device, a socket: read twice (sniffed, then read), it would hang
+        import stat
+
+        mode = path.stat().st_mode
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise DataError(f"{path} is {kind}: a corpus is read more than once",
+                        "write the stream to a file first (e.g. 'cat ... > corpus.txt') and pass that file")
     fmt, compression = _split_suffix(path)
     if fmt is None:
         raise DataError(f"unsupported input file type: {path}",
@@ -286,6 +294,44 @@ def _zstd():
     return zstandard
 
 
+class _ZstdStream:
+    """The frames of a .zst file, decompressed one after another.  A file that ends inside a
+    frame is an error, as gzip, lzma and bz2 make it (zstandard's ``stream_reader`` reads it
+    as a shorter file: a truncated download would go unnoticed)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, raw):
+        self.raw = raw
+        self._decompressor = _zstd().ZstdDecompressor()
+        self._frame = None  # the decompressobj of the frame being read
+        self._buffer = bytearray()
+        self._eof = False
+
+    def read(self, n: int) -> bytes:
+        while len(self._buffer) < n and not self._eof:
+            chunk = self.raw.read(self.CHUNK)
+            if not chunk:
+                self._eof = True
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                break
+            while chunk:
+                if self._frame is None:
+                    self._frame = self._decompressor.decompressobj()
+                self._buffer += self._frame.decompress(chunk)
+                if self._frame.eof:
+                    chunk, self._frame = self._frame.unused_data, None
+                else:
+                    chunk = b""
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def close(self) -> None:
+        self._buffer.clear()
+
+
 class _Opened:
     """A decompressing binary stream plus the raw file underneath (for on-disk progress)."""
 
@@ -302,7 +348,7 @@ class _Opened:
             elif c == "bz2":
                 self.stream = bz2.BZ2File(self.raw, mode="rb")
             elif c == "zstd":
-                self.stream = _zstd().ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+                self.stream = _ZstdStream(self.raw)
             else:  # pragma: no cover - guarded by _split_suffix
                 raise AssertionError(c)
         except BaseException:

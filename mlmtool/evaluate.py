@@ -145,7 +145,8 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
     return step
 
 
-def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) -> tuple[Any, str]:
+def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params,
+                config: dict | None = None) -> tuple[Any, str]:
     """Parameters from a checkpoint (``latest`` or a step number), the export or ``init``."""
     from mlmtool import checkpoint
     from mlmtool.hf_weights import load_safetensors
@@ -160,8 +161,37 @@ def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params) 
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_params, params_sharding)
     with checkpoint.manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
-        out = checkpoint.restore(mngr, step, abstract)
+        out = checkpoint.restore(mngr, step, abstract, config=config)
     return out["params"], f"step {step}"
+
+
+def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: str) -> None:
+    """eval's options, before any work: a loss over no predicted token would read as perfect."""
+    from mlmtool.errors import ConfigError
+
+    if not 0.0 < mlm_probability < 1.0:
+        raise ConfigError(f"--mlm-probability must be in (0, 1), got {mlm_probability}",
+                          "with nothing masked there is nothing to evaluate: use e.g. 0.15 (the default)")
+    if per_device_batch_size < 1:
+        raise ConfigError(f"--per-device-eval-batch-size must be positive, got {per_device_batch_size}",
+                          "use e.g. 64")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}", "use --dtype float32")
+
+
+def check_results(results: dict, mdir, source: str) -> None:
+    """A loss over no predicted token, or a nan, is no result: never written as one."""
+    from mlmtool.errors import CheckpointError, DataError
+
+    if results["eval_tokens"] == 0:
+        raise DataError(f"the {results['eval_samples']:,} validation blocks in {mdir.data_dir} hold no token to "
+                        "predict (only special tokens or padding): the loss would read 0",
+                        f"prepare blocks with text in them: 'mlmtool prepare {mdir} FILE... --max-seq-length N "
+                        "--force' with a larger N")
+    if not (math.isfinite(results["eval_loss"]) and math.isfinite(results["eval_accuracy"])):
+        raise CheckpointError(f"the evaluation of {source} computed a loss of {results['eval_loss']}: its weights "
+                              "hold inf or nan (or overflow in bfloat16)",
+                              "evaluate another checkpoint (--checkpoint STEP), use --dtype float32, or train again")
 
 
 def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 64, mlm_probability: float = 0.15,
@@ -173,6 +203,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.modeldir import atomic_write_json
 
+    check_options(per_device_batch_size=per_device_batch_size, mlm_probability=mlm_probability, dtype=dtype)
     error = None
     try:  # everything that can fail on one host alone, before any collective
         config = mdir.read_config()
@@ -206,7 +237,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
     error = None
     try:
         params, source = load_params(mdir, mcfg, "export" if selected is None else str(selected), mesh,
-                                     params_sharding, abstract)
+                                     params_sharding, abstract, config=config)
     except Exception as e:
         error = e
     sh.agree(error=error)
@@ -214,6 +245,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 6
                         vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
+    check_results(results, mdir, source)
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)
         from mlmtool.progress import MetricsWriter

@@ -232,11 +232,14 @@ def from_hf_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
 def save_safetensors(params, config: ModelConfig, path: str | os.PathLike) -> Path:
     """Write the HF ``model.safetensors`` atomically; ``path`` is the file or its directory.
 
-    The file appears complete or not at all: it is written under a temporary name in the same
-    directory, flushed to disk, then renamed over ``path``.  Returns the file's path.
+    The file appears complete or not at all (``modeldir.atomic_write``: a temporary name in
+    the same directory, flushed, renamed over ``path``, permissions from the umask).
+    Returns the file's path.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
+
+    from mlmtool.modeldir import atomic_write
 
     path = Path(path)
     if path.is_dir():
@@ -244,16 +247,10 @@ def save_safetensors(params, config: ModelConfig, path: str | os.PathLike) -> Pa
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
     state = to_hf_state_dict(params, config)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(state, str(tmp), metadata=SAFETENSORS_METADATA)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=SAFETENSORS_METADATA))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write {path}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     try:  # make the rename itself durable; not possible everywhere
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

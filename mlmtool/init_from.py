@@ -164,6 +164,33 @@ def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
                           f"pad_token_id {config['pad_token_id']}", "fix PATH's config.json")
 
 
+def exported_params(mdir: ModelDir, mcfg, *, resume: bool, force: bool, say: Callable = lambda *a, **k: None):
+    """Host params of ``DIR/model.safetensors`` when DIR has no checkpoint to resume from (a
+    directory written by transformers' ``save_pretrained``, or one whose checkpoints were
+    deleted): training continues from those weights, as from ``init --from``'s, instead of
+    silently overwriting them with a random initialisation.  None when there is no such file,
+    or with ``--no-resume --force`` (start over; the file is replaced at the end)."""
+    path = mdir.weights_path
+    if not path.exists():
+        return None
+    if not resume:
+        if force:
+            return None
+        raise ModelDirError(f"{path} holds trained weights that --no-resume would replace with a random "
+                            "initialisation", "drop --no-resume to continue from them, or add --force to start over")
+    from mlmtool.hf_weights import load_safetensors
+
+    try:
+        params = load_safetensors(path, mcfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} does not fit config.json ({e.message}), and training would overwrite it",
+                              "restore the config.json those weights were made with, or start from random weights "
+                              "with --no-resume --force (replaces the file)") from None
+    say(f"Starting from the weights in {path} (no checkpoint in {mdir.checkpoints_dir}); "
+        "--no-resume --force starts from random weights instead")
+    return params
+
+
 def initial_params(mdir: ModelDir, mcfg, say: Callable = lambda *a, **k: None):
     """Host params from ``DIR/init.safetensors`` (written by ``init --from``), or None."""
     path = init_weights_path(mdir)

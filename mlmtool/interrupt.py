@@ -13,6 +13,29 @@ import threading
 from typing import Iterator
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (``prepare``, ``tokenizer``, a train still starting):
+    raised in the main thread so that every ``finally`` runs (temporary folders are removed,
+    DIR's lock is released) before the command exits 143 with one line."""
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` for the duration (``graceful`` overrides it inside)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None

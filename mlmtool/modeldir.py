@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mlmtool.errors import ModelDirError
 
@@ -63,21 +63,39 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same
+    directory, which is flushed to disk and renamed over ``path``.
+
+    The one way every artefact of a model directory is written (config, JSON, weights,
+    figures): a reader sees the old file or the complete new one, and the file gets the
+    permissions of the umask like any other (not mkstemp's 0600), so a directory shared
+    between users or hosts stays readable.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.close(fd)
+        fd = None
+        write(Path(tmp))  # a writer may replace the file (safetensors does): set the mode after it
+        fd = os.open(tmp, os.O_RDONLY)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a model directory is shared like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
         os.replace(tmp, path)
     except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -98,6 +116,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: other users and hosts read the block store
         yield tmp
         old = None
         if final.exists():
@@ -192,6 +211,21 @@ class ModelDir:
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (orbax renames a step's folder to its number when
+        it is complete), without importing orbax."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def trained_state(self) -> list[str]:
+        """What training left in DIR (checkpoints, the export), in words; empty if nothing."""
+        steps = self.checkpoint_steps()
+        out = [f"checkpoints up to step {steps[-1]}"] if steps else []
+        if self.weights_path.exists():
+            out.append(WEIGHTS)
+        return out
 
     # -- stage checks --------------------------------------------------------
     def read_config(self) -> dict:
@@ -314,6 +348,14 @@ def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
         + (f" (if it is no longer running, delete {directory / LOCK})" if elsewhere else ""))
 
 
+def _cannot_write(directory: Path, e: OSError) -> ModelDirError:
+    import errno
+
+    read_only = "the file system is read-only: use a writable directory, or " if e.errno == errno.EROFS else ""
+    return ModelDirError(f"cannot write to {directory} ({e.strerror})",
+                         f"{read_only}check the directory's permissions and free space")
+
+
 def _lock_record(command: str) -> dict:
     import socket
 
@@ -334,8 +376,7 @@ def _acquire(directory: Path, command: str) -> int | None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
-            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
-                                "check the directory's permissions and free space") from e
+            raise _cannot_write(directory, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

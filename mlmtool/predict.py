@@ -41,16 +41,23 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
 
     if top_k < 1:
         raise DataError("--top-k must be at least 1", "e.g. --top-k 5")
+    config = mdir.read_config()  # its errors first: transformers' AutoTokenizer reads config.json too
     tok = load_tokenizer(mdir)
     mask = tok.mask_token
     for text in texts:
         if mask not in text:
             raise DataError(f"no {mask} in {text!r}", f"put {mask} where the model should fill in a token")
-    config = mdir.read_config()
     mcfg = ModelConfig.from_dict(config)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
-    params, _ = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract)
+    params, source = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract,
+                                 config=config)
+    limit = mcfg.max_sequence_length
+    for text, ids in zip(texts, tok(texts, verbose=False)["input_ids"]):
+        if len(ids) > limit:  # a mask past the cut would get no prediction, silently
+            short = text if len(text) <= 60 else text[:57] + "..."
+            raise DataError(f"the text {short!r} is {len(ids):,} tokens long, but the model reads at most {limit:,} "
+                            "(max_position_embeddings)", "shorten the text around its mask")
     # Padded to a multiple of 8 (masked out) so that texts of similar lengths share a compilation.
     enc = tok(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=mcfg.max_sequence_length,
               return_tensors="np")
@@ -58,6 +65,11 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
         enc = tok(texts, padding=True, truncation=True, max_length=mcfg.max_sequence_length, return_tensors="np")
     probs = np.asarray(_probabilities_fn(mcfg)(
         params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))  # [B, L, V]
+    if not np.isfinite(probs).all():
+        from mlmtool.errors import CheckpointError
+
+        raise CheckpointError(f"the model's predictions are not finite (nan/inf): the weights of {source} hold "
+                              "inf or nan", "predict from another checkpoint (--checkpoint STEP), or train again")
     results = []
     for row, ids in enumerate(enc["input_ids"]):
         ids = ids[enc["attention_mask"][row].astype(bool)]

@@ -181,6 +181,7 @@ def _init_worker(job: _Job, worker_process: bool = True) -> None:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and SIGTERM: it cleans up, then shuts the pool down
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
         _exit_with_parent()
     tok = Tokenizer.from_file(job.tokenizer_path)
@@ -613,6 +614,10 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           f"positions (max_position_embeddings {config['max_position_embeddings']})",
                           f"use --max-seq-length {limit} or less, or raise max_position_embeddings "
                           "with 'mlmtool init DIR --set ... --force'")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_proc is not None and not 1 <= num_proc <= 4 * cores:
+        raise ConfigError(f"--num-proc {num_proc} is not in 1 .. {4 * cores} (4 x the {cores} CPU cores)",
+                          f"use --num-proc {cores}, or leave it out (one per core)")
     if not 0 <= validation_split_percentage < 100:
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
@@ -635,11 +640,19 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           f"tokenizer's {tok.pad_token_id}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
     key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
-
     with mdir.lock("prepare"):
         remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
-        return _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
+        result = _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
                       show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
+    if line_by_line:
+        from tokenizers import Tokenizer
+
+        frame = len(Tokenizer.from_file(tok.path).encode("", add_special_tokens=True).ids)
+        if max_seq_length <= frame:  # every block is <s> </s>: train and eval refuse to score nothing
+            result["warnings"] = [f"--line-by-line blocks of {max_seq_length} tokens hold only the {frame} special "
+                                  "tokens around each document, no token to predict (train and eval refuse them): "
+                                  f"prepare again with --max-seq-length {frame + 1} or more (e.g. 128) and --force"]
+    return result
 
 
 def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: dict, *,

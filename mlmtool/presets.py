@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 
 from mlmtool.errors import ConfigError
@@ -125,7 +126,12 @@ def _full_dict(model_type: str, fields: dict) -> dict:
         return copy.deepcopy({**defaults, **fields})
     from transformers import AutoConfig  # unknown or derived fields: let transformers resolve them
 
-    d = AutoConfig.for_model(model_type, **fields).to_dict()
+    try:
+        d = AutoConfig.for_model(model_type, **fields).to_dict()
+    except Exception as e:  # transformers' own type checks (e.g. a string where a number belongs)
+        text = " ".join(str(e).split()) or e.__class__.__name__
+        raise ConfigError(f"the config is not valid for transformers ({text[:300]})",
+                          "fix config.json, or recreate it with 'mlmtool init DIR --force'") from None
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
     return json.loads(json.dumps(d))  # as config.json holds it (id2label's keys are strings)
@@ -199,20 +205,70 @@ def build_config(preset: str | None = None, *, overrides: list[str] = (), from_c
     return config
 
 
+#: Sizes beyond these are mistakes (a typo's extra zeros), not models: the layers are unrolled
+#: at compilation, and the block store holds token ids as uint32.
+MAX_LAYERS = 1024
+MAX_PARAMETERS = 10**12
+MAX_VOCAB_SIZE = 1 << 32
+_FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(config: dict) -> None:
-    """Consistency checks that would otherwise fail deep inside the model."""
+    """Consistency checks that would otherwise fail deep inside the model (or, for absurd
+    sizes, never finish): every field the model reads has the right JSON type and range."""
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings"):
         value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ConfigError(f"config {key} must be a positive integer, got {value!r}",
                               f"fix it with --set {key}=N")
+    for key in ("type_vocab_size",):
+        value = config.get(key, 1)
+        if not _is_int(value) or value <= 0:
+            raise ConfigError(f"config {key} must be a positive integer, got {value!r}",
+                              f"fix it with --set {key}=N")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = config.get(key)
+        if value is not None and (not _is_int(value) or not 0 <= value < config["vocab_size"]):
+            raise ConfigError(f"config {key} must be a token id in [0, {config['vocab_size']}), got {value!r}",
+                              "fix it with --set, or let 'mlmtool tokenizer' set it")
+    for key in _FLOAT_FIELDS:
+        if key in config and not _is_number(config[key]):
+            raise ConfigError(f"config {key} must be a number, got {config[key]!r}",
+                              f"fix it with --set {key}=X")
+    for key in ("layer_norm_eps", "initializer_range"):
+        if key in config and not config[key] > 0:
+            raise ConfigError(f"config {key} must be positive, got {config[key]!r}", f"fix it with --set {key}=X")
+    if not isinstance(config.get("hidden_act", "gelu"), str):
+        raise ConfigError(f"config hidden_act must be a string, got {config.get('hidden_act')!r}",
+                          "fix it with --set hidden_act=gelu")
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise ConfigError(f"config num_hidden_layers {config['num_hidden_layers']:,} is beyond mlmtool's "
+                          f"limit of {MAX_LAYERS}", "fix it with --set num_hidden_layers=N (BERT-large has 24)")
+    if config["vocab_size"] > MAX_VOCAB_SIZE:
+        raise ConfigError(f"config vocab_size {config['vocab_size']:,} is beyond the {MAX_VOCAB_SIZE:,} token "
+                          "ids the block store holds", "fix it with --set vocab_size=N")
+    from mlmtool.info import parameter_count
+
+    n = parameter_count(config)
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"the config makes a model of {n:,} parameters, beyond mlmtool's limit of "
+                          f"{MAX_PARAMETERS:,}", "check the sizes (--set hidden_size, intermediate_size, "
+                          "num_hidden_layers, vocab_size, max_position_embeddings)")
     if config["hidden_size"] % config["num_attention_heads"]:
         raise ConfigError(
             f"hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
             f"{config['num_attention_heads']}", "change one of them with --set")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if not 0.0 <= float(config.get(key, 0.0)) < 1.0:
+        if not 0.0 <= config.get(key, 0.0) < 1.0:
             raise ConfigError(f"config {key} must be in [0, 1)", f"fix it with --set {key}=0.1")
 
 

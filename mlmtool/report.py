@@ -123,6 +123,24 @@ def summarize(mdir) -> dict[str, Any]:
     return out
 
 
+def check_output(output: os.PathLike | str) -> tuple[Path, str]:
+    """The figure's path and format (from its extension), checked before any work: DataError
+    for a directory or an extension matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output = Path(output)
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    if output.is_dir():
+        raise DataError(f"--output {output} is a directory", f"name a file, e.g. {output / 'report.png'}")
+    fmt = output.suffix[1:].lower()
+    if fmt not in supported:
+        raise DataError(f"--output {output}: cannot write a figure as {output.suffix or 'a file without an extension'}",
+                        f"end the name with one of {', '.join('.' + f for f in supported)} (e.g. report.png)")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise DataError(f"--output {output}: {output.parent} is not a directory", "choose another path")
+    return output, fmt
+
+
 def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int = 110) -> Path:
     """Write the 2 x 2 figure (loss, accuracy, learning rate, tokens/s against step) to ``output``."""
     import matplotlib
@@ -134,7 +152,7 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
     train, evals, _ = read_metrics(mdir.metrics_path)
     if not train and not evals:
         raise DataError(f"no training metrics in {mdir.metrics_path}", f"run 'mlmtool train {mdir}' first")
-    output = Path(output)
+    output, fmt = check_output(output)
 
     def series(records, key):
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
@@ -167,11 +185,10 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     fig.suptitle(title or f"mlmtool: {mdir.path.resolve().name}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}{output.suffix}")
+    from mlmtool.modeldir import atomic_write
+
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, output)
+        atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return output

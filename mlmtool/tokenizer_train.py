@@ -266,14 +266,42 @@ class _ReadingProgress:
             self._status = None
 
 
+def check_replaceable(mdir: ModelDir, force: bool) -> None:
+    """Refuse (before reading any corpus) to retrain the tokenizer of a DIR whose trained or
+    imported weights belong to it: a new vocabulary makes every checkpoint, the export and
+    ``init --from``'s weights unusable."""
+    from mlmtool.errors import ModelDirError
+    from mlmtool.init_from import init_source, init_weights_path
+
+    if force:
+        return
+    if init_weights_path(mdir).exists():
+        raise ModelDirError(
+            f"{mdir} continues the model {init_source(mdir) or init_weights_path(mdir)} ('mlmtool init --from'), "
+            "whose weights belong to its tokenizer",
+            f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
+            "and start from random weights")
+    trained = mdir.trained_state()
+    if trained:
+        raise ModelDirError(
+            f"{mdir} holds a model trained with its tokenizer ({', '.join(trained)}): a new tokenizer would make "
+            "it unusable",
+            f"train the new tokenizer in a new directory ('mlmtool init NEW --from-config {mdir.config_path}'), "
+            "or pass --force to replace it anyway (then 'mlmtool prepare DIR FILE... --force' and "
+            "'mlmtool train DIR --no-resume --force')")
+
+
 def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                     kind: str | None = None, vocab_size: int | None = None,
                     min_frequency: int = DEFAULT_MIN_FREQUENCY, lowercase: bool | None = None,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
     ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
-    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  DIR is locked
+    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  Without
+    ``force``, a tokenizer that trained weights belong to is not replaced
+    (:func:`check_replaceable`); prepared data made with another tokenizer is reported
+    (``stale_data``: the CLI warns, ``train`` refuses it until ``prepare --force``).  DIR is locked
     (``.mlmtool.lock``) while training, so a running ``train`` or ``prepare`` is not
     pulled out from under.
     """
@@ -289,8 +317,13 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         what = "the 256 byte symbols and 5 special tokens" if kind == "bpe" else "the special tokens"
         raise ConfigError(f"vocab size {requested} is too small for {what}",
                           f"use --vocab-size {minimum} or more")
-    if min_frequency < 1:
-        raise ConfigError(f"--min-frequency must be at least 1, got {min_frequency}",
+    from mlmtool.presets import MAX_VOCAB_SIZE
+
+    if requested > MAX_VOCAB_SIZE:
+        raise ConfigError(f"vocab size {requested:,} is beyond the {MAX_VOCAB_SIZE:,} token ids the block store holds",
+                          "use e.g. --vocab-size 50265 (RoBERTa's)")
+    if not 1 <= min_frequency < 2**32:
+        raise ConfigError(f"--min-frequency must be in 1 .. 2^32-1, got {min_frequency}",
                           "use --min-frequency 2 (the default)")
     if lowercase is None:
         lowercase = kind == "wordpiece"
@@ -300,10 +333,19 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
         say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
+    check_replaceable(mdir, force)
     with mdir.lock("tokenizer"):
         remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
-        return _train(mdir, corpus, config, kind=kind, requested=requested,
-                      min_frequency=min_frequency, lowercase=lowercase, show_progress=show_progress)
+        return _train(mdir, corpus, config, kind=kind, requested=requested, min_frequency=min_frequency,
+                      lowercase=lowercase, show_progress=show_progress)
+
+
+def _data_tokenizer(mdir: ModelDir) -> str | None:
+    """sha256 of the tokenizer.json DIR/data was prepared with (None: no prepared data)."""
+    try:
+        return json.loads((mdir.data_dir / "meta.json").read_text(encoding="utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -381,6 +423,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         "files": [str(p) for p in files],
         "tokenizer_sha256": file_sha256(mdir.tokenizer_path),
     }
+    result["stale_data"] = _data_tokenizer(mdir) not in (None, result["tokenizer_sha256"])
     mdir.record("tokenizer",
                 args={"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
                       "lowercase": lowercase, "text_column": corpus.text_column},

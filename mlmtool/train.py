@@ -79,13 +79,24 @@ class TrainConfig:
             object.__setattr__(self, "adafactor", False)
 
     def validate(self) -> None:
+        """Every option's range, checked before any work (a NaN fails every comparison)."""
         from mlmtool.model import REMAT_POLICIES
 
+        finite = math.isfinite
         checks = [
             (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
             (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
              "--per-device-eval-batch-size must be positive"),
-            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate must be a positive number, got {self.learning_rate}"),
+            (0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}"),
+            (0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}"),
+            (0 < self.adam_epsilon < math.inf, f"--adam-epsilon must be a positive number, got {self.adam_epsilon}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 <= self.max_grad_norm < math.inf, f"--max-grad-norm must be a number >= 0 (0: no clipping), "
+                                                 f"got {self.max_grad_norm}"),
+            (finite(self.num_train_epochs), f"--num-train-epochs must be a finite number, got {self.num_train_epochs}"),
+            (self.max_steps < 2**31, f"--max-steps must be below 2^31, got {self.max_steps}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
             (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
@@ -102,12 +113,30 @@ class TrainConfig:
             (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
+            (self.warmup_steps < 2**31, f"--warmup-steps must be below 2^31, got {self.warmup_steps}"),
             (self.max_steps > 0 or self.num_train_epochs > 0, "give --max-steps or a positive --num-train-epochs"),
             (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message, "fix the option and run again")
+
+
+def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict, int | None]:
+    """The settings a plain ``mlmtool train DIR`` resumes with: those recorded in the latest
+    checkpoint (``train_config``), except the options given now (``explicit``), which win --
+    the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
+    Returns the config, the settings taken from the checkpoint and its step."""
+    try:
+        latest = checkpoint.latest_step(mdir.checkpoints_dir)
+        recorded = checkpoint.restore_meta(mdir.checkpoints_dir, latest).get("train_config") if latest is not None else None
+    except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
+        return cfg, {}, None
+    if not isinstance(recorded, dict):
+        return cfg, {}, latest
+    names = {f.name for f in dataclasses.fields(cfg)}
+    taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
+    return dataclasses.replace(cfg, **taken), taken, latest
 
 
 @flax.struct.dataclass
@@ -378,6 +407,9 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
             f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
             "lower --per-device-train-batch-size or prepare more data")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    if total >= 2**31:
+        raise TrainingError(f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps are {total:,} steps, "
+                            "beyond the 2^31 a run can count", "lower --num-train-epochs or set --max-steps")
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     slots, rows_per_group = prediction_layout(cfg, seq_len)
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
@@ -471,7 +503,7 @@ class Trainer:
         epoch, pos = divmod(step, self.plan.steps_per_epoch)
         return {"step": step, "epoch": epoch, "position_in_epoch": pos,
                 "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),  # each step uses fold_in(rng, step)
-                "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg),
+                "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg), "config": self.config,
                 "total_steps": self.plan.total_steps}
 
     def initial_state(self, resume: bool, force: bool, say) -> tuple[TrainState, int]:
@@ -497,9 +529,11 @@ class Trainer:
             sh.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
             latest = None
         if latest is None:
-            from mlmtool.init_from import initial_params  # weights of 'mlmtool init DIR --from PATH'
+            from mlmtool.init_from import exported_params, initial_params
 
-            params = initial_params(self.mdir, self.mcfg, say)
+            params = initial_params(self.mdir, self.mcfg, say)  # weights of 'mlmtool init DIR --from PATH'
+            if params is None:  # a save_pretrained directory: continue from its weights, never overwrite them
+                params = exported_params(self.mdir, self.mcfg, resume=resume, force=force, say=say)
             if params is not None:
                 params = jax.device_put(params, self.state_sharding.params)
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -507,6 +541,8 @@ class Trainer:
                                   opt_state=opt_state), 0
             return self._init_state(jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 0xC0FFEE)), 0
         meta = checkpoint.restore_meta(ckpt_dir, latest)
+        checkpoint.check_fits(ckpt_dir, latest, self.abstract_state.params)  # config.json changed?
+        checkpoint.check_config(ckpt_dir, latest, meta, self.config)
         before, now = meta.get("run", {}), self._run_identity()
         changed = [k for k in ("seed", "global_batch", "train_blocks", "seq_len") if before.get(k) != now[k]]
         if changed:
@@ -516,7 +552,8 @@ class Trainer:
                 f"the checkpoint at step {latest} was trained with {was}, this run has {now_}",
                 "use the same settings to resume, or --no-resume --force to start over")
         with checkpoint.manager(ckpt_dir, async_save=False) as mngr:
-            out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state)
+            out = checkpoint.restore(mngr, latest, self.abstract_state.params, self.abstract_state.opt_state,
+                                     config=self.config)
         state = TrainState(step=jax.device_put(jnp.int32(latest), self.state_sharding.step),
                            params=out["params"], opt_state=out["opt_state"])
         say(f"Resuming from checkpoint step {latest:,} (of {self.plan.total_steps:,}) in {ckpt_dir}")
@@ -533,13 +570,16 @@ class Trainer:
                         per_device_batch_size=per_device)
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
-            stop_requested=lambda: False) -> dict:
-        """Train to ``plan.total_steps``; returns the last logged metrics and eval results."""
+            stop_requested=lambda: False, on_start=None) -> dict:
+        """Train to ``plan.total_steps``; returns the last logged metrics and eval results.
+        ``on_start()`` runs once the starting state is settled (a refused run never calls it)."""
         from mlmtool.hf_weights import save_safetensors
         from mlmtool.progress import MetricsWriter
 
         cfg, plan = self.cfg, self.plan
         state, start = self.initial_state(resume, force, say)
+        if on_start is not None:
+            on_start()
         writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
         if start >= plan.total_steps:
@@ -628,6 +668,11 @@ class Trainer:
         loss_sum = sum(float(m["loss_sum"]) for m in got)
         denom = sum(float(m["denominator"]) for m in got)
         loss = loss_sum / max(denom, 1.0)
+        if denom == 0:  # a loss of 0 over nothing: not a perfect model
+            raise TrainingError(
+                f"no token was chosen for prediction in steps {done - len(got) + 1}..{done}: the loss would read 0",
+                f"the blocks hold only special tokens, or --mlm-probability ({self.cfg.mlm_probability}) is too "
+                f"small: prepare with a larger --max-seq-length ('mlmtool prepare {self.mdir} FILE... --force')")
         for i, m in enumerate(got):  # before any checkpoint of these steps is written
             step_loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
             if not (math.isfinite(step_loss) and bool(m.get("finite", True))):

@@ -51,8 +51,17 @@ class _Group(TyperGroup):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context):
+        from mlmtool.interrupt import Terminated, terminate_cleanly
+
         try:
-            return super().invoke(ctx)
+            with terminate_cleanly():
+                return super().invoke(ctx)
+        except Terminated:  # cleaned up on the way out: temporary files removed, lock released
+            if debug():
+                raise
+            _error_line("stopped by SIGTERM; temporary files removed, finished artefacts kept as they were: "
+                        "run the command again")
+            raise typer.Exit(143) from None
         except MlmtoolError as e:
             if debug():
                 raise

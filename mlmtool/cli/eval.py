@@ -42,7 +42,7 @@ def eval_command(
     agree(error=error)  # a host without DIR stops every process, not just itself
     from mlmtool.evaluate import run_eval
 
-    results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size or 64,
+    results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=64 if per_device_eval_batch_size is None else per_device_eval_batch_size,
                        mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh)
     if not is_main_process():  # process 0 reports for the whole run
         return

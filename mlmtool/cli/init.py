@@ -56,7 +56,7 @@ def init_command(
         return
     config = presets.build_config(preset, overrides=set_ or [], from_config=from_config)
     mdir = ModelDir(model_dir, create=True)
-    status = "written"
+    status, existing = "written", None
     if mdir.config_path.exists():
         try:
             existing = mdir.read_config()
@@ -65,17 +65,27 @@ def init_command(
         if existing == config:
             status = "unchanged"
         elif not force:
-            raise ModelDirError(f"{mdir.config_path} already exists with a different config",
+            trained = mdir.trained_state()
+            raise ModelDirError(f"{mdir.config_path} already exists with a different config"
+                                + (f" ({', '.join(trained)} were made with it)" if trained else ""),
                                 "pass --force to overwrite it (or choose another DIR)")
     if status == "written":
         from mlmtool.init_from import init_weights_path
 
-        mdir.write_config(config)
-        if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
-            init_weights_path(mdir).unlink()
-            say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
-        mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
-                                  "from_config": str(from_config) if from_config else None})
+        with mdir.lock("init"):  # not under a running train, prepare or tokenizer
+            mdir.write_config(config)
+            if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
+                init_weights_path(mdir).unlink()
+                say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
+            mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
+                                      "from_config": str(from_config) if from_config else None})
+        if existing is not None:  # --force over another config: say what no longer fits it (trained with it)
+            from mlmtool.progress import err_console
+
+            for what in mdir.trained_state():
+                err_console.print(f"[bold yellow]warning:[/] {what} in {mdir} were made with the earlier config: "
+                                  f"'mlmtool train {mdir} --no-resume --force' starts over with this one",
+                                  soft_wrap=True, highlight=False)
 
     from mlmtool.info import parameter_count  # arithmetic: importing jax would cost seconds
 
@@ -112,7 +122,8 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     from mlmtool.progress import console, err_console, say
 
     mdir = ModelDir(model_dir, create=True)
-    out = init_from(mdir, source, overrides=overrides, force=force)
+    with mdir.lock("init"):
+        out = init_from(mdir, source, overrides=overrides, force=force)
     config = out["config"]
     info = {**summary(config), "parameters": parameter_count(config),
             "config": str(mdir.config_path), "status": out["status"], "from": out["source"],

@@ -59,7 +59,7 @@ def prepare_command(
     result = prepare(mdir, corpus, max_seq_length=max_seq_length, line_by_line=line_by_line,
                      validation_split_percentage=validation_split_percentage,
                      num_proc=num_proc, force=force, show_progress=not json_out and not quiet())
-    for line in corpus.warnings():
+    for line in [*corpus.warnings(), *result.get("warnings", [])]:
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
         import json

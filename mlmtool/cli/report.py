@@ -30,6 +30,10 @@ def report_command(
     from mlmtool.report import plot, summarize
 
     mdir = ModelDir(model_dir)
+    if not no_plot:
+        from mlmtool.report import check_output
+
+        check_output(output or mdir.path / "report.png")  # before any work
     summary = summarize(mdir)
     if not summary["train_records"] and not summary["eval_records"]:
         raise DataError(f"no training metrics in {mdir.metrics_path}", f"run 'mlmtool train {mdir}' first")

@@ -39,8 +39,9 @@ def tokenizer_command(
     dataset_revision: DatasetRevisionOpt = None,
     data_files: DataFilesOpt = None,
     force: Annotated[bool, typer.Option(
-        "--force", "-f", help="Train a new tokenizer even in a DIR made with 'init --from' (its "
-                              "weights are then dropped: training starts from random weights).")] = False,
+        "--force", "-f", help="Replace the tokenizer even though trained weights (checkpoints, "
+                              "model.safetensors, 'init --from' weights) belong to it: they become unusable "
+                              "('init --from' weights are dropped).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the tokenizer (byte-level BPE or WordPiece) on FILE... and save it into DIR.
@@ -56,27 +57,25 @@ def tokenizer_command(
     mdir = ModelDir(model_dir)
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
-    from mlmtool.init_from import init_source, init_weights_path
+    from mlmtool.init_from import init_weights_path
+    from mlmtool.tokenizer_train import check_replaceable
 
-    if init_weights_path(mdir).exists() and not force:
-        from mlmtool.errors import ModelDirError
-
-        raise ModelDirError(
-            f"{mdir} continues the model {init_source(mdir) or init_weights_path(mdir)} ('mlmtool init --from'), "
-            "whose weights belong to its tokenizer",
-            f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
-            "and start from random weights")
+    check_replaceable(mdir, force)  # before reading any corpus
     corpus = open_corpus(files, text_column=text_column, dataset=dataset,
                          dataset_config=dataset_config, split=split, streaming=streaming,
                          revision=dataset_revision, data_files=data_files)
     result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
                              min_frequency=min_frequency, lowercase=lowercase,
-                             show_progress=not json_out and not quiet())
+                             show_progress=not json_out and not quiet(), force=force)
     if init_weights_path(mdir).exists():  # --force: the weights no longer fit the vocabulary
         init_weights_path(mdir).unlink()
         err_console.print(f"[bold yellow]warning:[/] removed {init_weights_path(mdir)}: the new tokenizer "
                           "makes those weights meaningless; training starts from random weights",
                           soft_wrap=True, highlight=False)
+    if result.get("stale_data"):
+        err_console.print(f"[bold yellow]warning:[/] {mdir.data_dir} was prepared with the previous tokenizer: "
+                          f"run 'mlmtool prepare {mdir} FILE... --force' before training", soft_wrap=True,
+                          highlight=False)
     for line in corpus.warnings():
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:

@@ -20,6 +20,7 @@ _D = None  # lazily created TrainConfig defaults (no jax import for --help)
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     model_dir: ModelDirArg,
     per_device_train_batch_size: Annotated[int, typer.Option(
         envvar="MLMTOOL_PER_DEVICE_TRAIN_BATCH_SIZE", help="Sequences per device per step (the seed's 64).")] = 64,
@@ -104,13 +105,21 @@ def train_command(
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
     with _locked(model_dir, main) as mdir:
+        if resume:  # a plain 'mlmtool train DIR' continues the run with its recorded settings
+            from mlmtool.train import resume_settings
+
+            cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
+            if taken:
+                out(f"Resuming with the settings recorded at step {step:,}: "
+                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items())
+                    + " (options given now win; --no-resume --force starts over)")
         trainer = Trainer(mdir, cfg, mesh_spec=mesh)
         if main:
             _print_plan(trainer.plan, out)
-            mdir.record("train", args=_args(cfg, mesh))
+        record = (lambda: mdir.record("train", args=_args(cfg, mesh))) if main else None  # not for a refused run
         with interrupt.graceful() as stop, TrainProgress(trainer.plan.total_steps, 0, enabled=main) as progress:
             result = trainer.run(resume=resume, force=force, progress=progress, say=out,
-                                 stop_requested=stop.requested)
+                                 stop_requested=stop.requested, on_start=record)
     if result.get("stopped_early"):
         from mlmtool.errors import TrainingError
 
@@ -144,6 +153,16 @@ def _locked(model_dir, main: bool):
         yield mdir
     finally:
         lock.__exit__(None, None, None)
+
+
+def _explicit(ctx: typer.Context, cfg) -> set[str]:
+    """The TrainConfig fields given on the command line or by environment variable."""
+    import dataclasses
+
+    given = ("COMMANDLINE", "ENVIRONMENT")
+    names = {f.name for f in dataclasses.fields(cfg)
+             if getattr(ctx.get_parameter_source(f.name), "name", None) in given}
+    return names | ({"optimizer"} if "adafactor" in names else set())  # --adafactor is --optimizer adafactor
 
 
 def _args(cfg, mesh) -> dict:

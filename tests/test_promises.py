@@ -1,0 +1,564 @@
+"""The promises of README's "What happens when…", one section per promise (issue 13).
+
+1. Nothing trained or imported is destroyed or invalidated without ``--force``.
+2. Diagnose, never misdiagnose.
+3. No silent wrong result.
+4. One line, never a traceback, never a hang.
+5. Interrupted means resumable, with nothing left behind.
+6. Shared storage works.
+
+Each case runs the command in-process on a copy of the session's small trained directory
+(tests/pipeline.py) or of its state before training, as tests/test_bad_input.py does; what the
+command must leave untouched is compared file by file (its ``snapshot``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline import TRAINED_ARGS, invoke, trained_dir
+from tests.test_bad_input import snapshot
+
+# A failed orbax restore leaves coroutines that pytest reports when they are collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The session's trained directory (tests/pipeline.py: TRAINED_ARGS, 20 steps, checkpoints
+    10 and 20, model.safetensors), shared with the predict/report/info tests: copy it first."""
+    return trained_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prepared(trained, tmp_path_factory) -> Path:
+    """``trained`` before training: config, tokenizer, data (and its corpus beside it)."""
+    root = tmp_path_factory.mktemp("promises")
+    shutil.copy(trained.parent / "corpus.txt", root / "corpus.txt")
+    d = Path(shutil.copytree(trained, root / "model"))
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(d / name, ignore_errors=True)
+    for name in ("model.safetensors", "metrics.jsonl", "eval_results.json", "manifest.json", "report.png"):
+        (d / name).unlink(missing_ok=True)
+    return d
+
+
+@pytest.fixture
+def corpus(prepared) -> Path:
+    return prepared.parent / "corpus.txt"
+
+
+def copy(src: Path, tmp: Path, name: str = "model") -> Path:
+    return Path(shutil.copytree(src, tmp / name))
+
+
+def edit_config(d: Path, **fields) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config.update(fields)
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def error_line(r) -> str:
+    """The one ``error:`` line of a failed command (exit 1, no traceback), whitespace normalised."""
+    assert r.exit_code == 1, (r.exit_code, r.output, r.exception)
+    assert isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
+    return " ".join(errors[0].split())
+
+
+def refused(r, d: Path, before: dict, *phrases: str) -> str:
+    """A one-line refusal naming ``phrases``, with DIR exactly as it was."""
+    line = error_line(r)
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)
+    assert snapshot(d) == before, sorted(set(snapshot(d).items()) ^ set(before.items()))
+    return line
+
+
+# == 4. One line, never a traceback, never a hang =================================================
+
+@pytest.mark.parametrize("args, phrase", [
+    (("--learning-rate", "inf"), "--learning-rate must be a positive number, got inf"),
+    (("--learning-rate", "nan"), "--learning-rate must be a positive number, got nan"),
+    (("--adam-beta1", "1"), "--adam-beta1 must be in [0, 1)"),
+    (("--adam-beta2", "1.5"), "--adam-beta2 must be in [0, 1), got 1.5"),
+    (("--adam-epsilon", "0"), "--adam-epsilon must be a positive number"),
+    (("--weight-decay", "-0.1"), "--weight-decay must be a number >= 0"),
+    (("--max-grad-norm", "-1"), "--max-grad-norm must be a number >= 0"),
+    (("--num-train-epochs", "inf"), "--num-train-epochs must be a finite number"),
+    (("--num-train-epochs", "1e12"), "beyond the 2^31 a run can count"),
+    (("--max-steps", str(2**31)), "--max-steps must be below 2^31"),
+    (("--seed", "-1"), "--seed must be in [0, 2^32), got -1"),
+    (("--seed", str(2**70)), "--seed must be in [0, 2^32)"),
+    (("--per-device-eval-batch-size", "0"), "--per-device-eval-batch-size must be positive"),
+    (("--warmup-steps", str(2**70)), "--warmup-steps must be below 2^31"),
+])
+def test_train_option_ranges_are_checked_before_any_work(prepared, tmp_path, args, phrase):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("train", d, "--per-device-train-batch-size", 8, *args), d, before, phrase)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (("--mlm-probability", "0"), "--mlm-probability must be in (0, 1), got 0.0"),
+    (("--mlm-probability", "1"), "--mlm-probability must be in (0, 1)"),
+    (("--per-device-eval-batch-size", "0"), "--per-device-eval-batch-size must be positive, got 0"),
+    (("--per-device-eval-batch-size", "-1"), "--per-device-eval-batch-size must be positive"),
+    (("--dtype", "float16"), "--dtype must be float32 or bfloat16"),
+])
+def test_eval_option_ranges(trained, tmp_path, args, phrase):
+    """--mlm-probability 0 used to write loss 0 / perplexity 1.00 as the model's result."""
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    refused(invoke("eval", d, *args), d, before, phrase)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (("--vocab-size", str(2**70)), "token ids the block store holds"),
+    (("--min-frequency", str(2**70)), "--min-frequency must be in 1 .. 2^32-1"),
+])
+def test_tokenizer_option_ranges(prepared, corpus, tmp_path, args, phrase):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, *args), d, before, phrase)
+
+
+def test_prepare_num_proc_beyond_the_cores_is_refused(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("prepare", d, corpus, "--num-proc", 1000, "--max-seq-length", 32, "--force"), d, before,
+            "--num-proc 1000 is not in 1 ..", "CPU cores")
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("layer_norm_eps", "1e-5", "config layer_norm_eps must be a number, got '1e-5'"),
+    ("hidden_dropout_prob", "0.1", "config hidden_dropout_prob must be a number"),
+    ("hidden_size", "32", "config hidden_size must be a positive integer, got '32'"),
+    ("pad_token_id", "1", "config pad_token_id must be a token id"),
+    ("type_vocab_size", 1.5, "config type_vocab_size must be a positive integer"),
+    ("hidden_act", 3, "config hidden_act must be a string"),
+    ("num_hidden_layers", 100_000_000, "num_hidden_layers 100,000,000 is beyond mlmtool's limit"),
+])
+def test_config_json_of_the_wrong_type_or_size_at_predict(trained, tmp_path, field, value, phrase):
+    d = copy(trained, tmp_path)
+    edit_config(d, **{field: value})
+    before = snapshot(d)
+    refused(invoke("predict", d, "the <mask> said"), d, before, phrase)
+
+
+def test_init_refuses_absurd_sizes(tmp_path):
+    r = invoke("init", tmp_path / "model", "--preset", "tiny", "--set", "num_hidden_layers=100000000")
+    assert "beyond mlmtool's limit" in error_line(r)
+    r = invoke("init", tmp_path / "model", "--preset", "tiny", "--set", "vocab_size=100000000000000")
+    assert "beyond the 4,294,967,296 token ids" in error_line(r)
+    r = invoke("init", tmp_path / "model", "--preset", "tiny", "--set", "hidden_size=10000000",
+               "--set", "num_attention_heads=1")
+    assert "parameters, beyond mlmtool's limit" in error_line(r)
+
+
+def test_report_output_is_checked_before_any_work(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    before = snapshot(d)
+    for output, phrase in ((tmp_path / "r.xyz", "cannot write a figure as .xyz"),
+                           (tmp_path / "noext", "a file without an extension"),
+                           (tmp_path / "a-dir", "is a directory"),
+                           (tmp_path / "a-file" / "r.png", "is not a directory")):
+        refused(invoke("report", d, "-o", output), d, before, phrase)
+    assert invoke("report", d, "-o", tmp_path / "r.svg").exit_code == 0
+    assert (tmp_path / "r.svg").read_text().lstrip().startswith("<?xml")
+
+
+# == 6. Shared storage works ======================================================================
+
+def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, monkeypatch):
+    """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
+    import mlmtool.modeldir as md
+    from mlmtool.hf_weights import load_safetensors, save_safetensors
+    from mlmtool.model import ModelConfig
+
+    monkeypatch.setattr(md, "_UMASK", 0o022)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    d = copy(prepared, tmp_path)
+    assert invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10,
+                  "--force").exit_code == 0
+    assert mode(d / "data") == 0o755
+    assert all(mode(p) == 0o644 for p in (d / "data").iterdir())
+    # train's export, as train writes it
+    mcfg = ModelConfig.from_dict(json.loads((trained / "config.json").read_text()))
+    save_safetensors(load_safetensors(trained / "model.safetensors", mcfg), mcfg, d / "model.safetensors")
+    assert mode(d / "model.safetensors") == 0o644
+    # init --from converts the weights into init.safetensors with the same helper
+    r = invoke("init", tmp_path / "cont", "--from", d)
+    assert r.exit_code == 0, r.output
+    assert mode(tmp_path / "cont" / "init.safetensors") == 0o644
+
+
+@pytest.mark.parametrize("name", ["../../outside.bin", "/etc/passwd", "sub/train.bin", ".."])
+def test_paths_in_meta_json_stay_inside_dir(prepared, tmp_path, name):
+    d = copy(prepared, tmp_path)
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    meta["files"]["train"] = name
+    (d / "data" / "meta.json").write_text(json.dumps(meta))
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8), d, before,
+            f"names {name!r} for the train split, a path outside", "mlmtool prepare")
+
+
+# == 3. No silent wrong result ====================================================================
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2", ".zst"])
+def test_every_compressed_format_fails_loudly_when_truncated(prepared, corpus, tmp_path, suffix):
+    """A truncated .zst was read as a shorter corpus, with exit 0."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    compress = {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress,
+                ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    data = compress(corpus.read_bytes() * 4)
+    whole, cut = tmp_path / f"whole.txt{suffix}", tmp_path / f"cut.txt{suffix}"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    for command in ("tokenizer", "prepare"):
+        refused(invoke(command, d, cut, *(("--max-seq-length", 32) if command == "prepare" else ())), d, before,
+                f"cannot decompress {cut}", "the file is damaged")
+    r = invoke("prepare", d, whole, "--max-seq-length", 32, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    assert sum(meta["documents"].values()) == 4 * len(corpus.read_text().splitlines())
+
+
+def test_zstd_with_several_frames_is_read_whole(tmp_path):
+    import zstandard
+
+    from mlmtool.corpus import open_corpus
+
+    path = tmp_path / "two-frames.txt.zst"
+    c = zstandard.ZstdCompressor()
+    path.write_bytes(c.compress(b"first document\n" * 5000) + c.compress(b"second document\n"))
+    docs = [doc for b in open_corpus([path]).batches(batch_bytes=4096) for doc in b.documents]
+    assert len(docs) == 5001 and docs[-1] == "second document"
+
+
+def test_predict_refuses_a_text_longer_than_the_model_reads(trained, tmp_path):
+    """A mask past the model's positions got no prediction, and predict exited 0."""
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    long = " ".join(["the king said"] * 30) + " <mask>."
+    refused(invoke("predict", d, long), d, before, "tokens long, but the model reads at most 64",
+            "shorten the text")
+    assert invoke("predict", d, "the king said <mask>.").exit_code == 0
+
+
+def test_line_by_line_blocks_of_only_special_tokens_are_flagged_then_refused(prepared, corpus, tmp_path):
+    """--line-by-line --max-seq-length 2 trained to a "perfect" model (loss 0 over nothing)."""
+    d = copy(prepared, tmp_path)
+    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 2, "--validation-split-percentage", 10,
+               "--force")
+    assert r.exit_code == 0, r.output
+    assert "warning: --line-by-line blocks of 2 tokens hold only the 2 special tokens" in " ".join(r.stderr.split())
+    line = error_line(invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--logging-steps", 1))
+    assert "no token was chosen for prediction in steps 1..1: the loss would read 0" in line, line
+    assert not (d / "checkpoints").exists() or not any((d / "checkpoints").iterdir())
+    r = invoke("prepare", d, corpus, "--line-by-line", "--max-seq-length", 3, "--validation-split-percentage", 10,
+               "--force")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+
+
+def _special_only(d: Path, split: str) -> None:
+    import numpy as np
+
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    path = d / "data" / f"{split}.bin"
+    np.full(path.stat().st_size // 2, meta["cls_token_id"], dtype="<u2").tofile(path)
+
+
+def test_nothing_to_predict_is_no_perfect_score(trained, prepared, tmp_path):
+    """Blocks without a maskable token gave loss 0 / perplexity 1.00 in eval and train."""
+    d = copy(trained, tmp_path)
+    _special_only(d, "validation")
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "hold no token to predict", "mlmtool prepare")
+    # train on such blocks: test_line_by_line_blocks_of_only_special_tokens_are_flagged_then_refused
+
+
+def test_nan_weights_fail_eval_and_predict(trained, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")
+    state = load_file(d / "model.safetensors")
+    key = sorted(state)[0]
+    state[key] = state[key] * np.nan
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "computed a loss of nan", "evaluate another checkpoint")
+    refused(invoke("predict", d, "the <mask> said"), d, before, "predictions are not finite", "--checkpoint")
+
+
+# == 1. Nothing trained or imported is destroyed or invalidated without --force ====================
+
+def test_tokenizer_refuses_to_replace_the_tokenizer_of_a_trained_model(trained, corpus, tmp_path):
+    """It retrained the tokenizer, changed vocab_size, and every checkpoint stopped loading."""
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, "--vocab-size", 320), d, before,
+            "holds a model trained with its tokenizer (checkpoints up to step 20, model.safetensors)",
+            "train the new tokenizer in a new directory", "--force")
+    shutil.rmtree(d / "checkpoints")  # the export alone is protected too
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus), d, before, "(model.safetensors)")
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 320, "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 320
+
+
+def test_a_tokenizer_retrained_over_prepared_data_says_the_data_is_stale(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus)  # the same tokenizer again: nothing is invalidated, no warning
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 320)
+    assert r.exit_code == 0, r.output
+    assert "was prepared with the previous tokenizer: run 'mlmtool prepare" in " ".join(r.stderr.split())
+    line = error_line(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8))
+    assert "mlmtool prepare" in line and "--force" in line, line
+
+
+def test_a_save_pretrained_directory_is_trained_from_its_weights(trained, corpus, tmp_path):
+    """config + tokenizer + model.safetensors (as save_pretrained writes) then prepare and train
+    silently replaced the user's weights with a random initialisation."""
+    from safetensors.numpy import load_file
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "model.safetensors"):
+        shutil.copy(trained / name, d / name)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--no-resume"), d, before,
+            "model.safetensors holds trained weights that --no-resume would replace", "add --force")
+    mine = load_file(d / "model.safetensors")
+    r = invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--learning-rate", "1e-9")
+    assert r.exit_code == 0, r.output
+    assert "".join(f"Starting from the weights in {d / 'model.safetensors'}".split()) in "".join(r.output.split())
+    after = load_file(d / "model.safetensors")  # one step at lr 1e-9: still the user's weights
+    key = "roberta.embeddings.word_embeddings.weight"
+    assert abs(after[key] - mine[key]).max() < 1e-6
+
+
+def test_imported_weights_that_do_not_fit_the_config_are_not_overwritten(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")
+    edit_config(d, intermediate_size=48)
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8), d, before,
+            "model.safetensors does not fit config.json", "--no-resume --force")
+
+
+def test_init_takes_the_lock_of_a_running_command(trained, tmp_path):
+    """init --force during a running train rewrote config.json under it."""
+    from mlmtool.modeldir import ModelDir
+
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    with ModelDir(d).lock("train"):
+        refused(invoke("init", d, "--preset", "tiny", "--force"), d, snapshot(d), "is in use by 'mlmtool train'")
+    refused(invoke("init", d, "--preset", "tiny"), d, before,
+            "already exists with a different config (checkpoints up to step 20, model.safetensors were made with it)",
+            "--force")
+    r = invoke("init", d, "--preset", "tiny", "--force")
+    assert r.exit_code == 0, r.output
+    assert "model.safetensors in" in r.stderr and "were made with the earlier config" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("how", ["other-settings", "damaged-checkpoint"])
+def test_a_refused_train_leaves_the_manifest_as_it_was(trained, tmp_path, how):
+    """It rewrote manifest.json, losing the record of the settings that resume needs."""
+    d = copy(trained, tmp_path)
+    if how == "other-settings":
+        args = ("--seed", 7)
+    else:
+        for p in (d / "checkpoints" / "20" / "params").rglob("manifest.ocdbt"):
+            p.unlink()
+        args = ()
+    before = snapshot(d)
+    line = error_line(invoke("train", d, *TRAINED_ARGS, *args))
+    assert "seed=0" in line or "damaged" in line, line
+    assert snapshot(d) == before
+
+
+# == 2. Diagnose, never misdiagnose ===============================================================
+
+@pytest.mark.parametrize("command", ["eval", "predict", "train"])
+def test_a_changed_config_is_named_not_called_damage(trained, tmp_path, command):
+    """eval/predict/train said "checkpoint step 20 is damaged, delete it" about good checkpoints."""
+    d = copy(trained, tmp_path)
+    edit_config(d, intermediate_size=48)
+    before = snapshot(d)
+    args = {"eval": (), "predict": ("the <mask> said",), "train": ("--max-steps", 6, "--per-device-train-batch-size", 8)}
+    line = refused(invoke(command, d, *args[command]), d, before,
+                   "config.json no longer matches checkpoint step 20", "intermediate_size 64 -> 48",
+                   "put back intermediate_size=64 in", "--no-resume --force")
+    assert "damaged" not in line and "delete" not in line, line
+
+
+def test_a_field_that_keeps_the_shapes_is_named_too(trained, tmp_path):
+    """num_attention_heads changes no parameter shape: the checkpoint's recorded config names it."""
+    d = copy(trained, tmp_path)
+    edit_config(d, num_attention_heads=4)
+    before = snapshot(d)
+    refused(invoke("eval", d), d, before, "num_attention_heads 2 -> 4", "put back num_attention_heads=2")
+
+
+def test_a_retrained_tokenizer_is_named_as_the_cause(trained, corpus, tmp_path):
+    d = copy(trained, tmp_path)
+    assert invoke("tokenizer", d, corpus, "--vocab-size", 320, "--force").exit_code == 0
+    before = snapshot(d)
+    refused(invoke("eval", d, "--checkpoint", "10"), d, before, "vocab_size 300 -> 320",
+            "put back the old tokenizer files too")
+
+
+# == 5. Interrupted means resumable, with nothing left behind =====================================
+
+def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
+    """After Ctrl-C the tool says "run 'mlmtool train DIR' again", and exactly that failed: the
+    batch size had to be repeated."""
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints" / "20")  # as if stopped at step 10
+    before = snapshot(d)
+    # options given now still must match what fixes the data order
+    refused(invoke("train", d, "--per-device-train-batch-size", 4), d, before,
+            "trained with global_batch=8, this run has global_batch=4", "--no-resume --force")
+    r = invoke("train", d)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "Resuming with the settings recorded at step 10: --per-device-train-batch-size 8" in out, out
+    assert "--learning-rate 0.005" in out and "Resuming from checkpoint step 10 (of 20)" in out, out
+    from mlmtool import checkpoint
+
+    assert checkpoint.all_steps(d / "checkpoints") == [10, 20]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["train"]["args"]["per_device_train_batch_size"] == 8
+
+
+def test_a_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
+    """A full disk during train left checkpoints/<step>.orbax-checkpoint-tmp filling the disk.
+    (train's path to this: test_bad_input's disk-full-checkpoint case.)"""
+    import errno
+
+    from mlmtool import checkpoint
+
+    ckpts = tmp_path / "model" / "checkpoints"
+    tmp = ckpts / "2.orbax-checkpoint-tmp-1234"
+    (tmp / "params").mkdir(parents=True)
+    (tmp / "params" / "d").write_bytes(b"\0" * 4096)
+    with checkpoint.manager(ckpts, async_save=False) as mngr:
+        e = checkpoint.save_error(mngr, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2)
+    assert "cannot save checkpoint step 2" in str(e) and "the disk is full" in str(e), str(e)
+    assert list(ckpts.iterdir()) == []
+
+
+# `mlmtool` reading its corpus and writing blocks slowly (a bigger corpus, in effect), so that
+# the signal lands mid-run and not while the finished artefact is being renamed into place.
+_SLOW = r"""
+import sys, time
+from mlmtool import blocks, corpus
+read, add = corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream
+def slow_read(self, *a, **k):
+    for batch in read(self, *a, **k):
+        time.sleep(0.1)
+        yield batch
+def slow_add(self, tokens):
+    time.sleep(0.15)
+    return add(self, tokens)
+corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream = slow_read, slow_add
+from mlmtool.cli import main
+sys.argv = ["mlmtool", *sys.argv[1:]]
+main()
+"""
+
+
+def _sigterm(tmp_path: Path, args: list, started) -> tuple[int, str]:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_reliability import ENV, ROOT, wait_for
+
+    p = subprocess.Popen([sys.executable, "-c", _SLOW, *map(str, args)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(started, timeout=120, what="the command to start writing")
+        assert p.poll() is None, "it finished before the signal"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, " ".join(err.split())
+
+
+@pytest.mark.parametrize("command", ["prepare", "tokenizer"])
+def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp_path, command):
+    """SIGTERM exited 143 with no message and left a temporary block store and the lock."""
+    import time
+
+    from tests.test_reliability import _big_corpus
+
+    big = _big_corpus(tmp_path / "big.txt", mb=3)
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    if command == "prepare":
+        args = ["prepare", d, big, "--max-seq-length", 32, "--num-proc", 2, "--force"]
+        started = lambda: [x for x in d.glob(".data.*.tmp") if (x / "train.bin").exists()]  # noqa: E731
+    else:
+        args = ["tokenizer", d, big, "--force"]
+        started = lambda: (d / ".mlmtool.lock").exists() and time.sleep(0.5) is None  # noqa: E731
+    rc, err = _sigterm(tmp_path, args, started)
+    assert rc == 143, err
+    assert "error: stopped by SIGTERM; temporary files removed" in err and "Traceback" not in err, err
+    assert snapshot(d) == before  # no .data.*.tmp, no .tokenizer.*.tmp, no lock, data as it was
+
+
+def test_a_fifo_corpus_is_refused_not_waited_on(prepared, tmp_path):
+    """A FIFO given as a corpus hung prepare for ever (it was opened twice)."""
+    import signal
+
+    fifo = tmp_path / "stream.txt"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # data waiting, and a writer that never closes
+    os.write(writer, b"the king said good night\n" * 100)
+
+    def hung(*_):
+        raise AssertionError("the command waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        d = copy(prepared, tmp_path)
+        before = snapshot(d)
+        for command in ("tokenizer", "prepare"):
+            refused(invoke(command, d, fifo, "--force"), d, before, "is a named pipe (FIFO)",
+                    "write the stream to a file first")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(writer)
