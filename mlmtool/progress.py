@@ -184,6 +184,18 @@ class TrainProgress:
                                                  info="compiling...")
         return self
 
+    def started(self, step: int) -> None:
+        """Training (re)starts timing at ``step``: after a resume, and once the first step has
+        compiled, so that the ETA counts only steps this process ran at full speed."""
+        self.start, self._t0 = step, time.perf_counter()
+        if self._progress is not None:
+            self._progress.reset(self._task, completed=step)  # drops rich's speed samples too
+
+    def eta(self, step: int) -> float:
+        """Seconds left at ``step``, at the speed since :meth:`started`."""
+        done = step - self.start
+        return (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
+
     def step(self, step: int) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
@@ -195,11 +207,9 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.update(self._task, info=info)
         elif self.enabled:
-            done = record["step"] - self.start
-            elapsed = time.perf_counter() - self._t0
-            eta = elapsed / max(done, 1) * (self.total - record["step"])
             console.print(f"step {record['step']:,}/{self.total:,} | {info} | "
-                          f"grad norm {record['grad_norm']:.3f} | eta {human_duration(eta)}", soft_wrap=True)
+                          f"grad norm {record['grad_norm']:.3f} | eta {human_duration(self.eta(record['step']))}",
+                          soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -580,6 +580,8 @@ class Trainer:
         state, start = self.initial_state(resume, force, say)
         if on_start is not None:
             on_start()
+        if progress is not None:
+            progress.started(start)
         writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
         if start >= plan.total_steps:
@@ -605,6 +607,7 @@ class Trainer:
                         result["compile_seconds"] = time.perf_counter() - window_start
                         if progress is not None:
                             progress.message(f"compiled and ran the first step in {result['compile_seconds']:.1f} s")
+                            progress.started(done)
                         window_start, window_steps = time.perf_counter(), 0
                     last = done == plan.total_steps
                     stop = stop_requested()

@@ -42,7 +42,7 @@ def train_command(
     optimizer: Annotated[str, typer.Option(
         help="adamw | adafactor | lamb (large batches) | lion (3-10x lower --learning-rate) | stable-adamw "
              "(AdamW with per-tensor update clipping, ModernBERT's).", rich_help_panel=OPT)] = "adamw",
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases/LayerNorm).",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on biases and norm scales).",
                                                 rich_help_panel=OPT)] = 0.01,
     adam_beta1: Annotated[float, typer.Option(rich_help_panel=OPT)] = 0.9,
     adam_beta2: Annotated[float, typer.Option(help="RoBERTa's 0.98.", rich_help_panel=OPT)] = 0.98,
