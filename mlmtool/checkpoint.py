@@ -20,7 +20,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from mlmtool.errors import CheckpointError
+from mlmtool.errors import CheckpointError, ConfigError
 
 _DEBUG = os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
 # orbax's INFO/WARNING chatter is not for users; nor are the tracebacks it logs when a save
@@ -155,11 +155,9 @@ def config_fields(shapes: dict[str, tuple]) -> dict[str, int]:
     return out
 
 
-def config_mismatch(directory: Path, step: int, was: dict, now: dict) -> "ConfigError":
+def config_mismatch(directory: Path, step: int, was: dict, now: dict) -> ConfigError:
     """config.json no longer describes checkpoint ``step``: name each field, old -> new, and
     the way back (the checkpoint itself is intact: deleting it would lose good work)."""
-    from mlmtool.errors import ConfigError
-
     changed = list(was)
     what = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
     back = " ".join(f"{k}={was.get(k)}" for k in changed)

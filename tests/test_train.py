@@ -10,10 +10,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from mlmtool.model import ModelConfig
 from mlmtool.optim import decay_mask, make_schedule
 from mlmtool.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
