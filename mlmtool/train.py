@@ -49,6 +49,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0                   # used when warmup_steps is 0
     num_train_epochs: float = 10.0              # the seed's num_epochs
     max_steps: int = -1                         # > 0 overrides num_train_epochs
+    max_tokens: int = 0                         # > 0: train on this many tokens (what papers report) instead
     lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax); see optim
     decay_steps: int = 0                        # wsd: steps of the final decay (0: decay_ratio of the run)
     decay_ratio: float = 0.1                    # wsd: the last 10% of the run, as in Hägele et al. 2024
@@ -114,7 +115,10 @@ class TrainConfig:
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
             (self.warmup_steps < 2**31, f"--warmup-steps must be below 2^31, got {self.warmup_steps}"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "give --max-steps or a positive --num-train-epochs"),
+            (self.max_steps > 0 or self.max_tokens > 0 or self.num_train_epochs > 0,
+             "give --max-steps, --max-tokens or a positive --num-train-epochs"),
+            (0 <= self.max_tokens < 2**62, f"--max-tokens must be a number of tokens >= 0, got {self.max_tokens}"),
+            (not (self.max_steps > 0 and self.max_tokens > 0), "give --max-steps or --max-tokens, not both"),
             (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
         ]
         for ok, message in checks:
@@ -406,10 +410,17 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
             f"the global batch ({global_batch} = {cfg.per_device_train_batch_size} per device x {n_devices} "
             f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
             "lower --per-device-train-batch-size or prepare more data")
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    elif cfg.max_tokens > 0:  # the first step at which at least max_tokens tokens were seen
+        total = math.ceil(cfg.max_tokens / (global_batch * seq_len))
+    else:
+        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     if total >= 2**31:
-        raise TrainingError(f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps are {total:,} steps, "
-                            "beyond the 2^31 a run can count", "lower --num-train-epochs or set --max-steps")
+        what = (f"--max-tokens {cfg.max_tokens:,} at {global_batch * seq_len:,} tokens per step" if cfg.max_tokens > 0
+                else f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps")
+        raise TrainingError(f"{what} are {total:,} steps, beyond the 2^31 a run can count",
+                            "lower --num-train-epochs or --max-tokens, or set --max-steps")
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     slots, rows_per_group = prediction_layout(cfg, seq_len)
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},

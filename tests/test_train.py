@@ -191,6 +191,22 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
         assert m["mfu"] == pytest.approx(m["tokens_per_second"] * per_token / 1e9, rel=1e-6)
 
 
+def test_max_tokens_sets_the_number_of_steps(prepared, tmp_path):
+    from mlmtool.train import plan_training
+
+    plan = plan_training(TrainConfig(per_device_train_batch_size=8, max_tokens=1000), n_train=850, n_val=0,
+                         seq_len=32, n_devices=1)
+    assert plan.total_steps == 4  # 256 tokens a step: the first step at which 1,000 were seen
+    d = _copy(prepared, tmp_path / "tokens")
+    r = invoke("train", d, "--max-tokens", 1000, "--per-device-train-batch-size", 8, "--logging-steps", 1,
+               "--save-steps", 100)
+    assert r.exit_code == 0, r.output
+    last = [m for m in _metrics(d) if "loss" in m][-1]
+    assert last["step"] == 4 and last["tokens_seen"] == 1024
+    r = invoke("train", d, "--max-tokens", 1000, "--max-steps", 3)
+    assert r.exit_code == 1 and "give --max-steps or --max-tokens, not both" in r.output
+
+
 def test_batch_larger_than_data_is_refused(prepared, tmp_path):
     d = _copy(prepared, tmp_path / "big")
     r = invoke("train", d, "--per-device-train-batch-size", 100000)

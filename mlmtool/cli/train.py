@@ -31,6 +31,8 @@ def train_command(
                                                 rich_help_panel=OPT)] = 0.0,
     num_train_epochs: Annotated[float, typer.Option(help="Epochs over the training blocks (the seed's 10).")] = 10.0,
     max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")] = -1,
+    max_tokens: Annotated[int, typer.Option(
+        help="Train on this many tokens (rounded up to whole steps) instead of --num-train-epochs.")] = 0,
     lr_scheduler: Annotated[str, typer.Option(
         help="After warm-up: linear | cosine | constant | wsd (constant, then --decay-shape to 0 over the last "
              "--decay-steps) | inverse_sqrt.", rich_help_panel=OPT)] = "linear",
@@ -95,7 +97,8 @@ def train_command(
     cfg = TrainConfig(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         learning_rate=learning_rate, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-        num_train_epochs=num_train_epochs, max_steps=max_steps, lr_scheduler=lr_scheduler, decay_steps=decay_steps,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, max_tokens=max_tokens, lr_scheduler=lr_scheduler,
+        decay_steps=decay_steps,
         decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
         adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
