@@ -109,9 +109,10 @@ def data_info(mdir: ModelDir) -> dict | None:
         return {"error": f"{e.__class__.__name__}: {e}"}
 
 
-def checkpoints_info(mdir: ModelDir) -> dict | None:
-    """Committed orbax checkpoints (folders named by their step) and the newest one's metadata."""
-    root = mdir.checkpoints_dir
+def checkpoints_info(mdir: ModelDir, root: Path | None = None) -> dict | None:
+    """Committed orbax checkpoints (folders named by their step) and the newest one's metadata
+    (of DIR/checkpoints, or of ``root``: an earlier stage's, mlmtool.stages)."""
+    root = mdir.checkpoints_dir if root is None else root
     if not root.is_dir():
         return None
     steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
@@ -124,6 +125,8 @@ def checkpoints_info(mdir: ModelDir) -> dict | None:
         out["total_steps"] = meta.get("total_steps")
         out["epoch"] = meta.get("epoch")
         out["global_batch"] = (meta.get("run") or {}).get("global_batch")
+        out["tokens_seen"] = meta.get("tokens_seen")
+        out["started_from"] = meta.get("started_from")  # the checkpoint this stage started from
     except Exception:
         pass
     return out
@@ -179,6 +182,10 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["tokenizer"] = tokenizer_info(mdir)
     info["data"] = data_info(mdir)
     info["checkpoints"] = checkpoints_info(mdir)
+    stages = mdir.path / "stages"  # earlier stages (mlmtool.stages), oldest first
+    info["stages"] = [checkpoints_info(mdir, p / "checkpoints")
+                      for p in sorted(stages.iterdir(), key=lambda p: int(p.name)) if p.name.isdigit()] \
+        if stages.is_dir() else []
     info["export"] = _file(mdir.weights_path)
     init = _file(init_weights_path(mdir))
     if init is not None:

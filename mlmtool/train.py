@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import flax
@@ -495,6 +496,9 @@ class Trainer:
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
         self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
         self._eval_step = None  # built on first use, then reused
+        self.tokens_offset = 0  # tokens of the stages before this run (mlmtool.stages)
+        self.started_from: dict | None = None  # where this run's stage started, if from a checkpoint
+        self._new_stage = False
 
     def _settings(self) -> dict:
         """What must be the same on every process of a multi-process run (see sh.agree)."""
@@ -515,9 +519,16 @@ class Trainer:
         return {"step": step, "epoch": epoch, "position_in_epoch": pos,
                 "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),  # each step uses fold_in(rng, step)
                 "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg), "config": self.config,
-                "total_steps": self.plan.total_steps}
+                "total_steps": self.plan.total_steps, "tokens_seen": self._tokens_seen(step),
+                "started_from": self.started_from}
 
-    def initial_state(self, resume: bool, force: bool, say) -> tuple[TrainState, int]:
+    def _tokens_seen(self, step: int) -> int:
+        return self.tokens_offset + step * self.plan.tokens_per_step
+
+    def initial_state(self, resume: bool, force: bool, say, from_checkpoint: str | None = None,
+                      keep_optimizer_state: bool = False) -> tuple[TrainState, int]:
+        if from_checkpoint is not None:
+            return self._start_stage(from_checkpoint, keep_optimizer_state, say), 0
         ckpt_dir = self.mdir.checkpoints_dir
         latest, error = None, None
         try:
@@ -567,8 +578,56 @@ class Trainer:
                                      config=self.config)
         state = TrainState(step=jax.device_put(jnp.int32(latest), self.state_sharding.step),
                            params=out["params"], opt_state=out["opt_state"])
+        self.started_from = meta.get("started_from")
+        self.tokens_offset = (self.started_from or {}).get("tokens_seen", 0)
         say(f"Resuming from checkpoint step {latest:,} (of {self.plan.total_steps:,}) in {ckpt_dir}")
         return state, latest
+
+    def _start_stage(self, source: str, keep_optimizer_state: bool, say) -> TrainState:
+        """A new run from another run's checkpoint (mlmtool.stages): its weights, and with
+        ``keep_optimizer_state`` its optimizer moments; the stage before is archived."""
+        from mlmtool import stages
+
+        src, error = None, None
+        try:
+            src = stages.resolve(source, self.mdir)
+            meta = checkpoint.restore_meta(*src)
+            if keep_optimizer_state:
+                was = (meta.get("train_config") or {}).get("optimizer", "adamw")
+                if was != self.cfg.optimizer:
+                    raise TrainingError(f"--keep-optimizer-state: checkpoint step {src[1]} holds the state of "
+                                        f"--optimizer {was}, this run has --optimizer {self.cfg.optimizer}",
+                                        f"use --optimizer {was}, or drop --keep-optimizer-state")
+        except Exception as e:
+            error = e
+        sh.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
+                 what="--from-checkpoint", hint="start every process with the same options")
+        (src_dir, step), own = src, src[0].absolute() == self.mdir.checkpoints_dir.absolute()
+        error = moved = None
+        try:
+            moved = stages.archive(self.mdir, self.main)
+        except Exception as e:
+            error = e
+        sh.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
+        src_dir = moved if own else src_dir
+        with checkpoint.manager(src_dir, read_only=True, async_save=False) as mngr:
+            out = checkpoint.restore(mngr, step, self.abstract_state.params,
+                                     self.abstract_state.opt_state if keep_optimizer_state else None,
+                                     config=self.config)
+        params = out["params"]
+        opt_state = out["opt_state"] if keep_optimizer_state else \
+            jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+        run = meta.get("run", {})
+        tokens = meta.get("tokens_seen", step * run.get("global_batch", 0) * run.get("seq_len", 0))
+        self.tokens_offset, self._new_stage = int(tokens), True
+        self.started_from = {"checkpoint": str(Path(src_dir).absolute() / str(step)), "step": step,
+                             "tokens_seen": int(tokens), "optimizer_state": keep_optimizer_state}
+        where = (f"step {step:,} of the run before (its checkpoints are kept in {moved})" if own else
+                 f"checkpoint step {step:,} in {src_dir}" + (f" (DIR's checkpoints are kept in {moved})" if moved else ""))
+        say(f"New stage from {where}, {tokens:,} tokens seen, "
+            + ("with its optimizer state" if keep_optimizer_state else "with a fresh optimizer state"))
+        return TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
+                          opt_state=opt_state)
 
     def evaluate(self, params) -> dict:
         if self._eval_step is None:
@@ -581,14 +640,16 @@ class Trainer:
                         per_device_batch_size=per_device)
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
-            stop_requested=lambda: False, on_start=None) -> dict:
+            stop_requested=lambda: False, on_start=None, from_checkpoint: str | None = None,
+            keep_optimizer_state: bool = False) -> dict:
         """Train to ``plan.total_steps``; returns the last logged metrics and eval results.
-        ``on_start()`` runs once the starting state is settled (a refused run never calls it)."""
+        ``on_start()`` runs once the starting state is settled (a refused run never calls it).
+        ``from_checkpoint`` starts a new stage from that checkpoint (mlmtool.stages)."""
         from mlmtool.hf_weights import save_safetensors
         from mlmtool.progress import MetricsWriter
 
         cfg, plan = self.cfg, self.plan
-        state, start = self.initial_state(resume, force, say)
+        state, start = self.initial_state(resume, force, say, from_checkpoint, keep_optimizer_state)
         if on_start is not None:
             on_start()
         if progress is not None:
@@ -607,6 +668,9 @@ class Trainer:
         step = start
         stopped_early = False
         with checkpoint.manager(self.mdir.checkpoints_dir, max_to_keep=cfg.save_total_limit) as mngr:
+            if self._new_stage:  # a stage interrupted before its first checkpoint resumes where it started
+                checkpoint.save(mngr, 0, state.params, state.opt_state, self._meta(0))
+                self._new_stage = False
             try:
                 for step, batch in loader:
                     state, metrics = self._step(state, batch, self.rng)
@@ -707,7 +771,7 @@ class Trainer:
             "tokens_per_second": tokens_per_second,
             **mfu,
             "masked_tokens": int(denom),
-            "tokens_seen": done * self.plan.tokens_per_step,
+            "tokens_seen": self._tokens_seen(done),
             "time": time.time(),
         }
 

@@ -29,6 +29,21 @@ def info_command(model_dir: ModelDirArg, json_out: JsonOpt = False) -> None:
     console.print(_table(info))
 
 
+def _checkpoints_line(ck: dict) -> str:
+    """Checkpoint steps, size, tokens seen, and where the stage started (mlmtool.stages)."""
+    from mlmtool.progress import human_bytes
+
+    total = f" of {ck['total_steps']:,}" if ck.get("total_steps") else ""
+    line = (f"steps {', '.join(f'{s:,}' for s in ck['steps'])} (latest {ck['latest']:,}{total}), "
+            f"{human_bytes(ck['bytes'])}")
+    if ck.get("tokens_seen"):
+        line += f", {ck['tokens_seen']:,} tokens seen"
+    src = ck.get("started_from")
+    if src:
+        line += f"; started from step {src['step']:,} of {src['checkpoint'].rsplit('/', 2)[0]}"
+    return line
+
+
 def _table(info: dict):
     from rich.table import Table
 
@@ -67,13 +82,12 @@ def _table(info: dict):
     init = info.get("init_weights")
     if init is not None:
         t.add_row("init weights", f"{init['path']} (from {init.get('from') or '?'}), {human_bytes(init['bytes'])}")
+    for n, st in enumerate(info.get("stages") or [], start=1):
+        if st is not None:
+            t.add_row(f"stage {n}", _checkpoints_line(st))
     ck = info["checkpoints"]
-    if ck is None:
-        t.add_row("checkpoints", none)
-    else:
-        total = f" of {ck['total_steps']:,}" if ck.get("total_steps") else ""
-        t.add_row("checkpoints", f"steps {', '.join(f'{s:,}' for s in ck['steps'])} (latest {ck['latest']:,}{total}), "
-                                 f"{human_bytes(ck['bytes'])}")
+    t.add_row("checkpoints" if not info.get("stages") else f"stage {len(info['stages']) + 1}",
+              none if ck is None else _checkpoints_line(ck))
     ex = info["export"]
     t.add_row("export", none if ex is None else f"{ex['path']}, {human_bytes(ex['bytes'])}, {ex['modified']}")
     m = info["metrics"]

@@ -77,6 +77,12 @@ def train_command(
                                                             rich_help_panel=SCHED)] = 3,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from the latest checkpoint in DIR if there is one.")] = True,
+    from_checkpoint: Annotated[Optional[str], typer.Option(
+        "--from-checkpoint", help="Start a NEW run (a stage: new schedule, optimizer, sequence length or data) from "
+        "the weights of a checkpoint: latest | STEP (of DIR) | PATH (a step folder, checkpoints folder or model "
+        "directory). DIR's checkpoints move to DIR/stages/N.", show_default=False)] = None,
+    keep_optimizer_state: Annotated[bool, typer.Option(
+        "--keep-optimizer-state", help="With --from-checkpoint: take its optimizer moments too.")] = False,
     force: ForceOpt = False,
     mesh: MeshOpt = None,
     coordinator_address: CoordinatorOpt = None,
@@ -108,7 +114,12 @@ def train_command(
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
     with _locked(model_dir, main) as mdir:
-        if resume:  # a plain 'mlmtool train DIR' continues the run with its recorded settings
+        if keep_optimizer_state and from_checkpoint is None:
+            from mlmtool.errors import TrainingError
+
+            raise TrainingError("--keep-optimizer-state goes with --from-checkpoint",
+                                "add --from-checkpoint latest (or a step or path)")
+        if resume and from_checkpoint is None:  # a plain "mlmtool train DIR" resumes with the recorded settings
             from mlmtool.train import resume_settings
 
             cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
@@ -122,7 +133,8 @@ def train_command(
         record = (lambda: mdir.record("train", args=_args(cfg, mesh))) if main else None  # not for a refused run
         with interrupt.graceful() as stop, TrainProgress(trainer.plan.total_steps, 0, enabled=main) as progress:
             result = trainer.run(resume=resume, force=force, progress=progress, say=out,
-                                 stop_requested=stop.requested, on_start=record)
+                                 stop_requested=stop.requested, on_start=record, from_checkpoint=from_checkpoint,
+                                 keep_optimizer_state=keep_optimizer_state)
     if result.get("stopped_early"):
         from mlmtool.errors import TrainingError
 
