@@ -181,6 +181,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["config"] = config_info(mdir)
     info["tokenizer"] = tokenizer_info(mdir)
     info["data"] = data_info(mdir)
+    info["data_stores"] = {name: data_info(mdir.with_data(name)) for name in mdir.data_names()}  # prepare --name
     info["checkpoints"] = checkpoints_info(mdir)
     stages = mdir.path / "stages"  # earlier stages (mlmtool.stages), oldest first
     info["stages"] = [checkpoints_info(mdir, p / "checkpoints")

@@ -26,9 +26,11 @@ interrupted command never leaves a half-written artefact behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -157,6 +159,7 @@ class ModelDir:
 
     def __init__(self, path: os.PathLike | str, *, create: bool = False):
         self.path = Path(path)
+        self.data: str | None = None  # the block store commands read and write (None: DIR/data)
         if create:
             if self.path.exists() and not self.path.is_dir():
                 raise ModelDirError(f"{self.path} exists and is not a directory",
@@ -188,9 +191,24 @@ class ModelDir:
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER
 
+    def with_data(self, name: str | None) -> "ModelDir":
+        """This directory with block store ``name`` selected (``prepare --name``, ``train
+        --data``): ``DIR/data-NAME``, beside the default ``DIR/data`` (None)."""
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ModelDirError(f"{name!r} is not a block store name",
+                                "use letters, digits, '.', '_' and '-' (e.g. seq512)")
+        other = copy.copy(self)
+        other.data = name
+        return other
+
+    def data_names(self) -> list[str]:
+        """The names of DIR's block stores besides the default one."""
+        return sorted(p.name[len(DATA) + 1:] for p in self.path.glob(f"{DATA}-*")
+                      if p.is_dir() and not p.name.endswith(".tmp"))
+
     @property
     def data_dir(self) -> Path:
-        return self.path / DATA
+        return self.path / (DATA if self.data is None else f"{DATA}-{self.data}")
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -248,8 +266,9 @@ class ModelDir:
 
     def require_data(self) -> Path:
         if not (self.data_dir / "meta.json").exists():
-            raise ModelDirError(f"no prepared data in {self.path}",
-                                f"run 'mlmtool prepare {self.path} FILE...' first")
+            named = f" --name {self.data}" if self.data is not None else ""
+            raise ModelDirError(f"no prepared data{' ' + repr(self.data) if named else ''} in {self.path}",
+                                f"run 'mlmtool prepare {self.path} FILE...{named}' first")
         return self.data_dir
 
     # -- lock ----------------------------------------------------------------

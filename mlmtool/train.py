@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
     gradient_accumulation_steps: int = 1
     mlm_probability: float = 0.15               # BERT's 15%
+    data: str | None = None                     # the block store: 'prepare --name' (None: DIR/data)
     max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
     dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
     gradient_checkpointing: str = "none"        # remat per layer: none | dots | full (model.REMAT_POLICIES)
@@ -451,7 +452,7 @@ class Trainer:
         from mlmtool.model import init_params
 
         cfg.validate()
-        self.mdir = mdir
+        self.mdir = mdir = mdir.with_data(cfg.data)
         self.cfg = cfg
         self.config, self.mcfg, self.model = _model_and_config(mdir, cfg)
         self.train_store, self.val_store = _open_stores(mdir, self.config)

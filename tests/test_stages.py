@@ -111,3 +111,30 @@ def test_from_checkpoint_mistakes_are_one_line(after_stage1, tmp_path):
                "--optimizer", "lion")
     assert r.exit_code == 1 and "holds the state of --optimizer adamw" in r.output, r.output
     assert checkpoint.all_steps(d / "checkpoints") == [3, 6] and not (d / "stages").exists()  # untouched
+
+
+def test_block_stores_side_by_side(after_stage1, tmp_path):
+    """prepare --name keeps a second store beside DIR/data; train and eval --data read it, and a
+    plain resume of that run reads it again (it is a recorded setting)."""
+    d = _copy(after_stage1, tmp_path / "named")
+    corpus = after_stage1.parent / "corpus.txt"
+    r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--name", "seq64")
+    assert r.exit_code == 0, r.output
+    assert (d / "data-seq64" / "meta.json").exists() and json.loads((d / "data" / "meta.json").read_text())["seq_len"] == 32
+    r = invoke("train", d, "--from-checkpoint", "latest", "--data", "seq64", "--max-steps", 3,
+               "--per-device-train-batch-size", 4, "--save-steps", 1, "--logging-steps", 1)
+    assert r.exit_code == 0, r.output
+    start = checkpoint.restore_meta(d / "checkpoints", 3)
+    assert start["run"]["seq_len"] == 64 and start["train_config"]["data"] == "seq64"
+    shutil.rmtree(d / "checkpoints" / "3")
+    (d / "model.safetensors").unlink()
+    r = invoke("train", d)  # a plain resume: the recorded settings, the seq64 store included
+    assert r.exit_code == 0 and "Resuming from checkpoint step 2" in r.output, r.output
+    r = invoke("eval", d, "--data", "seq64", "--json")
+    assert r.exit_code == 0, r.output
+    r = invoke("info", d)
+    assert "data seq64" in r.output and "seq len 64" in r.output, r.output
+    r = invoke("train", d, "--data", "nope", "--max-steps", 1)
+    assert r.exit_code == 1 and "no prepared data 'nope'" in r.output and "--name nope" in r.output, r.output
+    r = invoke("prepare", d, corpus, "--name", "../x")
+    assert r.exit_code == 1 and "is not a block store name" in r.output, r.output

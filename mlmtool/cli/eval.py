@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DistributedTimeoutOpt, DtypeOpt, JsonOpt, MeshOpt, MlmProbabilityOpt,
-                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
+from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DtypeOpt, JsonOpt, MeshOpt,
+                                 MlmProbabilityOpt, ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
 
 
 @app.command("eval")
@@ -19,6 +19,7 @@ def eval_command(
     per_device_eval_batch_size: PerDeviceEvalBatchOpt = 64,
     mlm_probability: MlmProbabilityOpt = 0.15,
     dtype: DtypeOpt = "float32",
+    data: DataOpt = None,
     json_out: JsonOpt = False,
     mesh: MeshOpt = None,
     coordinator_address: CoordinatorOpt = None,
@@ -36,7 +37,7 @@ def eval_command(
     initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
     mdir = error = None
     try:
-        mdir = ModelDir(model_dir)
+        mdir = ModelDir(model_dir).with_data(data)
     except Exception as e:
         error = e
     agree(error=error)  # a host without DIR stops every process, not just itself

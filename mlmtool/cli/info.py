@@ -69,16 +69,17 @@ def _table(info: dict):
         specials = " ".join(f"{k}={v}" for k, v in tk["special_tokens"].items())
         t.add_row("tokenizer", f"{tk['type']}{', lowercased' if tk['lowercase'] else ''}, vocab "
                                f"{tk['vocab_size']:,}; special tokens {specials}")
-    d = info["data"]
-    if d is None or err(d):
-        t.add_row("data", none if d is None else err(d))
-    else:
+    stores = {"data": info["data"], **{f"data {n}": d for n, d in (info.get("data_stores") or {}).items()}}
+    for label, d in stores.items():  # DIR/data, then the stores of 'prepare --name'
+        if d is None or err(d):
+            t.add_row(label, none if d is None else err(d))
+            continue
         blocks, tokens = d.get("blocks") or {}, d.get("tokens") or {}
         parts = [f"{split} {blocks.get(split, 0):,} blocks / {tokens.get(split, 0):,} tokens"
                  for split in ("train", "validation")]
-        t.add_row("data", f"{', '.join(parts)}; seq len {d['seq_len']}"
-                          f"{' (line by line)' if d.get('line_by_line') else ''}, "
-                          f"{d.get('validation_split_percentage')}% validation, {human_bytes(d['bytes'])}")
+        t.add_row(label, f"{', '.join(parts)}; seq len {d['seq_len']}"
+                         f"{' (line by line)' if d.get('line_by_line') else ''}, "
+                         f"{d.get('validation_split_percentage')}% validation, {human_bytes(d['bytes'])}")
     init = info.get("init_weights")
     if init is not None:
         t.add_row("init weights", f"{init['path']} (from {init.get('from') or '?'}), {human_bytes(init['bytes'])}")

@@ -40,6 +40,9 @@ StreamingOpt = Annotated[bool, typer.Option(
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo / overwrite existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="The block store to read: one 'mlmtool prepare --name NAME' wrote (default: DIR/data).",
+    show_default=False)]
 MaxSeqLengthOpt = Annotated[int, typer.Option(
     "--max-seq-length", help="Tokens per block (the seed notebook's 128).")]
 

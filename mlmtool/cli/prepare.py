@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -36,6 +36,10 @@ def prepare_command(
     streaming: StreamingOpt = False,
     dataset_revision: DatasetRevisionOpt = None,
     data_files: DataFilesOpt = None,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Write block store NAME (DIR/data-NAME) beside the default DIR/data, e.g. seq128 and "
+                       "seq512 for training in stages; 'train --data NAME' reads it.",
+        rich_help_panel=BLOCKS, show_default=False)] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -49,7 +53,7 @@ def prepare_command(
     from mlmtool.prepare import prepare
     from mlmtool.progress import console, err_console, human_bytes, quiet, say
 
-    mdir = ModelDir(model_dir)
+    mdir = ModelDir(model_dir).with_data(name)
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first"
     mdir.require_tokenizer()

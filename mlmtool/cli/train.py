@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DistributedTimeoutOpt, DtypeOpt, ForceOpt, MeshOpt, MlmProbabilityOpt,
-                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt)
+from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DtypeOpt, ForceOpt, MeshOpt,
+                                 MlmProbabilityOpt, ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt,
+                                 SeedOpt)
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
@@ -55,6 +56,7 @@ def train_command(
     gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.",
                                                              rich_help_panel=OPT)] = 1,
     mlm_probability: MlmProbabilityOpt = 0.15,
+    data: DataOpt = None,
     dtype: DtypeOpt = "float32",
     gradient_checkpointing: Annotated[str, typer.Option(
         help="Recompute each layer's activations in the backward pass to save memory: none | dots (keep "
@@ -108,7 +110,7 @@ def train_command(
         decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
         adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
-        mlm_probability=mlm_probability, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+        mlm_probability=mlm_probability, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
         scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
     main = is_main_process()
