@@ -194,18 +194,36 @@ def check_results(results: dict, mdir, source: str) -> None:
                               "evaluate another checkpoint (--checkpoint STEP), use --dtype float32, or train again")
 
 
-def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int = 64, mlm_probability: float = 0.15,
-             dtype: str = "float32", mesh_spec: str | None = None) -> dict:
-    """Evaluate DIR's model on its validation split and write eval_results.json."""
+def default_batch_size(mdir) -> int:
+    """The per-device eval batch of DIR's latest training run (so that an eval after training
+    loads the program training compiled, from the compilation cache), else 64."""
+    from mlmtool import checkpoint as ckpt
+
+    try:
+        latest = ckpt.latest_step(mdir.checkpoints_dir)
+        recorded = ckpt.restore_meta(mdir.checkpoints_dir, latest).get("train_config") or {} if latest is not None else {}
+    except Exception:  # a damaged checkpoint is reported where the weights are read
+        recorded = {}
+    size = recorded.get("per_device_eval_batch_size") or recorded.get("per_device_train_batch_size")
+    return size if isinstance(size, int) and size > 0 else 64
+
+
+def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | None = None,
+             mlm_probability: float = 0.15, dtype: str = "float32", mesh_spec: str | None = None) -> dict:
+    """Evaluate DIR's model on its validation split and write eval_results.json
+    (``per_device_batch_size`` None: :func:`default_batch_size`)."""
     from mlmtool import sharding as sh
     from mlmtool.blocks import BlockStore, read_meta
     from mlmtool.errors import DataError
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.modeldir import atomic_write_json
 
-    check_options(per_device_batch_size=per_device_batch_size, mlm_probability=mlm_probability, dtype=dtype)
+    check_options(per_device_batch_size=1 if per_device_batch_size is None else per_device_batch_size,
+                  mlm_probability=mlm_probability, dtype=dtype)
     error = None
     try:  # everything that can fail on one host alone, before any collective
+        if per_device_batch_size is None:
+            per_device_batch_size = default_batch_size(mdir)
         config = mdir.read_config()
         mcfg = ModelConfig.from_dict(config)
         mdir.require_data()

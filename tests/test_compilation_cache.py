@@ -80,6 +80,6 @@ def test_resume_and_eval_load_the_compiled_programs(tmp_path):
     assert "cache hit for 'jit_train_step'" in log and "cache hit for 'jit_eval_step'" in log
     assert _entries(cache, "train_step") == steps
 
-    _, log = _mlmtool("eval", d, "--per-device-eval-batch-size", 8, cache=cache)
+    _, log = _mlmtool("eval", d, cache=cache)  # at the training run's eval batch size, by default
     assert "cache hit for 'jit_eval_step'" in log
     assert _entries(cache, "eval_step") == evals

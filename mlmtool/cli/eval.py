@@ -16,7 +16,7 @@ def eval_command(
     model_dir: ModelDirArg,
     checkpoint: Annotated[str, typer.Option(
         "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | STEP | export (model.safetensors) | init (init.safetensors).")] = "latest",
-    per_device_eval_batch_size: PerDeviceEvalBatchOpt = 64,
+    per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
     mlm_probability: MlmProbabilityOpt = 0.15,
     dtype: DtypeOpt = "float32",
     data: DataOpt = None,
@@ -43,7 +43,7 @@ def eval_command(
     agree(error=error)  # a host without DIR stops every process, not just itself
     from mlmtool.evaluate import run_eval
 
-    results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=64 if per_device_eval_batch_size is None else per_device_eval_batch_size,
+    results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size,
                        mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh)
     if not is_main_process():  # process 0 reports for the whole run
         return
