@@ -183,7 +183,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["data"] = data_info(mdir)
     info["data_stores"] = {name: data_info(mdir.with_data(name)) for name in mdir.data_names()}  # prepare --name
     info["checkpoints"] = checkpoints_info(mdir)
-    stages = mdir.path / "stages"  # earlier stages (mlmtool.stages), oldest first
+    stages = mdir.stages_dir  # earlier stages (mlmtool.stages), oldest first
     info["stages"] = [checkpoints_info(mdir, p / "checkpoints")
                       for p in sorted(stages.iterdir(), key=lambda p: int(p.name)) if p.name.isdigit()] \
         if stages.is_dir() else []

@@ -215,6 +215,11 @@ class ModelDir:
         return self.path / CHECKPOINTS
 
     @property
+    def stages_dir(self) -> Path:
+        """The checkpoints of earlier stages, ``stages/<n>/checkpoints`` (mlmtool.stages)."""
+        return self.path / "stages"
+
+    @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS
 

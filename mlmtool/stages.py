@@ -55,7 +55,7 @@ def archive(mdir, main: bool) -> Path | None:
     where they went (None when there were none).  On process 0 only: the folder is shared."""
     if not checkpoint.all_steps(mdir.checkpoints_dir):
         return None
-    stages = mdir.path / "stages"
+    stages = mdir.stages_dir
     n = 1 + max((int(p.name) for p in stages.iterdir() if p.name.isdigit()), default=0) if stages.is_dir() else 1
     target = stages / str(n) / "checkpoints"
     if main:
