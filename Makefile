@@ -40,6 +40,7 @@ demo: install
 	    "O Romeo, Romeo, wherefore art thou <mask>?"
 
 test: install-test
+	$(BIN)/ruff check mlmtool tests scripts
 	$(BIN)/python -m pytest -q
 
 bench: install-test

@@ -226,7 +226,8 @@ def damaged(directory: Path, step: int, e: BaseException) -> CheckpointError:
                 if earlier else f"delete {Path(directory) / str(step)}")
     return CheckpointError(f"checkpoint step {step} in {directory} is damaged or incomplete "
                            f"({e.__class__.__name__}: {one_line(e, 200)})",
-                           f"{fallback}, or start over with 'mlmtool train {Path(directory).parent} --no-resume --force'")
+                           f"{fallback}, or start over with "
+                           f"'mlmtool train {Path(directory).parent} --no-resume --force'")
 
 
 def restore_meta(directory: Path, step: int) -> dict:

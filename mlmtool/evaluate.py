@@ -54,7 +54,8 @@ def unigram_top_token(store, max_blocks: int = 20_000) -> int:
     idx = np.unique(np.linspace(0, n - 1, num=min(n, max_blocks)).astype(np.int64))
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     for start in range(0, len(idx), 1024):
-        counts += np.bincount(store.read(idx[start:start + 1024]).ravel(), minlength=store.vocab_size)[:store.vocab_size]
+        rows = store.read(idx[start:start + 1024]).ravel()
+        counts += np.bincount(rows, minlength=store.vocab_size)[:store.vocab_size]
     counts[list(store.special_token_ids)] = 0
     return int(np.argmax(counts))
 
@@ -201,7 +202,8 @@ def default_batch_size(mdir) -> int:
 
     try:
         latest = ckpt.latest_step(mdir.checkpoints_dir)
-        recorded = ckpt.restore_meta(mdir.checkpoints_dir, latest).get("train_config") or {} if latest is not None else {}
+        meta = ckpt.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
+        recorded = meta.get("train_config") or {}
     except Exception:  # a damaged checkpoint is reported where the weights are read
         recorded = {}
     size = recorded.get("per_device_eval_batch_size") or recorded.get("per_device_train_batch_size")

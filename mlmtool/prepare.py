@@ -10,8 +10,8 @@ Pipeline (linear time, bounded memory):
    single-threaded each (``TOKENIZERS_PARALLELISM=false``); a cache of space-separated
    pieces (:class:`PieceEncoder`) makes that 2-3x cheaper than plain ``encode_batch``.
    They split the batch's documents into train and validation and return one numpy
-   token array per split (or, line by line, ready blocks).  At most a few batches are in flight; results are consumed in order, so the
-   output does not depend on ``num_proc``.
+   token array per split (or, line by line, ready blocks).  At most a few batches are in
+   flight; results are consumed in order, so the output does not depend on ``num_proc``.
 3. The main process appends each split's tokens to its file and cuts full blocks of
    ``max_seq_length``, carrying the remainder (< max_seq_length tokens) over; only the
    final remainder of each split is dropped.

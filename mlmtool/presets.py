@@ -177,7 +177,8 @@ def parse_overrides(items: list[str], base: dict) -> dict:
             elif isinstance(default, float):
                 out[key] = float(value)
             elif default is None or isinstance(default, (list, dict)):
-                out[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("null", "true", "false") else value
+                literal = value[:1] in "[{0123456789-" or value in ("null", "true", "false")
+                out[key] = json.loads(value) if literal else value
             else:
                 out[key] = value
         except ValueError:

@@ -326,7 +326,8 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
             try:
                 sizes[name] = int(value)
             except ValueError:
-                raise TrainingError(f"--mesh {name}={value!r} is not an integer", "e.g. --mesh data=-1,fsdp=2") from None
+                raise TrainingError(f"--mesh {name}={value!r} is not an integer",
+                                    "e.g. --mesh data=-1,fsdp=2") from None
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
         raise TrainingError("--mesh: at most one axis may be -1", "e.g. --mesh data=-1,fsdp=2")

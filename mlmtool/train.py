@@ -135,7 +135,8 @@ def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainCo
     Returns the config, the settings taken from the checkpoint and its step."""
     try:
         latest = checkpoint.latest_step(mdir.checkpoints_dir)
-        recorded = checkpoint.restore_meta(mdir.checkpoints_dir, latest).get("train_config") if latest is not None else None
+        meta = checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
+        recorded = meta.get("train_config")
     except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
         return cfg, {}, None
     if not isinstance(recorded, dict):
@@ -362,7 +363,8 @@ def _open_stores(mdir, config: dict):
     mdir.require_data()
     meta = read_meta(mdir.data_dir)
     train_store = BlockStore.open(mdir.data_dir, "train")
-    val_store = BlockStore.open(mdir.data_dir, "validation") if meta.get("num_blocks", {}).get("validation", 0) else None
+    has_validation = meta.get("num_blocks", {}).get("validation", 0)
+    val_store = BlockStore.open(mdir.data_dir, "validation") if has_validation else None
     if train_store.vocab_size != config["vocab_size"]:
         raise TrainingError(
             f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
@@ -542,7 +544,8 @@ class Trainer:
         if latest is not None and not resume:
             if not force:
                 raise TrainingError(f"{ckpt_dir} holds checkpoints up to step {latest}",
-                                    "drop --no-resume to continue that run, or add --force to delete them and start over")
+                                    "drop --no-resume to continue that run, or add --force to delete them and "
+                                    "start over")
             error = None
             try:
                 if self.main:
@@ -624,7 +627,8 @@ class Trainer:
         self.started_from = {"checkpoint": str(Path(src_dir).absolute() / str(step)), "step": step,
                              "tokens_seen": int(tokens), "optimizer_state": keep_optimizer_state}
         where = (f"step {step:,} of the run before (its checkpoints are kept in {moved})" if own else
-                 f"checkpoint step {step:,} in {src_dir}" + (f" (DIR's checkpoints are kept in {moved})" if moved else ""))
+                 f"checkpoint step {step:,} in {src_dir}"
+                 + (f" (DIR's checkpoints are kept in {moved})" if moved else ""))
         say(f"New stage from {where}, {tokens:,} tokens seen, "
             + ("with its optimizer state" if keep_optimizer_state else "with a fresh optimizer state"))
         return TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,

@@ -61,7 +61,8 @@ AB = {  # name -> (MLMTOOL_KERNELS, TrainConfig changes, config.json changes)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="roberta-base,modernbert-base", help="comma-separated, from: " + ", ".join(MODELS))
+    p.add_argument("--models", default="roberta-base,modernbert-base",
+                   help="comma-separated, from: " + ", ".join(MODELS))
     p.add_argument("--batch-sizes", default="64,256,512", help="sequences per step, ascending")
     p.add_argument("--find-max", action="store_true",
                    help="after the largest batch size, keep doubling it until one does not fit (at most 16384)")
@@ -454,7 +455,8 @@ def plan_runs(args) -> tuple[list[dict], list[dict], list[dict], list[str]]:
         seq_len = next((s for p, s in MODELS.values() if p == args.compile_ab), 128)
         for variant, changes in (("unrolled", {"scan_layers": False}), ("scanned", {"scan_layers": True}),
                                  ("scanned+remat full", {"gradient_checkpointing": "full"})):
-            compile_runs.append({"model": args.compile_ab, "preset": args.compile_ab, "seq_len": seq_len, "config": config,
+            compile_runs.append({"model": args.compile_ab, "preset": args.compile_ab, "seq_len": seq_len,
+                                 "config": config,
                            "variant": f"compile only: {variant}", "batch_size": args.ab_batch, "train": changes,
                            "compile_only": True})
     return defaults, ab_runs, compile_runs, skipped
@@ -545,9 +547,10 @@ def print_report(device, matmul, peak, ours, theirs, args) -> None:
     for name in dict.fromkeys(r["model"] for r in fits):
         best = max((r for r in fits if r["model"] == name), key=lambda r: r["tokens_per_s"])
         largest = max(r["batch_size"] for r in fits if r["model"] == name)
-        print(f"{name} ({best['preset']}): best {best['tokens_per_s']:,.0f} tok/s at batch {best['batch_size']}; largest batch run "
-              f"{largest}; {si(best['flops_per_token_executed'])}FLOP/token executed, "
-              f"{si(best['flops_per_token_model'])}FLOP/token with the head everywhere; kernels: {best['kernels_used']}")
+        print(f"{name} ({best['preset']}): best {best['tokens_per_s']:,.0f} tok/s at batch {best['batch_size']}; "
+              f"largest batch run {largest}; {si(best['flops_per_token_executed'])}FLOP/token executed, "
+              f"{si(best['flops_per_token_model'])}FLOP/token with the head everywhere; "
+              f"kernels: {best['kernels_used']}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: roberta-base's 50265)")
     p.add_argument("--num-proc", type=int, default=2, help="processes for both (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of (ours 0.5x, ours 1x, notebook, ours 2x) (default 2)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (ours 0.5x, ours 1x, notebook, ours 2x) (default 2)")
     p.add_argument("--no-notebook", action="store_true", help="only our 1x / 2x runs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--notebook-worker", help=argparse.SUPPRESS)  # internal: run the recipe once, print JSON

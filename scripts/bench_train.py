@@ -375,7 +375,8 @@ def run_all(args: argparse.Namespace, info: dict) -> tuple[dict, dict]:
         if "torch" in e:
             t = e["torch"]
             line += (f"\n       torch: {t['steps_per_s']:.2f} steps/s, MFU {100 * t['mfu_model']:.1f}%, steps "
-                     f"{1e3 * t['min_step_s']:.0f}-{1e3 * t['max_step_s']:.0f} ms, {t['cpu_s_per_step']:.2f} CPU s/step "
+                     f"{1e3 * t['min_step_s']:.0f}-{1e3 * t['max_step_s']:.0f} ms, "
+                     f"{t['cpu_s_per_step']:.2f} CPU s/step "
                      f"({t['attn_implementation']} attention, {t['threads']} threads)")
         print(line)
     return results, peak

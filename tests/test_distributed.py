@@ -199,7 +199,8 @@ def _assert_same_training(a: Path, b: Path, *, loss_tol: float = 1e-5, param_tol
         assert abs(la[s]["loss"] - lb[s]["loss"]) <= loss_tol, (s, la[s], lb[s])
     param_diff = _max_param_diff(a, b)
     assert param_diff <= param_tol
-    print(f"\n{b.parent.name} vs {a.parent.name}: max loss difference {loss_diff:.2e}, max parameter difference {param_diff:.2e}")
+    print(f"\n{b.parent.name} vs {a.parent.name}: max loss difference {loss_diff:.2e}, "
+          f"max parameter difference {param_diff:.2e}")
     return loss_diff, param_diff
 
 

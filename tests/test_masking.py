@@ -114,7 +114,8 @@ def test_groups_share_slots_and_choose_the_same_tokens_as_rows():
         assert np.array_equal(lab[g, :k], flat[g, pos[g, :k]])
         # The chosen positions of the group's rows, row r's position i at r * 128 + i.
         row_pos = [r * 128 + p for r in range(8)
-                   for p, wt in zip(np.asarray(rows.masked_positions)[g * 8 + r], np.asarray(rows.masked_weights)[g * 8 + r])
+                   for p, wt in zip(np.asarray(rows.masked_positions)[g * 8 + r],
+                                    np.asarray(rows.masked_weights)[g * 8 + r])
                    if wt]
         assert np.array_equal(pos[g, :k], np.asarray(row_pos))
     with pytest.raises(ValueError, match="does not divide"):

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf_dict(model_type: str, fields: dict) -> dict:
-    d = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k != "model_type"}).to_dict()
+    kwargs = {k: v for k, v in fields.items() if k != "model_type"}
+    d = transformers.AutoConfig.for_model(model_type, **kwargs).to_dict()
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
     return json.loads(json.dumps(d))  # as config.json stores it

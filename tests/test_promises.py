@@ -412,7 +412,8 @@ def test_a_changed_config_is_named_not_called_damage(trained, tmp_path, command)
     d = copy(trained, tmp_path)
     edit_config(d, intermediate_size=48)
     before = snapshot(d)
-    args = {"eval": (), "predict": ("the <mask> said",), "train": ("--max-steps", 6, "--per-device-train-batch-size", 8)}
+    args = {"eval": (), "predict": ("the <mask> said",),
+            "train": ("--max-steps", 6, "--per-device-train-batch-size", 8)}
     line = refused(invoke(command, d, *args[command]), d, before,
                    "config.json no longer matches checkpoint step 20", "intermediate_size 64 -> 48",
                    "put back intermediate_size=64 in", "--no-resume --force")

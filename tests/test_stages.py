@@ -120,7 +120,8 @@ def test_block_stores_side_by_side(after_stage1, tmp_path):
     corpus = after_stage1.parent / "corpus.txt"
     r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--name", "seq64")
     assert r.exit_code == 0, r.output
-    assert (d / "data-seq64" / "meta.json").exists() and json.loads((d / "data" / "meta.json").read_text())["seq_len"] == 32
+    assert (d / "data-seq64" / "meta.json").exists()
+    assert json.loads((d / "data" / "meta.json").read_text())["seq_len"] == 32
     r = invoke("train", d, "--from-checkpoint", "latest", "--data", "seq64", "--max-steps", 3,
                "--per-device-train-batch-size", 4, "--save-steps", 1, "--logging-steps", 1)
     assert r.exit_code == 0, r.output

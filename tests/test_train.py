@@ -94,7 +94,8 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("execution", [
-    {}, {"prng_impl": "rbg", "gradient_checkpointing": "full", "optimizer": "stable-adamw", "lr_scheduler": "inverse_sqrt"},
+    {},
+    {"prng_impl": "rbg", "gradient_checkpointing": "full", "optimizer": "stable-adamw", "lr_scheduler": "inverse_sqrt"},
     {"optimizer": "lamb", "lr_scheduler": "wsd", "decay_steps": 4}, {"optimizer": "lion", "learning_rate": 1e-4},
 ], ids=["default", "rbg+remat+stable-adamw+inverse_sqrt", "lamb+wsd", "lion"])
 def test_resume_is_bit_identical(prepared, tmp_path, execution):
@@ -153,7 +154,8 @@ def test_two_devices_match_one_device(prepared, tmp_path):
 def test_decay_mask_excludes_bias_and_layernorm():
     vec, mat = np.zeros(4), np.zeros((4, 4))  # the rule is by dimensions: biases and norm scales are vectors
     params = {"embeddings": {"LayerNorm": {"scale": vec, "bias": vec}, "word_embeddings": {"embedding": mat}},
-              "lm_head": {"bias": vec, "layer_norm": {"scale": vec, "bias": vec}, "dense": {"kernel": mat, "bias": vec}}}
+              "lm_head": {"bias": vec, "layer_norm": {"scale": vec, "bias": vec},
+                          "dense": {"kernel": mat, "bias": vec}}}
     m = decay_mask(params)
     assert m["embeddings"]["word_embeddings"]["embedding"] and m["lm_head"]["dense"]["kernel"]
     assert not m["embeddings"]["LayerNorm"]["scale"] and not m["embeddings"]["LayerNorm"]["bias"]

@@ -15,7 +15,8 @@ from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt,
 def eval_command(
     model_dir: ModelDirArg,
     checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | STEP | export (model.safetensors) | init (init.safetensors).")] = "latest",
+        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | "
+                             "STEP | export (model.safetensors) | init (init.safetensors).")] = "latest",
     per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
     mlm_probability: MlmProbabilityOpt = 0.15,
     dtype: DtypeOpt = "float32",

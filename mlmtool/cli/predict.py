@@ -18,7 +18,8 @@ def predict_command(
         show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Predictions per mask.")] = 5,
     checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | STEP | export | init.")] = "latest",
+        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | "
+                             "STEP | export | init.")] = "latest",
     json_out: JsonOpt = False,
 ) -> None:
     """Fill in the masked tokens of TEXT, like transformers' fill-mask pipeline."""

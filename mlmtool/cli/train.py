@@ -189,7 +189,8 @@ def _args(cfg, mesh) -> dict:
 
 
 def _si(x: float) -> str:
-    return next(f"{x / f:.3g} {u}" for f, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")) if x >= f or f == 1)
+    units = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+    return next(f"{x / f:.3g} {u}" for f, u in units if x >= f or f == 1)
 
 
 def _print_plan(plan, say) -> None:
