@@ -114,10 +114,15 @@ def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) 
                            f"fix the cause, then {resume}")
 
 
-#: config.json fields that make the model (not dropout): a checkpoint is read only under these.
-ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",
-                "pad_token_id")
+def _architecture(config: dict) -> tuple[str, ...]:
+    """config.json fields that make the model (not dropout): a checkpoint is read only under
+    these (the family's ``architecture_keys``)."""
+    from mlmtool import models
+
+    try:
+        return models.family_for(config.get("model_type")).architecture_keys
+    except Exception:  # an unknown model_type: compare what names it
+        return ("model_type",)
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -193,7 +198,8 @@ def check_config(directory: Path, step: int, meta: dict, config: dict | None) ->
     recorded = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(recorded, dict) or config is None:
         return
-    was = {k: recorded.get(k) for k in ARCHITECTURE if recorded.get(k) != config.get(k)}
+    keys = dict.fromkeys(("model_type", *_architecture(recorded), *_architecture(config)))
+    was = {k: recorded.get(k) for k in keys if recorded.get(k) != config.get(k)}
     if was:
         raise config_mismatch(Path(directory).absolute(), step, was, {k: config.get(k) for k in was})
 

@@ -146,21 +146,20 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
     return step
 
 
-def load_params(mdir, mcfg, which: str, mesh, params_sharding, abstract_params,
-                config: dict | None = None) -> tuple[Any, str]:
-    """Parameters from a checkpoint (``latest`` or a step number), the export or ``init``."""
+def load_params(mdir, loaded, which: str, mesh, params_sharding, config: dict | None = None) -> tuple[Any, str]:
+    """Parameters of ``loaded`` (a ``mlmtool.models.LoadedModel``) from a checkpoint
+    (``latest`` or a step number), the export or ``init``."""
     from mlmtool import checkpoint
-    from mlmtool.hf_weights import load_safetensors
     from mlmtool.init_from import initial_params
 
     step = select_checkpoint(mdir, which)
     if step == INIT:
-        return jax.device_put(initial_params(mdir, mcfg), params_sharding), "init (before training)"
+        return jax.device_put(initial_params(mdir, loaded), params_sharding), "init (before training)"
     if step is None:
-        params = load_safetensors(mdir.weights_path, mcfg)
+        params = loaded.load_hf(mdir.weights_path)
         return jax.device_put(params, params_sharding), "export"
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract_params, params_sharding)
+                                      loaded.abstract_params, params_sharding)
     with checkpoint.manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
         out = checkpoint.restore(mngr, step, abstract, config=config)
     return out["params"], f"step {step}"
@@ -215,10 +214,9 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     """Evaluate DIR's model on its validation split and write eval_results.json
     (``per_device_batch_size`` None: :func:`default_batch_size`)."""
     from mlmtool import sharding as sh
-    from mlmtool.blocks import BlockStore, read_meta
-    from mlmtool.errors import DataError
-    from mlmtool.model import MaskedLM, ModelConfig, init_params
+    from mlmtool.models import load_model
     from mlmtool.modeldir import atomic_write_json
+    from mlmtool.stores import open_stores
 
     check_options(per_device_batch_size=1 if per_device_batch_size is None else per_device_batch_size,
                   mlm_probability=mlm_probability, dtype=dtype)
@@ -227,25 +225,22 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         if per_device_batch_size is None:
             per_device_batch_size = default_batch_size(mdir)
         config = mdir.read_config()
-        mcfg = ModelConfig.from_dict(config)
-        mdir.require_data()
-        if not read_meta(mdir.data_dir).get("num_blocks", {}).get("validation", 0):
-            raise DataError(f"the prepared data in {mdir} has no validation blocks",
-                            f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
-        store = BlockStore.open(mdir.data_dir, "validation")
-        model = MaskedLM(mcfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        loaded = load_model(config, dtype=dtype)
         mesh = sh.make_mesh(mesh_spec)
-        abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
-        params_sharding = sh.state_shardings(mesh, abstract)
+        params_sharding = sh.state_shardings(mesh, loaded.abstract_params)
         selected = select_checkpoint(mdir, checkpoint)
         # The training step the weights are from, for the TensorBoard event (the export is
         # written with the run's last checkpoint).  On every process: opening the
         # checkpoints is collective.
         from mlmtool import checkpoint as ckpt
 
+        if isinstance(selected, int):  # a changed config.json is the cause to name, before the data's checks
+            ckpt.check_config(mdir.checkpoints_dir, selected, ckpt.restore_meta(mdir.checkpoints_dir, selected),
+                              config)
+        train_store, store = open_stores(mdir, config, what="eval")
+
         weights_step = (selected if isinstance(selected, int) else 0 if selected == INIT
                         else ckpt.latest_step(mdir.checkpoints_dir))
-        train_store = BlockStore.open(mdir.data_dir, "train")
         baseline_token = unigram_top_token(train_store)
     except Exception as e:  # fail on every process together, not on one while the others wait
         error = e
@@ -256,12 +251,12 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         hint="start every process with the same options on the same model directory")
     error = None
     try:
-        params, source = load_params(mdir, mcfg, "export" if selected is None else str(selected), mesh,
-                                     params_sharding, abstract, config=config)
+        params, source = load_params(mdir, loaded, "export" if selected is None else str(selected), mesh,
+                                     params_sharding, config=config)
     except Exception as e:
         error = e
     sh.agree(error=error)
-    step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
+    step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
                         vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source

@@ -46,19 +46,21 @@ def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
 
 
 def matmul_parameters(config: dict) -> tuple[int, int]:
-    """(encoder, MLM head) parameters that take part in per-token arithmetic (BERT/RoBERTa)."""
-    H, I = config["hidden_size"], config["intermediate_size"]
-    V, layers = config["vocab_size"], config["num_hidden_layers"]
-    per_layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H  # q,k,v,o + biases, FFN + biases, 2 LayerNorms
-    encoder = layers * per_layer + 2 * H  # + the embedding LayerNorm
-    head = H * H + H + 2 * H + H * V + V  # dense, LayerNorm, tied decoder (the word embeddings) + bias
-    return encoder, head
+    """(encoder, MLM head) parameters that take part in per-token arithmetic (the family's count)."""
+    from mlmtool import models
+
+    family = models.family_for(config["model_type"])
+    return family.matmul_parameters(family.parse_config(config))
 
 
 def training_flops_per_token(config: dict, seq_len: int, head_fraction: float = 1.0) -> dict[str, float]:
     """``model`` and ``executed`` training FLOPs per token (see the module docstring);
     ``head_fraction`` is the share of positions the MLM head runs on."""
-    encoder, head = matmul_parameters(config)
-    attention = 12 * config["num_hidden_layers"] * config["hidden_size"] * seq_len
+    from mlmtool import models
+
+    family = models.family_for(config["model_type"])
+    parsed = family.parse_config(config)
+    encoder, head = family.matmul_parameters(parsed)
+    attention = 12 * parsed.num_layers * parsed.hidden_size * seq_len
     return {"model": float(6 * (encoder + head) + attention),
             "executed": float(6 * encoder + attention + 6 * head * head_fraction)}

@@ -1,30 +1,10 @@
 """Hugging Face weight format: ``model.safetensors`` in and out, no PyTorch needed.
 
-Our parameter tree (see ``mlmtool.model``) mirrors the transformers ``state_dict`` names, so
-the conversion is a table of renames; Dense kernels are stored ``[in, out]`` in Flax and
-``[out, in]`` in ``torch.nn.Linear``, so they are transposed.
-
-What transformers v5 (checked with 5.24) writes with ``save_pretrained`` and expects in
-``from_pretrained`` for the masked-LM classes (``P`` = ``roberta`` or ``bert``)::
-
-    P.embeddings.{word,position,token_type}_embeddings.weight
-    P.embeddings.LayerNorm.{weight,bias}
-    P.encoder.layer.<i>.attention.self.{query,key,value}.{weight,bias}
-    P.encoder.layer.<i>.attention.output.dense.{weight,bias}
-    P.encoder.layer.<i>.attention.output.LayerNorm.{weight,bias}
-    P.encoder.layer.<i>.intermediate.dense.{weight,bias}
-    P.encoder.layer.<i>.output.dense.{weight,bias}
-    P.encoder.layer.<i>.output.LayerNorm.{weight,bias}
-    RoBERTa head: lm_head.dense.{weight,bias}, lm_head.layer_norm.{weight,bias}, lm_head.bias
-    BERT head:    cls.predictions.transform.dense.{weight,bias},
-                  cls.predictions.transform.LayerNorm.{weight,bias}, cls.predictions.bias
-
-The tied decoder (``lm_head.decoder.{weight,bias}`` / ``cls.predictions.decoder.{weight,bias}``)
-is not written — it is the word-embedding table and the head bias — and no ``position_ids``
-buffer and no pooler (the ``*ForMaskedLM`` classes build the encoder without one).  On input we
-also accept what older checkpoints carry: the decoder copies (checked to equal what they are
-tied to), ``position_ids``/``token_type_ids`` buffers, a pooler or BERT's next-sentence head
-(ignored), and TF-era ``LayerNorm.gamma``/``beta`` names.
+Each family's parameter tree mirrors the transformers ``state_dict`` names, so the conversion
+is the family's table of renames (``mlmtool.models.base.WeightTable``, one per family); Dense
+kernels are stored ``[in, out]`` in Flax and ``[out, in]`` in ``torch.nn.Linear``, so they are
+transposed.  Tied copies (the MLM decoder) are not written; on input they are accepted when
+they equal what they are tied to, as are the ignored keys and legacy names the table lists.
 """
 
 from __future__ import annotations
@@ -33,82 +13,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 
 from mlmtool.errors import CheckpointError
-from mlmtool.model import ModelConfig
+from mlmtool.models.base import WeightTable
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses files without format=pt
-
-# Keys some checkpoints carry that a *ForMaskedLM model does not use.
-_IGNORED = re.compile(
-    r"^(roberta|bert)\.embeddings\.(position_ids|token_type_ids)$"  # non-persistent buffers
-    r"|^(roberta|bert)\.pooler\."  # from *Model / *ForPreTraining checkpoints
-    r"|^cls\.seq_relationship\."  # BERT's next-sentence-prediction head
-)
-
-
-class _Entry(NamedTuple):
-    path: tuple[str, ...]  # key path in our params tree
-    hf_key: str  # transformers state_dict key
-    shape: tuple[int, ...]  # our (Flax) shape
-    transpose: bool  # Dense kernel [in, out] <-> Linear weight [out, in]
-
-
-def _hf_head(config: ModelConfig) -> dict[str, str]:
-    if config.model_type == "roberta":
-        return {"dense": "lm_head.dense", "layer_norm": "lm_head.layer_norm",
-                "bias": "lm_head.bias", "decoder": "lm_head.decoder"}
-    return {"dense": "cls.predictions.transform.dense",
-            "layer_norm": "cls.predictions.transform.LayerNorm",
-            "bias": "cls.predictions.bias", "decoder": "cls.predictions.decoder"}
-
-
-def _param_table(config: ModelConfig) -> list[_Entry]:
-    """Every parameter: our path, the HF key, our shape, whether to transpose."""
-    H, I = config.hidden_size, config.intermediate_size
-    entries: list[_Entry] = []
-
-    def dense(path, hf, n_in, n_out):
-        entries.append(_Entry((*path, "kernel"), f"{hf}.weight", (n_in, n_out), True))
-        entries.append(_Entry((*path, "bias"), f"{hf}.bias", (n_out,), False))
-
-    def layer_norm(path, hf):
-        entries.append(_Entry((*path, "scale"), f"{hf}.weight", (H,), False))
-        entries.append(_Entry((*path, "bias"), f"{hf}.bias", (H,), False))
-
-    base = config.model_type
-    for name, rows in (("word_embeddings", config.vocab_size),
-                       ("position_embeddings", config.max_position_embeddings),
-                       ("token_type_embeddings", config.type_vocab_size)):
-        entries.append(_Entry(("embeddings", name, "embedding"),
-                              f"{base}.embeddings.{name}.weight", (rows, H), False))
-    layer_norm(("embeddings", "LayerNorm"), f"{base}.embeddings.LayerNorm")
-    for i in range(config.num_hidden_layers):
-        ours = ("encoder", "layer", str(i))
-        hf = f"{base}.encoder.layer.{i}"
-        for proj in ("query", "key", "value"):
-            dense((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-        dense((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
-        layer_norm((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm")
-        dense((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-        dense((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
-        layer_norm((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm")
-    head = _hf_head(config)
-    dense(("lm_head", "dense"), head["dense"], H, H)
-    layer_norm(("lm_head", "layer_norm"), head["layer_norm"])
-    entries.append(_Entry(("lm_head", "bias"), head["bias"], (config.vocab_size,), False))
-    return entries
-
-
-def _modern_name(key: str) -> str:
-    """TF-era ``LayerNorm.gamma``/``LayerNorm.beta`` -> ``weight``/``bias``, as transformers does."""
-    return re.sub(r"(LayerNorm|layer_norm)\.gamma$", r"\1.weight",
-                  re.sub(r"(LayerNorm|layer_norm)\.beta$", r"\1.bias", key))
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -138,7 +52,7 @@ def _as_float32(value: Any, name: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
+def to_hf_state_dict(params, table: WeightTable, *, what: str = "model") -> dict[str, np.ndarray]:
     """Our params -> transformers ``*ForMaskedLM`` state dict (HF key names, PyTorch layouts, float32).
 
     ``params`` is the params tree (a ``{"params": ...}`` variables dict is accepted too); the
@@ -147,8 +61,7 @@ def to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
     if hasattr(params, "keys") and set(params.keys()) == {"params"}:
         params = params["params"]
     flat = dict(_flatten(params))
-    table = _param_table(config)
-    expected = {e.path for e in table}
+    expected = {e.path for e in table.entries}
     missing = expected - flat.keys()
     unexpected = flat.keys() - expected
     if missing or unexpected:
@@ -157,11 +70,11 @@ def to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
             parts.append("missing " + _describe("/".join(p) for p in missing))
         if unexpected:
             parts.append("unexpected " + _describe("/".join(p) for p in unexpected))
-        raise CheckpointError(f"params do not match the {config.model_type} config: " + "; ".join(parts))
+        raise CheckpointError(f"params do not match the {what} config: " + "; ".join(parts))
 
     state: dict[str, np.ndarray] = {}
     mismatched = []
-    for entry in table:
+    for entry in table.entries:
         array = _as_float32(flat[entry.path], "/".join(entry.path))
         if array.shape != entry.shape:
             mismatched.append(f"{'/'.join(entry.path)} {array.shape} vs config {entry.shape}")
@@ -172,21 +85,20 @@ def to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
     return state
 
 
-def from_hf_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dict:
+def from_hf_state_dict(state: dict[str, np.ndarray], table: WeightTable, *, what: str = "model") -> dict:
     """transformers ``*ForMaskedLM`` state dict -> our params tree (host float32 numpy arrays).
 
-    Accepts the key set transformers v5 ``save_pretrained`` writes plus the extras listed in the
-    module docstring; raises CheckpointError naming missing keys, unexpected keys and shape
-    mismatches.  ``jax.device_put`` the result with whatever sharding you need.
+    Accepts the key set transformers v5 ``save_pretrained`` writes plus the extras the table
+    allows (tied copies, ignored keys, legacy names); raises CheckpointError naming missing
+    keys, unexpected keys and shape mismatches.  ``jax.device_put`` the result with whatever
+    sharding you need.
     """
-    state = {_modern_name(k): v for k, v in state.items() if not _IGNORED.search(k)}
+    ignored = re.compile(table.ignored) if table.ignored else None
+    state = {table.canonical(k): v for k, v in state.items() if not (ignored and ignored.search(k))}
 
-    head = _hf_head(config)
-    word_key = f"{config.model_type}.embeddings.word_embeddings.weight"
-    # The decoder is tied to (word embeddings, head bias).  Old checkpoints store the copies;
-    # accept them when they really are copies, since our model cannot represent anything else.
-    for tied_key, source_key in ((f"{head['decoder']}.weight", word_key),
-                                 (f"{head['decoder']}.bias", head["bias"])):
+    # Tied parameters (the decoder = word embeddings, head bias).  Old checkpoints store the
+    # copies; accept them when they really are copies, since our model cannot represent anything else.
+    for tied_key, source_key in table.tied:
         if tied_key not in state:
             continue
         copy = state.pop(tied_key)
@@ -198,8 +110,7 @@ def from_hf_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
                 hint="this model always ties the MLM decoder to the word embeddings",
             )
 
-    table = _param_table(config)
-    expected = {e.hf_key for e in table}
+    expected = {e.hf_key for e in table.entries}
     missing = expected - state.keys()
     unexpected = state.keys() - expected
     problems = []
@@ -208,7 +119,7 @@ def from_hf_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
     if unexpected:
         problems.append("unexpected keys: " + _describe(unexpected))
     mismatched = []
-    for entry in table:
+    for entry in table.entries:
         if entry.hf_key not in state:
             continue
         shape = tuple(np.shape(state[entry.hf_key]))
@@ -218,18 +129,16 @@ def from_hf_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
     if mismatched:
         problems.append("shape mismatches: " + _describe(mismatched))
     if problems:
-        raise CheckpointError(
-            f"checkpoint does not match the {config.model_type} config: " + "; ".join(problems)
-        )
+        raise CheckpointError(f"checkpoint does not match the {what} config: " + "; ".join(problems))
 
     params: dict = {}
-    for entry in table:
+    for entry in table.entries:
         array = _as_float32(state[entry.hf_key], entry.hf_key)
         _set(params, entry.path, np.ascontiguousarray(array.T) if entry.transpose else array)
     return params
 
 
-def save_safetensors(params, config: ModelConfig, path: str | os.PathLike) -> Path:
+def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, what: str = "model") -> Path:
     """Write the HF ``model.safetensors`` atomically; ``path`` is the file or its directory.
 
     The file appears complete or not at all (``modeldir.atomic_write``: a temporary name in
@@ -246,7 +155,7 @@ def save_safetensors(params, config: ModelConfig, path: str | os.PathLike) -> Pa
         path = path / SAFETENSORS_NAME
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
-    state = to_hf_state_dict(params, config)
+    state = to_hf_state_dict(params, table, what=what)
     try:
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=SAFETENSORS_METADATA))
     except (OSError, SafetensorError) as e:
@@ -300,8 +209,3 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {file}: {e}", hint="the file is damaged or not safetensors") from None
     return state
-
-
-def load_safetensors(path: str | os.PathLike, config: ModelConfig) -> dict:
-    """Read an HF ``model.safetensors`` (file or model dir) into our params tree (float32 numpy)."""
-    return from_hf_state_dict(read_safetensors(path), config)

@@ -27,31 +27,17 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def parameter_count(config: dict) -> int:
-    """Parameters of the *ForMaskedLM model (tied decoder counted once), from the config alone.
-
-    Equal to :func:`mlmtool.model.count_params` (tested), without JAX.
-    """
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    P, T, L = config["max_position_embeddings"], config.get("type_vocab_size", 2), config["num_hidden_layers"]
-    embeddings = (V + P + T) * H + 2 * H
-    layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H
-    head = (H * H + H) + 2 * H + V
-    return embeddings + L * layer + head
-
-
 def config_info(mdir: ModelDir) -> dict | None:
+    """The model's family and sizes, from config.json (HF's defaults for fields left out)."""
     if not mdir.config_path.exists():
         return None
     try:
-        config = _read_json(mdir.config_path)
-        keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                "vocab_size", "max_position_embeddings")
-        if not isinstance(config, dict) or any(k not in config for k in keys):
-            config = mdir.read_config()  # fills HF's defaults (or raises ConfigError)
-        from mlmtool.presets import summary
+        from mlmtool import models
 
-        return {**summary(config), "parameters": parameter_count(config),
+        config = mdir.read_config()
+        family = models.family_for(config["model_type"])
+        return {"family": family.name, **family.summary(config), "parameters": family.parameter_count(config),
+                "max_sequence_length": family.max_sequence_length(config),
                 "type_vocab_size": config.get("type_vocab_size"), "pad_token_id": config.get("pad_token_id")}
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}

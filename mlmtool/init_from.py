@@ -1,6 +1,6 @@
 """``mlmtool init DIR --from PATH``: continue pre-training an existing model (domain adaptation).
 
-PATH is a Hugging Face RoBERTa/BERT model directory on disk (``config.json``, the tokenizer
+PATH is a Hugging Face model directory of a supported family on disk (``config.json``, the tokenizer
 files, ``model.safetensors`` or a sharded ``model.safetensors.index.json``).  ``init``
 copies its config and tokenizer into DIR and converts its weights into
 ``DIR/init.safetensors`` (checked against the config, normalised to the key names and
@@ -95,8 +95,8 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     """Copy config and tokenizer of the model directory ``source`` into DIR and convert its
     weights to ``DIR/init.safetensors``.  Returns the config and a status."""
     from mlmtool import presets
-    from mlmtool.hf_weights import from_hf_state_dict, read_safetensors, save_safetensors
-    from mlmtool.model import ModelConfig
+    from mlmtool.hf_weights import read_safetensors
+    from mlmtool.models import load_model
 
     src = Path(source)
     if not src.is_dir():
@@ -128,9 +128,9 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     if mdir.tokenizer_path.exists() and not same_source and not force:
         raise ModelDirError(f"{mdir} already has a tokenizer", "pass --force to replace it with the one of --from")
 
-    mcfg = ModelConfig.from_dict(config)
+    loaded = load_model(config)
     try:
-        params = from_hf_state_dict(read_safetensors(src), mcfg)
+        params = loaded.from_hf(read_safetensors(src))
     except CheckpointError as e:
         with_set = " with --set" if overrides else ""
         raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}",
@@ -139,7 +139,7 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     mdir.write_config(config)
     tokenizer_files = _copy_tokenizer(src, mdir)
     _check_tokenizer(mdir, config)
-    save_safetensors(params, mcfg, init_weights_path(mdir))
+    loaded.save_hf(params, init_weights_path(mdir))
     mdir.record("init", args={"preset": None, "set": list(overrides), "from_config": None, "from": str(src.resolve())},
                 inputs=fingerprint, outputs={"init_weights": INIT_WEIGHTS, "tokenizer": tokenizer_files})
     stale = [name for name in ("data", "checkpoints", "model.safetensors") if (mdir.path / name).exists()]
@@ -164,7 +164,7 @@ def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
                           f"pad_token_id {config['pad_token_id']}", "fix PATH's config.json")
 
 
-def exported_params(mdir: ModelDir, mcfg, *, resume: bool, force: bool, say: Callable = lambda *a, **k: None):
+def exported_params(mdir: ModelDir, loaded, *, resume: bool, force: bool, say: Callable = lambda *a, **k: None):
     """Host params of ``DIR/model.safetensors`` when DIR has no checkpoint to resume from (a
     directory written by transformers' ``save_pretrained``, or one whose checkpoints were
     deleted): training continues from those weights, as from ``init --from``'s, instead of
@@ -178,10 +178,8 @@ def exported_params(mdir: ModelDir, mcfg, *, resume: bool, force: bool, say: Cal
             return None
         raise ModelDirError(f"{path} holds trained weights that --no-resume would replace with a random "
                             "initialisation", "drop --no-resume to continue from them, or add --force to start over")
-    from mlmtool.hf_weights import load_safetensors
-
     try:
-        params = load_safetensors(path, mcfg)
+        params = loaded.load_hf(path)
     except CheckpointError as e:
         raise CheckpointError(f"{path} does not fit config.json ({e.message}), and training would overwrite it",
                               "restore the config.json those weights were made with, or start from random weights "
@@ -191,15 +189,13 @@ def exported_params(mdir: ModelDir, mcfg, *, resume: bool, force: bool, say: Cal
     return params
 
 
-def initial_params(mdir: ModelDir, mcfg, say: Callable = lambda *a, **k: None):
+def initial_params(mdir: ModelDir, loaded, say: Callable = lambda *a, **k: None):
     """Host params from ``DIR/init.safetensors`` (written by ``init --from``), or None."""
     path = init_weights_path(mdir)
     if not path.exists():
         return None
-    from mlmtool.hf_weights import load_safetensors
-
     try:
-        params = load_safetensors(path, mcfg)
+        params = loaded.load_hf(path)
     except CheckpointError as e:
         raise CheckpointError(f"{path} does not fit config.json: {e.message}",
                               f"config.json changed since 'mlmtool init {mdir.path} --from'; run it again "

@@ -1,6 +1,6 @@
 """Which kernel computes attention, the Dense layers and dropout: chosen per backend, here only.
 
-The model (``mlmtool.model``) asks :func:`select` once, when it is built, and computes the
+The model (``mlmtool.models.load_model``) asks :func:`select` once, when it is built, and computes the
 same function whichever kernels it gets (tests/test_kernels.py checks the logits agree):
 
 * ``attention``

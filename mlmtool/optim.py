@@ -116,8 +116,10 @@ def scale_by_stable_adam(b1: float, b2: float, eps: float) -> optax.GradientTran
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``cfg.optimizer`` with ``cfg``'s betas, epsilon and weight decay, after global-norm clipping."""
+def make_optimizer(cfg, schedule: optax.Schedule, decay_mask=decay_mask) -> optax.GradientTransformation:
+    """``cfg.optimizer`` with ``cfg``'s betas, epsilon and weight decay, after global-norm clipping;
+    ``decay_mask`` (params -> tree of bools) is the family's no-weight-decay rule
+    (``LoadedModel.decay_mask``; default: nanoGPT's, two or more dimensions)."""
     b1, b2, eps, wd = cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay
     name = cfg.optimizer
     if name == "adafactor":

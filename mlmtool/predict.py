@@ -25,19 +25,18 @@ def load_tokenizer(mdir):
 
 
 @functools.lru_cache(maxsize=4)
-def _probabilities_fn(mcfg):
+def _probabilities_fn(family_config, network):
     """Jitted (params, ids, mask) -> softmax probabilities [B, L, V], one per model config, so
     repeated calls (and texts padded to the same length) reuse the compiled function."""
-    from mlmtool.model import MaskedLM
-
-    model = MaskedLM(mcfg)
+    model = network(family_config)
     return jax.jit(lambda p, i, m: jax.nn.softmax(model.apply({"params": p}, i, attention_mask=m), axis=-1))
 
 
 def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "latest") -> list:
     from mlmtool import sharding as sh
     from mlmtool.evaluate import load_params
-    from mlmtool.model import ModelConfig, init_params
+    from mlmtool.models import load_model
+    from mlmtool.models.loaded import network_class
 
     if top_k < 1:
         raise DataError("--top-k must be at least 1", "e.g. --top-k 5")
@@ -47,23 +46,22 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
     for text in texts:
         if mask not in text:
             raise DataError(f"no {mask} in {text!r}", f"put {mask} where the model should fill in a token")
-    mcfg = ModelConfig.from_dict(config)
+    loaded = load_model(config)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-    abstract = jax.eval_shape(lambda r: init_params(mcfg, r), jax.random.PRNGKey(0))
-    params, source = load_params(mdir, mcfg, checkpoint, mesh, sh.state_shardings(mesh, abstract), abstract,
+    params, source = load_params(mdir, loaded, checkpoint, mesh, sh.state_shardings(mesh, loaded.abstract_params),
                                  config=config)
-    limit = mcfg.max_sequence_length
+    limit = loaded.max_sequence_length
     for text, ids in zip(texts, tok(texts, verbose=False)["input_ids"]):
         if len(ids) > limit:  # a mask past the cut would get no prediction, silently
             short = text if len(text) <= 60 else text[:57] + "..."
             raise DataError(f"the text {short!r} is {len(ids):,} tokens long, but the model reads at most {limit:,} "
                             "(max_position_embeddings)", "shorten the text around its mask")
     # Padded to a multiple of 8 (masked out) so that texts of similar lengths share a compilation.
-    enc = tok(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=mcfg.max_sequence_length,
+    enc = tok(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=limit,
               return_tensors="np")
-    if enc["input_ids"].shape[1] > mcfg.max_sequence_length:  # the multiple of 8 overshot the limit
-        enc = tok(texts, padding=True, truncation=True, max_length=mcfg.max_sequence_length, return_tensors="np")
-    probs = np.asarray(_probabilities_fn(mcfg)(
+    if enc["input_ids"].shape[1] > limit:  # the multiple of 8 overshot the limit
+        enc = tok(texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
+    probs = np.asarray(_probabilities_fn(loaded.config, network_class(loaded.family))(
         params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))  # [B, L, V]
     if not np.isfinite(probs).all():
         from mlmtool.errors import CheckpointError

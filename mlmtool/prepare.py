@@ -517,24 +517,6 @@ def _results(tasks: Iterable, job: _Job, num_proc: int) -> Iterator:
 
 # -- the command ---------------------------------------------------------------------------
 
-def _raw_config(mdir: ModelDir) -> dict:
-    """The config fields prepare needs, from config.json without transformers.
-
-    Anything unusual falls back to ``ModelDir.read_config`` (full validation and its errors).
-    """
-    try:
-        raw = json.loads(mdir.config_path.read_text(encoding="utf-8"))
-        fields = {k: raw[k] for k in ("model_type", "max_position_embeddings", "pad_token_id",
-                                      "vocab_size")}
-        if fields["model_type"] in ("roberta", "bert") and all(
-                isinstance(fields[k], int) for k in fields if k != "model_type"):
-            return fields
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    full = mdir.read_config()
-    return {k: full[k] for k in ("model_type", "max_position_embeddings", "pad_token_id", "vocab_size")}
-
-
 def _key(corpus: Corpus, tokenizer_sha256: str, config: dict, args: dict) -> dict:
     """What the blocks depend on: "up to date" compares it with meta.json's."""
     return {
@@ -600,7 +582,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if not mdir.config_path.exists():
         mdir.read_config()  # raises "run 'mlmtool init DIR' first"
     mdir.require_tokenizer()
-    config = _raw_config(mdir)
+    config = mdir.read_config()  # without transformers when config.json is complete
 
     from mlmtool.presets import max_sequence_length
     from mlmtool.tokenizer_train import file_sha256

@@ -1,16 +1,22 @@
 """Train the model's tokenizer from a corpus (``mlmtool tokenizer DIR FILE...``).
 
-Two kinds, as the two model families were published:
+Three algorithms; each model family says which is its default and which special tokens it
+uses (``mlmtool.models``: ``Family.tokenizer``):
 
 * ``bpe``: byte-level BPE as RoBERTa (and the seed notebook, HF's "Pre-Training a
   Transformers model on TPU with Flax/JAX"): ByteLevel pre-tokenizer without prefix
-  space, initial alphabet = the 256 byte symbols, specials ``<s> <pad> </s> <unk> <mask>``
-  with ids 0..4 (the roberta config's bos 0 / pad 1 / eos 2), ``<mask>`` an lstrip
-  AddedToken, RobertaProcessing (``<s> … </s>``), ByteLevel decoder.  ``--lowercase``
-  adds a Lowercase normalizer (off by default).
+  space, initial alphabet = the 256 byte symbols, ByteLevel decoder.
 * ``wordpiece``: as BERT: BertNormalizer (lowercasing by default, as the uncased
-  presets), BertPreTokenizer, specials ``[PAD] [UNK] [CLS] [SEP] [MASK]`` with ids 0..4
-  (the bert config's pad 0), ``[CLS] $A [SEP]`` template, ``##`` continuing prefix.
+  presets), BertPreTokenizer, ``##`` continuing prefix.
+* ``unigram``: SentencePiece's Unigram language model (Kudo 2018, arXiv:1804.10959) as
+  XLM-R and CamemBERT use it: NFKC, runs of spaces collapsed, Metaspace ``▁`` word
+  boundaries, no pre-split on punctuation, so it suits languages without spaces between
+  words or with rich morphology (Korean, the seed notebook's language).
+
+The special tokens take ids 0..4 in the family's (or the algorithm's) order, e.g.
+``<s> <pad> </s> <unk> <mask>`` (RoBERTa/XLM-R: ``<mask>`` an lstrip AddedToken,
+``<s> … </s>`` post-processing) or ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (BERT: ``[CLS] $A
+[SEP]`` template).  ``--lowercase`` adds a Lowercase normalizer.
 
 Training streams the corpus into ``tokenizers``' ``train_from_iterator`` in batches of
 documents (no per-document Python work).  The result is saved as a Hugging Face
@@ -28,80 +34,45 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlmtool import models
 from mlmtool.corpus import Corpus
 from mlmtool.errors import ConfigError
 from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, remove_leftovers
+from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
-KINDS = ("bpe", "wordpiece")
-DEFAULT_KIND = {"roberta": "bpe", "bert": "wordpiece"}
+KINDS = ALGORITHMS
+KIND_NAMES = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "Unigram"}
 DEFAULT_MIN_FREQUENCY = 2
 #: WordPiece keeps at most this many distinct characters (rarer ones become [UNK]), as
 #: HF's BertWordPieceTokenizer.train does.
 WORDPIECE_LIMIT_ALPHABET = 1000
+#: Unigram pieces are at most this many characters (SentencePiece's max_sentencepiece_length).
+UNIGRAM_MAX_PIECE_LENGTH = 16
 
 
-@dataclass(frozen=True)
-class Specials:
-    """Special token strings of one tokenizer kind, in id order (ids 0..4)."""
-
-    pad: str
-    unk: str
-    cls: str          # first token of every encoded sequence (<s> / [CLS])
-    sep: str          # last token of every encoded sequence (</s> / [SEP])
-    mask: str
-    order: tuple[str, ...]
-    bos: str | None = None
-    eos: str | None = None
-
-    def hf_kwargs(self) -> dict[str, str]:
-        """Keyword arguments naming the special tokens for a transformers tokenizer."""
-        out = {"unk_token": self.unk, "pad_token": self.pad, "cls_token": self.cls,
-               "sep_token": self.sep, "mask_token": self.mask}
-        if self.bos is not None:
-            out["bos_token"] = self.bos
-        if self.eos is not None:
-            out["eos_token"] = self.eos
-        return out
+def minimum_vocab_size(kind: str, specials: SpecialTokens | None = None) -> int:
+    """Smallest vocabulary that holds the specials and the base alphabet (known up front:
+    byte-level BPE needs the 256 byte symbols).  For WordPiece and Unigram the alphabet
+    depends on the corpus; the check after training names it."""
+    n = len((specials or ALGORITHM_SPECIALS[kind]).order)
+    return n + 256 if kind == "bpe" else n + 1
 
 
-SPECIALS = {
-    "bpe": Specials(pad="<pad>", unk="<unk>", cls="<s>", sep="</s>", mask="<mask>",
-                    order=("<s>", "<pad>", "</s>", "<unk>", "<mask>"), bos="<s>", eos="</s>"),
-    "wordpiece": Specials(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
-                          order=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")),
-}
-
-#: byte-level BPE: the 256 byte symbols + the 5 specials.
-BPE_MIN_VOCAB = 256 + len(SPECIALS["bpe"].order)
-
-
-def minimum_vocab_size(kind: str) -> int:
-    """Smallest vocabulary that holds the specials and the base alphabet (known up front).
-
-    For WordPiece the alphabet depends on the corpus; the check after training names it.
-    """
-    return BPE_MIN_VOCAB if kind == "bpe" else len(SPECIALS["wordpiece"].order) + 1
-
-
-def _added_tokens(kind: str) -> list:
+def _added_tokens(kind: str, specials: SpecialTokens) -> list:
     from tokenizers import AddedToken
 
-    specials = SPECIALS[kind]
-    out = []
-    for content in specials.order:
-        # <mask> eats the space before it, as in RoBERTa ("Hello <mask>" masks " world").
-        lstrip = kind == "bpe" and content == specials.mask
-        out.append(AddedToken(content, lstrip=lstrip, rstrip=False, normalized=False, special=True))
-    return out
+    return [AddedToken(content, lstrip=specials.mask_lstrip and content == specials.mask, rstrip=False,
+                       normalized=False, special=True) for content in specials.order]
 
 
-def build_tokenizer(kind: str, *, lowercase: bool):
-    """An untrained ``tokenizers.Tokenizer`` of ``kind`` and its trainer factory."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+def build_tokenizer(kind: str, *, lowercase: bool, specials: SpecialTokens | None = None):
+    """An untrained ``tokenizers.Tokenizer`` of ``kind``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    specials = specials or ALGORITHM_SPECIALS[kind]
 
     if kind == "bpe":
         tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False))
@@ -110,39 +81,57 @@ def build_tokenizer(kind: str, *, lowercase: bool):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
     elif kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=SPECIALS["wordpiece"].unk,
+        tok = Tokenizer(models.WordPiece(unk_token=specials.unk,
                                          continuing_subword_prefix="##", max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=None, lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Lowercase()] if lowercase else steps)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     else:
         raise ConfigError(f"unknown tokenizer type {kind!r}", f"use one of: {', '.join(KINDS)}")
     return tok
 
 
-def build_trainer(kind: str, *, vocab_size: int, min_frequency: int):
+def build_trainer(kind: str, *, vocab_size: int, min_frequency: int, specials: SpecialTokens | None = None):
+    """The trainer of ``kind``.  (Unigram has no frequency threshold: it prunes by likelihood.)"""
     from tokenizers import pre_tokenizers, trainers
 
+    specials = specials or ALGORITHM_SPECIALS[kind]
     if kind == "bpe":
         return trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                   special_tokens=_added_tokens(kind), show_progress=False,
+                                   special_tokens=_added_tokens(kind, specials), show_progress=False,
                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if kind == "unigram":
+        return trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_added_tokens(kind, specials),
+                                       unk_token=specials.unk, show_progress=False,
+                                       max_piece_length=UNIGRAM_MAX_PIECE_LENGTH)
     return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                     special_tokens=_added_tokens(kind), show_progress=False,
+                                     special_tokens=_added_tokens(kind, specials), show_progress=False,
                                      limit_alphabet=WORDPIECE_LIMIT_ALPHABET,
                                      continuing_subword_prefix="##")
 
 
-def add_post_processor(tok, kind: str) -> None:
-    """``<s> $A </s>`` (RobertaProcessing) or ``[CLS] $A [SEP]`` (TemplateProcessing)."""
+def add_post_processor(tok, kind: str, specials: SpecialTokens | None = None) -> None:
+    """``<s> $A </s>`` (RoBERTa's convention; RobertaProcessing for byte-level BPE, whose
+    offsets it trims, as XLM-R's template otherwise) or ``[CLS] $A [SEP]`` (BERT's)."""
     from tokenizers import processors
 
-    specials = SPECIALS[kind]
+    specials = specials or ALGORITHM_SPECIALS[kind]
     cls_id, sep_id = tok.token_to_id(specials.cls), tok.token_to_id(specials.sep)
-    if kind == "bpe":
+    cls, sep = specials.cls, specials.sep
+    if specials.processor == "roberta" and kind == "bpe":
         tok.post_processor = processors.RobertaProcessing(
-            (specials.sep, sep_id), (specials.cls, cls_id), trim_offsets=True, add_prefix_space=False)
+            (sep, sep_id), (cls, cls_id), trim_offsets=True, add_prefix_space=False)
+    elif specials.processor == "roberta":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}",
+            special_tokens=[(cls, cls_id), (sep, sep_id)])
     else:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{specials.cls} $A {specials.sep}",
@@ -150,7 +139,7 @@ def add_post_processor(tok, kind: str) -> None:
             special_tokens=[(specials.cls, cls_id), (specials.sep, sep_id)])
 
 
-def tokenizer_files(tok, kind: str, *, model_max_length: int) -> dict[str, str]:
+def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialTokens | None = None) -> dict[str, str]:
     """The three files of a Hugging Face tokenizer directory, as text, without transformers.
 
     tokenizer.json is ``Tokenizer.to_str``, the same JSON ``save_pretrained`` writes (tested).
@@ -161,11 +150,11 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int) -> dict[str, str]:
     4.x and other tools (5 no longer writes it).  Importing transformers to write them cost
     0.65 CPU-s, 10% of training a 50k vocabulary on 21 MB (docs/benchmarks.md).
     """
-    specials = SPECIALS[kind]
+    specials = specials or ALGORITHM_SPECIALS[kind]
     config = {"backend": "tokenizers", **specials.hf_kwargs(), "model_max_length": model_max_length,
               "tokenizer_class": "PreTrainedTokenizerFast"}
     smap = dict(specials.hf_kwargs())
-    smap["mask_token"] = {"content": specials.mask, "lstrip": kind == "bpe", "rstrip": False,
+    smap["mask_token"] = {"content": specials.mask, "lstrip": specials.mask_lstrip, "rstrip": False,
                           "normalized": False, "single_word": False}
     dump = lambda d: json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
     return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": dump(config),
@@ -173,7 +162,7 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int) -> dict[str, str]:
 
 
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
-                   config: dict | None = None) -> list[Path]:
+                   config: dict | None = None, specials: SpecialTokens | None = None) -> list[Path]:
     """Write :func:`tokenizer_files` into a temp dir, then rename each file into DIR.
 
     tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
@@ -183,7 +172,7 @@ def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int
     written: list[Path] = []
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
     try:
-        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length).items():
+        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials).items():
             with open(tmp / name, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -297,8 +286,9 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                     show_progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
-    ``kind``/``vocab_size``/``lowercase`` default to the model's convention: roberta →
-    byte-level BPE, bert → WordPiece (lowercased); the config's vocab_size.  Without
+    ``kind``/``vocab_size``/``lowercase`` default to the model family's convention (e.g.
+    roberta → byte-level BPE, bert → WordPiece lowercased, xlm-roberta → Unigram); the
+    config's vocab_size.  Without
     ``force``, a tokenizer that trained weights belong to is not replaced
     (:func:`check_replaceable`); prepared data made with another tokenizer is reported
     (``stale_data``: the CLI warns, ``train`` refuses it until ``prepare --force``).  DIR is locked
@@ -306,15 +296,17 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     pulled out from under.
     """
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
-    config = _read_config(mdir)
-    model_type = config["model_type"]
-    kind = (kind or DEFAULT_KIND.get(model_type, "bpe")).lower()
+    config = mdir.read_config()
+    defaults = models.family_for(config["model_type"]).tokenizer[config["model_type"]]
+    kind = (kind or defaults.algorithm).lower()
     if kind not in KINDS:
         raise ConfigError(f"unknown tokenizer type {kind!r}", f"use one of: {', '.join(KINDS)}")
+    specials = defaults.specials_for(kind)
     requested = int(vocab_size if vocab_size is not None else config["vocab_size"])
-    minimum = minimum_vocab_size(kind)
+    minimum = minimum_vocab_size(kind, specials)
     if requested < minimum:
-        what = "the 256 byte symbols and 5 special tokens" if kind == "bpe" else "the special tokens"
+        n = len(specials.order)
+        what = f"the 256 byte symbols and {n} special tokens" if kind == "bpe" else "the special tokens"
         raise ConfigError(f"vocab size {requested} is too small for {what}",
                           f"use --vocab-size {minimum} or more")
     from mlmtool.presets import MAX_VOCAB_SIZE
@@ -325,19 +317,20 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if not 1 <= min_frequency < 2**32:
         raise ConfigError(f"--min-frequency must be in 1 .. 2^32-1, got {min_frequency}",
                           "use --min-frequency 2 (the default)")
-    if lowercase is None:
-        lowercase = kind == "wordpiece"
+    if lowercase is None:  # the family's choice for its own algorithm; else uncased WordPiece only
+        lowercase = defaults.lowercase if kind == defaults.algorithm else kind == "wordpiece"
 
     if show_progress:
         from mlmtool.progress import say
 
-        say(f"Training a {'byte-level BPE' if kind == 'bpe' else 'WordPiece'} tokenizer "
+        say(f"Training a {KIND_NAMES[kind]} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     check_replaceable(mdir, force)
     with mdir.lock("tokenizer"):
         remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
-        return _train(mdir, corpus, config, kind=kind, requested=requested, min_frequency=min_frequency,
-                      lowercase=lowercase, show_progress=show_progress)
+        return _train(mdir, corpus, config, kind=kind, specials=specials, config_ids=defaults.config_ids,
+                      requested=requested, min_frequency=min_frequency, lowercase=lowercase,
+                      show_progress=show_progress)
 
 
 def _data_tokenizer(mdir: ModelDir) -> str | None:
@@ -348,37 +341,13 @@ def _data_tokenizer(mdir: ModelDir) -> str | None:
         return None
 
 
-_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "intermediate_size", "max_position_embeddings", "pad_token_id")
-
-
-def _read_config(mdir: ModelDir) -> dict:
-    """config.json, checked, without importing transformers when it is complete.
-
-    ``mlmtool init`` writes every field; such a file is read as JSON and checked with
-    ``presets.validate`` (transformers' AutoConfig would import torch: seconds).  A missing,
-    unreadable or partial file goes through ``ModelDir.read_config`` (its errors, HF
-    defaults for the fields left out).
-    """
-    from mlmtool.presets import SUPPORTED_MODEL_TYPES, validate
-
-    try:
-        raw = json.loads(mdir.config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raw = None
-    if (isinstance(raw, dict) and raw.get("model_type") in SUPPORTED_MODEL_TYPES
-            and all(isinstance(raw.get(k), int) for k in _CONFIG_FIELDS)):
-        validate(raw)
-        return raw
-    return mdir.read_config()
-
-
-def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested: int,
-           min_frequency: int, lowercase: bool, show_progress: bool) -> dict[str, Any]:
+def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials: SpecialTokens,
+           config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
+           show_progress: bool) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
-    tok = build_tokenizer(kind, lowercase=lowercase)
-    trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency)
+    tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
+    trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency, specials=specials)
     reading = _ReadingProgress(corpus, show_progress)
     start = time.perf_counter()
     try:
@@ -388,24 +357,20 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, requested
         reading.finish()
     seconds = time.perf_counter() - start
 
-    model_type = config["model_type"]
     real = tok.get_vocab_size(with_added_tokens=True)
     if real > requested:
         raise ConfigError(f"vocab size {requested} is too small for this corpus' alphabet and the "
                           f"special tokens (they need {real})",
                           f"use --vocab-size {real} or more")
-    specials = SPECIALS[kind]
     ids = {t: tok.token_to_id(t) for t in specials.order}
     assert list(ids.values()) == list(range(len(ids))), ids
-    add_post_processor(tok, kind)
+    add_post_processor(tok, kind, specials)
 
     config["vocab_size"] = real
-    config["pad_token_id"] = ids[specials.pad]
-    if model_type == "roberta":
-        config["bos_token_id"] = ids[specials.cls]
-        config["eos_token_id"] = ids[specials.sep]
+    for field, role in config_ids:  # the family's special ids in config.json
+        config[field] = ids[specials.role(role)]
     max_len = max_sequence_length(config)
-    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config)
+    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config, specials=specials)
 
     stats = corpus.stats
     result = {

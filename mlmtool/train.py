@@ -31,6 +31,7 @@ import optax
 from mlmtool import checkpoint, sharding as sh
 from mlmtool.errors import TrainingError
 from mlmtool.flops import peak_flops, training_flops_per_token
+from mlmtool.stores import open_stores
 from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
 from mlmtool.masking import default_max_predictions, mask_tokens
 from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
@@ -83,7 +84,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every option's range, checked before any work (a NaN fails every comparison)."""
-        from mlmtool.model import REMAT_POLICIES
+        from mlmtool.models.layers import REMAT_POLICIES
 
         finite = math.isfinite
         checks = [
@@ -312,15 +313,13 @@ class Plan:
     peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
 
 
-def build_model(mcfg, cfg: TrainConfig):
-    """The network as ``cfg`` computes it (dtype, gradient checkpointing, scanned layers;
-    kernels chosen for the backend by ``mlmtool.kernels``)."""
-    from mlmtool.kernels import select
-    from mlmtool.model import MaskedLM
+def build_model(hf_config: dict, cfg: TrainConfig):
+    """The network of config.json as ``cfg`` computes it (dtype, gradient checkpointing,
+    scanned layers; kernels chosen for the backend by ``mlmtool.kernels``): a
+    ``mlmtool.models.LoadedModel``."""
+    from mlmtool.models import load_model
 
-    return MaskedLM(mcfg, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-                    kernels=select(dtype=cfg.dtype, head_dim=mcfg.head_dim),
-                    remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
+    return load_model(hf_config, dtype=cfg.dtype, remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
 
 
 def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
@@ -346,51 +345,6 @@ def _describe_execution(model) -> str:
         text += f"; gradient checkpointing {model.remat}"
     scanned = model.remat != "none" if model.scan_layers is None else model.scan_layers
     return text + ("; layers scanned" if scanned else "")
-
-
-def _model_and_config(mdir, cfg: TrainConfig):
-    from mlmtool.model import ModelConfig
-
-    config = mdir.read_config()
-    mcfg = ModelConfig.from_dict(config)
-    return config, mcfg, build_model(mcfg, cfg)
-
-
-def _open_stores(mdir, config: dict):
-    from mlmtool.blocks import BlockStore, read_meta
-    from mlmtool.presets import max_sequence_length
-
-    mdir.require_data()
-    meta = read_meta(mdir.data_dir)
-    train_store = BlockStore.open(mdir.data_dir, "train")
-    has_validation = meta.get("num_blocks", {}).get("validation", 0)
-    val_store = BlockStore.open(mdir.data_dir, "validation") if has_validation else None
-    if train_store.vocab_size != config["vocab_size"]:
-        raise TrainingError(
-            f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
-            f"vocab_size={config['vocab_size']}",
-            f"run 'mlmtool tokenizer {mdir}' and 'mlmtool prepare {mdir} --force' again")
-    _check_tokenizer(mdir, meta)
-    if train_store.seq_len > max_sequence_length(config):
-        raise TrainingError(f"blocks of {train_store.seq_len} tokens exceed the model's "
-                            f"{max_sequence_length(config)} positions",
-                            f"run 'mlmtool prepare {mdir} --max-seq-length {max_sequence_length(config)} --force'")
-    return train_store, val_store
-
-
-def _check_tokenizer(mdir, meta: dict) -> None:
-    """The export is a Hugging Face directory: its tokenizer.json must be the one the data was made with."""
-    import hashlib
-
-    want = meta.get("tokenizer_sha256")
-    path = mdir.tokenizer_path
-    if not want or not path.exists():
-        return
-    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
-        raise TrainingError(f"{path} is not the tokenizer the data in {mdir.data_dir} was prepared with "
-                            "(it was retrained, replaced or damaged)",
-                            f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "
-                            f"'mlmtool prepare {mdir} FILE... --force'")
 
 
 def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
@@ -451,20 +405,19 @@ class Trainer:
                       "shared storage, or identically on every host)")
 
     def _setup(self, mdir, cfg: TrainConfig, mesh_spec: str | None) -> None:
-        from mlmtool.model import init_params
-
         cfg.validate()
         self.mdir = mdir = mdir.with_data(cfg.data)
         self.cfg = cfg
-        self.config, self.mcfg, self.model = _model_and_config(mdir, cfg)
-        self.train_store, self.val_store = _open_stores(mdir, self.config)
+        self.config = mdir.read_config()
+        self.loaded = build_model(self.config, cfg)
+        self.model = self.loaded.module
+        self.train_store, self.val_store = open_stores(mdir, self.config)
         self.mesh = sh.make_mesh(mesh_spec)
         self.main = sh.is_main_process()
         self.multi = jax.process_count() > 1
         devs = sh.device_summary()
 
-        abstract_params = jax.eval_shape(lambda r: init_params(self.mcfg, r), jax.random.PRNGKey(0))
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params))
+        n_params = self.loaded.parameter_count
         self.plan = plan_training(cfg, n_train=len(self.train_store),
                                   n_val=len(self.val_store) if self.val_store else 0,
                                   seq_len=self.train_store.seq_len, n_devices=self.mesh.size,
@@ -476,10 +429,10 @@ class Trainer:
             flops_per_token=training_flops_per_token(self.config, self.plan.seq_len, slot_share)["executed"],
             peak_flops=peak_flops(devs["device_kind"], cfg.dtype))
         self.schedule = make_schedule(cfg, self.plan.total_steps, self.plan.warmup_steps)
-        self.tx = make_optimizer(cfg, self.schedule)
+        self.tx = make_optimizer(cfg, self.schedule, self.loaded.decay_mask)
 
         def init_state(rng):
-            params = init_params(self.mcfg, rng)
+            params = self.loaded.init(rng)
             return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params))
 
         abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
@@ -557,9 +510,9 @@ class Trainer:
         if latest is None:
             from mlmtool.init_from import exported_params, initial_params
 
-            params = initial_params(self.mdir, self.mcfg, say)  # weights of 'mlmtool init DIR --from PATH'
+            params = initial_params(self.mdir, self.loaded, say)  # weights of 'mlmtool init DIR --from PATH'
             if params is None:  # a save_pretrained directory: continue from its weights, never overwrite them
-                params = exported_params(self.mdir, self.mcfg, resume=resume, force=force, say=say)
+                params = exported_params(self.mdir, self.loaded, resume=resume, force=force, say=say)
             if params is not None:
                 params = jax.device_put(params, self.state_sharding.params)
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -650,7 +603,6 @@ class Trainer:
         """Train to ``plan.total_steps``; returns the last logged metrics and eval results.
         ``on_start()`` runs once the starting state is settled (a refused run never calls it).
         ``from_checkpoint`` starts a new stage from that checkpoint (mlmtool.stages)."""
-        from mlmtool.hf_weights import save_safetensors
         from mlmtool.progress import MetricsWriter
 
         cfg, plan = self.cfg, self.plan
@@ -730,7 +682,7 @@ class Trainer:
             result["eval"] = ev
         params = jax.device_get(state.params) if jax.process_count() == 1 else _gather(state.params)
         if self.main:
-            save_safetensors(params, self.mcfg, self.mdir.weights_path)
+            self.loaded.save_hf(params, self.mdir.weights_path)
         result["exported"] = str(self.mdir.weights_path)
         return result
 

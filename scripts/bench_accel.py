@@ -160,23 +160,22 @@ def time_config(run: dict, spec: dict) -> dict:
 
     from mlmtool import sharding as sh
     from mlmtool import train
-    from mlmtool.model import ModelConfig, init_params
     from mlmtool.optim import make_optimizer, make_schedule
     from mlmtool.train import TrainConfig, TrainState
 
     config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
-    mcfg = ModelConfig.from_dict(config)
     cfg = TrainConfig(per_device_train_batch_size=batch, dtype=spec["dtype"], max_steps=10_000, **run.get("train", {}))
-    model = train.build_model(mcfg, cfg)
+    loaded = train.build_model(config, cfg)
+    model = loaded.module
     schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule)
+    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
     slots, rows_per_group = train.prediction_layout(cfg, seq_len)
     mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=config["vocab_size"],
                        mlm_probability=cfg.mlm_probability, max_predictions=slots, rows_per_group=rows_per_group)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
 
     def init_state(rng):
-        params = init_params(mcfg, rng)
+        params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
     state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))

@@ -129,16 +129,15 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
 
     from mlmtool import sharding as sh
     from mlmtool import train
-    from mlmtool.model import ModelConfig, init_params
     from mlmtool.optim import make_optimizer, make_schedule
     from mlmtool.train import TrainConfig, TrainState
 
     config = model_config(preset)
-    mcfg = ModelConfig.from_dict(config)
     cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
-    model = train.build_model(mcfg, cfg)
+    loaded = train.build_model(config, cfg)
+    model = loaded.module
     schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule)
+    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
     # The masking settings Trainer uses.
     mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
                        mlm_probability=cfg.mlm_probability)
@@ -150,7 +149,7 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
 
     def init_state(rng):
-        params = init_params(mcfg, rng)
+        params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
     state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlmtool.flops import matmul_parameters, peak_flops, training_flops_per_token
-from mlmtool.model import ModelConfig, count_params
+from tests.model_helpers import ModelConfig, count_params
 from mlmtool.presets import build_config
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlmtool.info import parameter_count
-from mlmtool.presets import PRESETS, build_config
+from mlmtool.models import all_presets
+from mlmtool.presets import build_config, parameter_count
 from tests.pipeline import invoke, trained_dir
 
 
@@ -91,9 +91,9 @@ def test_info_damaged_and_stale_lock(tmp_path, trained):
     assert r.exit_code == 1 and "does not exist" in r.stderr
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(all_presets()))
 def test_parameter_count_matches_the_model(preset):
-    from mlmtool.model import ModelConfig, count_params
+    from tests.model_helpers import ModelConfig, count_params
 
     config = build_config(preset)
     assert parameter_count(config) == count_params(ModelConfig.from_dict(config))

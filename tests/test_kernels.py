@@ -11,7 +11,7 @@ import pytest
 from mlmtool import kernels
 from mlmtool.errors import ConfigError
 from mlmtool.kernels import Kernels, select
-from mlmtool.model import MaskedLM, ModelConfig, init_params
+from tests.model_helpers import MaskedLM, ModelConfig, init_params
 from mlmtool.presets import build_config
 
 # -- selection -------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_the_model_selects_for_the_running_backend(monkeypatch):
         seen.update(kw, backend=backend)
         return Kernels()
 
-    monkeypatch.setattr("mlmtool.model.select_kernels", spy)
+    monkeypatch.setattr("mlmtool.models.bert_flax.select_kernels", spy)
     cfg = _config()
     MaskedLM(cfg, dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     assert seen == {"backend": None, "dtype": "bfloat16", "head_dim": cfg.head_dim}
@@ -96,7 +96,7 @@ def test_dropout_kernels_keep_the_same_share_and_scale():
     x = jnp.ones((256, 512))
     for form in ("fused-threefry", "jax"):
         for key in (jax.random.PRNGKey(3), jax.random.key(3, impl="rbg")):
-            from mlmtool.model import Dropout
+            from mlmtool.models.layers import Dropout
 
             y = Dropout(0.1, form=form).apply({}, x, False, rngs={"dropout": key})
             kept = np.asarray(y != 0)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mlmtool.model import MaskedLM, ModelConfig, init_params
+from tests.model_helpers import MaskedLM, ModelConfig, init_params
 from mlmtool.optim import OPTIMIZERS, decay_length, decay_mask, make_optimizer, make_schedule
 from mlmtool.presets import build_config
 from mlmtool.train import TrainConfig

@@ -105,9 +105,8 @@ def test_predict_bert_wordpiece_matches_hf_pipeline(tmp_path):
     makes the predictions far from uniform, so the order of the top k is well defined)."""
     import jax
 
-    from mlmtool.hf_weights import save_safetensors
-    from mlmtool.model import ModelConfig, init_params
     from mlmtool.modeldir import ModelDir
+    from tests.model_helpers import ModelConfig, init_params, save_safetensors
 
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=200)
     d = tmp_path / "bert"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mlmtool import presets
-from mlmtool.presets import HF_DEFAULTS, PRESETS, build_config, load_config_file
+from mlmtool.models import all_presets, families
+from mlmtool.presets import build_config, load_config_file
 from tests.pipeline import heavy_imports
 
 transformers = pytest.importorskip("transformers")
@@ -19,6 +20,10 @@ def _hf_dict(model_type: str, fields: dict) -> dict:
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
     return json.loads(json.dumps(d))  # as config.json stores it
+
+
+PRESETS = all_presets()
+HF_DEFAULTS = {t: d for f in families().values() for t, d in f.hf_defaults.items()}
 
 
 @pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))

@@ -183,8 +183,7 @@ def test_report_output_is_checked_before_any_work(trained, tmp_path):
 def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, monkeypatch):
     """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
     import mlmtool.modeldir as md
-    from mlmtool.hf_weights import load_safetensors, save_safetensors
-    from mlmtool.model import ModelConfig
+    from tests.model_helpers import ModelConfig, load_safetensors, save_safetensors
 
     monkeypatch.setattr(md, "_UMASK", 0o022)
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731

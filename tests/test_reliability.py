@@ -375,7 +375,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(prepare
     import numpy as np
 
     from mlmtool import checkpoint
-    from mlmtool.model import ModelConfig, init_params
+    from tests.model_helpers import ModelConfig, init_params
     from mlmtool.modeldir import ModelDir
 
     mcfg = ModelConfig.from_dict(ModelDir(d).read_config())

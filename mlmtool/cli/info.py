@@ -59,8 +59,8 @@ def _table(info: dict):
 
     c = info["config"]
     t.add_row("config", none if c is None else err(c) or (
-        f"{c['model_type']}: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
-        f"intermediate {c['intermediate']}, vocab {c['vocab']:,}, {c['max_positions']} positions; "
+        f"{c['model_type']} ({c['family']} family): {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
+        f"intermediate {c['intermediate']}, vocab {c['vocab']:,}, sequences up to {c['max_sequence_length']}; "
         f"{c['parameters']:,} parameters ({c['parameters'] / 1e6:.{1 if c['parameters'] >= 1e6 else 3}f}M)"))
     tk = info["tokenizer"]
     if tk is None or err(tk):

@@ -12,15 +12,17 @@ from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg
 
 
 def _complete_preset(incomplete: str) -> list[str]:
-    from mlmtool.presets import PRESETS
+    from mlmtool.models import all_presets
 
-    return [name for name in PRESETS if name.startswith(incomplete)]
+    return [name for name in all_presets() if name.startswith(incomplete)]
 
 
 def _preset_help() -> str:
-    from mlmtool.presets import PRESET_HELP
+    from mlmtool.models import preset_help
 
-    return "Offline preset: " + "; ".join(f"{k} ({v})" for k, v in PRESET_HELP.items()) + "."
+    groups = [f"{family} family: " + "; ".join(f"{k} ({v})" for k, v in presets.items())
+              for family, presets in preset_help().items()]
+    return "Offline preset. " + ". ".join(groups) + "."
 
 
 @app.command("init")
@@ -36,7 +38,7 @@ def init_command(
         "--from-config", help="Start from this config.json instead of a preset.",
         show_default=False)] = None,
     from_model: Annotated[Optional[Path], typer.Option(
-        "--from", help="Continue pre-training this Hugging Face RoBERTa/BERT model directory "
+        "--from", help="Continue pre-training this Hugging Face model directory of a supported family "
                        "(config.json, tokenizer, model.safetensors): copies its config and tokenizer, "
                        "and 'train' starts from its weights.", show_default=False)] = None,
     force: ForceOpt = False,
@@ -87,11 +89,8 @@ def init_command(
                                   f"'mlmtool train {mdir} --no-resume --force' starts over with this one",
                                   soft_wrap=True, highlight=False)
 
-    from mlmtool.info import parameter_count  # arithmetic: importing jax would cost seconds
-
-    n_params = parameter_count(config)
-    info = {**presets.summary(config), "parameters": n_params, "config": str(mdir.config_path),
-            "status": status}
+    info = {**presets.summary(config), "parameters": presets.parameter_count(config),
+            "config": str(mdir.config_path), "status": status}
     if json_out:
         import json
 
@@ -115,10 +114,9 @@ def _print_summary(info: dict, say) -> None:
 
 
 def _init_from(model_dir, source, overrides, force, json_out) -> None:
-    from mlmtool.info import parameter_count
     from mlmtool.init_from import init_from
     from mlmtool.modeldir import ModelDir
-    from mlmtool.presets import summary
+    from mlmtool.presets import parameter_count, summary
     from mlmtool.progress import console, err_console, say
 
     mdir = ModelDir(model_dir, create=True)

@@ -18,8 +18,9 @@ def tokenizer_command(
     model_dir: ModelDirArg,
     files: FilesArg = None,
     type_: Annotated[Optional[str], typer.Option(
-        "--type", help="bpe (byte-level, as RoBERTa) or wordpiece (as BERT) "
-                       "(default: the model's: roberta → bpe, bert → wordpiece).",
+        "--type", help="bpe (byte-level, as RoBERTa), wordpiece (as BERT) or unigram (SentencePiece's, as "
+                       "XLM-R) (default: the model family's: roberta → bpe, bert → wordpiece, "
+                       "xlm-roberta → unigram).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
         "--vocab-size", min=1, help="Vocabulary size, special tokens included (default: config.json's).",
@@ -44,7 +45,7 @@ def tokenizer_command(
                               "('init --from' weights are dropped).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train the tokenizer (byte-level BPE or WordPiece) on FILE... and save it into DIR.
+    """Train the tokenizer (byte-level BPE, WordPiece or Unigram) on FILE... and save it into DIR.
 
     Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json (AutoTokenizer
     loads DIR), and sets config.json's vocab_size and special token ids to match.
@@ -83,7 +84,9 @@ def tokenizer_command(
 
         console.print_json(json.dumps(result))
         return
-    kind = "byte-level BPE" if result["type"] == "bpe" else "WordPiece"
+    from mlmtool.tokenizer_train import KIND_NAMES
+
+    kind = KIND_NAMES[result["type"]]
     case = ", lowercased" if result["lowercase"] else ""
     say(f"Trained a {kind} tokenizer{case}: vocab {result['vocab_size']:,} "
         f"(asked {result['requested_vocab_size']:,}), {result['documents']:,} documents, "

@@ -1,7 +1,8 @@
-"""Tests for mlmtool.model and mlmtool.hf_weights.
+"""Tests for the BERT family (mlmtool.models.bert, bert_flax) and mlmtool.hf_weights.
 
 Parity is checked against the transformers v5 PyTorch classes in both directions: HF weights
 loaded into our Flax model, and our weights loaded into HF with no missing/unexpected keys.
+(tests/test_families.py runs the checks every family shares over the registry.)
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import numpy as np
 import pytest
 
 from mlmtool.errors import CheckpointError, ConfigError
-from mlmtool.hf_weights import (
+from mlmtool.hf_weights import read_safetensors
+from tests.model_helpers import (
+    MaskedLM,
+    ModelConfig,
+    count_params,
     from_hf_state_dict,
+    hf_dict,
+    init_params,
     load_safetensors,
-    read_safetensors,
     save_safetensors,
     to_hf_state_dict,
 )
-from mlmtool.model import MaskedLM, ModelConfig, count_params, init_params
 
 PARITY_TOL = 1e-4  # fp32 vs PyTorch fp32; measured max |delta| ~1e-6 with logits of O(1-10)
 
@@ -98,7 +103,7 @@ def hf_classes(model_type: str):
 
 def hf_config(config: ModelConfig):
     config_cls, _ = hf_classes(config.model_type)
-    fields = config.to_dict()
+    fields = hf_dict(config)
     del fields["model_type"]
     return config_cls(**fields)
 
@@ -167,7 +172,7 @@ def test_hf_checkpoint_loads_with_identical_logits(torch_mod, tmp_path, case):
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
 
-    loaded_config = ModelConfig.from_json_file(tmp_path / "config.json")
+    loaded_config = ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert loaded_config == config
     params = load_safetensors(tmp_path / "model.safetensors", loaded_config)
     # Right padding as we batch; left padding too, which RoBERTa's position ids
@@ -212,13 +217,18 @@ def test_exported_weights_load_in_transformers(torch_mod, tmp_path, case):
 def test_our_config_json_loads_in_transformers(torch_mod, tmp_path):
     import transformers
 
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.presets import build_config
+
     for case in ("roberta", "bert"):
         config = small_config(case)
-        config.to_json_file(tmp_path / "config.json")
-        hf = transformers.AutoConfig.from_pretrained(tmp_path)
+        (tmp_path / "in.json").write_text(json.dumps(hf_dict(config)))
+        mdir = ModelDir(tmp_path / case, create=True)
+        mdir.write_config(build_config(from_config=tmp_path / "in.json"))
+        hf = transformers.AutoConfig.from_pretrained(mdir.path)
         assert hf.model_type == config.model_type
         assert ModelConfig.from_dict(hf.to_dict()) == config
-        assert ModelConfig.from_json_file(tmp_path / "config.json") == config
+        assert ModelConfig.from_dict(mdir.read_config()) == config
 
 
 def test_count_params_matches_pytorch(torch_mod):
@@ -380,16 +390,6 @@ def test_config_from_dict():
         ModelConfig.from_dict({**d, "tie_word_embeddings": False})
     with pytest.raises(ConfigError, match="vocab_size"):
         ModelConfig.from_dict({**d, "vocab_size": "1000"})
-
-
-def test_config_from_json_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        ModelConfig.from_json_file(tmp_path / "nope.json")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="cannot read"):
-        ModelConfig.from_json_file(tmp_path / "bad.json")
-    (tmp_path / "ok.json").write_text(json.dumps(CASES["roberta"]))
-    assert ModelConfig.from_json_file(tmp_path / "ok.json") == small_config("roberta")
 
 
 # --------------------------------------------------------------------------- HF state dicts

@@ -1,0 +1,260 @@
+"""What a model family is: the interface each ``mlmtool/models/<family>.py`` provides.
+
+Everything here is jax-free: ``init``, ``info``, ``tokenizer`` and ``prepare`` read a
+family's facts (presets, config checks, parameter count, tokenizer conventions) without
+paying for jax or transformers.  The family's network lives in ``<family>_flax.py`` and is
+imported only when a model is built (``mlmtool.models.load_model``).
+
+A family module defines ``FAMILY``, an instance of a :class:`Family` subclass; the registry
+(``mlmtool.models``) lists the modules.  Generic code (train, eval, predict, init --from,
+info, the benchmarks) only ever calls the registry and the methods below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, NamedTuple
+
+from mlmtool.errors import ConfigError
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """Special token strings of a tokenizer convention, in id order (ids 0..n-1)."""
+
+    pad: str
+    unk: str
+    cls: str          # first token of every encoded sequence (<s> / [CLS])
+    sep: str          # last token of every encoded sequence (</s> / [SEP])
+    mask: str
+    order: tuple[str, ...]
+    bos: str | None = None
+    eos: str | None = None
+    #: post-processor: "roberta" (``<s> A </s></s> B </s>``, RobertaProcessing) or "bert"
+    #: (``[CLS] A [SEP] B [SEP]`` with token types, TemplateProcessing)
+    processor: str = "bert"
+    #: the mask token eats the space before it ("Hello <mask>" masks " world"), as RoBERTa's
+    mask_lstrip: bool = False
+
+    def hf_kwargs(self) -> dict[str, str]:
+        """Keyword arguments naming the special tokens for a transformers tokenizer."""
+        out = {"unk_token": self.unk, "pad_token": self.pad, "cls_token": self.cls,
+               "sep_token": self.sep, "mask_token": self.mask}
+        if self.bos is not None:
+            out["bos_token"] = self.bos
+        if self.eos is not None:
+            out["eos_token"] = self.eos
+        return out
+
+    def role(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+
+#: RoBERTa's (fairseq's) convention: <s> <pad> </s> <unk>, <mask> last.  XLM-R's Unigram
+#: tokenizer has the same five (its <mask> is the last id of a 250k vocabulary).
+ROBERTA_SPECIALS = SpecialTokens(pad="<pad>", unk="<unk>", cls="<s>", sep="</s>", mask="<mask>",
+                                 order=("<s>", "<pad>", "</s>", "<unk>", "<mask>"), bos="<s>", eos="</s>",
+                                 processor="roberta", mask_lstrip=True)
+#: BERT's: [PAD] [UNK] [CLS] [SEP] [MASK] (in BERT's vocab.txt they are ids 0, 100-103).
+BERT_SPECIALS = SpecialTokens(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
+                              order=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))
+
+ALGORITHMS = ("bpe", "wordpiece", "unigram")
+#: The specials that go with an algorithm when the family does not fix them.
+ALGORITHM_SPECIALS = {"bpe": ROBERTA_SPECIALS, "wordpiece": BERT_SPECIALS, "unigram": ROBERTA_SPECIALS}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerDefaults:
+    """How ``mlmtool tokenizer`` trains a family's tokenizer by default."""
+
+    algorithm: str                         # "bpe" (byte-level) | "wordpiece" | "unigram"
+    lowercase: bool = False
+    specials: SpecialTokens | None = None  # None: ALGORITHM_SPECIALS[algorithm], whichever --type
+    #: config.json fields set from the trained tokenizer: (field, SpecialTokens attribute)
+    config_ids: tuple[tuple[str, str], ...] = (("pad_token_id", "pad"),)
+
+    def specials_for(self, algorithm: str) -> SpecialTokens:
+        if self.specials is not None and algorithm == self.algorithm:
+            return self.specials
+        return ALGORITHM_SPECIALS[algorithm]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightEntry(NamedTuple):
+    path: tuple[str, ...]       # key path in our params tree
+    hf_key: str                 # transformers state_dict key
+    shape: tuple[int, ...]      # our (Flax) shape
+    transpose: bool = False     # Dense kernel [in, out] <-> torch.nn.Linear weight [out, in]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightTable:
+    """A family's Hugging Face ``*ForMaskedLM`` state dict, key by key.
+
+    ``tied``: (key, source) pairs a checkpoint may carry as copies (the tied decoder); on
+    input a copy must equal its source, on output it is not written.  ``ignored``: a regex of
+    keys a checkpoint may carry that the MLM model does not use (buffers, poolers, other
+    heads).  ``renames``: (regex, replacement) for legacy key names, applied on input.
+    """
+
+    entries: tuple[WeightEntry, ...]
+    tied: tuple[tuple[str, str], ...] = ()
+    ignored: str = ""
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def canonical(self, key: str) -> str:
+        for pattern, replacement in self.renames:
+            key = re.sub(pattern, replacement, key)
+        return key
+
+
+def dense_entries(path: tuple[str, ...], hf: str, n_in: int, n_out: int, *, bias: bool = True) -> list[WeightEntry]:
+    """A Dense layer: kernel [in, out] (transposed to torch's [out, in]) and its bias."""
+    out = [WeightEntry((*path, "kernel"), f"{hf}.weight", (n_in, n_out), True)]
+    if bias:
+        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (n_out,)))
+    return out
+
+
+def norm_entries(path: tuple[str, ...], hf: str, size: int, *, bias: bool = True) -> list[WeightEntry]:
+    """A LayerNorm: Flax ``scale``/``bias`` = torch ``weight``/``bias``."""
+    out = [WeightEntry((*path, "scale"), f"{hf}.weight", (size,))]
+    if bias:
+        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (size,)))
+    return out
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_positive_ints(config: dict, keys, *, default: Any = None) -> None:
+    for key in keys:
+        value = config.get(key, default)
+        if not is_int(value) or value <= 0:
+            raise ConfigError(f"config {key} must be a positive integer, got {value!r}",
+                              f"fix it with --set {key}=N")
+
+
+def require_numbers(config: dict, keys, *, positive: tuple[str, ...] = (), probability: tuple[str, ...] = ()) -> None:
+    for key in keys:
+        if key in config and not is_number(config[key]):
+            raise ConfigError(f"config {key} must be a number, got {config[key]!r}", f"fix it with --set {key}=X")
+    for key in positive:
+        if key in config and not config[key] > 0:
+            raise ConfigError(f"config {key} must be positive, got {config[key]!r}", f"fix it with --set {key}=X")
+    for key in probability:
+        if not 0.0 <= config.get(key, 0.0) < 1.0:
+            raise ConfigError(f"config {key} must be in [0, 1)", f"fix it with --set {key}=0.1")
+
+
+def require_choice(config: dict, key: str, choices, default: Any) -> None:
+    value = config.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"config {key} {value!r} is not supported", f"use one of: {', '.join(choices)}")
+
+
+def refuse(config: dict, key: str, allowed, why: str) -> None:
+    """Refuse a config feature the network does not implement, naming the field."""
+    if key in config and config[key] not in allowed:
+        raise ConfigError(f"config {key}={config[key]!r} is not supported ({why})",
+                          f"set {key} to {allowed[0]!r}, or use transformers for this model")
+
+
+# --------------------------------------------------------------------------- the family
+
+
+class Family:
+    """The facts only a family knows.  Subclasses set the attributes and implement
+    ``parse_config``, ``weight_table``, ``parameter_count`` and ``summary``."""
+
+    name: str = ""
+    #: model_type -> the HF ``*ForMaskedLM`` architecture written into config.json
+    model_types: dict[str, str] = {}
+    #: preset name -> config.json fields (the published numbers); help text; old names
+    presets: dict[str, dict] = {}
+    preset_help: dict[str, str] = {}
+    preset_aliases: dict[str, str] = {}
+    #: model_type -> ``AutoConfig.for_model(model_type).to_dict()`` of transformers 5 (without
+    #: transformers_version): written out so init needs neither transformers nor torch;
+    #: tests/test_families.py checks each against the installed transformers
+    hf_defaults: dict[str, dict] = {}
+    #: model_type -> how its tokenizer is trained
+    tokenizer: dict[str, TokenizerDefaults] = {}
+    #: "module:Class" of the Flax network, imported only when a model is built
+    network: str = ""
+    #: top-level parameter modules of the MLM head (for FLOPs: they run on masked slots only)
+    head_modules: tuple[str, ...] = ()
+    #: the config.json fields that fix the parameter shapes (a checkpoint of another shape is
+    #: diagnosed by naming the fields that differ)
+    architecture_keys: tuple[str, ...] = ()
+
+    # -- to implement ------------------------------------------------------------------------
+
+    def parse_config(self, hf: dict):
+        """config.json dict -> the family's frozen config; ConfigError naming the field for a
+        value out of range or a feature the network does not implement."""
+        raise NotImplementedError
+
+    def weight_table(self, config) -> WeightTable:
+        raise NotImplementedError
+
+    def parameter_count(self, hf: dict) -> int:
+        """Parameters of the MLM model (tied decoder counted once), by arithmetic: no jax
+        (tested equal to ``jax.eval_shape`` of the network)."""
+        raise NotImplementedError
+
+    def summary(self, hf: dict) -> dict:
+        """The numbers init and info print: layers, hidden, heads, intermediate, vocab, max_positions."""
+        raise NotImplementedError
+
+    # -- with defaults -----------------------------------------------------------------------
+
+    def validate(self, hf: dict) -> None:
+        self.parse_config(hf)
+
+    def max_sequence_length(self, hf: dict) -> int:
+        return self.parse_config(hf).max_sequence_length
+
+    def architecture(self, model_type: str) -> str:
+        return self.model_types[model_type]
+
+    def no_weight_decay(self, path: tuple[str, ...], shape: tuple[int, ...]) -> bool:
+        """Parameters trained without weight decay: those with fewer than 2 dimensions
+        (biases, norm scales), nanoGPT's rule; tests check it equals HF Trainer's
+        ``get_decay_parameter_names`` for every family."""
+        return len(shape) < 2
+
+    def matmul_parameters(self, config) -> tuple[int, int]:
+        """(encoder, MLM head) parameters that take part in per-token arithmetic: every
+        parameter but the embedding lookup tables, plus the tied decoder (the word
+        embeddings used as a matmul) in the head."""
+        encoder = head = 0
+        for e in self.weight_table(config).entries:
+            n = math.prod(e.shape)
+            if e.path[0] in self.head_modules:
+                head += n
+            elif e.path[-1] != "embedding":
+                encoder += n
+        return encoder, head + config.vocab_size * config.hidden_size
+
+    def tiny_test_configs(self) -> dict[str, dict]:
+        """Small configs the parametrised tests run for this family (name -> config.json fields)."""
+        return {}

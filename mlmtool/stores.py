@@ -1,0 +1,49 @@
+"""The block stores a run reads, checked against the model they are for (train and eval)."""
+
+from __future__ import annotations
+
+from mlmtool.errors import DataError
+
+
+def open_stores(mdir, config: dict, *, what: str = "train"):
+    """DIR's (train, validation or None) block stores, checked against config.json and the
+    tokenizer: the vocabulary, the tokenizer the data was made with, the sequence length
+    against the model's positions.  ``what`` ("train" or "eval") names the command in errors;
+    eval also requires the validation split."""
+    from mlmtool.blocks import BlockStore, read_meta
+    from mlmtool.presets import max_sequence_length
+
+    mdir.require_data()
+    meta = read_meta(mdir.data_dir)
+    train_store = BlockStore.open(mdir.data_dir, "train")
+    has_validation = meta.get("num_blocks", {}).get("validation", 0)
+    val_store = BlockStore.open(mdir.data_dir, "validation") if has_validation else None
+    if train_store.vocab_size != config["vocab_size"]:
+        raise DataError(
+            f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
+            f"vocab_size={config['vocab_size']}",
+            f"run 'mlmtool tokenizer {mdir}' and 'mlmtool prepare {mdir} --force' again")
+    check_tokenizer(mdir, meta)
+    if train_store.seq_len > max_sequence_length(config):
+        raise DataError(f"blocks of {train_store.seq_len} tokens exceed the model's "
+                        f"{max_sequence_length(config)} positions",
+                        f"run 'mlmtool prepare {mdir} --max-seq-length {max_sequence_length(config)} --force'")
+    if what == "eval" and val_store is None:
+        raise DataError(f"the prepared data in {mdir} has no validation blocks",
+                        f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
+    return train_store, val_store
+
+
+def check_tokenizer(mdir, meta: dict) -> None:
+    """The export is a Hugging Face directory: its tokenizer.json must be the one the data was made with."""
+    import hashlib
+
+    want = meta.get("tokenizer_sha256")
+    path = mdir.tokenizer_path
+    if not want or not path.exists():
+        return
+    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        raise DataError(f"{path} is not the tokenizer the data in {mdir.data_dir} was prepared with "
+                        "(it was retrained, replaced or damaged)",
+                        f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "
+                        f"'mlmtool prepare {mdir} FILE... --force'")
