@@ -57,10 +57,11 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
             raise DataError(f"the text {short!r} is {len(ids):,} tokens long, but the model reads at most {limit:,} "
                             "(max_position_embeddings)", "shorten the text around its mask")
     # Padded to a multiple of 8 (masked out) so that texts of similar lengths share a compilation.
-    enc = tok(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=limit,
-              return_tensors="np")
+    # (Every text fits: checked above.  No truncation here: transformers refuses a max_length
+    # that is not a multiple of pad_to_multiple_of.)
+    enc = tok(texts, padding=True, pad_to_multiple_of=8, return_tensors="np")
     if enc["input_ids"].shape[1] > limit:  # the multiple of 8 overshot the limit
-        enc = tok(texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
+        enc = tok(texts, padding=True, return_tensors="np")
     probs = np.asarray(_probabilities_fn(loaded.config, network_class(loaded.family))(
         params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))  # [B, L, V]
     if not np.isfinite(probs).all():

@@ -21,7 +21,6 @@ from mlmtool.hf_weights import read_safetensors
 from tests.model_helpers import (
     MaskedLM,
     ModelConfig,
-    count_params,
     from_hf_state_dict,
     hf_dict,
     init_params,
@@ -132,37 +131,13 @@ def torch_mod():
     return torch
 
 
-def build_tokenizer(config: ModelConfig, directory):
-    """A tiny word-level fast tokenizer with the model's special tokens at the model's ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if config.model_type == "roberta":
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, pad 1
-        bos, pad, eos, unk, mask = specials
-    else:
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, pad 0
-        pad, unk, bos, eos, mask = specials
-    tok = Tokenizer(models.WordLevel(unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    sentences = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today"]
-    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
-                                   pad_token=pad, mask_token=mask,
-                                   cls_token=bos, sep_token=eos)
-    assert fast.pad_token_id == config.pad_token_id
-    fast.save_pretrained(directory)
-    return fast
-
-
 # --------------------------------------------------------------------------- parity with HF
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["roberta-gelu_new"])
 def test_hf_checkpoint_loads_with_identical_logits(torch_mod, tmp_path, case):
-    """(a) transformers save_pretrained -> our loader -> same logits on a padded batch."""
+    """(a) transformers save_pretrained -> our loader -> same logits on a padded batch, for the
+    case peculiar to RoBERTa's head (tests/test_families.py runs every model_type)."""
     torch = torch_mod
     config = small_config(case)
     _, model_cls = hf_classes(config.model_type)
@@ -186,34 +161,6 @@ def test_hf_checkpoint_loads_with_identical_logits(torch_mod, tmp_path, case):
         assert max_diff_on_tokens(ours, theirs, batch[1]) <= PARITY_TOL
 
 
-@pytest.mark.parametrize("case", ["roberta", "bert"])
-def test_exported_weights_load_in_transformers(torch_mod, tmp_path, case):
-    """(b) our init -> save_safetensors -> AutoModelForMaskedLM: no missing/unexpected keys, same logits."""
-    import transformers
-
-    config = small_config(case)
-    params = random_params(case)
-    hf_config(config).save_pretrained(tmp_path)
-    written = save_safetensors(params, config, tmp_path)
-    assert written == tmp_path / "model.safetensors"
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp file left
-
-    model, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
-    model.eval()
-    assert type(model).__name__ == {"roberta": "RobertaForMaskedLM", "bert": "BertForMaskedLM"}[case]
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-
-    batch = padded_batch(config, seed=3)
-    assert max_diff_on_tokens(flax_logits(config, params, batch), torch_logits(model, batch),
-                              batch[1]) <= PARITY_TOL
-
-    build_tokenizer(config, tmp_path)
-    fill = transformers.pipeline("fill-mask", model=str(tmp_path), tokenizer=str(tmp_path), device="cpu")
-    mask = fill.tokenizer.mask_token
-    predictions = fill(f"the cat {mask} on the mat", top_k=3)
-    assert len(predictions) == 3 and all("token_str" in p for p in predictions)
-
-
 def test_our_config_json_loads_in_transformers(torch_mod, tmp_path):
     import transformers
 
@@ -229,17 +176,6 @@ def test_our_config_json_loads_in_transformers(torch_mod, tmp_path):
         assert hf.model_type == config.model_type
         assert ModelConfig.from_dict(hf.to_dict()) == config
         assert ModelConfig.from_dict(mdir.read_config()) == config
-
-
-def test_count_params_matches_pytorch(torch_mod):
-    for case in ("roberta", "bert"):
-        config = small_config(case)
-        _, model_cls = hf_classes(config.model_type)
-        model = model_cls(hf_config(config))
-        assert count_params(config) == sum(p.numel() for p in model.parameters())
-    # and without torch: matches the materialised tree
-    params = init_params(config, 0)
-    assert count_params(config) == sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
 def test_bfloat16_checkpoint_loads(torch_mod, tmp_path):

@@ -1,0 +1,175 @@
+"""What every model family must do, checked for every model_type of the registry
+(``mlmtool.models``; each family lists its small configs in ``tiny_test_configs()``):
+
+* transformers v5 ``save_pretrained`` -> our loader -> the same logits on right- and
+  left-padded batches (fp32, |delta| <= 1e-4 at real tokens);
+* our initialisation -> our export -> ``AutoModelForMaskedLM`` with no missing, unexpected or
+  mismatched key, of the family's architecture, with the same logits;
+* the jax-free parameter count equals ``eval_shape`` and torch's;
+* the no-weight-decay rule equals HF Trainer's ``get_decay_parameter_names``;
+* ``mlmtool predict`` equals ``pipeline("fill-mask")`` on the export.
+
+A new family gets all of this by being registered; its own test file holds only what is
+peculiar to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from mlmtool.models import families, load_model
+from mlmtool.presets import load_config_file
+
+PARITY_TOL = 1e-4  # fp32 vs PyTorch fp32 (measured ~1e-6 on logits of O(1-10))
+
+CASES = {name: (family, fields) for family in families().values()
+         for name, fields in family.tiny_test_configs().items()}
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def hf_model(fields: dict):
+    config = transformers.AutoConfig.for_model(fields["model_type"],
+                                               **{k: v for k, v in fields.items() if k != "model_type"})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
+    with torch.no_grad():  # every weight non-trivial, biases and norms included
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def padded_batch(loaded, *, left: bool, seed: int = 0, lengths=(16, 11, 5), length: int = 16):
+    """input_ids, attention_mask [B, L]: ids avoid the 5 specials; rows padded at the end (or start)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, loaded.config.vocab_size, (len(lengths), length)).astype(np.int32)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, length - n:] = 1
+        else:
+            mask[row, :n] = 1
+    ids[mask == 0] = loaded.config.pad_token_id
+    return ids, mask
+
+
+def ours(loaded, params, batch) -> np.ndarray:
+    return np.asarray(loaded.module.apply({"params": params}, batch[0], batch[1]))
+
+
+def theirs(model, batch) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(batch[0], dtype=torch.long),
+                    attention_mask=torch.as_tensor(batch[1], dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def assert_parity(loaded, params, model) -> None:
+    for left in (False, True):
+        batch = padded_batch(loaded, left=left)
+        a, b = ours(loaded, params, batch), theirs(model, batch)
+        assert a.shape == b.shape and a.dtype == np.float32
+        assert np.abs(b).max() > 1.0  # not trivially small
+        assert float(np.abs(a - b)[batch[1] == 1].max()) <= PARITY_TOL
+
+
+def perturbed(params, scale: float = 0.1):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [np.asarray(x + scale * jax.random.normal(k, x.shape))
+                                                  for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    return CASES[request.param]
+
+
+def test_transformers_checkpoint_loads_with_identical_logits(case, tmp_path):
+    _, fields = case
+    model = hf_model(fields)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(load_config_file(tmp_path / "config.json"))
+    assert_parity(loaded, loaded.load_hf(tmp_path), model)
+
+
+def test_export_loads_in_transformers(case, tmp_path):
+    family, fields = case
+    loaded = load_model(fields)
+    params = perturbed(loaded.init(0))
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    loaded.save_hf(params, tmp_path)
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(model).__name__ == family.architecture(fields["model_type"])
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert_parity(loaded, params, model.eval())
+    # and back: the state dict round trip is exact
+    back = loaded.from_hf(loaded.to_hf(params))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                    jax.tree_util.tree_leaves(back)))
+
+
+def test_parameter_count(case):
+    family, fields = case
+    loaded = load_model(fields)
+    shapes = jax.tree_util.tree_leaves(loaded.abstract_params)
+    assert family.parameter_count(fields) == sum(math.prod(x.shape) for x in shapes)
+    assert family.parameter_count(fields) == sum(p.numel() for p in hf_model(fields).parameters())
+
+
+def test_no_weight_decay_rule_is_hf_trainers(case):
+    """The family's rule, over our parameter tree, names exactly the tensors HF Trainer decays."""
+    _, fields = case
+    loaded = load_model(fields)
+    decayed = set(transformers.Trainer.get_decay_parameter_names(None, hf_model(fields)))
+    mask = dict(zip((tuple(str(k.key) for k in path) for path, _ in
+                     jax.tree_util.tree_flatten_with_path(loaded.abstract_params)[0]),
+                    jax.tree_util.tree_leaves(loaded.decay_mask(loaded.abstract_params))))
+    assert len(mask) == len(loaded.weight_table.entries)
+    for entry in loaded.weight_table.entries:
+        assert mask[entry.path] == (entry.hf_key in decayed), entry.hf_key
+
+
+def test_predict_equals_the_fill_mask_pipeline(case, tmp_path):
+    """An export with a tokenizer of the family's conventions: ``mlmtool predict`` gives the
+    pipeline's tokens and scores."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.predict import fill_mask
+    from mlmtool.tokenizer_train import add_post_processor, tokenizer_files
+
+    family, fields = case
+    defaults = family.tokenizer[fields["model_type"]]
+    specials = defaults.specials_for(defaults.algorithm)
+    tok = Tokenizer(models.WordLevel(unk_token=specials.unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    sentences = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today , said the king"]
+    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=list(specials.order)))
+    add_post_processor(tok, "wordpiece", specials)
+    mdir = ModelDir(tmp_path / "m", create=True)
+    for name, text in tokenizer_files(tok, "wordpiece", model_max_length=32, specials=specials).items():
+        (mdir.path / name).write_text(text, encoding="utf-8")
+    ids = {t: i for i, t in enumerate(specials.order)}
+    config = {**fields, "vocab_size": tok.get_vocab_size(), "initializer_range": 0.5,
+              **{field: ids[specials.role(role)] for field, role in defaults.config_ids}}
+    mdir.write_config(config)
+    loaded = load_model(mdir.read_config())
+    loaded.save_hf(loaded.init(3), mdir.weights_path)
+
+    texts = [f"the cat {specials.mask} on the mat", f"{specials.mask} dog ran in the {specials.mask}"]
+    got = fill_mask(mdir, texts, top_k=3, checkpoint="export")
+    fill = transformers.pipeline("fill-mask", model=str(mdir.path), top_k=3, device="cpu")
+    for text, ours_ in zip(texts, got):
+        want = fill(text)
+        flat_ours = [p for group in ours_ for p in (group if isinstance(group, list) else [group])]
+        flat_want = [p for group in want for p in (group if isinstance(group, list) else [group])]
+        assert [p["token_str"] for p in flat_ours] == [p["token_str"] for p in flat_want]
+        assert all(abs(a["score"] - b["score"]) <= 1e-4 for a, b in zip(flat_ours, flat_want))
