@@ -93,7 +93,13 @@ def test_info_damaged_and_stale_lock(tmp_path, trained):
 
 @pytest.mark.parametrize("preset", sorted(all_presets()))
 def test_parameter_count_matches_the_model(preset):
-    from tests.model_helpers import ModelConfig, count_params
+    """The family's arithmetic (what init and info print) == the network's parameters."""
+    import math
+
+    import jax
+
+    from mlmtool.models import load_model
 
     config = build_config(preset)
-    assert parameter_count(config) == count_params(ModelConfig.from_dict(config))
+    shapes = jax.tree_util.tree_leaves(load_model(config).abstract_params)
+    assert parameter_count(config) == sum(math.prod(x.shape) for x in shapes)

@@ -91,10 +91,10 @@ class DistilBertFamily(Family):
     preset_help = {"distilbert-base": "DistilBERT base uncased, 67M params (HF distilbert-base-uncased)",
                    "distilbert-tiny": "DistilBERT, 2 x 128, for tests"}
     hf_defaults = {"distilbert": {
-        "activation": "gelu", "add_cross_attention": False, "architectures": None, "attention_dropout": 0.1,
+        "activation": "gelu", "architectures": None, "attention_dropout": 0.1,
         "bos_token_id": None, "chunk_size_feed_forward": 0, "dim": 768, "dropout": 0.1, "dtype": None,
         "eos_token_id": None, "hidden_dim": 3072, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
-        "initializer_range": 0.02, "is_decoder": False, "is_encoder_decoder": False,
+        "initializer_range": 0.02, "is_encoder_decoder": False,
         "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "max_position_embeddings": 512, "model_type": "distilbert",
         "n_heads": 12, "n_layers": 6, "output_attentions": False, "output_hidden_states": False, "pad_token_id": 0,
         "problem_type": None, "qa_dropout": 0.1, "return_dict": True, "seq_classif_dropout": 0.2,
