@@ -1,342 +1,37 @@
-"""Masked-language-model pre-training: the step, the optimizer, the loop.
+"""Masked-language-model pre-training: the loop (``Trainer``).
 
 Follows the recipe of RoBERTa (Liu et al. 2019, arXiv:1907.11692) as HF's
 ``run_mlm_flax.py`` and the "Pre-Training a Transformers model on TPU with Flax/JAX"
 notebook use it: dynamic masking (a fresh mask every step, on the device), AdamW with
-beta2 = 0.98 and weight decay (masked off biases and LayerNorm, as run_mlm_flax does),
-linear warm-up then linear decay.  Structured like google/flax ``examples/lm1b``: a
-pure ``train_step(state, batch, rng)`` that returns loss *sums* and a denominator (the
-number of predicted tokens across the whole global batch, so the loss is a
-token-weighted mean and not a mean of per-device means), per-step randomness from
-``fold_in(rng, step)``, so a resumed run repeats exactly what an uninterrupted one does.
+beta2 = 0.98 and weight decay (off biases and norms), linear warm-up then linear decay.
+The pieces: ``train_config`` (the settings), ``plan`` (the numbers), ``step`` (the pure,
+jitted step), ``loader`` (the batches), ``stores`` (the data's checks); here the Trainer sets
+them up, restores or initialises the state, runs, evaluates, checkpoints and exports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mlmtool import checkpoint, sharding as sh
 from mlmtool.errors import TrainingError
+from mlmtool.evaluate import evaluate, make_eval_fn, unigram_top_token
 from mlmtool.flops import peak_flops, training_flops_per_token
+from mlmtool.loader import BatchLoader
+from mlmtool.optim import make_optimizer, make_schedule
+from mlmtool.plan import plan_training
+from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
 from mlmtool.stores import open_stores
-from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
-from mlmtool.masking import default_max_predictions, mask_tokens
-from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
-
-
-PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training arguments, named as in HF's TrainingArguments; defaults from the seed notebook."""
-
-    per_device_train_batch_size: int = 64       # the seed's per_device_batch_size
-    per_device_eval_batch_size: int | None = None  # None: same as training
-    learning_rate: float = 5e-5                 # the seed's
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0                   # used when warmup_steps is 0
-    num_train_epochs: float = 10.0              # the seed's num_epochs
-    max_steps: int = -1                         # > 0 overrides num_train_epochs
-    max_tokens: int = 0                         # > 0: train on this many tokens (what papers report) instead
-    lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax); see optim
-    decay_steps: int = 0                        # wsd: steps of the final decay (0: decay_ratio of the run)
-    decay_ratio: float = 0.1                    # wsd: the last 10% of the run, as in Hägele et al. 2024
-    decay_shape: str = "1-sqrt"                 # wsd: 1-sqrt (ModernBERT's), linear or cosine
-    optimizer: str = "adamw"                    # adamw | adafactor | lamb | lion | stable-adamw (see optim)
-    weight_decay: float = 0.01                  # the seed's
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98                    # RoBERTa's (more stable than 0.999 at large batch)
-    adam_epsilon: float = 1e-8
-    adafactor: bool = False                     # the old switch: the same as optimizer="adafactor"
-    max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
-    gradient_accumulation_steps: int = 1
-    mlm_probability: float = 0.15               # BERT's 15%
-    data: str | None = None                     # the block store: 'prepare --name' (None: DIR/data)
-    max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
-    dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
-    gradient_checkpointing: str = "none"        # remat per layer: none | dots | full (model.REMAT_POLICIES)
-    scan_layers: bool | None = None             # None: scan the layers when gradient checkpointing is on
-    prng_impl: str = "threefry2x32"             # jax's default; rbg / unsafe_rbg are the accelerators' fast ones
-    seed: int = 0                               # the seed's training_seed
-    logging_steps: int = 100
-    eval_steps: int | None = None               # None: evaluate at the end only
-    save_steps: int = 500
-    save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
-
-    def __post_init__(self) -> None:
-        if self.adafactor:  # one field for the fact: --adafactor is --optimizer adafactor
-            object.__setattr__(self, "optimizer", "adafactor")
-            object.__setattr__(self, "adafactor", False)
-
-    def validate(self) -> None:
-        """Every option's range, checked before any work (a NaN fails every comparison)."""
-        from mlmtool.models.layers import REMAT_POLICIES
-
-        finite = math.isfinite
-        checks = [
-            (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
-            (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
-             "--per-device-eval-batch-size must be positive"),
-            (0 < self.learning_rate < math.inf, f"--learning-rate must be a positive number, got {self.learning_rate}"),
-            (0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}"),
-            (0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}"),
-            (0 < self.adam_epsilon < math.inf, f"--adam-epsilon must be a positive number, got {self.adam_epsilon}"),
-            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
-            (0 <= self.max_grad_norm < math.inf, f"--max-grad-norm must be a number >= 0 (0: no clipping), "
-                                                 f"got {self.max_grad_norm}"),
-            (finite(self.num_train_epochs), f"--num-train-epochs must be a finite number, got {self.num_train_epochs}"),
-            (self.max_steps < 2**31, f"--max-steps must be below 2^31, got {self.max_steps}"),
-            (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
-            (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
-            (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
-            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
-            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
-            (self.decay_steps >= 0, "--decay-steps must not be negative"),
-            (0.0 < self.decay_ratio <= 1.0, "--decay-ratio must be in (0, 1]"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
-            (self.gradient_checkpointing in REMAT_POLICIES,
-             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
-            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
-            (self.logging_steps > 0, "--logging-steps must be positive"),
-            (self.save_steps > 0, "--save-steps must be positive"),
-            (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
-            (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
-            (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
-            (self.warmup_steps < 2**31, f"--warmup-steps must be below 2^31, got {self.warmup_steps}"),
-            (self.max_steps > 0 or self.max_tokens > 0 or self.num_train_epochs > 0,
-             "give --max-steps, --max-tokens or a positive --num-train-epochs"),
-            (0 <= self.max_tokens < 2**62, f"--max-tokens must be a number of tokens >= 0, got {self.max_tokens}"),
-            (not (self.max_steps > 0 and self.max_tokens > 0), "give --max-steps or --max-tokens, not both"),
-            (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingError(message, "fix the option and run again")
-
-
-def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict, int | None]:
-    """The settings a plain ``mlmtool train DIR`` resumes with: those recorded in the latest
-    checkpoint (``train_config``), except the options given now (``explicit``), which win --
-    the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
-    Returns the config, the settings taken from the checkpoint and its step."""
-    try:
-        latest = checkpoint.latest_step(mdir.checkpoints_dir)
-        meta = checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
-        recorded = meta.get("train_config")
-    except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
-        return cfg, {}, None
-    if not isinstance(recorded, dict):
-        return cfg, {}, latest
-    names = {f.name for f in dataclasses.fields(cfg)}
-    taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
-    return dataclasses.replace(cfg, **taken), taken, latest
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array   # int32 scalar: optimizer steps taken
-    params: Any
-    opt_state: Any
-
-
-# -- the step ------------------------------------------------------------------------------
-
-def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model, tx, schedule,
-               pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
-    """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
-    of B rows); returns the new state and summed metrics."""
-    step_rng = jax.random.fold_in(rng, state.step)
-    mask_rng, dropout_rng = jax.random.split(step_rng)
-    accum = input_ids.shape[0]
-    masked = jax.vmap(lambda k, x: mask_tokens(k, x, **mask_kwargs))(
-        jax.random.split(mask_rng, accum), input_ids)  # fields [A, B, L] / [A, B, P]
-    # Predicted tokens in the whole (accumulated, global) batch: the loss is sum / denominator.
-    denominator = jnp.maximum(jnp.sum(masked.masked_weights), 1.0)
-
-    def loss_fn(params, micro, ids, key):
-        logits = model.apply({"params": params}, micro.input_ids, attention_mask=(ids != pad_token_id),
-                             deterministic=False, masked_positions=micro.masked_positions,
-                             rngs={"dropout": key})  # [B, P, V]
-        loss_sum, correct_sum = mlm_sums(logits, micro.masked_labels, micro.masked_weights)
-        return loss_sum / denominator, (loss_sum, correct_sum)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    dropout_keys = jax.random.split(dropout_rng, accum)
-    if accum == 1:
-        micro = jax.tree_util.tree_map(lambda x: x[0], masked)
-        (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, input_ids[0], dropout_keys[0])
-    else:
-        def body(carry, xs):
-            grads_acc, loss_acc, correct_acc = carry
-            micro, ids, key = xs
-            (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, ids, key)
-            grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, correct_acc + correct_sum), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss_sum, correct_sum), _ = jax.lax.scan(
-            body, (zeros, jnp.float32(0), jnp.float32(0)), (masked, input_ids, dropout_keys))
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss_sum": loss_sum,
-        "accuracy_sum": correct_sum,
-        "denominator": jnp.sum(masked.masked_weights),
-        "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
-        # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
-        "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
-    }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-# -- data ----------------------------------------------------------------------------------
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of one epoch: a seeded permutation, the same on every process."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-class BatchLoader:
-    """Host-side batches for steps ``start..stop``, prefetched on a thread.
-
-    The global batch of step ``s`` is rows ``perm_e[p*G:(p+1)*G]`` of the train split,
-    with ``e, p = divmod(s, steps_per_epoch)``: the position in the data is a function of
-    the step, so resuming needs nothing but the step.  Each process reads only the rows
-    its devices hold, and the global array is assembled from the processes' pieces.
-    """
-
-    def __init__(self, store, *, accum: int, micro_batch: int, seed: int, steps_per_epoch: int,
-                 sharding, start: int, stop: int, prefetch: int = 2):
-        self.store = store
-        self.accum = accum
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.steps_per_epoch = steps_per_epoch
-        self.sharding = sharding
-        self.global_shape = (accum, micro_batch, store.seq_len)
-        self.rows = sh.process_rows(sharding, self.global_shape, row_axis=1)
-        self.start, self.stop = start, stop
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def host_batch(self, step: int) -> np.ndarray:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = epoch_permutation(len(self.store), self.seed, epoch)
-            self._perm_epoch = epoch
-        per_step = self.accum * self.micro_batch
-        idx = self._perm[pos * per_step:(pos + 1) * per_step].reshape(self.accum, self.micro_batch)  # [A, B]
-        local = idx[:, self.rows]  # [A, B_local]: only this process's rows
-        return self.store.read(local.reshape(-1)).reshape(self.accum, len(self.rows), self.store.seq_len)
-
-    def _work(self) -> None:
-        try:
-            for step in range(self.start, self.stop):
-                if self._stop.is_set():
-                    return
-                batch = sh.global_array(self.host_batch(step), self.sharding, self.global_shape)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((step, batch), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # hand the error to the consumer
-            self._queue.put((None, e))
-
-    def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
-        self._thread = threading.Thread(target=self._work, name="mlmtool-prefetch", daemon=True)
-        self._thread.start()
-        for _ in range(self.start, self.stop):
-            step, batch = self._queue.get()
-            if step is None:
-                raise batch
-            yield step, batch
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
-# -- the loop ------------------------------------------------------------------------------
+from mlmtool.train_config import TrainConfig
 
 STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
-
-
-@dataclasses.dataclass
-class Plan:
-    """The numbers that matter, printed before training starts."""
-
-    parameters: int
-    devices: int
-    processes: int
-    mesh: dict
-    per_device_batch: int
-    gradient_accumulation_steps: int
-    global_batch: int
-    seq_len: int
-    tokens_per_step: int
-    train_blocks: int
-    validation_blocks: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: float
-    warmup_steps: int
-    prediction_slots: int  # MLM-head slots per group of rows (see masking)
-    rows_per_group: int
-    dtype: str
-    platform: str
-    device_kind: str = ""
-    kernels: str = ""                 # mlmtool.kernels choices, as the plan prints them
-    flops_per_token: float = 0.0      # training FLOPs our step executes per token (mlmtool.flops)
-    peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
-
-
-def build_model(hf_config: dict, cfg: TrainConfig):
-    """The network of config.json as ``cfg`` computes it (dtype, gradient checkpointing,
-    scanned layers; kernels chosen for the backend by ``mlmtool.kernels``): a
-    ``mlmtool.models.LoadedModel``."""
-    from mlmtool.models import load_model
-
-    return load_model(hf_config, dtype=cfg.dtype, remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
-
-
-def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
-    return TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract_state.params),
-                      opt_state=sh.state_shardings(mesh, abstract_state.opt_state))
-
-
-def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
-                   mask_kwargs: dict):
-    """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
-    split over the mesh's batch axes, a replicated key.  Returns (step, batch sharding)."""
-    batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
-    step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
-                      mask_kwargs=mask_kwargs)
-    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, sh.replicated(mesh)),
-                   out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))
-    return step, batch_sharding
 
 
 def _describe_execution(model) -> str:
@@ -345,50 +40,6 @@ def _describe_execution(model) -> str:
         text += f"; gradient checkpointing {model.remat}"
     scanned = model.remat != "none" if model.scan_layers is None else model.scan_layers
     return text + ("; layers scanned" if scanned else "")
-
-
-def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
-    """(slots, rows per group) of the MLM head: ``--max-predictions-per-seq`` slots for each
-    row when given (BERT's per-row cap), else one group per device micro-batch sharing
-    mean + 5 sd slots (the head shrinks by 42% at 32 x 128; see masking)."""
-    if cfg.max_predictions_per_seq:
-        return cfg.max_predictions_per_seq, 1
-    rows = cfg.per_device_train_batch_size
-    return default_max_predictions(seq_len, cfg.mlm_probability, rows=rows), rows
-
-
-def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
-                  parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
-                  processes: int = 1) -> Plan:
-    micro = cfg.per_device_train_batch_size * n_devices
-    global_batch = micro * cfg.gradient_accumulation_steps
-    steps_per_epoch = n_train // global_batch
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"the global batch ({global_batch} = {cfg.per_device_train_batch_size} per device x {n_devices} "
-            f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
-            "lower --per-device-train-batch-size or prepare more data")
-    if cfg.max_steps > 0:
-        total = cfg.max_steps
-    elif cfg.max_tokens > 0:  # the first step at which at least max_tokens tokens were seen
-        total = math.ceil(cfg.max_tokens / (global_batch * seq_len))
-    else:
-        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    if total >= 2**31:
-        what = (f"--max-tokens {cfg.max_tokens:,} at {global_batch * seq_len:,} tokens per step" if cfg.max_tokens > 0
-                else f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps")
-        raise TrainingError(f"{what} are {total:,} steps, beyond the 2^31 a run can count",
-                            "lower --num-train-epochs or --max-tokens, or set --max-steps")
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
-    slots, rows_per_group = prediction_layout(cfg, seq_len)
-    return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
-                per_device_batch=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
-                seq_len=seq_len, tokens_per_step=global_batch * seq_len, train_blocks=n_train,
-                validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
-                epochs=total / steps_per_epoch, warmup_steps=warmup, prediction_slots=slots,
-                rows_per_group=rows_per_group,
-                dtype=cfg.dtype, platform=platform)
 
 
 class Trainer:

@@ -6,7 +6,7 @@ real step, beside transformers + torch.compile on the same batches.
     python scripts/bench_accel.py --models roberta-base --batch-sizes 128,512 --ab none --no-torch
 
 For each model (``roberta-base`` at sequence length 128, the seed's; ``modernbert-base`` at
-1024 once that preset exists) it times ``train.jit_train_step`` (what ``mlmtool train`` runs:
+1024 once that preset exists) it times ``step.jit_train_step`` (what ``mlmtool train`` runs:
 on-device masking, forward, backward, clipping, AdamW, donated state) on random rows that
 start with ``<s>`` and end with ``</s>``, at each batch size (ascending; a batch that does not
 fit is reported as such).  Per configuration: median step time over ``--steps`` fully
@@ -159,17 +159,18 @@ def time_config(run: dict, spec: dict) -> dict:
     import jax.numpy as jnp
 
     from mlmtool import sharding as sh
-    from mlmtool import train
     from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.train import TrainConfig, TrainState
+    from mlmtool.plan import prediction_layout
+    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
+    from mlmtool.train_config import TrainConfig
 
     config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
     cfg = TrainConfig(per_device_train_batch_size=batch, dtype=spec["dtype"], max_steps=10_000, **run.get("train", {}))
-    loaded = train.build_model(config, cfg)
+    loaded = build_model(config, cfg)
     model = loaded.module
     schedule = make_schedule(cfg, 10_000, 0)
     tx = make_optimizer(cfg, schedule, loaded.decay_mask)
-    slots, rows_per_group = train.prediction_layout(cfg, seq_len)
+    slots, rows_per_group = prediction_layout(cfg, seq_len)
     mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=config["vocab_size"],
                        mlm_probability=cfg.mlm_probability, max_predictions=slots, rows_per_group=rows_per_group)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
@@ -178,8 +179,8 @@ def time_config(run: dict, spec: dict) -> dict:
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
-    step, batch_sh = train.jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                           mask_kwargs=mask_kwargs)
     if run.get("compile_only"):  # abstract arguments: nothing is allocated
         state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -128,33 +128,34 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     import jax.numpy as jnp
 
     from mlmtool import sharding as sh
-    from mlmtool import train
     from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.train import TrainConfig, TrainState
+    from mlmtool.plan import prediction_layout
+    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
+    from mlmtool.train_config import TrainConfig
 
     config = model_config(preset)
     cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
-    loaded = train.build_model(config, cfg)
+    loaded = build_model(config, cfg)
     model = loaded.module
     schedule = make_schedule(cfg, 10_000, 0)
     tx = make_optimizer(cfg, schedule, loaded.decay_mask)
     # The masking settings Trainer uses.
     mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
                        mlm_probability=cfg.mlm_probability)
-    slots, rows_per_group = train.prediction_layout(cfg, args.seq_len)  # Trainer's: a device's rows share slots
+    slots, rows_per_group = prediction_layout(cfg, args.seq_len)  # Trainer's: a device's rows share slots
     mask_kwargs.update(max_predictions=slots, rows_per_group=rows_per_group)
     head_rows = args.batch_size // rows_per_group * slots
 
-    # Exactly Trainer's jit (train.jit_train_step) on a 1-device mesh.
+    # Exactly Trainer's jit (step.jit_train_step) on a 1-device mesh.
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
 
     def init_state(rng):
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = train.state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    step, batch_sh = train.jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
+    step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                           mask_kwargs=mask_kwargs)
     rng = jax.random.PRNGKey(0)
     device_batches = [jax.device_put(b[None], batch_sh) for b in batches]

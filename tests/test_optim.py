@@ -14,7 +14,7 @@ import pytest
 from tests.model_helpers import MaskedLM, ModelConfig, init_params
 from mlmtool.optim import OPTIMIZERS, decay_length, decay_mask, make_optimizer, make_schedule
 from mlmtool.presets import build_config
-from mlmtool.train import TrainConfig
+from mlmtool.train_config import TrainConfig
 
 LR = 2.0
 

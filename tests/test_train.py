@@ -185,7 +185,7 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
 
     from mlmtool.flops import training_flops_per_token
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import prediction_layout
+    from mlmtool.plan import prediction_layout
 
     slots, rows = prediction_layout(TrainConfig(per_device_train_batch_size=4), 32)
     per_token = training_flops_per_token(ModelDir(d).read_config(), 32, slots / (rows * 32))["executed"]
@@ -194,7 +194,7 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
 
 
 def test_max_tokens_sets_the_number_of_steps(prepared, tmp_path):
-    from mlmtool.train import plan_training
+    from mlmtool.plan import plan_training
 
     plan = plan_training(TrainConfig(per_device_train_batch_size=8, max_tokens=1000), n_train=850, n_val=0,
                          seq_len=32, n_devices=1)

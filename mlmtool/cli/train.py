@@ -122,7 +122,7 @@ def train_command(
             raise TrainingError("--keep-optimizer-state goes with --from-checkpoint",
                                 "add --from-checkpoint latest (or a step or path)")
         if resume and from_checkpoint is None:  # a plain "mlmtool train DIR" resumes with the recorded settings
-            from mlmtool.train import resume_settings
+            from mlmtool.train_config import resume_settings
 
             cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
             if taken:

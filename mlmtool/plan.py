@@ -1,0 +1,83 @@
+"""The plan of a training run: the numbers that matter (batch, steps, tokens, prediction
+slots, FLOPs), computed before anything is compiled and printed before training starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from mlmtool.errors import TrainingError
+from mlmtool.masking import default_max_predictions
+from mlmtool.train_config import TrainConfig
+
+@dataclasses.dataclass
+class Plan:
+    """The numbers that matter, printed before training starts."""
+
+    parameters: int
+    devices: int
+    processes: int
+    mesh: dict
+    per_device_batch: int
+    gradient_accumulation_steps: int
+    global_batch: int
+    seq_len: int
+    tokens_per_step: int
+    train_blocks: int
+    validation_blocks: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    prediction_slots: int  # MLM-head slots per group of rows (see masking)
+    rows_per_group: int
+    dtype: str
+    platform: str
+    device_kind: str = ""
+    kernels: str = ""                 # mlmtool.kernels choices, as the plan prints them
+    flops_per_token: float = 0.0      # training FLOPs our step executes per token (mlmtool.flops)
+    peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
+
+
+def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
+    """(slots, rows per group) of the MLM head: ``--max-predictions-per-seq`` slots for each
+    row when given (BERT's per-row cap), else one group per device micro-batch sharing
+    mean + 5 sd slots (the head shrinks by 42% at 32 x 128; see masking)."""
+    if cfg.max_predictions_per_seq:
+        return cfg.max_predictions_per_seq, 1
+    rows = cfg.per_device_train_batch_size
+    return default_max_predictions(seq_len, cfg.mlm_probability, rows=rows), rows
+
+
+def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
+                  parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
+                  processes: int = 1) -> Plan:
+    micro = cfg.per_device_train_batch_size * n_devices
+    global_batch = micro * cfg.gradient_accumulation_steps
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"the global batch ({global_batch} = {cfg.per_device_train_batch_size} per device x {n_devices} "
+            f"devices x {cfg.gradient_accumulation_steps} accumulation) is larger than the {n_train} training blocks",
+            "lower --per-device-train-batch-size or prepare more data")
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    elif cfg.max_tokens > 0:  # the first step at which at least max_tokens tokens were seen
+        total = math.ceil(cfg.max_tokens / (global_batch * seq_len))
+    else:
+        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    if total >= 2**31:
+        what = (f"--max-tokens {cfg.max_tokens:,} at {global_batch * seq_len:,} tokens per step" if cfg.max_tokens > 0
+                else f"{cfg.num_train_epochs:g} epochs of {steps_per_epoch:,} steps")
+        raise TrainingError(f"{what} are {total:,} steps, beyond the 2^31 a run can count",
+                            "lower --num-train-epochs or --max-tokens, or set --max-steps")
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    slots, rows_per_group = prediction_layout(cfg, seq_len)
+    return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
+                per_device_batch=cfg.per_device_train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
+                seq_len=seq_len, tokens_per_step=global_batch * seq_len, train_blocks=n_train,
+                validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
+                epochs=total / steps_per_epoch, warmup_steps=warmup, prediction_slots=slots,
+                rows_per_group=rows_per_group,
+                dtype=cfg.dtype, platform=platform)

@@ -1,0 +1,106 @@
+"""The training step, pure and jitted once: ``train_step(state, batch, rng)`` returns the new
+state and loss *sums* with their denominator (the predicted tokens of the whole global
+batch, so the loss is a token-weighted mean, not a mean of per-device means), as google/flax
+``examples/lm1b``; its randomness is ``fold_in(rng, step)``, so a resumed run repeats
+exactly what an uninterrupted one does.  ``build_model``/``state_shardings``/``jit_train_step``
+are what the Trainer and the benchmarks share.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlmtool import sharding as sh
+from mlmtool.evaluate import mlm_sums
+from mlmtool.masking import mask_tokens
+from mlmtool.train_config import TrainConfig
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array   # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+# -- the step ------------------------------------------------------------------------------
+
+def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model, tx, schedule,
+               pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
+    """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
+    of B rows); returns the new state and summed metrics."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    mask_rng, dropout_rng = jax.random.split(step_rng)
+    accum = input_ids.shape[0]
+    masked = jax.vmap(lambda k, x: mask_tokens(k, x, **mask_kwargs))(
+        jax.random.split(mask_rng, accum), input_ids)  # fields [A, B, L] / [A, B, P]
+    # Predicted tokens in the whole (accumulated, global) batch: the loss is sum / denominator.
+    denominator = jnp.maximum(jnp.sum(masked.masked_weights), 1.0)
+
+    def loss_fn(params, micro, ids, key):
+        logits = model.apply({"params": params}, micro.input_ids, attention_mask=(ids != pad_token_id),
+                             deterministic=False, masked_positions=micro.masked_positions,
+                             rngs={"dropout": key})  # [B, P, V]
+        loss_sum, correct_sum = mlm_sums(logits, micro.masked_labels, micro.masked_weights)
+        return loss_sum / denominator, (loss_sum, correct_sum)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    dropout_keys = jax.random.split(dropout_rng, accum)
+    if accum == 1:
+        micro = jax.tree_util.tree_map(lambda x: x[0], masked)
+        (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, input_ids[0], dropout_keys[0])
+    else:
+        def body(carry, xs):
+            grads_acc, loss_acc, correct_acc = carry
+            micro, ids, key = xs
+            (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, ids, key)
+            grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, correct_acc + correct_sum), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss_sum, correct_sum), _ = jax.lax.scan(
+            body, (zeros, jnp.float32(0), jnp.float32(0)), (masked, input_ids, dropout_keys))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss_sum": loss_sum,
+        "accuracy_sum": correct_sum,
+        "denominator": jnp.sum(masked.masked_weights),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
+        "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def build_model(hf_config: dict, cfg: TrainConfig):
+    """The network of config.json as ``cfg`` computes it (dtype, gradient checkpointing,
+    scanned layers; kernels chosen for the backend by ``mlmtool.kernels``): a
+    ``mlmtool.models.LoadedModel``."""
+    from mlmtool.models import load_model
+
+    return load_model(hf_config, dtype=cfg.dtype, remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
+
+
+def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
+    return TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract_state.params),
+                      opt_state=sh.state_shardings(mesh, abstract_state.opt_state))
+
+
+def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
+                   mask_kwargs: dict):
+    """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
+    split over the mesh's batch axes, a replicated key.  Returns (step, batch sharding)."""
+    batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
+    step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
+                      mask_kwargs=mask_kwargs)
+    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, sh.replicated(mesh)),
+                   out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))
+    return step, batch_sharding

@@ -1,0 +1,120 @@
+"""``TrainConfig``: every training setting, with Hugging Face's names and RoBERTa's defaults,
+checked once; and the settings a plain ``train DIR`` resumes with."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from mlmtool import checkpoint
+from mlmtool.errors import TrainingError
+from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
+
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training arguments, named as in HF's TrainingArguments; defaults from the seed notebook."""
+
+    per_device_train_batch_size: int = 64       # the seed's per_device_batch_size
+    per_device_eval_batch_size: int | None = None  # None: same as training
+    learning_rate: float = 5e-5                 # the seed's
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0                   # used when warmup_steps is 0
+    num_train_epochs: float = 10.0              # the seed's num_epochs
+    max_steps: int = -1                         # > 0 overrides num_train_epochs
+    max_tokens: int = 0                         # > 0: train on this many tokens (what papers report) instead
+    lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax); see optim
+    decay_steps: int = 0                        # wsd: steps of the final decay (0: decay_ratio of the run)
+    decay_ratio: float = 0.1                    # wsd: the last 10% of the run, as in Hägele et al. 2024
+    decay_shape: str = "1-sqrt"                 # wsd: 1-sqrt (ModernBERT's), linear or cosine
+    optimizer: str = "adamw"                    # adamw | adafactor | lamb | lion | stable-adamw (see optim)
+    weight_decay: float = 0.01                  # the seed's
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98                    # RoBERTa's (more stable than 0.999 at large batch)
+    adam_epsilon: float = 1e-8
+    adafactor: bool = False                     # the old switch: the same as optimizer="adafactor"
+    max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mlm_probability: float = 0.15               # BERT's 15%
+    data: str | None = None                     # the block store: 'prepare --name' (None: DIR/data)
+    max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
+    dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
+    gradient_checkpointing: str = "none"        # remat per layer: none | dots | full (model.REMAT_POLICIES)
+    scan_layers: bool | None = None             # None: scan the layers when gradient checkpointing is on
+    prng_impl: str = "threefry2x32"             # jax's default; rbg / unsafe_rbg are the accelerators' fast ones
+    seed: int = 0                               # the seed's training_seed
+    logging_steps: int = 100
+    eval_steps: int | None = None               # None: evaluate at the end only
+    save_steps: int = 500
+    save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
+
+    def __post_init__(self) -> None:
+        if self.adafactor:  # one field for the fact: --adafactor is --optimizer adafactor
+            object.__setattr__(self, "optimizer", "adafactor")
+            object.__setattr__(self, "adafactor", False)
+
+    def validate(self) -> None:
+        """Every option's range, checked before any work (a NaN fails every comparison)."""
+        from mlmtool.models.layers import REMAT_POLICIES
+
+        finite = math.isfinite
+        checks = [
+            (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
+            (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
+             "--per-device-eval-batch-size must be positive"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate must be a positive number, got {self.learning_rate}"),
+            (0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}"),
+            (0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}"),
+            (0 < self.adam_epsilon < math.inf, f"--adam-epsilon must be a positive number, got {self.adam_epsilon}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 <= self.max_grad_norm < math.inf, f"--max-grad-norm must be a number >= 0 (0: no clipping), "
+                                                 f"got {self.max_grad_norm}"),
+            (finite(self.num_train_epochs), f"--num-train-epochs must be a finite number, got {self.num_train_epochs}"),
+            (self.max_steps < 2**31, f"--max-steps must be below 2^31, got {self.max_steps}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
+            (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
+            (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
+            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
+            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
+            (self.decay_steps >= 0, "--decay-steps must not be negative"),
+            (0.0 < self.decay_ratio <= 1.0, "--decay-ratio must be in (0, 1]"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
+            (self.gradient_checkpointing in REMAT_POLICIES,
+             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
+            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
+            (self.logging_steps > 0, "--logging-steps must be positive"),
+            (self.save_steps > 0, "--save-steps must be positive"),
+            (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
+            (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "--warmup-steps must not be negative"),
+            (self.warmup_steps < 2**31, f"--warmup-steps must be below 2^31, got {self.warmup_steps}"),
+            (self.max_steps > 0 or self.max_tokens > 0 or self.num_train_epochs > 0,
+             "give --max-steps, --max-tokens or a positive --num-train-epochs"),
+            (0 <= self.max_tokens < 2**62, f"--max-tokens must be a number of tokens >= 0, got {self.max_tokens}"),
+            (not (self.max_steps > 0 and self.max_tokens > 0), "give --max-steps or --max-tokens, not both"),
+            (self.save_total_limit is None or self.save_total_limit > 0, "--save-total-limit must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message, "fix the option and run again")
+
+
+def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict, int | None]:
+    """The settings a plain ``mlmtool train DIR`` resumes with: those recorded in the latest
+    checkpoint (``train_config``), except the options given now (``explicit``), which win --
+    the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
+    Returns the config, the settings taken from the checkpoint and its step."""
+    try:
+        latest = checkpoint.latest_step(mdir.checkpoints_dir)
+        meta = checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
+        recorded = meta.get("train_config")
+    except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
+        return cfg, {}, None
+    if not isinstance(recorded, dict):
+        return cfg, {}, latest
+    names = {f.name for f in dataclasses.fields(cfg)}
+    taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
+    return dataclasses.replace(cfg, **taken), taken, latest
