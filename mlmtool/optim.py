@@ -119,7 +119,18 @@ def scale_by_stable_adam(b1: float, b2: float, eps: float) -> optax.GradientTran
 def make_optimizer(cfg, schedule: optax.Schedule, decay_mask=decay_mask) -> optax.GradientTransformation:
     """``cfg.optimizer`` with ``cfg``'s betas, epsilon and weight decay, after global-norm clipping;
     ``decay_mask`` (params -> tree of bools) is the family's no-weight-decay rule
-    (``LoadedModel.decay_mask``; default: nanoGPT's, two or more dimensions)."""
+    (``LoadedModel.decay_mask``; default: nanoGPT's, two or more dimensions).
+
+    With a time budget (``cfg.max_time``) the learning rate is not a schedule of the
+    optimizer's step count but a hyperparameter the training step sets from the elapsed
+    time (``optax.inject_hyperparams``; see ``step.train_step``'s ``clock``)."""
+    if getattr(cfg, "max_time", 0) > 0:
+        return optax.inject_hyperparams(lambda learning_rate: _optimizer(cfg, learning_rate, decay_mask))(
+            learning_rate=cfg.learning_rate)
+    return _optimizer(cfg, schedule, decay_mask)
+
+
+def _optimizer(cfg, schedule, decay_mask) -> optax.GradientTransformation:
     b1, b2, eps, wd = cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay
     name = cfg.optimizer
     if name == "adafactor":

@@ -37,6 +37,7 @@ class Plan:
     kernels: str = ""                 # mlmtool.kernels choices, as the plan prints them
     flops_per_token: float = 0.0      # training FLOPs our step executes per token (mlmtool.flops)
     peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
+    max_time: float = 0.0             # --max-time: seconds of budget (the total steps are then an upper bound)
 
 
 def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
@@ -80,4 +81,4 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
                 validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
                 epochs=total / steps_per_epoch, warmup_steps=warmup, prediction_slots=slots,
                 rows_per_group=rows_per_group,
-                dtype=cfg.dtype, platform=platform)
+                dtype=cfg.dtype, platform=platform, max_time=cfg.max_time)

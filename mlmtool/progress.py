@@ -191,10 +191,16 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.reset(self._task, completed=step)  # drops rich's speed samples too
 
+    def time_budget(self, seconds: float) -> None:
+        """Training stops when ``seconds`` more have passed (``--max-time``): the ETA is at most that."""
+        self._deadline = time.perf_counter() + seconds
+
     def eta(self, step: int) -> float:
-        """Seconds left at ``step``, at the speed since :meth:`started`."""
+        """Seconds left at ``step``, at the speed since :meth:`started` (or to the time budget)."""
         done = step - self.start
-        return (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
+        left = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
+        deadline = getattr(self, "_deadline", None)
+        return left if deadline is None else max(0.0, min(left, deadline - time.perf_counter()))
 
     def step(self, step: int) -> None:
         if self._progress is not None:

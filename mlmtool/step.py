@@ -30,10 +30,15 @@ class TrainState:
 
 # -- the step ------------------------------------------------------------------------------
 
-def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model, tx, schedule,
-               pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: jax.Array | None = None, *,
+               model, tx, schedule, pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
     """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
-    of B rows); returns the new state and summed metrics."""
+    of B rows); returns the new state and summed metrics.
+
+    ``clock`` (float32 scalar) is where the learning-rate schedule stands when training
+    against a time budget (``--max-time``: the elapsed fraction of the budget times the
+    schedule's steps; ``tx`` then takes its learning rate as an injected hyperparameter);
+    None: the schedule follows ``state.step``."""
     step_rng = jax.random.fold_in(rng, state.step)
     mask_rng, dropout_rng = jax.random.split(step_rng)
     accum = input_ids.shape[0]
@@ -66,14 +71,19 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, *, model
         (grads, loss_sum, correct_sum), _ = jax.lax.scan(
             body, (zeros, jnp.float32(0), jnp.float32(0)), (masked, input_ids, dropout_keys))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if clock is not None:  # optax.inject_hyperparams' state: set this step's learning rate
+        rate = opt_state.hyperparams["learning_rate"]
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                                    "learning_rate": jnp.asarray(schedule(clock), rate.dtype)})
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss_sum": loss_sum,
         "accuracy_sum": correct_sum,
         "denominator": jnp.sum(masked.masked_weights),
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(state.step if clock is None else clock),
         # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
         "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
     }
@@ -95,12 +105,15 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
 
 
 def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
-                   mask_kwargs: dict):
+                   mask_kwargs: dict, clock: bool = False):
     """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
-    split over the mesh's batch axes, a replicated key.  Returns (step, batch sharding)."""
+    split over the mesh's batch axes, a replicated key (and, with ``clock``, the replicated
+    schedule position of a time budget).  Returns (step, batch sharding)."""
     batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
     step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
                       mask_kwargs=mask_kwargs)
-    step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, sh.replicated(mesh)),
-                   out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))
+    replicated = sh.replicated(mesh)
+    in_shardings = (state_sharding, batch_sharding, replicated) + ((replicated,) if clock else ())
+    step = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
+                   donate_argnums=(0,))
     return step, batch_sharding

@@ -98,12 +98,16 @@ class Trainer:
                                 max_predictions=self.plan.prediction_slots, rows_per_group=self.plan.rows_per_group)
         self._step, self.batch_sharding = jit_train_step(self.model, self.tx, self.schedule, self.mesh,
                                                          self.state_sharding, pad_token_id=store.pad_token_id,
-                                                         mask_kwargs=self.mask_kwargs)
+                                                         mask_kwargs=self.mask_kwargs,
+                                                         clock=cfg.max_time > 0)
         # Each step's masking and dropout draw from fold_in(rng, step) (the initial weights
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
         self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
         self._eval_step = None  # built on first use, then reused
         self.tokens_offset = 0  # tokens of the stages before this run (mlmtool.stages)
+        self.elapsed_before = 0.0  # --max-time: seconds this run trained before its resume
+        self._clock_start: float | None = None
+        self._now = time.perf_counter  # --max-time's clock (tests give it a fake one)
         self.started_from: dict | None = None  # where this run's stage started, if from a checkpoint
         self._new_stage = False
 
@@ -127,7 +131,12 @@ class Trainer:
                 "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),  # each step uses fold_in(rng, step)
                 "run": self._run_identity(), "train_config": dataclasses.asdict(self.cfg), "config": self.config,
                 "total_steps": self.plan.total_steps, "tokens_seen": self._tokens_seen(step),
-                "started_from": self.started_from}
+                "started_from": self.started_from, "elapsed_seconds": round(self._elapsed(), 3)}
+
+    def _elapsed(self) -> float:
+        """Seconds this run has trained, its resumed parts included (``--max-time``'s clock)."""
+        running = 0.0 if self._clock_start is None else self._now() - self._clock_start
+        return self.elapsed_before + running
 
     def _tokens_seen(self, step: int) -> int:
         return self.tokens_offset + step * self.plan.tokens_per_step
@@ -188,6 +197,7 @@ class Trainer:
                            params=out["params"], opt_state=out["opt_state"])
         self.started_from = meta.get("started_from")
         self.tokens_offset = (self.started_from or {}).get("tokens_seen", 0)
+        self.elapsed_before = float(meta.get("elapsed_seconds") or 0.0)
         say(f"Resuming from checkpoint step {latest:,} (of {self.plan.total_steps:,}) in {ckpt_dir}")
         return state, latest
 
@@ -264,12 +274,19 @@ class Trainer:
             progress.started(start)
         writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
-        if start >= plan.total_steps:
-            say(f"Training already complete at step {start:,}.")
+        budget = cfg.max_time
+        spent = budget > 0 and self.elapsed_before >= budget
+        if start >= plan.total_steps or spent:
+            say(f"Training already complete at step {start:,}"
+                + (f" (its {budget:,.0f} s budget is spent)." if spent else "."))
+        if budget > 0 and progress is not None:
+            progress.time_budget(budget - self.elapsed_before)
         loader = BatchLoader(self.train_store, accum=cfg.gradient_accumulation_steps,
                              micro_batch=plan.global_batch // cfg.gradient_accumulation_steps, seed=cfg.seed,
                              steps_per_epoch=plan.steps_per_epoch, sharding=self.batch_sharding,
-                             start=start, stop=plan.total_steps)
+                             start=start, stop=start if spent else plan.total_steps)
+        self._clock_start = self._now()
+        clock_elapsed = self.elapsed_before  # the elapsed time every process agrees on
         window: list[dict] = []
         window_start = time.perf_counter()
         window_steps = 0
@@ -281,7 +298,11 @@ class Trainer:
                 self._new_stage = False
             try:
                 for step, batch in loader:
-                    state, metrics = self._step(state, batch, self.rng)
+                    if budget > 0:  # the schedule's position: the elapsed share of the budget
+                        clock = jnp.float32(min(clock_elapsed / budget, 1.0) * plan.total_steps)
+                        state, metrics = self._step(state, batch, self.rng, clock)
+                    else:
+                        state, metrics = self._step(state, batch, self.rng)
                     window.append(metrics)
                     window_steps += 1
                     done = step + 1
@@ -292,7 +313,10 @@ class Trainer:
                             progress.message(f"compiled and ran the first step in {result['compile_seconds']:.1f} s")
                             progress.started(done)
                         window_start, window_steps = time.perf_counter(), 0
-                    last = done == plan.total_steps
+                    if budget > 0 and (not self.multi or done % STOP_CHECK_EVERY == 0):
+                        clock_elapsed = self._agreed_elapsed()
+                    out_of_time = budget > 0 and clock_elapsed >= budget
+                    last = done == plan.total_steps or out_of_time
                     stop = stop_requested()
                     if self.multi:  # a signal to one process stops them all, at the same step
                         stop = not last and (done % STOP_CHECK_EVERY == 0 or done % cfg.logging_steps == 0) \
@@ -318,9 +342,13 @@ class Trainer:
                     if stop and not last:
                         stopped_early = True
                         break
+                    if out_of_time:
+                        say(f"The {budget:,.0f} s budget is spent at step {done:,}.")
+                        break
             finally:
                 loader.close()
                 checkpoint.wait(mngr)
+        self.elapsed_before, self._clock_start = self._elapsed(), None
         result["stopped_early"] = stopped_early
         result["final_step"] = int(jax.device_get(state.step))
         if stopped_early:
@@ -336,6 +364,13 @@ class Trainer:
             self.loaded.save_hf(params, self.mdir.weights_path)
         result["exported"] = str(self.mdir.weights_path)
         return result
+
+    def _agreed_elapsed(self) -> float:
+        """The run's elapsed seconds, process 0's on every process (a collective when there
+        are several): the learning rate and the stop must be the same everywhere."""
+        if not self.multi:
+            return self._elapsed()
+        return float(sh.allgather_json(self._elapsed())[0])
 
     def _diverged(self, step: int, loss: float, lr: float, mngr) -> None:
         """Stop on inf/nan: name the step and the likely cause; no checkpoint of it is written."""

@@ -25,6 +25,8 @@ class TrainConfig:
     num_train_epochs: float = 10.0              # the seed's num_epochs
     max_steps: int = -1                         # > 0 overrides num_train_epochs
     max_tokens: int = 0                         # > 0: train on this many tokens (what papers report) instead
+    max_time: float = 0.0                       # > 0: a wall-clock budget in seconds (Cramming's); the schedule
+    #                                             follows the elapsed fraction, the steps are an upper bound
     lr_scheduler: str = "linear"                # linear warm-up then linear decay (run_mlm_flax); see optim
     decay_steps: int = 0                        # wsd: steps of the final decay (0: decay_ratio of the run)
     decay_ratio: float = 0.1                    # wsd: the last 10% of the run, as in Hägele et al. 2024
@@ -73,6 +75,7 @@ class TrainConfig:
                                                  f"got {self.max_grad_norm}"),
             (finite(self.num_train_epochs), f"--num-train-epochs must be a finite number, got {self.num_train_epochs}"),
             (self.max_steps < 2**31, f"--max-steps must be below 2^31, got {self.max_steps}"),
+            (0 <= self.max_time < math.inf, f"--max-time must be a finite duration >= 0, got {self.max_time}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),

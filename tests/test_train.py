@@ -214,3 +214,64 @@ def test_batch_larger_than_data_is_refused(prepared, tmp_path):
     r = invoke("train", d, "--per-device-train-batch-size", 100000)
     assert r.exit_code == 1
     assert "larger than" in r.output and "Traceback" not in r.output
+
+
+def test_cli_defaults_are_train_config_defaults():
+    """`mlmtool train`'s option defaults and TrainConfig's are one set of numbers (the library
+    is called with defaults of its own from Python)."""
+    import dataclasses
+    import inspect
+
+    from mlmtool.cli.train import train_command
+
+    options = inspect.signature(train_command).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    shared = sorted(options.keys() & fields.keys())
+    assert len(shared) > 25, shared
+    differ = {k: (options[k].default, fields[k]) for k in shared if options[k].default != fields[k]}
+    assert not differ, differ
+
+
+def _timed(trainer: Trainer, seconds_per_step: float = 1.0) -> Trainer:
+    """A fake clock for --max-time: each step takes ``seconds_per_step``, whatever the machine."""
+    clock = {"t": 0.0}
+    step = trainer._step
+
+    def timed_step(*args):
+        clock["t"] += seconds_per_step
+        return step(*args)
+
+    trainer._step, trainer._now = timed_step, lambda: clock["t"]
+    return trainer
+
+
+def test_max_time_stops_on_budget_follows_the_clock_and_resumes(prepared, tmp_path):
+    """--max-time: stops once the budget is spent (here 5.5 s of 1-s steps: after step 6), the
+    learning rate follows the elapsed share of the budget, and an interrupted run continues the
+    budget from its checkpoint to the same weights."""
+    from mlmtool import checkpoint
+    from mlmtool.modeldir import ModelDir
+
+    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=20, max_time=5.5, learning_rate=1e-3,
+                      lr_scheduler="linear", logging_steps=1, save_steps=3)
+    whole = _copy(prepared, tmp_path / "whole")
+    result = _timed(Trainer(ModelDir(whole), cfg)).run(say=lambda *a: None)
+    assert result["final_step"] == 6 and not result["stopped_early"]
+    lrs = [m["learning_rate"] for m in _metrics(whole) if "loss" in m]
+    # before step k the clock read k - 1 s: the schedule stands at (k - 1) / 5.5 of its 20 steps
+    want = [1e-3 * (1 - (k - 1) / 5.5) for k in range(1, 7)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-5)
+    assert checkpoint.restore_meta(whole / "checkpoints", 6)["elapsed_seconds"] == pytest.approx(6.0)
+    assert (whole / "model.safetensors").exists()
+
+    # interrupted at step 3, then resumed: the same steps, the same weights
+    cut = _copy(prepared, tmp_path / "cut")
+    stops = iter([False, False, True])
+    first = _timed(Trainer(ModelDir(cut), cfg)).run(say=lambda *a: None, stop_requested=lambda: next(stops, True))
+    assert first["stopped_early"] and first["final_step"] == 3
+    second = _timed(Trainer(ModelDir(cut), cfg)).run(say=lambda *a: None)
+    assert second["start_step"] == 3 and second["final_step"] == 6
+    assert all(np.array_equal(_params(whole)[k], v) for k, v in _params(cut).items())
+    # the budget spent, a plain resume has nothing left to do
+    again = _timed(Trainer(ModelDir(cut), cfg)).run(say=lambda *a: None)
+    assert again["final_step"] == 6

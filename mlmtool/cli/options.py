@@ -81,3 +81,18 @@ NumProcOpt = Annotated[Optional[int], typer.Option(
     "--num-proc", min=1, envvar="MLMTOOL_NUM_PROC",
     help="Worker processes for tokenizing (default: all CPU cores).",
     show_default=False)]
+
+
+def parse_duration(text) -> float:
+    """``90m``, ``2h30m``, ``1.5h``, ``45s`` or plain seconds -> seconds, for duration options."""
+    import re
+
+    if isinstance(text, (int, float)):
+        return float(text)
+    spec = str(text).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms]?)", spec)
+    if not spec or not parts or re.sub(r"[\d.\sdhms]", "", spec) or \
+            "".join(n + u for n, u in parts) != re.sub(r"\s", "", spec):
+        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 90m, 2h30m, 3600)")
+    scale = {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}
+    return float(sum(float(n) * scale[u] for n, u in parts))

@@ -10,14 +10,11 @@ import typer
 from mlmtool.cli import app
 from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DtypeOpt, ForceOpt, MeshOpt,
                                  MlmProbabilityOpt, ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt,
-                                 SeedOpt)
+                                 SeedOpt, parse_duration)
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
 PERF = "Memory and speed"
-
-_D = None  # lazily created TrainConfig defaults (no jax import for --help)
-
 
 @app.command("train")
 def train_command(
@@ -34,6 +31,11 @@ def train_command(
     max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")] = -1,
     max_tokens: Annotated[int, typer.Option(
         help="Train on this many tokens (rounded up to whole steps) instead of --num-train-epochs.")] = 0,
+    max_time: Annotated[float, typer.Option(
+        parser=parse_duration, metavar="DURATION",
+        help="A wall-clock budget (e.g. 90m, 2h30m, 3600): stop when it is spent; the learning-rate schedule "
+             "follows the elapsed share of it (Cramming's); the steps (epochs, --max-steps) are an upper bound. "
+             "A resumed run continues the budget. 0: no budget.")] = 0.0,
     lr_scheduler: Annotated[str, typer.Option(
         help="After warm-up: linear | cosine | constant | wsd (constant, then --decay-shape to 0 over the last "
              "--decay-steps) | inverse_sqrt.", rich_help_panel=OPT)] = "linear",
@@ -105,7 +107,8 @@ def train_command(
     cfg = TrainConfig(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         learning_rate=learning_rate, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-        num_train_epochs=num_train_epochs, max_steps=max_steps, max_tokens=max_tokens, lr_scheduler=lr_scheduler,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, max_tokens=max_tokens, max_time=max_time,
+        lr_scheduler=lr_scheduler,
         decay_steps=decay_steps,
         decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
@@ -210,7 +213,10 @@ def _print_plan(plan, say) -> None:
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("training blocks", f"{plan.train_blocks:,} ({plan.steps_per_epoch:,} steps per epoch)"),
         ("validation blocks", f"{plan.validation_blocks:,}"),
-        ("total steps", f"{plan.total_steps:,} ({plan.epochs:.2f} epochs, {plan.warmup_steps:,} warm-up)"),
+        ("total steps", f"{plan.total_steps:,} ({plan.epochs:.2f} epochs, {plan.warmup_steps:,} warm-up)"
+                        + (" at most" if plan.max_time else "")),
+        *([("time budget", f"{plan.max_time:,.0f} s; the schedule follows its elapsed share")]
+          if plan.max_time else []),
         ("dtype", plan.dtype + (f" on {plan.device_kind}" if plan.device_kind else "")),
         ("kernels", plan.kernels),
         ("FLOPs per token", f"{_si(plan.flops_per_token)}FLOP executed"
