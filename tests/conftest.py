@@ -41,6 +41,11 @@ def write_documents(path: Path, docs: list[str]) -> Path:
     return path
 
 
+def read_all(corpus, **kw) -> list[str]:
+    """Every document of one pass over ``corpus`` (an mlmtool.corpus.Corpus)."""
+    return [d for b in corpus.batches(**kw) for d in b.documents]
+
+
 def make_model_dir(path: Path, preset: str = "tiny", *overrides: str) -> Path:
     """A model directory with config.json (as 'mlmtool init' writes it, without the CLI)."""
     from mlmtool.modeldir import ModelDir
