@@ -30,12 +30,14 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     created, seconds           when and how long
 
 Readers use :class:`BlockStore`; writers :class:`SplitWriter` (inside a temporary
-directory that ``modeldir.atomic_directory`` swaps in whole).
+directory that ``modeldir.atomic_directory`` swaps in whole); multi-process runs compare
+:func:`store_fingerprint` (``distributed.agree``) so that every host reads the same blocks.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -237,3 +239,20 @@ class SplitWriter:
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def store_fingerprint(*stores) -> dict:
+    """A cheap fingerprint of block-store splits, to check that every host reads the same
+    data: sizes, sequence length, tokenizer, and a checksum of up to 64 blocks spread
+    over each split (reading a whole split on every host would take too long)."""
+    out: dict = {}
+    for store in stores:
+        if store is None:
+            continue
+        n = len(store)
+        idx = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else np.zeros(0, np.int64)
+        out[f"{store.split} blocks"] = n
+        out[f"{store.split} checksum"] = zlib.crc32(store.read(idx).tobytes()) if n else 0
+        out["seq_len"] = store.seq_len
+        out["tokenizer_sha256"] = store.meta.get("tokenizer_sha256")
+    return out

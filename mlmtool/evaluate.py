@@ -214,8 +214,8 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
              mlm_probability: float = 0.15, dtype: str = "float32", mesh_spec: str | None = None) -> dict:
     """Evaluate DIR's model on its validation split and write eval_results.json
     (``per_device_batch_size`` None: :func:`default_batch_size`)."""
-    from mlmtool import sharding as sh
-    from mlmtool.blocks import BlockStore, read_meta
+    from mlmtool import distributed as dist, sharding as sh
+    from mlmtool.blocks import BlockStore, read_meta, store_fingerprint
     from mlmtool.errors import DataError
     from mlmtool.model import MaskedLM, ModelConfig, init_params
     from mlmtool.modeldir import atomic_write_json
@@ -249,10 +249,10 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         baseline_token = unigram_top_token(train_store)
     except Exception as e:  # fail on every process together, not on one while the others wait
         error = e
-    sh.agree(None if error else {
+    dist.agree(None if error else {
         "checkpoint": selected, "--per-device-eval-batch-size": per_device_batch_size,
         "--mlm-probability": mlm_probability, "--dtype": dtype, "mesh": dict(mesh.shape), "config.json": config,
-        "data": sh.store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
+        "data": store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
         hint="start every process with the same options on the same model directory")
     error = None
     try:
@@ -260,7 +260,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
                                      params_sharding, abstract, config=config)
     except Exception as e:
         error = e
-    sh.agree(error=error)
+    dist.agree(error=error)
     step = make_eval_fn(model, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
                         vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlmtool import checkpoint, sharding as sh
+from mlmtool import blocks, checkpoint, distributed as dist, sharding as sh
 from mlmtool.errors import TrainingError
 from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.evaluate import evaluate, make_eval_fn, mlm_sums, unigram_top_token
@@ -446,7 +446,7 @@ class Trainer:
             self._setup(mdir, cfg, mesh_spec)
         except Exception as e:  # fail on every process together, not on one while the others wait
             error = e
-        sh.agree(None if error else self._settings(), error=error, what="training settings",
+        dist.agree(None if error else self._settings(), error=error, what="training settings",
                  hint="start every process with the same options on the same model directory (prepared once on "
                       "shared storage, or identically on every host)")
 
@@ -504,10 +504,10 @@ class Trainer:
         self._new_stage = False
 
     def _settings(self) -> dict:
-        """What must be the same on every process of a multi-process run (see sh.agree)."""
+        """What must be the same on every process of a multi-process run (see dist.agree)."""
         return {**{f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self.cfg).items()},
                 "mesh": dict(self.mesh.shape), "config.json": self.config,
-                "data": sh.store_fingerprint(self.train_store, self.val_store)}
+                "data": blocks.store_fingerprint(self.train_store, self.val_store)}
 
     # -- checkpoint metadata: what must match for a resume to continue the same run --
     def _run_identity(self) -> dict:
@@ -538,7 +538,7 @@ class Trainer:
             latest = checkpoint.latest_step(ckpt_dir)
         except Exception as e:
             error = e
-        sh.agree(None if error else {"--resume": resume, "--force": force, "latest checkpoint": latest}, error=error,
+        dist.agree(None if error else {"--resume": resume, "--force": force, "latest checkpoint": latest}, error=error,
                  what="checkpoints", hint=f"start every process with the same options; {ckpt_dir} must be one "
                                           "directory that every host shares (NFS, GCS-fuse, ...)")
         if latest is not None and not resume:
@@ -552,7 +552,7 @@ class Trainer:
                     checkpoint.remove_all(ckpt_dir)
             except Exception as e:
                 error = e
-            sh.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
+            dist.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
             latest = None
         if latest is None:
             from mlmtool.init_from import exported_params, initial_params
@@ -604,7 +604,7 @@ class Trainer:
                                         f"use --optimizer {was}, or drop --keep-optimizer-state")
         except Exception as e:
             error = e
-        sh.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
+        dist.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
                  what="--from-checkpoint", hint="start every process with the same options")
         (src_dir, step), own = src, src[0].absolute() == self.mdir.checkpoints_dir.absolute()
         error = moved = None
@@ -612,7 +612,7 @@ class Trainer:
             moved = stages.archive(self.mdir, self.main)
         except Exception as e:
             error = e
-        sh.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
+        dist.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
         src_dir = moved if own else src_dir
         with checkpoint.manager(src_dir, read_only=True, async_save=False) as mngr:
             out = checkpoint.restore(mngr, step, self.abstract_state.params,
@@ -693,7 +693,7 @@ class Trainer:
                     stop = stop_requested()
                     if self.multi:  # a signal to one process stops them all, at the same step
                         stop = not last and (done % STOP_CHECK_EVERY == 0 or done % cfg.logging_steps == 0) \
-                            and sh.any_process(stop)
+                            and dist.any_process(stop)
                     if progress is not None:
                         progress.step(done)
                     if done % cfg.logging_steps == 0 or done % cfg.save_steps == 0 or last or stop:
