@@ -241,6 +241,21 @@ class SplitWriter:
             self._file.close()
 
 
+def document_blocks(ids: list[list[int]], seq_len: int, pad: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """One block per document: truncated keeping its last token, padded; (blocks, tokens cut)."""
+    out = np.full((len(ids), seq_len), pad, dtype=dtype)
+    cut = 0
+    for r, x in enumerate(ids):
+        n = len(x)
+        if n > seq_len:
+            cut += n - seq_len
+            out[r, :seq_len - 1] = x[:seq_len - 1]
+            out[r, seq_len - 1] = x[-1]
+        else:
+            out[r, :n] = x
+    return out, cut
+
+
 def store_fingerprint(*stores) -> dict:
     """A cheap fingerprint of block-store splits, to check that every host reads the same
     data: sizes, sequence length, tokenizer, and a checksum of up to 64 blocks spread

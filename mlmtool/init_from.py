@@ -149,7 +149,7 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
 def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
     from mlmtool.errors import DataError
-    from mlmtool.prepare import tokenizer_info
+    from mlmtool.tokenizer_facts import tokenizer_info
 
     try:
         tok = tokenizer_info(mdir)

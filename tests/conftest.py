@@ -13,7 +13,7 @@ import pytest
 # in its own subprocesses); subprocesses the tests start inherit this.
 os.environ["MLMTOOL_COMPILATION_CACHE"] = "0"
 
-# -- corpus, tokenizer and prepare tests (test_corpus/test_tokenizer/test_prepare/test_blocks) --
+# -- corpus, tokenizer and prepare tests (test_corpus_*, test_tokenizer, test_prepare, test_piece_encoder) --
 
 CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with for on at by "
                 "from house garden letter morning evening walk dance ball sister brother mother "
@@ -21,6 +21,11 @@ CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with 
                 "character manner feeling happiness pleasure anxious agreeable handsome "
                 "elegant amiable certainly perhaps never always quite very much little great "
                 "kernel driver device memory interrupt buffer register module config").split()
+
+#: Words that trip tokenizers up: accents, scripts, odd whitespace, specials' text, control characters.
+TRICKY_WORDS = ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t", "\u00a0", "\u3000", "\u200b", "\x1c",
+                "don't", "'s", "<mask>", "<s>", "</s>", "[MASK]", "ΟΔΟΣ", "a\u0301", "\u0301", "😀", "3.14",
+                "--", "(x)", "straße", "\r", "\x00", "\ufffd", "İ"]
 
 
 def make_documents(n_docs: int = 300, seed: int = 0, min_words: int = 3,
