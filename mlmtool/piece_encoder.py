@@ -14,6 +14,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
+
 class PieceEncoder:
     r"""Encode documents exactly as ``tokenizer.encode_batch`` does (special tokens
     included), about twice as fast or more, by caching the encoding of space-separated pieces.

@@ -24,6 +24,7 @@ from mlmtool.errors import TrainingError
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 
+
 def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
     """``"data=-1,fsdp=2"`` → {"data": n/2, "fsdp": 2}; one axis may be -1 (the rest)."""
     sizes = {"data": -1, "fsdp": 1}

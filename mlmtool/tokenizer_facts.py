@@ -17,6 +17,7 @@ from typing import Any
 from mlmtool.errors import DataError
 from mlmtool.modeldir import ModelDir
 
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     path: str

@@ -16,6 +16,7 @@ import pytest
 from mlmtool.corpus import DataError, open_corpus
 from tests.conftest import make_documents, read_all, write_documents
 
+
 # -- plain text -----------------------------------------------------------------------------
 
 def test_txt_skips_blank_lines_and_strips_newlines(tmp_path):

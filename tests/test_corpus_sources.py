@@ -11,6 +11,7 @@ import pytest
 from mlmtool.corpus import DataError, open_corpus
 from tests.conftest import read_all, write_documents
 
+
 # -- directories, globs, order --------------------------------------------------------------
 
 def test_directory_walk_sorted_recursive_skips_hidden(tmp_path):
