@@ -206,7 +206,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     try:
         holder = _read_json(lock) if lock.exists() else None
         if isinstance(holder, dict):
-            from mlmtool.modeldir import _alive
+            from mlmtool.lock import holder_alive as _alive
 
             holder["alive"] = _alive(holder)
         info["lock"] = holder
