@@ -67,12 +67,13 @@ _UMASK = _current_umask()
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same
-    directory, which is flushed to disk and renamed over ``path``.
+    directory, which is flushed to disk and renamed over ``path``; then the directory is
+    flushed too, so that the rename itself survives a crash (where the file system allows).
 
-    The one way every artefact of a model directory is written (config, JSON, weights,
+    The one way every file artefact of a model directory is written (config, JSON, weights,
     figures): a reader sees the old file or the complete new one, and the file gets the
     permissions of the umask like any other (not mkstemp's 0600), so a directory shared
-    between users or hosts stays readable.
+    between users or hosts stays readable.  (A whole directory: :func:`atomic_directory`.)
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -93,19 +94,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; not possible everywhere (then skipped)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """:func:`atomic_write` of ``obj`` as indented JSON (UTF-8, a final newline)."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 @contextlib.contextmanager
