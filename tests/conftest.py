@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from mlmtool.cli import quiet_orbax
+
 # The suite compiles into no persistent cache (tests/test_compilation_cache.py turns it on
 # in its own subprocesses); subprocesses the tests start inherit this.
 os.environ["MLMTOOL_COMPILATION_CACHE"] = "0"
+
+# What the command line does in its root callback, for the tests that call the library
+# directly (checkpoint saves that fail on purpose): no orbax chatter in their output.
+quiet_orbax()
 
 # -- corpus, tokenizer and prepare tests (test_corpus_*, test_tokenizer, test_prepare, test_piece_encoder) --
 

@@ -22,6 +22,35 @@ def debug() -> bool:
     return os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
 
 
+def quiet_orbax() -> None:
+    """Keep orbax's logging and one harmless asyncio complaint off the user's terminal.
+
+    orbax's INFO/WARNING chatter is not for users, nor are the tracebacks it logs when a
+    save fails (disk full): ``checkpoint.save`` and ``wait`` raise that failure as one
+    CheckpointError line.  And after a failed asynchronous save, tensorstore calls back into
+    orbax's closed event loop, which Python reports as an unraisable "Event loop is closed".
+    ``MLMTOOL_DEBUG=1`` keeps orbax's errors and every unraisable exception.
+
+    A process-wide setting, so the command line makes it (once, in its root callback), not
+    ``mlmtool.checkpoint`` on import: a notebook importing the library keeps its own logging.
+    Costs the import of ``absl.logging`` (about 20 ms), not of orbax or jax.
+    """
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR if debug() else absl_logging.FATAL)
+    if debug() or getattr(sys.unraisablehook, "_mlmtool_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def quiet_closed_loop(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    quiet_closed_loop._mlmtool_quiet = True
+    sys.unraisablehook = quiet_closed_loop
+
+
 def _error_line(message: str) -> None:
     from mlmtool.progress import err_console
 
@@ -114,6 +143,7 @@ def _root(
 
     set_quiet(quiet)
     compilation_cache.configure()
+    quiet_orbax()
 
 
 def _register() -> None:
