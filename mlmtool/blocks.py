@@ -103,7 +103,6 @@ class BlockStore:
         self.mask_token_id = int(meta["mask_token_id"])
         self.special_token_ids = tuple(int(i) for i in meta["special_token_ids"])
         self.vocab_size = int(meta["vocab_size"])
-        self.line_by_line = bool(meta.get("line_by_line", False))
         self.dtype = _np_dtype(meta["dtype"])
         if self.num_blocks:
             self._data = np.memmap(self.path, dtype=self.dtype, mode="r",
@@ -150,13 +149,6 @@ class BlockStore:
 
     def __len__(self) -> int:
         return self.num_blocks
-
-    def __getstate__(self) -> dict:
-        # Pickle (e.g. to a loader process) by path, not by copying the mapped data.
-        return {"path": str(self.path), "meta": self.meta, "split": self.split}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["path"]), state["meta"], state["split"])
 
     def __repr__(self) -> str:
         return (f"BlockStore({str(self.path)!r}, split={self.split!r}, "
