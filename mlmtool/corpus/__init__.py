@@ -14,6 +14,8 @@ The parts, one concern each:
 * :mod:`~mlmtool.corpus.readers`: one reader per format (``.txt``/``.text``,
   ``.jsonl``/``.ndjson``, ``.json``, ``.csv``, ``.parquet``, saved datasets, hub datasets),
   registered in ``READERS``.
+* :mod:`~mlmtool.corpus.sample`: a seeded uniform sample of the documents within a byte or
+  document budget (``tokenizer --sample-bytes``/``--sample-documents``).
 
 Inputs: ``.txt`` holds one document per line; the structured formats hold the text in
 the column ``text_column`` (``--text-column``, default ``text``).  A hub dataset is
