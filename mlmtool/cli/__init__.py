@@ -33,11 +33,15 @@ def quiet_orbax() -> None:
 
     A process-wide setting, so the command line makes it (once, in its root callback), not
     ``mlmtool.checkpoint`` on import: a notebook importing the library keeps its own logging.
-    Costs the import of ``absl.logging`` (about 20 ms), not of orbax or jax.
+    Costs the import of ``absl.logging`` (about 20 ms), not of orbax or jax; without absl
+    (it comes with orbax) there is no orbax logging to quiet.
     """
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR if debug() else absl_logging.FATAL)
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        pass
+    else:
+        absl_logging.set_verbosity(absl_logging.ERROR if debug() else absl_logging.FATAL)
     if debug() or getattr(sys.unraisablehook, "_mlmtool_quiet", False):
         return
     previous = sys.unraisablehook
