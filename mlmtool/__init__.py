@@ -1,12 +1,7 @@
-"""mlmtool: pre-train BERT/RoBERTa-style masked-language models in JAX/Flax.
+"""mlmtool: pre-train masked-language encoders (RoBERTa, BERT, XLM-R, DistilBERT, ...) in JAX/Flax.
 
 Importing this package is cheap on purpose (no jax, no transformers): the CLI's
 ``--help`` path must stay fast.
 """
-
-import os
-
-# transformers advises installing PyTorch when it is absent; mlmtool never needs it.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"

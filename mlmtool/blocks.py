@@ -30,12 +30,14 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     created, seconds           when and how long
 
 Readers use :class:`BlockStore`; writers :class:`SplitWriter` (inside a temporary
-directory that ``modeldir.atomic_directory`` swaps in whole).
+directory that ``modeldir.atomic_directory`` swaps in whole); multi-process runs compare
+:func:`store_fingerprint` (``distributed.agree``) so that every host reads the same blocks.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -101,7 +103,6 @@ class BlockStore:
         self.mask_token_id = int(meta["mask_token_id"])
         self.special_token_ids = tuple(int(i) for i in meta["special_token_ids"])
         self.vocab_size = int(meta["vocab_size"])
-        self.line_by_line = bool(meta.get("line_by_line", False))
         self.dtype = _np_dtype(meta["dtype"])
         if self.num_blocks:
             self._data = np.memmap(self.path, dtype=self.dtype, mode="r",
@@ -148,13 +149,6 @@ class BlockStore:
 
     def __len__(self) -> int:
         return self.num_blocks
-
-    def __getstate__(self) -> dict:
-        # Pickle (e.g. to a loader process) by path, not by copying the mapped data.
-        return {"path": str(self.path), "meta": self.meta, "split": self.split}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["path"]), state["meta"], state["split"])
 
     def __repr__(self) -> str:
         return (f"BlockStore({str(self.path)!r}, split={self.split!r}, "
@@ -237,3 +231,35 @@ class SplitWriter:
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def document_blocks(ids: list[list[int]], seq_len: int, pad: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """One block per document: truncated keeping its last token, padded; (blocks, tokens cut)."""
+    out = np.full((len(ids), seq_len), pad, dtype=dtype)
+    cut = 0
+    for r, x in enumerate(ids):
+        n = len(x)
+        if n > seq_len:
+            cut += n - seq_len
+            out[r, :seq_len - 1] = x[:seq_len - 1]
+            out[r, seq_len - 1] = x[-1]
+        else:
+            out[r, :n] = x
+    return out, cut
+
+
+def store_fingerprint(*stores) -> dict:
+    """A cheap fingerprint of block-store splits, to check that every host reads the same
+    data: sizes, sequence length, tokenizer, and a checksum of up to 64 blocks spread
+    over each split (reading a whole split on every host would take too long)."""
+    out: dict = {}
+    for store in stores:
+        if store is None:
+            continue
+        n = len(store)
+        idx = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else np.zeros(0, np.int64)
+        out[f"{store.split} blocks"] = n
+        out[f"{store.split} checksum"] = zlib.crc32(store.read(idx).tobytes()) if n else 0
+        out["seq_len"] = store.seq_len
+        out["tokenizer_sha256"] = store.meta.get("tokenizer_sha256")
+    return out

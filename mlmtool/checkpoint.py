@@ -10,33 +10,14 @@ previous checkpoint as the latest readable one.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 
 from mlmtool.errors import CheckpointError, ConfigError
-
-_DEBUG = os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
-# orbax's INFO/WARNING chatter is not for users; nor are the tracebacks it logs when a save
-# fails (disk full): save() and wait() raise that failure as one CheckpointError line.
-absl_logging.set_verbosity(absl_logging.ERROR if _DEBUG else absl_logging.FATAL)
-
-
-def _quiet_closed_loop(unraisable, _previous=sys.unraisablehook) -> None:
-    # After a failed asynchronous save, tensorstore calls back into orbax's closed event loop.
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-        return
-    _previous(unraisable)
-
-
-if not _DEBUG:
-    sys.unraisablehook = _quiet_closed_loop
 
 ITEMS = ("params", "opt_state", "meta")
 

@@ -118,18 +118,17 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
     export, then (before any training of an ``init --from`` directory) to those weights."""
     from mlmtool import checkpoint
     from mlmtool.errors import CheckpointError
-    from mlmtool.init_from import init_weights_path
 
     if which == INIT:
-        if not init_weights_path(mdir).exists():
-            raise CheckpointError(f"{init_weights_path(mdir)} does not exist",
+        if not mdir.init_weights_path.exists():
+            raise CheckpointError(f"{mdir.init_weights_path} does not exist",
                                   f"it is written by 'mlmtool init {mdir} --from MODEL_DIR'")
         return INIT
     steps = checkpoint.all_steps(mdir.checkpoints_dir)
     if which == "export" or (which == "latest" and not steps):
         if mdir.weights_path.exists():
             return None
-        if which == "latest" and init_weights_path(mdir).exists():
+        if which == "latest" and mdir.init_weights_path.exists():
             return INIT
         raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
     if which == "latest":
@@ -213,7 +212,8 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
              mlm_probability: float = 0.15, dtype: str = "float32", mesh_spec: str | None = None) -> dict:
     """Evaluate DIR's model on its validation split and write eval_results.json
     (``per_device_batch_size`` None: :func:`default_batch_size`)."""
-    from mlmtool import sharding as sh
+    from mlmtool import distributed as dist, sharding as sh
+    from mlmtool.blocks import store_fingerprint
     from mlmtool.models import load_model
     from mlmtool.modeldir import atomic_write_json
     from mlmtool.stores import open_stores
@@ -244,10 +244,10 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         baseline_token = unigram_top_token(train_store)
     except Exception as e:  # fail on every process together, not on one while the others wait
         error = e
-    sh.agree(None if error else {
+    dist.agree(None if error else {
         "checkpoint": selected, "--per-device-eval-batch-size": per_device_batch_size,
         "--mlm-probability": mlm_probability, "--dtype": dtype, "mesh": dict(mesh.shape), "config.json": config,
-        "data": sh.store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
+        "data": store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
         hint="start every process with the same options on the same model directory")
     error = None
     try:
@@ -255,7 +255,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
                                      params_sharding, config=config)
     except Exception as e:
         error = e
-    sh.agree(error=error)
+    dist.agree(error=error)
     step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
                         vocab_size=config["vocab_size"], baseline_token=baseline_token)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
@@ -268,5 +268,5 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         record = {"event": "eval", "checkpoint": source, **results}
         if weights_step is not None:
             record["step"] = weights_step
-        MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir / "tensorboard").write(record)
+        MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir.tensorboard_dir).write(record)
     return results

@@ -160,18 +160,10 @@ def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, wha
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=SAFETENSORS_METADATA))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write {path}: {e}") from None
-    try:  # make the rename itself durable; not possible everywhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
     return path
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     if path.is_dir():
         single, index = path / SAFETENSORS_NAME, path / SAFETENSORS_INDEX_NAME
         if single.is_file():
@@ -197,7 +189,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     state: dict[str, np.ndarray] = {}
-    for file in _safetensors_files(Path(path)):
+    for file in safetensors_files(Path(path)):
         try:
             # The "flax" framework reads every dtype, bfloat16 included; keep it on the host.
             with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(str(file), framework="flax") as f:

@@ -161,7 +161,7 @@ def next_step(info: dict) -> str:
 
 def directory_info(mdir: ModelDir) -> dict[str, Any]:
     """Everything ``mlmtool info`` shows, as a JSON-able dict (None for what is absent)."""
-    from mlmtool.init_from import init_source, init_weights_path
+    from mlmtool.init_from import init_source
 
     info: dict[str, Any] = {"path": str(mdir.path)}
     info["config"] = config_info(mdir)
@@ -174,7 +174,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
                       for p in sorted(stages.iterdir(), key=lambda p: int(p.name)) if p.name.isdigit()] \
         if stages.is_dir() else []
     info["export"] = _file(mdir.weights_path)
-    init = _file(init_weights_path(mdir))
+    init = _file(mdir.init_weights_path)
     if init is not None:
         init["from"] = init_source(mdir)
     info["init_weights"] = init
@@ -183,16 +183,16 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
         info["eval_results"] = _read_json(mdir.eval_results_path) if mdir.eval_results_path.exists() else None
     except Exception as e:
         info["eval_results"] = {"error": f"{e.__class__.__name__}: {e}"}
-    tb = mdir.path / "tensorboard"
+    tb = mdir.tensorboard_dir
     info["tensorboard"] = ({"path": str(tb), "event_files": len(list(tb.glob("events.out.tfevents.*")))}
                            if tb.is_dir() else None)
     info["manifest"] = {stage: rec.get("time") for stage, rec in mdir.read_manifest().items()
                         if isinstance(rec, dict)}
-    lock = mdir.path / ".mlmtool.lock"
+    lock = mdir.lock_path
     try:
         holder = _read_json(lock) if lock.exists() else None
         if isinstance(holder, dict):
-            from mlmtool.modeldir import _alive
+            from mlmtool.lock import holder_alive as _alive
 
             holder["alive"] = _alive(holder)
         info["lock"] = holder

@@ -20,16 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlmtool.errors import CheckpointError, ConfigError, ModelDirError
-from mlmtool.modeldir import TOKENIZER_FILES, ModelDir
+from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, atomic_write
 
-INIT_WEIGHTS = "init.safetensors"
-#: Tokenizer files copied as they are (the vocab/merges files serve tokenizer classes that
-#: rebuild the tokenizer from them).
-_TOKENIZER_EXTRA = ("vocab.json", "merges.txt", "vocab.txt")
-
-
-def init_weights_path(mdir: ModelDir) -> Path:
-    return mdir.path / INIT_WEIGHTS
 
 
 def init_source(mdir: ModelDir) -> str | None:
@@ -39,10 +31,10 @@ def init_source(mdir: ModelDir) -> str | None:
 
 
 def _weight_files(src: Path) -> list[Path]:
-    from mlmtool.hf_weights import _safetensors_files
+    from mlmtool.hf_weights import safetensors_files
 
     try:
-        return _safetensors_files(src)
+        return safetensors_files(src)
     except CheckpointError:
         pickled = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if (src / n).exists()]
         hint = (f"{src} has only {', '.join(pickled)}; convert it to safetensors first (in Python: "
@@ -65,7 +57,7 @@ def _copy_tokenizer(src: Path, mdir: ModelDir) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=mdir.path))
     try:
         if (src / "tokenizer.json").is_file():
-            for name in (*TOKENIZER_FILES, *_TOKENIZER_EXTRA):
+            for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRA):  # the vocab files serve classes that rebuild from them
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
         else:
@@ -81,8 +73,8 @@ def _copy_tokenizer(src: Path, mdir: ModelDir) -> list[str]:
                                     "save a fast tokenizer into PATH first")
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: n == "tokenizer.json")
         for name in names:
-            os.replace(tmp / name, mdir.path / name)
-        for stale in _TOKENIZER_EXTRA:  # from an earlier tokenizer of DIR
+            atomic_write(mdir.path / name, lambda t, f=tmp / name: shutil.copyfile(f, t))
+        for stale in TOKENIZER_EXTRA:  # from an earlier tokenizer of DIR
             if stale not in names and (mdir.path / stale).exists():
                 os.unlink(mdir.path / stale)
         return names
@@ -119,7 +111,7 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
             existing = None
     same_source = ((previous.get("args") or {}).get("from") == str(src.resolve())
                    and previous.get("inputs") == fingerprint)
-    if (existing == config and same_source and init_weights_path(mdir).exists()
+    if (existing == config and same_source and mdir.init_weights_path.exists()
             and mdir.tokenizer_path.exists()):
         return {"config": config, "status": "unchanged", "source": str(src.resolve())}
     if existing is not None and existing != config and not force:
@@ -139,9 +131,9 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     mdir.write_config(config)
     tokenizer_files = _copy_tokenizer(src, mdir)
     _check_tokenizer(mdir, config)
-    loaded.save_hf(params, init_weights_path(mdir))
+    loaded.save_hf(params, mdir.init_weights_path)
     mdir.record("init", args={"preset": None, "set": list(overrides), "from_config": None, "from": str(src.resolve())},
-                inputs=fingerprint, outputs={"init_weights": INIT_WEIGHTS, "tokenizer": tokenizer_files})
+                inputs=fingerprint, outputs={"init_weights": mdir.init_weights_path.name, "tokenizer": tokenizer_files})
     stale = [name for name in ("data", "checkpoints", "model.safetensors") if (mdir.path / name).exists()]
     return {"config": config, "status": "written", "source": str(src.resolve()), "stale": stale,
             "tokenizer_files": tokenizer_files}
@@ -149,7 +141,7 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
 def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
     from mlmtool.errors import DataError
-    from mlmtool.prepare import tokenizer_info
+    from mlmtool.tokenizer_facts import tokenizer_info
 
     try:
         tok = tokenizer_info(mdir)
@@ -191,7 +183,7 @@ def exported_params(mdir: ModelDir, loaded, *, resume: bool, force: bool, say: C
 
 def initial_params(mdir: ModelDir, loaded, say: Callable = lambda *a, **k: None):
     """Host params from ``DIR/init.safetensors`` (written by ``init --from``), or None."""
-    path = init_weights_path(mdir)
+    path = mdir.init_weights_path
     if not path.exists():
         return None
     try:

@@ -37,17 +37,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlmtool.errors import ModelDirError
+from mlmtool.lock import hold as _hold_lock
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Vocabulary files of other tokenizer classes (from another tool, or copied by init --from):
+#: stale once DIR has another tokenizer.json.
+TOKENIZER_EXTRA = ("vocab.json", "merges.txt", "vocab.txt")
 DATA = "data"
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+INIT_WEIGHTS = "init.safetensors"
 EVAL_RESULTS = "eval_results.json"
 MANIFEST = "manifest.json"
-LOCK = ".mlmtool.lock"
 
 # Packages whose versions are recorded with each artefact.
 _TRACKED_PACKAGES = (
@@ -67,12 +72,13 @@ _UMASK = _current_umask()
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same
-    directory, which is flushed to disk and renamed over ``path``.
+    directory, which is flushed to disk and renamed over ``path``; then the directory is
+    flushed too, so that the rename itself survives a crash (where the file system allows).
 
-    The one way every artefact of a model directory is written (config, JSON, weights,
+    The one way every file artefact of a model directory is written (config, JSON, weights,
     figures): a reader sees the old file or the complete new one, and the file gets the
     permissions of the umask like any other (not mkstemp's 0600), so a directory shared
-    between users or hosts stays readable.
+    between users or hosts stays readable.  (A whole directory: :func:`atomic_directory`.)
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -93,19 +99,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; not possible everywhere (then skipped)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """:func:`atomic_write` of ``obj`` as indented JSON (UTF-8, a final newline)."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 @contextlib.contextmanager
@@ -228,6 +242,21 @@ class ModelDir:
         return self.path / METRICS
 
     @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def init_weights_path(self) -> Path:
+        """``init --from``'s converted weights: what ``train`` starts from (mlmtool.init_from)."""
+        return self.path / INIT_WEIGHTS
+
+    @property
+    def lock_path(self) -> Path:
+        from mlmtool.lock import LOCK_FILE
+
+        return self.path / LOCK_FILE
+
+    @property
     def eval_results_path(self) -> Path:
         return self.path / EVAL_RESULTS
 
@@ -279,23 +308,13 @@ class ModelDir:
     # -- lock ----------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, command: str, enabled: bool = True) -> Iterator[None]:
-        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if another process holds it.
-
-        The lock is an advisory ``flock`` on that file, which the kernel drops when its
-        holder exits, however it exits (``kill -9`` included): a lock file left behind is
-        taken over, even when its PID has been reused by another process, as in a restarted
-        container.  The file records the holder's PID, host and command for the message.
-        A holder on another host is assumed alive; where flock is not available, a lock
-        whose PID is gone on this host is stale.
-        """
+        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if another process holds
+        it (see :mod:`mlmtool.lock`).  ``enabled=False``: a no-op (processes other than 0)."""
         if not enabled:
             yield
             return
-        fd = _acquire(self.path, command)
-        try:
+        with _hold_lock(self.path, command):
             yield
-        finally:
-            _release(self.path / LOCK, fd)
 
     # -- manifest ------------------------------------------------------------
     def read_manifest(self) -> dict:
@@ -318,157 +337,3 @@ class ModelDir:
             "versions": package_versions(),
         }
         atomic_write_json(self.manifest_path, manifest)
-
-
-def _read_lock(path: Path) -> dict | None:
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _alive(holder: dict) -> bool:
-    import socket
-
-    if holder.get("host") != socket.gethostname():
-        return True  # another host's process: cannot check, assume alive
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
-
-
-# Lock file descriptors this process holds; a forked child (prepare's workers) closes its
-# copies, so that a child outliving its parent does not keep the directory locked.
-_HELD: set[int] = set()
-
-
-def _close_inherited_locks() -> None:
-    for fd in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_locks)
-
-
-def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
-    import socket
-
-    if not holder:  # its holder is still writing it
-        return ModelDirError(f"{directory} is in use by another mlmtool command",
-                             "wait for it to finish or stop it; two commands on one directory would corrupt it")
-    elsewhere = holder.get("host") != socket.gethostname()
-    return ModelDirError(
-        f"{directory} is in use by 'mlmtool {holder.get('command', '?')}' "
-        f"(PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('time', '?')})",
-        "wait for it to finish or stop it; two commands on one directory would corrupt it"
-        + (f" (if it is no longer running, delete {directory / LOCK})" if elsewhere else ""))
-
-
-def _cannot_write(directory: Path, e: OSError) -> ModelDirError:
-    import errno
-
-    read_only = "the file system is read-only: use a writable directory, or " if e.errno == errno.EROFS else ""
-    return ModelDirError(f"cannot write to {directory} ({e.strerror})",
-                         f"{read_only}check the directory's permissions and free space")
-
-
-def _lock_record(command: str) -> dict:
-    import socket
-
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _acquire(directory: Path, command: str) -> int | None:
-    """Take DIR's lock: an open, flock'ed descriptor of the lock file (None: PID scheme)."""
-    import socket
-
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return _acquire_by_pid(directory, command)
-    path = directory / LOCK
-    for _ in range(10):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as e:
-            raise _cannot_write(directory, e) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _in_use(directory, _read_lock(path)) from None
-        except OSError:  # no flock on this file system
-            os.close(fd)
-            return _acquire_by_pid(directory, command)
-        try:  # the file may have been released (unlinked) between our open and flock
-            st = os.stat(path)
-            current = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
-        except FileNotFoundError:
-            current = False
-        if not current:
-            os.close(fd)
-            continue
-        holder = _read_lock(path)
-        if holder and holder.get("host") != socket.gethostname():
-            os.close(fd)  # flock may not reach across hosts: believe the file
-            raise _in_use(directory, holder)
-        _HELD.add(fd)
-        try:
-            data = json.dumps(_lock_record(command)).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-        except OSError as e:
-            _release(path, fd)
-            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
-                                "check the directory's permissions and free space") from e
-        return fd
-    raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")
-
-
-def _release(path: Path, fd: int | None) -> None:
-    if fd is None:
-        holder = _read_lock(path)
-        if holder and holder.get("pid") == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        return
-    try:
-        with contextlib.suppress(OSError):  # unlink while still holding it, then let go
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-                os.unlink(path)
-    finally:
-        _HELD.discard(fd)
-        os.close(fd)
-
-
-def _acquire_by_pid(directory: Path, command: str) -> None:
-    """The lock without flock: O_EXCL create; a holder whose PID is gone on this host is stale."""
-    path = directory / LOCK
-    me = _lock_record(command)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder and holder.get("pid") != me["pid"] and _alive(holder):
-                raise _in_use(directory, holder) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # stale: its process is gone
-            continue
-        except OSError as e:
-            raise ModelDirError(f"cannot write to {directory} ({e.strerror})",
-                                "check the directory's permissions and free space") from e
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    raise ModelDirError(f"cannot take the lock {path}", "remove it if no mlmtool command is running")

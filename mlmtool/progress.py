@@ -115,10 +115,6 @@ class StageProgress:
         elif not quiet() and exc_type is None:
             self._log(time.perf_counter())
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._start
-
 
 def human_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))

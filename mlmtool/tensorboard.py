@@ -6,11 +6,19 @@ Hugging Face's Trainer names them: ``train/loss``, ``train/accuracy``,
 ``train/learning_rate``, ``train/grad_norm``, ``train/tokens_per_second``, ``train/epoch``,
 ``train/tokens_seen`` and ``eval/loss``, ``eval/accuracy``, ``eval/perplexity``.
 
-The events are encoded with tensorboardX's protobufs, but written synchronously (each
-record appended and the file closed again, as ``metrics.jsonl`` is): tensorboardX's
-``SummaryWriter`` queues events to a background thread that only a ``close()`` drains,
-so a killed run would lose its last points.  One run of ``train`` writes one event file;
-a resumed run adds a file to the same folder, which TensorBoard reads as one run.
+The events are encoded with tensorboardX's protobufs and CRC, but framed here (a TFRecord:
+length, masked CRC32C of the length, data, masked CRC32C of the data: :func:`_frame`) and
+appended synchronously, each record with the file closed again, as ``metrics.jsonl`` is.
+Why not tensorboardX's ``SummaryWriter`` with a ``flush()`` after each record: in
+tensorboardX 2.6.5 ``flush()`` flushes the file but does not wait for the queue its
+background thread drains (five ``add_scalar`` then ``flush()``: the events were missing
+from the file in 20 runs out of 20), so a killed run would lose its last points; and its
+file name has no PID, so two writers started in the same second in one folder (two
+``eval`` runs) share a file, which the second truncates.  The framing is five lines, the writer
+about fifty, and the tests read every file back with its CRCs checked (``tests/tb_events.py``).
+
+One run of ``train`` writes one event file; a resumed run adds a file to the same folder,
+which TensorBoard reads as one run.
 
 ``tensorboard --logdir DIR/tensorboard`` (or a folder above several model directories)
 shows the curves.  ``MLMTOOL_TENSORBOARD=0`` turns the event files off.
@@ -23,7 +31,6 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Iterator
 
 DIRNAME = "tensorboard"
 
@@ -101,37 +108,3 @@ class TensorBoardWriter:
         except OSError:
             # TensorBoard output is a convenience: never stop a training run for it.
             self.enabled = False
-
-
-def read_events(path: os.PathLike | str) -> Iterator:
-    """The ``Event`` protobufs of one event file (CRCs checked); for tests and ``info``."""
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.record_writer import masked_crc32c
-
-    data = Path(path).read_bytes()
-    pos = 0
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        if len(header) < 8:
-            raise ValueError(f"{path}: truncated record header at byte {pos}")
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        if header_crc != masked_crc32c(header):
-            raise ValueError(f"{path}: bad length CRC at byte {pos}")
-        body = data[pos + 12:pos + 12 + length]
-        (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        if len(body) < length or body_crc != masked_crc32c(body):
-            raise ValueError(f"{path}: bad data CRC at byte {pos}")
-        yield event_pb2.Event.FromString(body)
-        pos += 16 + length
-
-
-def read_scalars(log_dir: os.PathLike | str) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` from every event file in ``log_dir``, in file order."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        for event in read_events(path):
-            if event.HasField("summary"):
-                for value in event.summary.value:
-                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
-    return out

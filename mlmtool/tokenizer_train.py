@@ -31,16 +31,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlmtool import models
 from mlmtool.corpus import Corpus
+from mlmtool.corpus.sample import Reservoir
 from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, remove_leftovers
+from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, atomic_write, remove_leftovers
 from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
@@ -163,32 +162,24 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialT
 
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
                    config: dict | None = None, specials: SpecialTokens | None = None) -> list[Path]:
-    """Write :func:`tokenizer_files` into a temp dir, then rename each file into DIR.
+    """Write :func:`tokenizer_files` into DIR, each file atomically (``modeldir.atomic_write``).
 
     tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
     DIR's config.json when given), and an old one is removed first: a run killed at any
     moment leaves either no tokenizer.json or a complete set that agrees with config.json.
     """
+    files = tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials)
+    if model_dir.tokenizer_path.exists():
+        os.unlink(model_dir.tokenizer_path)
     written: list[Path] = []
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
-    try:
-        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials).items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        if model_dir.tokenizer_path.exists():
-            os.unlink(model_dir.tokenizer_path)
-        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
-            if name == "tokenizer.json" and config is not None:
-                model_dir.write_config(config)
-            os.replace(tmp / name, model_dir / name)
-            written.append(model_dir / name)
-        for stale in ("vocab.json", "merges.txt", "vocab.txt"):  # from another tool or kind
-            if (model_dir / stale).exists():
-                os.unlink(model_dir / stale)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
+        if name == "tokenizer.json" and config is not None:
+            model_dir.write_config(config)
+        atomic_write(model_dir / name, lambda tmp, text=files[name]: tmp.write_text(text, encoding="utf-8"))
+        written.append(model_dir / name)
+    for stale in TOKENIZER_EXTRA:  # from another tool or kind
+        if (model_dir / stale).exists():
+            os.unlink(model_dir / stale)
     return written
 
 
@@ -204,6 +195,8 @@ def file_sha256(path: Path) -> str:
 #: ahead of its workers, so this bounds the read-ahead (and the progress bar's lead over
 #: the real work) to about 16 MB.
 TRAIN_BATCH_BYTES = 1 << 16
+#: Documents per item when the trainer is handed a sample (already in memory).
+SAMPLE_CHUNK_DOCUMENTS = 1000
 
 
 class _ReadingProgress:
@@ -211,12 +204,14 @@ class _ReadingProgress:
     computes the vocabulary from the counts, which it does without reporting progress.
     """
 
-    def __init__(self, corpus: Corpus, show: bool):
+    def __init__(self, corpus: Corpus, show: bool, sample: Reservoir | None = None):
         from mlmtool.progress import StageProgress
 
         self.corpus = corpus
         self.show = show
-        self.progress = StageProgress("Reading corpus", total=corpus.total, unit=corpus.unit) if show else None
+        self.sample = sample  # None: the whole corpus goes to the trainer as it is read
+        what = "Sampling corpus" if sample is not None else "Reading corpus"
+        self.progress = StageProgress(what, total=corpus.total, unit=corpus.unit) if show else None
         self.open = False
         self._status = None
 
@@ -228,20 +223,40 @@ class _ReadingProgress:
             for batch in self.corpus.batches(batch_bytes=TRAIN_BATCH_BYTES):
                 if self.progress is not None:
                     self.progress.advance(batch.progress, documents=len(batch.documents))
-                if batch.documents:
+                if self.sample is not None:
+                    self.sample.add(batch.documents)
+                elif batch.documents:
                     yield batch.documents
         except BaseException as e:
             self.close(e)
             raise
         self.close(None)
+        if self.sample is not None:
+            yield from self._sampled()
+        else:
+            self._start_status("Computing the vocabulary (merges / word pieces)…")
+
+    def _sampled(self) -> Iterator[list[str]]:
+        """The sample, after the pass, in corpus order; the trainer counts it from memory."""
+        documents = self.sample.take()
+        if self.show:
+            from mlmtool.progress import human_bytes, say
+
+            say(f"Sampled {self.sample.documents:,} of {self.sample.seen:,} documents "
+                f"({human_bytes(self.sample.bytes)}, seed {self.sample.seed})")
+        self._start_status("Counting the sample, then computing the vocabulary (merges / word pieces)…")
+        for start in range(0, len(documents), SAMPLE_CHUNK_DOCUMENTS):
+            yield documents[start:start + SAMPLE_CHUNK_DOCUMENTS]
+
+    def _start_status(self, text: str) -> None:
         if self.show:
             from mlmtool.progress import console, say
 
             if console.is_terminal:
-                self._status = console.status("Computing the vocabulary (merges / word pieces)…")
+                self._status = console.status(text)
                 self._status.start()
             else:
-                say("Computing the vocabulary (merges / word pieces)…")
+                say(text)
 
     def close(self, exc: BaseException | None) -> None:
         if self.open:
@@ -260,13 +275,13 @@ def check_replaceable(mdir: ModelDir, force: bool) -> None:
     imported weights belong to it: a new vocabulary makes every checkpoint, the export and
     ``init --from``'s weights unusable."""
     from mlmtool.errors import ModelDirError
-    from mlmtool.init_from import init_source, init_weights_path
+    from mlmtool.init_from import init_source
 
     if force:
         return
-    if init_weights_path(mdir).exists():
+    if mdir.init_weights_path.exists():
         raise ModelDirError(
-            f"{mdir} continues the model {init_source(mdir) or init_weights_path(mdir)} ('mlmtool init --from'), "
+            f"{mdir} continues the model {init_source(mdir) or mdir.init_weights_path} ('mlmtool init --from'), "
             "whose weights belong to its tokenizer",
             f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
             "and start from random weights")
@@ -283,7 +298,8 @@ def check_replaceable(mdir: ModelDir, force: bool) -> None:
 def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                     kind: str | None = None, vocab_size: int | None = None,
                     min_frequency: int = DEFAULT_MIN_FREQUENCY, lowercase: bool | None = None,
-                    show_progress: bool = True, force: bool = False) -> dict[str, Any]:
+                    show_progress: bool = True, force: bool = False, sample_bytes: int | None = None,
+                    sample_documents: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
     ``kind``/``vocab_size``/``lowercase`` default to the model family's convention (e.g.
@@ -294,6 +310,10 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     (``stale_data``: the CLI warns, ``train`` refuses it until ``prepare --force``).  DIR is locked
     (``.mlmtool.lock``) while training, so a running ``train`` or ``prepare`` is not
     pulled out from under.
+
+    ``sample_bytes``/``sample_documents``: train on a seeded uniform sample of the documents
+    of about that many bytes (or that many documents) instead of the whole corpus
+    (:mod:`mlmtool.corpus.sample`); the result and the manifest record it.
     """
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
     config = mdir.read_config()
@@ -319,6 +339,13 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           "use --min-frequency 2 (the default)")
     if lowercase is None:  # the family's choice for its own algorithm; else uncased WordPiece only
         lowercase = defaults.lowercase if kind == defaults.algorithm else kind == "wordpiece"
+    if sample_bytes is not None and sample_documents is not None:
+        raise ConfigError("--sample-bytes and --sample-documents both given", "pass one of them")
+    for flag, n in (("--sample-bytes", sample_bytes), ("--sample-documents", sample_documents)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {n}", f"e.g. {flag} 1000000")
+    sample = (Reservoir(max_bytes=sample_bytes, max_documents=sample_documents, seed=seed)
+              if sample_bytes is not None or sample_documents is not None else None)
 
     if show_progress:
         from mlmtool.progress import say
@@ -330,7 +357,7 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
         return _train(mdir, corpus, config, kind=kind, specials=specials, config_ids=defaults.config_ids,
                       requested=requested, min_frequency=min_frequency, lowercase=lowercase,
-                      show_progress=show_progress)
+                      show_progress=show_progress, sample=sample)
 
 
 def _data_tokenizer(mdir: ModelDir) -> str | None:
@@ -343,12 +370,12 @@ def _data_tokenizer(mdir: ModelDir) -> str | None:
 
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials: SpecialTokens,
            config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
-           show_progress: bool) -> dict[str, Any]:
+           show_progress: bool, sample: Reservoir | None = None) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
     tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency, specials=specials)
-    reading = _ReadingProgress(corpus, show_progress)
+    reading = _ReadingProgress(corpus, show_progress, sample)
     start = time.perf_counter()
     try:
         # An exception of the iterator (e.g. DataError: empty corpus) comes back out as is.
@@ -389,9 +416,13 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
         "tokenizer_sha256": file_sha256(mdir.tokenizer_path),
     }
     result["stale_data"] = _data_tokenizer(mdir) not in (None, result["tokenizer_sha256"])
-    mdir.record("tokenizer",
-                args={"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
-                      "lowercase": lowercase, "text_column": corpus.text_column},
-                inputs=corpus.fingerprint(),
-                outputs={k: result[k] for k in ("vocab_size", "documents", "bytes", "tokenizer_sha256")})
+    args = {"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
+            "lowercase": lowercase, "text_column": corpus.text_column}
+    outputs = {k: result[k] for k in ("vocab_size", "documents", "bytes", "tokenizer_sha256")}
+    if sample is not None:  # what the tokenizer was trained on, and how to draw it again
+        result["sample"] = sample.summary()
+        args |= ({"sample_bytes": sample.max_bytes} if sample.max_bytes is not None
+                 else {"sample_documents": sample.max_documents}) | {"seed": sample.seed}
+        outputs["sample"] = {k: result["sample"][k] for k in ("documents", "bytes")}
+    mdir.record("tokenizer", args=args, inputs=corpus.fingerprint(), outputs=outputs)
     return result

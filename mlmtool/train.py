@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmtool import checkpoint, sharding as sh
+from mlmtool import blocks, checkpoint, distributed as dist, sharding as sh
 from mlmtool.errors import TrainingError
 from mlmtool.evaluate import evaluate, make_eval_fn, unigram_top_token
 from mlmtool.flops import peak_flops, training_flops_per_token
@@ -51,7 +51,7 @@ class Trainer:
             self._setup(mdir, cfg, mesh_spec)
         except Exception as e:  # fail on every process together, not on one while the others wait
             error = e
-        sh.agree(None if error else self._settings(), error=error, what="training settings",
+        dist.agree(None if error else self._settings(), error=error, what="training settings",
                  hint="start every process with the same options on the same model directory (prepared once on "
                       "shared storage, or identically on every host)")
 
@@ -112,10 +112,10 @@ class Trainer:
         self._new_stage = False
 
     def _settings(self) -> dict:
-        """What must be the same on every process of a multi-process run (see sh.agree)."""
+        """What must be the same on every process of a multi-process run (see dist.agree)."""
         return {**{f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self.cfg).items()},
                 "mesh": dict(self.mesh.shape), "config.json": self.config,
-                "data": sh.store_fingerprint(self.train_store, self.val_store)}
+                "data": blocks.store_fingerprint(self.train_store, self.val_store)}
 
     # -- checkpoint metadata: what must match for a resume to continue the same run --
     def _run_identity(self) -> dict:
@@ -151,7 +151,7 @@ class Trainer:
             latest = checkpoint.latest_step(ckpt_dir)
         except Exception as e:
             error = e
-        sh.agree(None if error else {"--resume": resume, "--force": force, "latest checkpoint": latest}, error=error,
+        dist.agree(None if error else {"--resume": resume, "--force": force, "latest checkpoint": latest}, error=error,
                  what="checkpoints", hint=f"start every process with the same options; {ckpt_dir} must be one "
                                           "directory that every host shares (NFS, GCS-fuse, ...)")
         if latest is not None and not resume:
@@ -165,7 +165,7 @@ class Trainer:
                     checkpoint.remove_all(ckpt_dir)
             except Exception as e:
                 error = e
-            sh.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
+            dist.agree(error=error)  # also a barrier: no process looks at the directory before it is gone
             latest = None
         if latest is None:
             from mlmtool.init_from import exported_params, initial_params
@@ -218,7 +218,7 @@ class Trainer:
                                         f"use --optimizer {was}, or drop --keep-optimizer-state")
         except Exception as e:
             error = e
-        sh.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
+        dist.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
                  what="--from-checkpoint", hint="start every process with the same options")
         (src_dir, step), own = src, src[0].absolute() == self.mdir.checkpoints_dir.absolute()
         error = moved = None
@@ -226,7 +226,7 @@ class Trainer:
             moved = stages.archive(self.mdir, self.main)
         except Exception as e:
             error = e
-        sh.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
+        dist.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
         src_dir = moved if own else src_dir
         with checkpoint.manager(src_dir, read_only=True, async_save=False) as mngr:
             out = checkpoint.restore(mngr, step, self.abstract_state.params,
@@ -272,7 +272,7 @@ class Trainer:
             on_start()
         if progress is not None:
             progress.started(start)
-        writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir / "tensorboard")
+        writer = MetricsWriter(self.mdir.metrics_path, enabled=self.main, tensorboard_dir=self.mdir.tensorboard_dir)
         result: dict = {"start_step": start, "total_steps": plan.total_steps}
         budget = cfg.max_time
         spent = budget > 0 and self.elapsed_before >= budget
@@ -320,7 +320,7 @@ class Trainer:
                     stop = stop_requested()
                     if self.multi:  # a signal to one process stops them all, at the same step
                         stop = not last and (done % STOP_CHECK_EVERY == 0 or done % cfg.logging_steps == 0) \
-                            and sh.any_process(stop)
+                            and dist.any_process(stop)
                     if progress is not None:
                         progress.step(done)
                     if done % cfg.logging_steps == 0 or done % cfg.save_steps == 0 or last or stop:
@@ -370,7 +370,7 @@ class Trainer:
         are several): the learning rate and the stop must be the same everywhere."""
         if not self.multi:
             return self._elapsed()
-        return float(sh.allgather_json(self._elapsed())[0])
+        return float(dist.allgather_json(self._elapsed())[0])
 
     def _diverged(self, step: int, loss: float, lr: float, mngr) -> None:
         """Stop on inf/nan: name the step and the likely cause; no checkpoint of it is written."""

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from mlmtool.cli import quiet_orbax
+
 # The suite compiles into no persistent cache (tests/test_compilation_cache.py turns it on
 # in its own subprocesses); subprocesses the tests start inherit this.
 os.environ["MLMTOOL_COMPILATION_CACHE"] = "0"
 
-# -- corpus, tokenizer and prepare tests (test_corpus/test_tokenizer/test_prepare/test_blocks) --
+# What the command line does in its root callback, for the tests that call the library
+# directly (checkpoint saves that fail on purpose): no orbax chatter in their output.
+quiet_orbax()
+
+# -- corpus, tokenizer and prepare tests (test_corpus_*, test_tokenizer, test_prepare, test_piece_encoder) --
 
 CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with for on at by "
                 "from house garden letter morning evening walk dance ball sister brother mother "
@@ -21,6 +27,11 @@ CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with 
                 "character manner feeling happiness pleasure anxious agreeable handsome "
                 "elegant amiable certainly perhaps never always quite very much little great "
                 "kernel driver device memory interrupt buffer register module config").split()
+
+#: Words that trip tokenizers up: accents, scripts, odd whitespace, specials' text, control characters.
+TRICKY_WORDS = ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t", "\u00a0", "\u3000", "\u200b", "\x1c",
+                "don't", "'s", "<mask>", "<s>", "</s>", "[MASK]", "ΟΔΟΣ", "a\u0301", "\u0301", "😀", "3.14",
+                "--", "(x)", "straße", "\r", "\x00", "\ufffd", "İ"]
 
 
 def make_documents(n_docs: int = 300, seed: int = 0, min_words: int = 3,
@@ -39,6 +50,11 @@ def write_documents(path: Path, docs: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
     return path
+
+
+def read_all(corpus, **kw) -> list[str]:
+    """Every document of one pass over ``corpus`` (an mlmtool.corpus.Corpus)."""
+    return [d for b in corpus.batches(**kw) for d in b.documents]
 
 
 def make_model_dir(path: Path, preset: str = "tiny", *overrides: str) -> Path:

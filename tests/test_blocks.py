@@ -90,18 +90,6 @@ def test_block_store_reads(tmp_path, dtype):
     assert store.meta["num_blocks"] == {"train": 40, "validation": 3}
 
 
-def test_pickles_by_path(tmp_path):
-    import pickle
-
-    train = np.arange(1000 * 16).reshape(1000, 16) % 500
-    d = write_store(tmp_path, {"train": train, "validation": train[:2]}, 16)
-    store = BlockStore.open(d, "train")
-    data = pickle.dumps(store)
-    assert len(data) < 2000  # not the blocks themselves
-    again = pickle.loads(data)
-    assert len(again) == 1000 and np.array_equal(again.read([3, 999]), train[[3, 999]])
-
-
 def test_empty_split(tmp_path):
     d = write_store(tmp_path, {"train": np.zeros((2, 4)), "validation": np.zeros((0, 4))}, 4)
     store = BlockStore.open(d, "validation")

@@ -110,3 +110,19 @@ def test_quiet_keeps_results_and_errors(tmp_path, corpus_file, monkeypatch):
     assert r.exit_code == 0 and r.stdout == ""
     r = invoke("init", tmp_path / "n", "--preset", "tiny", "--json")
     assert json.loads(r.stdout)["status"] == "unchanged"
+
+
+def test_orbax_is_quieted_by_the_command_line_not_by_importing_the_library():
+    """Importing mlmtool.checkpoint leaves absl's verbosity and sys.unraisablehook alone; the
+    CLI's root callback sets them (orbax errors only with MLMTOOL_DEBUG)."""
+    code = ("import sys; from absl import logging; v, h = logging.get_verbosity(), sys.unraisablehook\n"
+            "import mlmtool.checkpoint\n"
+            "assert (logging.get_verbosity(), sys.unraisablehook) == (v, h)\n"
+            "from mlmtool.cli import app; from typer.testing import CliRunner\n"
+            "assert CliRunner().invoke(app, ['info', '.']).exit_code in (0, 1)\n"
+            "print(logging.get_verbosity(), sys.unraisablehook is h)")
+    for debug, want in (("", f"{-3} False"), ("1", f"{-2} True")):  # absl: FATAL = -3, ERROR = -2
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLMTOOL_DEBUG": debug},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[-2] == want

@@ -30,3 +30,13 @@ def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
         atomic_write_json(path, {"new": True})
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_atomic_write_flushes_the_file_then_its_directory(tmp_path, monkeypatch):
+    """The file's data before the rename, the directory (the rename itself) after it."""
+    import stat
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), fsync(fd))[1])
+    atomic_write_json(tmp_path / "a.json", [1])
+    assert synced == [False, True]

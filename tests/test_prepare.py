@@ -23,8 +23,8 @@ from mlmtool.blocks import BlockStore, read_meta
 from mlmtool.cli import app
 from mlmtool.corpus import open_corpus
 from mlmtool.errors import DataError
-from mlmtool.prepare import is_validation, prepare, validation_mask
-from tests.conftest import CORPUS_WORDS, make_documents, make_model_dir, write_documents
+from mlmtool.prepare import prepare, validation_mask
+from tests.conftest import CORPUS_WORDS, TRICKY_WORDS, make_documents, make_model_dir, write_documents
 
 
 def invoke(*args):
@@ -121,12 +121,8 @@ def test_document_boundaries_and_dropped_remainder(bpe_dir, tmp_path):
     assert meta["num_blocks"] == {"train": len(stream) // 4, "validation": 0}
 
 
-_TRICKY = ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t", "\u00a0", "\u3000", "\u200b", "\x1c",
-           "don't", "'s", "<mask>", "<s>", "</s>", "[MASK]", "ΟΔΟΣ", "a\u0301", "\u0301", "😀", "3.14",
-           "--", "(x)", "straße", "\r", "\x00", "\ufffd", "İ"]
-_words = st.sampled_from(CORPUS_WORDS + _TRICKY)
 # in a corpus file: no NUL (a binary file) and no line-final \r (stripped as a CRLF line end)
-_file_words = st.sampled_from(CORPUS_WORDS + [t for t in _TRICKY if t not in ("\x00", "\r")])
+_file_words = st.sampled_from(CORPUS_WORDS + [t for t in TRICKY_WORDS if t not in ("\x00", "\r")])
 _doc = st.lists(_file_words, min_size=0, max_size=60).map(" ".join)
 
 
@@ -224,69 +220,6 @@ def test_wordpiece_blocks(wordpiece_dir, tmp_path, corpus_docs):
     assert got["train"][0, 0] == 2
 
 
-# -- the piece cache is exact ---------------------------------------------------------------
-
-def _lowercase_bpe(tmp_path_factory, corpus_docs) -> Path:
-    from mlmtool.tokenizer_train import train_tokenizer
-
-    d = make_model_dir(tmp_path_factory.mktemp("lc") / "m", "tiny")
-    corpus = write_documents(d.parent / "c.txt", corpus_docs)
-    train_tokenizer(d, open_corpus([corpus]), vocab_size=350, lowercase=True, show_progress=False)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tokenizer_paths(_bpe_dir, _wordpiece_dir, tmp_path_factory, corpus_docs) -> list[str]:
-    return [str(_bpe_dir / "tokenizer.json"), str(_wordpiece_dir / "tokenizer.json"),
-            str(_lowercase_bpe(tmp_path_factory, corpus_docs) / "tokenizer.json")]
-
-
-_text = st.lists(st.one_of(_words, st.sampled_from([" ", " ", " ", "  ", "\t", "\n"]),
-                           st.text(max_size=3)), max_size=40).map("".join)
-
-
-@settings(max_examples=100, deadline=None)
-@given(docs=st.lists(_text, min_size=1, max_size=12))
-def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
-    from tokenizers import Tokenizer
-
-    from mlmtool.prepare import PieceEncoder
-
-    for path in tokenizer_paths:
-        tok = Tokenizer.from_file(path)
-        assert PieceEncoder.supports(json.loads(Path(path).read_text()))
-        want = [e.ids for e in tok.encode_batch(docs)]
-        for enc in (PieceEncoder(tok), PieceEncoder(tok, max_entries=4)):  # (tiny: resets often)
-            assert enc.enabled
-            for _ in range(2):  # cold and warm cache
-                assert enc.encode_lists(docs) == want
-                flat = enc.encode_flat(docs, np.dtype("<u2"))
-                assert flat.tolist() == [t for ids in want for t in ids]
-            assert enc.encode_lists([]) == [] and enc.encode_flat([], np.dtype("<u2")).size == 0
-
-
-def test_piece_encoder_refuses_other_pipelines(_bpe_dir):
-    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
-
-    from mlmtool.prepare import PieceEncoder
-
-    spec = json.loads((_bpe_dir / "tokenizer.json").read_text())
-    assert PieceEncoder.supports(spec)
-    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    assert not PieceEncoder.supports(json.loads(tok.to_str()))
-    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
-    tok.add_tokens([AddedToken("New York")])
-    assert not PieceEncoder.supports(json.loads(tok.to_str()))
-    tok = Tokenizer.from_file(str(_bpe_dir / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken("<sep2>", rstrip=True)])
-    assert not PieceEncoder.supports(json.loads(tok.to_str()))
-    docs = ["Visit New York <sep2> now", "the garden"]
-    enc = PieceEncoder(tok)
-    enc.enabled = False  # what prepare does for such a tokenizer: plain encode_batch
-    assert enc.encode_lists(docs) == [e.ids for e in tok.encode_batch(docs)]
-
-
 def test_prepare_same_with_and_without_piece_cache(bpe_dir, tmp_path, corpus_docs):
     corpus = write_documents(tmp_path / "c.txt", corpus_docs)
     files = []
@@ -297,7 +230,28 @@ def test_prepare_same_with_and_without_piece_cache(bpe_dir, tmp_path, corpus_doc
     assert files[0] == files[1]
 
 
+def test_no_piece_cache_option_reaches_the_encoder(bpe_dir, corpus_file, monkeypatch):
+    """prepare --no-piece-cache: the workers encode with plain encode_batch, into the same blocks."""
+    import mlmtool.prepare as prep
+
+    jobs, init = [], prep._init_worker
+    monkeypatch.setattr(prep, "_init_worker", lambda job, *a, **k: (jobs.append(job), init(job, *a, **k))[1])
+    files = []
+    for flag in ("--piece-cache", "--no-piece-cache"):
+        r = invoke("prepare", bpe_dir, corpus_file, "--max-seq-length", 32, "--num-proc", 1, "--force", flag)
+        assert r.exit_code == 0, r.output
+        files.append([(bpe_dir / "data" / f"{s}.bin").read_bytes() for s in ("train", "validation")])
+    assert [j.piece_cache for j in jobs] == [True, False]
+    assert files[0] == files[1]
+
+
 # -- validation split rule -------------------------------------------------------------------
+
+def is_validation(index: int, percentage: float) -> bool:
+    """The rule for one document, in scalar integer arithmetic: the reference for validation_mask."""
+    q = int(round(float(percentage) * 1_000_000 / 100))
+    return ((index + 1) * q) // 1_000_000 > (index * q) // 1_000_000
+
 
 @pytest.mark.parametrize("pct", [0, 0.5, 1, 5, 10, 12.5, 33.3, 50, 99.9])
 def test_validation_rule_exact_and_streaming(pct):

@@ -479,16 +479,17 @@ def test_a_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
 # the signal lands mid-run and not while the finished artefact is being renamed into place.
 _SLOW = r"""
 import sys, time
-from mlmtool import blocks, corpus
-read, add = corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream
-def slow_read(self, *a, **k):
-    for batch in read(self, *a, **k):
+from mlmtool import blocks
+from mlmtool.corpus import readers
+read, add = readers.READERS["txt"], blocks.SplitWriter.add_stream
+def slow_read(*a, **k):
+    for batch in read(*a, **k):
         time.sleep(0.1)
         yield batch
 def slow_add(self, tokens):
     time.sleep(0.15)
     return add(self, tokens)
-corpus.Corpus._txt_batches, blocks.SplitWriter.add_stream = slow_read, slow_add
+readers.READERS["txt"], blocks.SplitWriter.add_stream = slow_read, slow_add
 from mlmtool.cli import main
 sys.argv = ["mlmtool", *sys.argv[1:]]
 main()

@@ -11,8 +11,9 @@ import pytest
 
 from mlmtool.modeldir import ModelDir
 from mlmtool.report import read_metrics, summarize
-from mlmtool.tensorboard import TensorBoardWriter, read_events, read_scalars
+from mlmtool.tensorboard import TensorBoardWriter
 from tests.pipeline import invoke, trained_dir
+from tests.tb_events import read_events, read_scalars
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

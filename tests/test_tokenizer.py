@@ -210,6 +210,30 @@ def test_retrain_updates_config(tmp_path, corpus_file):
     assert json.loads((d / "config.json").read_text())["vocab_size"] == n
 
 
+def test_sample_options_end_to_end(tmp_path, corpus_file):
+    """--sample-bytes/--sample-documents: the trainer sees only the seeded sample, the display says it
+    samples, and the manifest records the budget and the seed."""
+    d = make_model_dir(tmp_path / "m", "tiny")
+    r = invoke("tokenizer", d, corpus_file, "--vocab-size", 300, "--sample-bytes", 5000, "--seed", 3)
+    assert r.exit_code == 0, r.output
+    assert "Sampling corpus" in r.output and "Sampled " in r.output and "on a sample of" in r.output, r.output
+    record = json.loads((d / "manifest.json").read_text())["tokenizer"]
+    assert record["args"]["sample_bytes"] == 5000 and record["args"]["seed"] == 3
+    longest = max(len(line.encode()) for line in corpus_file.read_text().splitlines())
+    assert 5000 <= record["outputs"]["sample"]["bytes"] < 5000 + longest  # the budget, give or take a document
+    results = []
+    for _ in range(2):
+        r = invoke("tokenizer", d, corpus_file, "--vocab-size", 300, "--sample-documents", 2, "--json")
+        assert r.exit_code == 0, r.output
+        results.append(json.loads(r.stdout))
+    assert results[0]["tokenizer_sha256"] == results[1]["tokenizer_sha256"]  # seed 0 both times
+    res = results[0]
+    assert res["documents"] == 300 and res["sample"]["documents"] == 2 and res["sample"]["seed"] == 0
+    assert res["vocab_size"] < 300  # two documents give few merges: the trainer saw only the sample
+    line = one_error_line(invoke("tokenizer", d, corpus_file, "--sample-bytes", 9, "--sample-documents", 9))
+    assert "--sample-bytes and --sample-documents both given" in line
+
+
 def _rounded(tokenizer_json: dict) -> dict:
     """Unigram scores to 12 digits: the two writers print the last digit of a float64 differently."""
     vocab = tokenizer_json["model"].get("vocab")

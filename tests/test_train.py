@@ -76,7 +76,7 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
     assert other["eval_tokens"] == res["eval_tokens"]
     assert other["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-6)
     # Each eval also goes to TensorBoard, at the step of the weights it scored.
-    from mlmtool.tensorboard import read_scalars
+    from tests.tb_events import read_scalars
 
     step, value = read_scalars(d / "tensorboard")["eval/loss"][-1]
     assert step == 8 and value == pytest.approx(other["eval_loss"], rel=1e-6)

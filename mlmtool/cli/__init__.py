@@ -22,6 +22,39 @@ def debug() -> bool:
     return os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
 
 
+def quiet_orbax() -> None:
+    """Keep orbax's logging and one harmless asyncio complaint off the user's terminal.
+
+    orbax's INFO/WARNING chatter is not for users, nor are the tracebacks it logs when a
+    save fails (disk full): ``checkpoint.save`` and ``wait`` raise that failure as one
+    CheckpointError line.  And after a failed asynchronous save, tensorstore calls back into
+    orbax's closed event loop, which Python reports as an unraisable "Event loop is closed".
+    ``MLMTOOL_DEBUG=1`` keeps orbax's errors and every unraisable exception.
+
+    A process-wide setting, so the command line makes it (once, in its root callback), not
+    ``mlmtool.checkpoint`` on import: a notebook importing the library keeps its own logging.
+    Costs the import of ``absl.logging`` (about 20 ms), not of orbax or jax; without absl
+    (it comes with orbax) there is no orbax logging to quiet.
+    """
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        pass
+    else:
+        absl_logging.set_verbosity(absl_logging.ERROR if debug() else absl_logging.FATAL)
+    if debug() or getattr(sys.unraisablehook, "_mlmtool_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def quiet_closed_loop(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    quiet_closed_loop._mlmtool_quiet = True
+    sys.unraisablehook = quiet_closed_loop
+
+
 def _error_line(message: str) -> None:
     from mlmtool.progress import err_console
 
@@ -83,7 +116,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="mlmtool",
-    help="Pre-train BERT/RoBERTa-style masked-language models in JAX/Flax, from raw text to a "
+    help="Pre-train masked-language encoders (RoBERTa, BERT, XLM-R, DistilBERT, ...) in JAX/Flax, from raw text to a "
          "Hugging Face model directory.\n\nPipeline: init → tokenizer → prepare → train → eval; "
          "then predict, report, info.",
     no_args_is_help=True,
@@ -114,6 +147,9 @@ def _root(
 
     set_quiet(quiet)
     compilation_cache.configure()
+    quiet_orbax()
+    # transformers advises installing PyTorch when it is absent; mlmtool never needs it.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _register() -> None:

@@ -33,7 +33,8 @@ def eval_command(
 
     from mlmtool.modeldir import ModelDir
     from mlmtool.progress import say
-    from mlmtool.sharding import agree, initialize_distributed, is_main_process
+    from mlmtool.distributed import agree, initialize_distributed
+    from mlmtool.sharding import is_main_process
 
     initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
     mdir = error = None

@@ -72,13 +72,12 @@ def init_command(
                                 + (f" ({', '.join(trained)} were made with it)" if trained else ""),
                                 "pass --force to overwrite it (or choose another DIR)")
     if status == "written":
-        from mlmtool.init_from import init_weights_path
 
         with mdir.lock("init"):  # not under a running train, prepare or tokenizer
             mdir.write_config(config)
-            if init_weights_path(mdir).exists():  # from an earlier 'init --from': not this config's
-                init_weights_path(mdir).unlink()
-                say(f"Removed {init_weights_path(mdir)}: training starts from random weights")
+            if mdir.init_weights_path.exists():  # from an earlier 'init --from': not this config's
+                mdir.init_weights_path.unlink()
+                say(f"Removed {mdir.init_weights_path}: training starts from random weights")
             mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
                                       "from_config": str(from_config) if from_config else None})
         if existing is not None:  # --force over another config: say what no longer fits it (trained with it)
@@ -125,7 +124,7 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     config = out["config"]
     info = {**summary(config), "parameters": parameter_count(config),
             "config": str(mdir.config_path), "status": out["status"], "from": out["source"],
-            "init_weights": str(mdir.path / "init.safetensors")}
+            "init_weights": str(mdir.init_weights_path)}
     redo = {"data": "run 'mlmtool prepare DIR FILE... --force'", "checkpoints": "train with --no-resume --force",
             "model.safetensors": "train again"}
     for name in out.get("stale", []):

@@ -77,6 +77,10 @@ DistributedTimeoutOpt = Annotated[Optional[int], typer.Option(
 DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
     "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
     rich_help_panel=CORPUS, show_default=False)]
+PieceCacheOpt = Annotated[bool, typer.Option(
+    "--piece-cache/--no-piece-cache",
+    help="Encode through a cache of space-separated pieces (2-3x faster, the same blocks); "
+         "--no-piece-cache: plain encode_batch.")]
 NumProcOpt = Annotated[Optional[int], typer.Option(
     "--num-proc", min=1, envvar="MLMTOOL_NUM_PROC",
     help="Worker processes for tokenizing (default: all CPU cores).",

@@ -9,7 +9,7 @@ import typer
 from mlmtool.cli import app
 from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
                                  ForceOpt, JsonOpt, MaxSeqLengthOpt, ModelDirArg, NumProcOpt,
-                                 SplitOpt, StreamingOpt, TextColumnOpt)
+                                 PieceCacheOpt, SplitOpt, StreamingOpt, TextColumnOpt)
 
 BLOCKS = "Blocks"
 
@@ -29,6 +29,7 @@ def prepare_command(
              "corpus (document i is held out when floor((i+1)p/100) > floor(ip/100)); 0 for none.",
         rich_help_panel=BLOCKS)] = 5.0,
     num_proc: NumProcOpt = None,
+    piece_cache: PieceCacheOpt = True,
     text_column: TextColumnOpt = "text",
     dataset: DatasetOpt = None,
     dataset_config: DatasetConfigOpt = None,
@@ -62,7 +63,8 @@ def prepare_command(
                          revision=dataset_revision, data_files=data_files)
     result = prepare(mdir, corpus, max_seq_length=max_seq_length, line_by_line=line_by_line,
                      validation_split_percentage=validation_split_percentage,
-                     num_proc=num_proc, force=force, show_progress=not json_out and not quiet())
+                     num_proc=num_proc, force=force, show_progress=not json_out and not quiet(),
+                     piece_cache=piece_cache)
     for line in [*corpus.warnings(), *result.get("warnings", [])]:
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:

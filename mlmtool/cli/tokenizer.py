@@ -8,7 +8,7 @@ import typer
 
 from mlmtool.cli import app
 from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
-                                 JsonOpt, ModelDirArg, SplitOpt, StreamingOpt, TextColumnOpt)
+                                 JsonOpt, ModelDirArg, SeedOpt, SplitOpt, StreamingOpt, TextColumnOpt)
 
 TOKENIZER = "Tokenizer"
 
@@ -32,6 +32,14 @@ def tokenizer_command(
         "--lowercase/--no-lowercase", help="Lowercase the text first (default: the model's "
         "convention: yes for wordpiece (uncased BERT), no for bpe).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
+    sample_bytes: Annotated[Optional[int], typer.Option(
+        "--sample-bytes", min=1, help="Train on a uniform random sample of the documents, about N bytes of "
+                                      "text (for a corpus too big for the trainer's memory; drawn with --seed).",
+        rich_help_panel=TOKENIZER, show_default=False)] = None,
+    sample_documents: Annotated[Optional[int], typer.Option(
+        "--sample-documents", min=1, help="Train on a uniform random sample of N documents (drawn with --seed).",
+        rich_help_panel=TOKENIZER, show_default=False)] = None,
+    seed: SeedOpt = 0,
     text_column: TextColumnOpt = "text",
     dataset: DatasetOpt = None,
     dataset_config: DatasetConfigOpt = None,
@@ -58,7 +66,6 @@ def tokenizer_command(
     mdir = ModelDir(model_dir)
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
-    from mlmtool.init_from import init_weights_path
     from mlmtool.tokenizer_train import check_replaceable
 
     check_replaceable(mdir, force)  # before reading any corpus
@@ -67,10 +74,11 @@ def tokenizer_command(
                          revision=dataset_revision, data_files=data_files)
     result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
                              min_frequency=min_frequency, lowercase=lowercase,
-                             show_progress=not json_out and not quiet(), force=force)
-    if init_weights_path(mdir).exists():  # --force: the weights no longer fit the vocabulary
-        init_weights_path(mdir).unlink()
-        err_console.print(f"[bold yellow]warning:[/] removed {init_weights_path(mdir)}: the new tokenizer "
+                             show_progress=not json_out and not quiet(), force=force,
+                             sample_bytes=sample_bytes, sample_documents=sample_documents, seed=seed)
+    if mdir.init_weights_path.exists():  # --force: the weights no longer fit the vocabulary
+        mdir.init_weights_path.unlink()
+        err_console.print(f"[bold yellow]warning:[/] removed {mdir.init_weights_path}: the new tokenizer "
                           "makes those weights meaningless; training starts from random weights",
                           soft_wrap=True, highlight=False)
     if result.get("stale_data"):
@@ -90,5 +98,7 @@ def tokenizer_command(
     case = ", lowercased" if result["lowercase"] else ""
     say(f"Trained a {kind} tokenizer{case}: vocab {result['vocab_size']:,} "
         f"(asked {result['requested_vocab_size']:,}), {result['documents']:,} documents, "
-        f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s")
+        f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s"
+        + (f", on a sample of {result['sample']['documents']:,} documents ({human_bytes(result['sample']['bytes'])}, "
+           f"seed {result['sample']['seed']})" if result.get("sample") else ""))
     say(f"Wrote {', '.join(result['files'])}; config.json vocab_size = {result['vocab_size']}")

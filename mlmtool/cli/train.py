@@ -96,7 +96,7 @@ def train_command(
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
     from mlmtool.progress import TrainProgress, say
-    from mlmtool.sharding import initialize_distributed
+    from mlmtool.distributed import initialize_distributed
 
     initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
 
@@ -154,7 +154,7 @@ def _locked(model_dir, main: bool):
     """DIR, with its lock held by process 0; if any process cannot open DIR or process 0
     cannot take the lock, every process stops with that error (none waits forever)."""
     from mlmtool.modeldir import ModelDir
-    from mlmtool.sharding import agree
+    from mlmtool.distributed import agree
 
     mdir = lock = error = None
     try:
