@@ -31,11 +31,15 @@ def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
     """(train records, eval records, unreadable lines) of a metrics.jsonl, restarts resolved.
 
     Eval records written by ``mlmtool eval`` get the step of their checkpoint (``step N``),
-    or, for the export, the last training step.
+    or, for the export, the last training step.  Every record gets ``stage`` (0, 1, ... for
+    the runs of ``train --from-checkpoint``, mlmtool.stages) and ``global_step``: a stage's
+    steps count from 1 again while its ``tokens_seen`` goes on, so it follows the stage
+    before instead of replacing it, as a resume from an earlier checkpoint does.
     """
     train: list[dict] = []
     evals: list[dict] = []
     bad = 0
+    stage, offset = 0, 0  # the current stage and the global steps of the stages before it
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
@@ -59,19 +63,27 @@ def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
                 else:
                     rec = {**rec, "step": train[-1]["step"] if train else 0}
             rec.setdefault("source", "eval" if rec.get("event") == "eval" else "train")
-            evals.append(rec)
+            evals.append({**rec, "stage": stage, "global_step": offset + rec["step"]})
         elif "loss" in rec and isinstance(rec.get("step"), int):
             step = rec["step"]
-            if train and step <= train[-1]["step"]:
-                # Resumed from an earlier checkpoint, or restarted: the old records from
-                # this step on no longer describe the model.
-                train = [r for r in train if r["step"] < step]
-                evals = [r for r in evals if r["step"] < step]
-            train.append(rec)
+            if train and step <= train[-1]["step"] and _continues(rec, train[-1]):
+                stage, offset = stage + 1, train[-1]["global_step"]  # a new stage
+            elif train and step <= train[-1]["step"]:
+                # Resumed from an earlier checkpoint, or restarted: the old records of this
+                # stage from this step on no longer describe the model.
+                train = [r for r in train if r["stage"] < stage or r["step"] < step]
+                evals = [r for r in evals if r["stage"] < stage or r["step"] < step]
+            train.append({**rec, "stage": stage, "global_step": offset + step})
     # One evaluation per step and kind: the latest.
-    latest = {(r["step"], r["source"]): r for r in evals}
-    evals = sorted(latest.values(), key=lambda r: r["step"])
+    latest = {(r["global_step"], r["source"]): r for r in evals}
+    evals = sorted(latest.values(), key=lambda r: r["global_step"])
     return train, evals, bad
+
+
+def _continues(rec: dict, last: dict) -> bool:
+    """``rec`` starts a new stage after ``last``: its step count restarted, its token count did not."""
+    now, before = rec.get("tokens_seen"), last.get("tokens_seen")
+    return isinstance(now, int) and isinstance(before, int) and now > before
 
 
 def _finite(values) -> list[float]:
@@ -85,7 +97,8 @@ def summarize(mdir) -> dict[str, Any]:
                            "eval_records": len(evals), "unreadable_lines": bad}
     if train:
         last = train[-1]
-        out["steps"] = last["step"]
+        out["steps"] = last["global_step"]  # of all stages
+        out["stages"] = last["stage"] + 1
         out["epochs"] = last.get("epoch")
         out["tokens_seen"] = last.get("tokens_seen")
         out["masked_tokens_seen"] = sum(int(r.get("masked_tokens", 0)) for r in train)
@@ -97,7 +110,7 @@ def summarize(mdir) -> dict[str, Any]:
             out["wall_seconds"] = float(last["time"]) - float(train[0]["time"])
         out["train"] = {}
         for key, better in (("loss", min), ("accuracy", max), ("learning_rate", None), ("grad_norm", None)):
-            series = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+            series = [(r["global_step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
             if not series:
                 continue
             entry: dict[str, Any] = {"last": series[-1][1], "first": series[0][1]}
@@ -109,7 +122,7 @@ def summarize(mdir) -> dict[str, Any]:
     if evals:
         out["eval"] = {}
         for key, better in (("eval_loss", min), ("eval_accuracy", max), ("perplexity", min)):
-            series = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            series = [(r["global_step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
             finite = [(s, v) for s, v in series if math.isfinite(v)]
             if finite:
                 step, value = better(finite, key=lambda sv: sv[1])
@@ -155,8 +168,11 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
     output, fmt = check_output(output)
 
     def series(records, key):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        pts = [(r["global_step"], r[key]) for r in records
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    starts = [r["global_step"] - r["step"] for i, r in enumerate(train) if i and r["stage"] != train[i - 1]["stage"]]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
     (ax_loss, ax_acc), (ax_lr, ax_tps) = axes
@@ -176,8 +192,10 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        for x in starts:  # where a stage (train --from-checkpoint) began
+            ax.axvline(x, color="gray", linestyle=":", linewidth=1)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (all stages)" if starts else "step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if any(label for _, _, label, _ in lines) and drawn:

@@ -96,6 +96,27 @@ def test_read_metrics_resume_restart_and_eval_command(tmp_path):
     assert "1 unreadable line" in r.stdout
 
 
+def test_read_metrics_stages_follow_each_other(tmp_path):
+    """A stage (train --from-checkpoint) counts its steps from 1 again while tokens_seen goes on:
+    it follows the stage before on one axis; a resume inside the stage still replaces."""
+    t = lambda step, loss, tokens: _train(step, loss, tokens_seen=tokens)  # noqa: E731
+    lines = [t(2, 5.0, 200), t(4, 4.0, 400), {"step": 4, "eval_loss": 4.4, "eval_accuracy": 0.2, "perplexity": 80.0},
+             t(2, 3.8, 600), t(4, 3.6, 800),  # stage 2: steps 1.., tokens 400 + ...
+             t(4, 3.7, 800), t(6, 3.5, 1000),  # resumed at its step 2 (tokens go back): step 4 replaced
+             {"step": 6, "eval_loss": 3.4, "eval_accuracy": 0.3, "perplexity": 30.0}]
+    lines[5]["tokens_seen"] = 700
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    train, evals, _ = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["global_step"], r["loss"]) for r in train] == [
+        (0, 2, 2, 5.0), (0, 4, 4, 4.0), (1, 2, 6, 3.8), (1, 4, 8, 3.7), (1, 6, 10, 3.5)]
+    assert [(r["global_step"], r["eval_loss"]) for r in evals] == [(4, 4.4), (10, 3.4)]
+    s = summarize(ModelDir(tmp_path))
+    assert s["steps"] == 10 and s["stages"] == 2 and s["eval"]["eval_loss"]["best_step"] == 10
+    r = invoke("report", tmp_path, "--output", tmp_path / "r.png")
+    assert r.exit_code == 0, r.output
+    assert "10 in 2 stages" in r.stdout and (tmp_path / "r.png").stat().st_size > 0
+
+
 def test_tensorboard_events_written_by_train(trained):
     tb = trained / "tensorboard"
     files = sorted(tb.glob("events.out.tfevents.*"))

@@ -93,7 +93,8 @@ def _table(s: dict):
     t.add_section()
     if "steps" in s:
         epochs = f" ({s['epochs']:.2f} epochs)" if isinstance(s.get("epochs"), (int, float)) else ""
-        t.add_row("steps", f"{s['steps']:,}{epochs}", "", "")
+        stages = f" in {s['stages']} stages" if s.get("stages", 1) > 1 else ""
+        t.add_row("steps", f"{s['steps']:,}{stages}{epochs}", "", "")
     if s.get("tokens_seen") is not None:
         t.add_row("tokens seen", f"{s['tokens_seen']:,}", "", "")
     if s.get("masked_tokens_seen"):
