@@ -98,6 +98,14 @@ def parse_overrides(items: list[str], base: dict) -> dict:
     return out
 
 
+def _closest(name: str, choices: list[str]) -> str | None:
+    """difflib's closest match (ratio >= 0.6), the first listed on a tie: 'robert' is
+    'roberta-base', the default, not the alphabetically last of the equally close presets."""
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), -i, c) for i, c in enumerate(choices)]
+    best = max(scored, default=None)
+    return best[2] if best and best[0] >= 0.6 else None
+
+
 def build_config(preset: str | None = None, *, overrides: list[str] = (), from_config: Path | None = None) -> dict:
     """The full config.json dict for a preset (or a config file), with ``--set`` overrides."""
     if from_config is not None:
@@ -106,8 +114,8 @@ def build_config(preset: str | None = None, *, overrides: list[str] = (), from_c
         name = preset or DEFAULT_PRESET
         presets = models.all_presets()
         if name not in presets:
-            close = difflib.get_close_matches(name, list(presets), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(presets)}"
+            close = _closest(name, list(presets))
+            hint = f"did you mean {close!r}?" if close else f"choose one of: {', '.join(presets)}"
             raise ConfigError(f"unknown preset {name!r}", hint)
         base = _full_dict(presets[name]["model_type"], presets[name])
     fields = parse_overrides(list(overrides), base)
