@@ -192,13 +192,15 @@ def layer_norm(epsilon: float, *, param_dtype: Any = jnp.float32, use_bias: bool
 
 
 def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | None = None,
-              local_window: int | None = None):
+              local_window: int | None = None, local: jax.Array | None = None):
     """Scaled dot-product attention (Vaswani et al. 2017) of q, k, v [B, L, N, D] -> [B, L, N, D].
 
     ``attention_mask`` is the bool key padding mask [B, L].  ``kernels.attention`` decides the
     form it takes: a [B, 1, 1, L] mask for XLA, per-row key lengths for cuDNN (rows padded
     on the right).  ``local_window`` (sliding-window attention, e.g. ModernBERT's local
     layers) lets a query at i see the keys within ``local_window // 2`` positions of it.
+    ``local``, a traced bool scalar, says whether ``local_window`` applies, for one program
+    that runs layers of both kinds (a scan over them); None: it applies when given.
     ``dropout`` (attention-probability dropout in training) spells attention out: neither
     fused entry point has dropout.
     """
@@ -207,6 +209,8 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
         half = local_window // 2
         pos = jnp.arange(q.shape[1])
         near = jnp.abs(pos[:, None] - pos[None, :]) <= half  # [L, L]
+        if local is not None:
+            near = near | ~local  # a global layer of the scan: every key
         if dropout is not None or kernels.attention != "cudnn":
             mask = mask & near[None, None]  # [B, 1, L, L]
     if dropout is not None:
@@ -218,9 +222,17 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
     if kernels.attention == "cudnn":
         # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
         lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
-        window = None if local_window is None else (local_window // 2, local_window // 2)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, local_window_size=window,
-                                            implementation="cudnn")  # [B, L, N, D]
+
+        def cudnn(window, q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, local_window_size=window,
+                                                implementation="cudnn")  # [B, L, N, D]
+
+        if local_window is None:
+            return cudnn(None, q, k, v)
+        window = (local_window // 2, local_window // 2)  # keys i - half ... i + half
+        if local is None:
+            return cudnn(window, q, k, v)
+        return jax.lax.cond(local, functools.partial(cudnn, window), functools.partial(cudnn, None), q, k, v)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
 
 
