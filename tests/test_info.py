@@ -93,7 +93,8 @@ def test_info_damaged_and_stale_lock(tmp_path, trained):
 
 @pytest.mark.parametrize("preset", sorted(all_presets()))
 def test_parameter_count_matches_the_model(preset):
-    from tests.model_helpers import ModelConfig, count_params
+    from mlmtool.models import family_for
+    from tests.model_helpers import count_params
 
     config = build_config(preset)
-    assert parameter_count(config) == count_params(ModelConfig.from_dict(config))
+    assert parameter_count(config) == count_params(family_for(config["model_type"]).parse_config(config))

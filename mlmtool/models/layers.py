@@ -203,6 +203,10 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
     that runs layers of both kinds (a scan over them); None: it applies when given.
     ``dropout`` (attention-probability dropout in training) spells attention out: neither
     fused entry point has dropout.
+
+    jax's cuDNN entry point has no two-sided window (it refuses a right window without a
+    causal mask), so with the cuDNN kernels the windowed layers take XLA's attention with
+    the window as a mask; the full layers keep cuDNN's.
     """
     mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
     if local_window is not None:
@@ -210,30 +214,32 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
         pos = jnp.arange(q.shape[1])
         near = jnp.abs(pos[:, None] - pos[None, :]) <= half  # [L, L]
         if local is not None:
-            near = near | ~local  # a global layer of the scan: every key
-        if dropout is not None or kernels.attention != "cudnn":
-            mask = mask & near[None, None]  # [B, 1, L, L]
+            near = near | ~local  # a full-attention layer of the scan: every key
+        windowed = mask & near[None, None]  # [B, 1, L, L]
     if dropout is not None:
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * q.shape[-1] ** -0.5  # [B, N, L, L]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask if local_window is None else windowed, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(jax.nn.softmax(scores, axis=-1))  # float32 softmax
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
-    if kernels.attention == "cudnn":
+
+    def xla(mask, q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
+
+    if kernels.attention != "cudnn":
+        return xla(mask if local_window is None else windowed, q, k, v)
+
+    def cudnn(q, k, v):
         # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
         lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")  # [B, L, N, D]
 
-        def cudnn(window, q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, local_window_size=window,
-                                                implementation="cudnn")  # [B, L, N, D]
-
-        if local_window is None:
-            return cudnn(None, q, k, v)
-        window = (local_window // 2, local_window // 2)  # keys i - half ... i + half
-        if local is None:
-            return cudnn(window, q, k, v)
-        return jax.lax.cond(local, functools.partial(cudnn, window), functools.partial(cudnn, None), q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
+    if local_window is None:
+        return cudnn(q, k, v)
+    if local is None:
+        return xla(windowed, q, k, v)
+    return jax.lax.cond(local, functools.partial(xla, windowed), cudnn, q, k, v)
 
 
 # --------------------------------------------------------------------------- the MLM gather

@@ -35,8 +35,8 @@ from typing import Any
 
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
-    SpecialTokens,
     Family,
+    SpecialTokens,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
@@ -380,9 +380,11 @@ class ModernBertFamily(Family):
                 "vocab": hf["vocab_size"], "max_positions": hf["max_position_embeddings"]}
 
     def recipe_hint(self, model_type: str) -> str | None:
-        return ("ModernBERT's recipe: 'mlmtool prepare DIR FILE... --max-seq-length 1024', "
-                "'mlmtool train DIR --mlm-probability 0.3' (dropout is already 0 in config.json; AdamW "
-                "beta2 0.98 is train's default), 'mlmtool eval DIR --mlm-probability 0.15'")
+        # Warner et al. 2024, section 2.2: 30% masking, sequences of 1024 before the context
+        # extension, a trapezoidal (warm-up, stable, 1-sqrt decay) schedule, no dropout
+        # (config.json's defaults), AdamW-style betas (0.9, 0.98) (train's defaults).
+        return ("ModernBERT recipe: prepare --max-seq-length 1024; train --mlm-probability 0.3 --lr-scheduler wsd; "
+                "eval --mlm-probability 0.15")
 
     def tiny_test_configs(self) -> dict[str, dict]:
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
