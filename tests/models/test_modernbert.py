@@ -234,6 +234,18 @@ def test_state_dict_names_are_transformers_names(torch_mod):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_weight_decay_mask_is_hf_trainers(torch_mod):
+    """Decay on the matrices and embeddings, none on biases and norms: HF Trainer's choice."""
+    from transformers import Trainer
+
+    loaded = load_model(CASES["v5"])
+    mask = loaded.decay_mask(fresh_params("v5"))
+    ours = {e.hf_key for e in loaded.weight_table.entries
+            if functools.reduce(lambda t, k: t[k], e.path, mask)}
+    theirs = set(Trainer.get_decay_parameter_names(None, hf_model("v5"))) - {"decoder.weight"}  # tied
+    assert ours == theirs and "model.embeddings.tok_embeddings.weight" in ours
+
+
 # --------------------------------------------------------------------------- model behaviour
 
 
@@ -479,12 +491,20 @@ def test_init_from_a_transformers_directory(torch_mod, tmp_path):
     config_of_case = globals()["config"]("legacy")
     model.save_pretrained(src)
     build_tokenizer(src, model.config.vocab_size)
+    # config.json as the hub's ModernBERT checkpoints carry it (written by transformers 4.48):
+    # the legacy keys, and leftovers transformers ignores.
+    (src / "config.json").write_text(json.dumps({
+        **CASES["legacy"], "architectures": ["ModernBertForMaskedLM"], "position_embedding_type": "absolute",
+        "reference_compile": True, "repad_logits_with_grad": False, "torch_dtype": "float32",
+        "transformers_version": "4.48.0"}))
     d = tmp_path / "adapted"
     r = invoke("init", d, "--from", src)
     assert r.exit_code == 0, r.output
     assert "no 'mlmtool tokenizer' step" in r.stdout
     config = ModelDir(d).read_config()
     assert FAMILY.parse_config(config) == FAMILY.parse_config(model.config.to_dict()) == config_of_case
+    assert config["layer_types"] == ["full_attention", "sliding_attention"] * 2  # in v5's keys now
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 100.0
     theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     ours = read_safetensors(d / "init.safetensors")
     assert set(theirs) - set(ours) == {"decoder.weight"}
