@@ -389,7 +389,7 @@ class ModernBertFamily(Family):
     def tiny_test_configs(self) -> dict[str, dict]:
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=48, max_position_embeddings=64, local_attention=8,
-                     layer_types=layer_types_every(3), pad_token_id=3)
+                     layer_types=layer_types_every(3), **_SMALL_IDS)
         return {"modernbert": {**_BASE, **small}}
 
 
