@@ -110,6 +110,11 @@ def _print_summary(info: dict, say) -> None:
     verb = "Wrote" if info["status"] == "written" else "Up to date:"
     say(f"{verb} {info['config']}")
     say(table)
+    from mlmtool.models import family_for
+
+    hint = family_for(info["model_type"]).recipe_hint(info["model_type"])
+    if hint:
+        say(hint)
 
 
 def _init_from(model_dir, source, overrides, force, json_out) -> None:

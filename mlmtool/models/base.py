@@ -255,6 +255,12 @@ class Family:
                 encoder += n
         return encoder, head + config.vocab_size * config.hidden_size
 
+    def recipe_hint(self, model_type: str) -> str | None:
+        """One line ``init`` prints after its summary: the options of prepare/train/eval that
+        give the family's published pre-training recipe where they differ from the defaults
+        (None: the defaults are the recipe)."""
+        return None
+
     def tiny_test_configs(self) -> dict[str, dict]:
         """Small configs the parametrised tests run for this family (name -> config.json fields)."""
         return {}

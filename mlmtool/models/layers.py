@@ -192,36 +192,54 @@ def layer_norm(epsilon: float, *, param_dtype: Any = jnp.float32, use_bias: bool
 
 
 def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | None = None,
-              local_window: int | None = None):
+              local_window: int | None = None, local: jax.Array | None = None):
     """Scaled dot-product attention (Vaswani et al. 2017) of q, k, v [B, L, N, D] -> [B, L, N, D].
 
     ``attention_mask`` is the bool key padding mask [B, L].  ``kernels.attention`` decides the
     form it takes: a [B, 1, 1, L] mask for XLA, per-row key lengths for cuDNN (rows padded
     on the right).  ``local_window`` (sliding-window attention, e.g. ModernBERT's local
     layers) lets a query at i see the keys within ``local_window // 2`` positions of it.
+    ``local``, a traced bool scalar, says whether ``local_window`` applies, for one program
+    that runs layers of both kinds (a scan over them); None: it applies when given.
     ``dropout`` (attention-probability dropout in training) spells attention out: neither
     fused entry point has dropout.
+
+    jax's cuDNN entry point has no two-sided window (it refuses a right window without a
+    causal mask), so with the cuDNN kernels the windowed layers take XLA's attention with
+    the window as a mask; the full layers keep cuDNN's.
     """
     mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
     if local_window is not None:
         half = local_window // 2
         pos = jnp.arange(q.shape[1])
         near = jnp.abs(pos[:, None] - pos[None, :]) <= half  # [L, L]
-        if dropout is not None or kernels.attention != "cudnn":
-            mask = mask & near[None, None]  # [B, 1, L, L]
+        if local is not None:
+            near = near | ~local  # a full-attention layer of the scan: every key
+        windowed = mask & near[None, None]  # [B, 1, L, L]
     if dropout is not None:
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * q.shape[-1] ** -0.5  # [B, N, L, L]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask if local_window is None else windowed, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(jax.nn.softmax(scores, axis=-1))  # float32 softmax
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
-    if kernels.attention == "cudnn":
+
+    def xla(mask, q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
+
+    if kernels.attention != "cudnn":
+        return xla(mask if local_window is None else windowed, q, k, v)
+
+    def cudnn(q, k, v):
         # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
         lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
-        window = None if local_window is None else (local_window // 2, local_window // 2)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, local_window_size=window,
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                             implementation="cudnn")  # [B, L, N, D]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
+
+    if local_window is None:
+        return cudnn(q, k, v)
+    if local is None:
+        return xla(windowed, q, k, v)
+    return jax.lax.cond(local, functools.partial(xla, windowed), cudnn, q, k, v)
 
 
 # --------------------------------------------------------------------------- the MLM gather
