@@ -263,3 +263,22 @@ def store_fingerprint(*stores) -> dict:
         out["seq_len"] = store.seq_len
         out["tokenizer_sha256"] = store.meta.get("tokenizer_sha256")
     return out
+
+
+# -- the validation split ------------------------------------------------------------------
+# Which split a document goes to (mlmtool.prepare): systematic, by document, so that any first
+# n documents hold floor(n * p / 100) validation documents without knowing n up front.
+
+VALIDATION_RULE = "systematic: document i -> validation iff floor((i+1)*p/100) > floor(i*p/100)"
+_PPM = 1_000_000          # percentages are applied in parts per million (p to 1e-4 %)
+
+
+def _ppm(percentage: float) -> int:
+    return int(round(float(percentage) * _PPM / 100))
+
+
+def validation_mask(start: int, count: int, percentage: float) -> np.ndarray:
+    """Boolean mask: which of documents ``start .. start+count-1`` go to validation."""
+    q = _ppm(percentage)
+    i = np.arange(start, start + count, dtype=np.int64)
+    return ((i + 1) * q) // _PPM > (i * q) // _PPM

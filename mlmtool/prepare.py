@@ -8,7 +8,8 @@ Pipeline (linear time, bounded memory):
    the ``tokenizers`` library and encode each batch exactly as ``encode_batch`` would,
    special tokens included (``<s> … </s>`` / ``[CLS] … [SEP]``, no truncation),
    single-threaded each (``TOKENIZERS_PARALLELISM=false``); a cache of space-separated
-   pieces (:class:`mlmtool.piece_encoder.PieceEncoder`) makes that 2-3x cheaper than plain ``encode_batch``.
+   pieces (:class:`mlmtool.piece_encoder.PieceEncoder`) makes that 2-3x cheaper than plain
+   ``encode_batch`` (the pool: :mod:`mlmtool.encode_pool`).
    They split the batch's documents into train and validation and return one numpy
    token array per split (or, line by line, ready blocks).  At most a few batches are in
    flight; results are consumed in order, so the output does not depend on ``num_proc``.
@@ -16,7 +17,7 @@ Pipeline (linear time, bounded memory):
    ``max_seq_length``, carrying the remainder (< max_seq_length tokens) over; only the
    final remainder of each split is dropped.
 
-Validation split rule (systematic, by document): with p = validation_split_percentage,
+Validation split rule (systematic, by document; ``blocks.validation_mask``): with p = validation_split_percentage,
 document i (0-based, in corpus order, counting only non-empty documents) goes to
 validation when ``floor((i + 1) * p / 100) > floor(i * p / 100)``.  Any first n
 documents then hold floor(n * p / 100) validation documents, spread evenly through the
@@ -35,17 +36,16 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import sys
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from mlmtool import blocks
+from mlmtool import blocks, encode_pool
+from mlmtool.blocks import VALIDATION_RULE
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
+from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
 from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
@@ -53,173 +53,6 @@ from mlmtool.tokenizer_facts import TokenizerInfo, tokenizer_info
 
 DEFAULT_MAX_SEQ_LENGTH = 128
 DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
-VALIDATION_RULE = "systematic: document i -> validation iff floor((i+1)*p/100) > floor(i*p/100)"
-_PPM = 1_000_000          # percentages are applied in parts per million (p to 1e-4 %)
-_IN_FLIGHT_PER_PROC = 3   # batches queued per worker: enough to keep them busy, bounded memory
-
-
-# -- validation split ----------------------------------------------------------------------
-
-def _ppm(percentage: float) -> int:
-    return int(round(float(percentage) * _PPM / 100))
-
-
-def validation_mask(start: int, count: int, percentage: float) -> np.ndarray:
-    """Boolean mask: which of documents ``start .. start+count-1`` go to validation."""
-    q = _ppm(percentage)
-    i = np.arange(start, start + count, dtype=np.int64)
-    return ((i + 1) * q) // _PPM > (i * q) // _PPM
-
-
-# -- workers --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Job:
-    tokenizer_path: str
-    seq_len: int
-    line_by_line: bool
-    percentage: float
-    dtype: str
-    pad_token_id: int
-    piece_cache: bool = True
-
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(job: _Job, worker_process: bool = True) -> None:
-    """Load the tokenizer for ``job`` (in a worker process, or in this one)."""
-    from tokenizers import Tokenizer
-
-    if worker_process:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and SIGTERM: it cleans up, then shuts the pool down
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-        _exit_with_parent()
-    tok = Tokenizer.from_file(job.tokenizer_path)
-    tok.no_truncation()
-    tok.no_padding()
-    encoder = PieceEncoder(tok)
-    if not job.piece_cache:
-        encoder.enabled = False
-    _worker.clear()
-    _worker.update(job=job, tok=tok, encoder=encoder)
-
-
-def _exit_with_parent() -> None:
-    """In a worker process: exit when the parent is gone (killed with -9, it cannot shut
-    the pool down, and the workers would wait for tasks forever)."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="mlmtool-parent-watch", daemon=True).start()
-
-
-def _encode_task(task: tuple[int, list[str], int]) -> tuple[int, int, dict[str, dict]]:
-    """Worker: encode one batch; per split its tokens (or blocks) and counts."""
-    start, docs, progress = task
-    job: _Job = _worker["job"]
-    enc: PieceEncoder = _worker["encoder"]
-    dtype = np.dtype(job.dtype)
-    val = validation_mask(start, len(docs), job.percentage) if job.percentage else None
-    parts = {"train": docs, "validation": []}
-    if val is not None and val.any():
-        parts = {"train": [d for d, v in zip(docs, val) if not v],
-                 "validation": [d for d, v in zip(docs, val) if v]}
-    out = {}
-    for split, split_docs in parts.items():
-        if job.line_by_line:
-            ids = enc.encode_lists(split_docs)
-            tokens = sum(map(len, ids))
-            data, cut = blocks.document_blocks(ids, job.seq_len, job.pad_token_id, dtype)
-        else:
-            data = enc.encode_flat(split_docs, dtype)
-            tokens, cut = int(data.size), 0
-        out[split] = {"data": data, "documents": len(split_docs), "tokens": tokens, "truncated": cut}
-    return progress, len(docs), out
-
-
-def _tasks(corpus: Corpus, batch_bytes: int) -> Iterator[tuple[int, list[str], int]]:
-    start = 0
-    for batch in corpus.batches(batch_bytes=batch_bytes):
-        yield start, batch.documents, batch.progress
-        start += len(batch.documents)
-
-
-@contextlib.contextmanager
-def _tokenizers_parallelism(value: str):
-    """Set TOKENIZERS_PARALLELISM for the duration (tokenizers reads it on each batch call)."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-def fork_is_safe() -> bool:
-    """Whether worker processes may be forked from this process.
-
-    Not once JAX is imported: forking a process whose JAX runtime threads hold locks can
-    deadlock the child (mlmtool's own corpus/prepare modules never import it; a script or
-    test that did gets the threaded fallback of :func:`_results`).
-    """
-    import multiprocessing
-
-    return "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
-
-
-def _results(tasks: Iterable, job: _Job, num_proc: int) -> Iterator:
-    """Encoded batches in task order.
-
-    num_proc > 1: that many forked worker processes, a bounded number of batches in flight
-    (memory stays flat), results taken in submission order (output independent of
-    num_proc).  Where fork is unsafe (:func:`fork_is_safe`), this process encodes with
-    tokenizers' own thread pool instead.  num_proc == 1: this process, one thread.
-    """
-    if num_proc <= 1 or not fork_is_safe():
-        with _tokenizers_parallelism("false" if num_proc <= 1 else "true"):
-            _init_worker(job, worker_process=False)
-            try:
-                for task in tasks:
-                    yield _encode_task(task)
-            finally:
-                _worker.clear()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    ctx = multiprocessing.get_context("fork")  # starts in milliseconds, inherits nothing big
-    # ProcessPoolExecutor rather than Pool: a worker that dies (killed, out of memory)
-    # raises BrokenProcessPool instead of hanging the run.
-    pool = ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker, initargs=(job,))
-    try:
-        pending: deque = deque()
-        window = _IN_FLIGHT_PER_PROC * num_proc
-        for task in tasks:
-            pending.append(pool.submit(_encode_task, task))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool:
-        raise DataError("a tokenizing worker process died (out of memory, or killed)",
-                        "retry, with a smaller --num-proc if memory is short") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -351,11 +184,11 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     max_seq_length = args["max_seq_length"]
     num_proc = max(1, int(num_proc or os.cpu_count() or 1))
     parallelism = ("single process" if num_proc == 1 else
-                   f"{num_proc} processes" if fork_is_safe() else "tokenizers threads")
+                   f"{num_proc} processes" if encode_pool.fork_is_safe() else "tokenizers threads")
     dtype = blocks.dtype_for_vocab(tok.vocab_size)
     piece_cache = piece_cache and PieceEncoder.supports(
         json.loads(Path(tok.path).read_text(encoding="utf-8")))
-    job = _Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=args["line_by_line"],
+    job = Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=args["line_by_line"],
                percentage=args["validation_split_percentage"], dtype=dtype.str,
                pad_token_id=tok.pad_token_id, piece_cache=piece_cache)
     with atomic_directory(mdir.data_dir) as tmp:
@@ -382,7 +215,7 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     return result
 
 
-def _tokenize_into(writers: dict[str, blocks.SplitWriter], corpus: Corpus, job: _Job, *, num_proc: int,
+def _tokenize_into(writers: dict[str, blocks.SplitWriter], corpus: Corpus, job: Job, *, num_proc: int,
                    batch_bytes: int, show_progress: bool) -> dict[str, dict[str, int]]:
     """Encode the corpus (workers, in order) and append each split's tokens or blocks to its
     writer; per split the documents, tokens and tokens truncated away (line by line)."""
@@ -391,7 +224,7 @@ def _tokenize_into(writers: dict[str, blocks.SplitWriter], corpus: Corpus, job: 
     counts = {s: {"documents": 0, "tokens": 0, "truncated": 0} for s in blocks.SPLITS}
     progress = StageProgress("Tokenizing", total=corpus.total, unit=corpus.unit)
     with (progress if show_progress else contextlib.nullcontext(progress)):
-        for adv, ndocs, out in _results(_tasks(corpus, batch_bytes), job, num_proc):
+        for adv, ndocs, out in encoded_batches(tasks(corpus, batch_bytes), job, num_proc):
             tokens = 0
             for split, part in out.items():
                 c = counts[split]
@@ -465,5 +298,5 @@ def _check_nonempty(writers, counts, seq_len: int, percentage: float, line_by_li
                         "--validation-split-percentage (0 for no validation split)")
 
 
-__all__ = ["prepare", "validation_mask", "DEFAULT_MAX_SEQ_LENGTH", "DEFAULT_VALIDATION_SPLIT_PERCENTAGE",
+__all__ = ["prepare", "DEFAULT_MAX_SEQ_LENGTH", "DEFAULT_VALIDATION_SPLIT_PERCENTAGE",
            "VALIDATION_RULE"]

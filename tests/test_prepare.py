@@ -23,7 +23,8 @@ from mlmtool.blocks import BlockStore, read_meta
 from mlmtool.cli import app
 from mlmtool.corpus import open_corpus
 from mlmtool.errors import DataError
-from mlmtool.prepare import prepare, validation_mask
+from mlmtool.blocks import validation_mask
+from mlmtool.prepare import prepare
 from tests.conftest import CORPUS_WORDS, TRICKY_WORDS, make_documents, make_model_dir, write_documents
 
 
@@ -151,12 +152,13 @@ def test_property_matches_reference(bpe_dir, tmp_path_factory, docs, seq_len, pc
 
 _RUN_PREPARE = """
 import hashlib, json, sys
+import mlmtool.encode_pool as pool
 import mlmtool.prepare as prep
 from mlmtool.blocks import read_meta
 from mlmtool.corpus import open_corpus
 model_dir, corpus, num_proc, batch_bytes, fork = sys.argv[1:]
 if fork == "0":  # the threaded fallback used where forking is unsafe (JAX imported)
-    prep.fork_is_safe = lambda: False
+    pool.fork_is_safe = lambda: False
 prep.prepare(model_dir, open_corpus([corpus]), max_seq_length=32, num_proc=int(num_proc),
              force=True, show_progress=False, batch_bytes=int(batch_bytes))
 meta = read_meta(model_dir + "/data")
@@ -232,10 +234,10 @@ def test_prepare_same_with_and_without_piece_cache(bpe_dir, tmp_path, corpus_doc
 
 def test_no_piece_cache_option_reaches_the_encoder(bpe_dir, corpus_file, monkeypatch):
     """prepare --no-piece-cache: the workers encode with plain encode_batch, into the same blocks."""
-    import mlmtool.prepare as prep
+    import mlmtool.encode_pool as pool
 
-    jobs, init = [], prep._init_worker
-    monkeypatch.setattr(prep, "_init_worker", lambda job, *a, **k: (jobs.append(job), init(job, *a, **k))[1])
+    jobs, init = [], pool._init_worker
+    monkeypatch.setattr(pool, "_init_worker", lambda job, *a, **k: (jobs.append(job), init(job, *a, **k))[1])
     files = []
     for flag in ("--piece-cache", "--no-piece-cache"):
         r = invoke("prepare", bpe_dir, corpus_file, "--max-seq-length", 32, "--num-proc", 1, "--force", flag)
