@@ -147,13 +147,16 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def remove_leftovers(final: Path) -> None:
-    """Delete what a killed :func:`atomic_directory` for ``final`` left behind (its ``.tmp``
-    and ``.old`` folders).  Call it only while holding the directory's lock."""
+    """Delete what a killed :func:`atomic_directory` or :func:`atomic_write` for ``final``
+    left behind (its ``.tmp`` and ``.old`` folders, its ``.tmp`` file).  Call it only while
+    holding the directory's lock."""
     final = Path(final)
     for pattern in (f".{final.name}.*.tmp", f".{final.name}.old.*"):
         for p in final.parent.glob(pattern):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and pattern.endswith(".tmp"):
+                p.unlink(missing_ok=True)
 
 
 def package_versions() -> dict[str, str]:

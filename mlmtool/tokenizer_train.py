@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +41,7 @@ from mlmtool import models
 from mlmtool.corpus import Corpus
 from mlmtool.corpus.sample import Reservoir
 from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, atomic_write, remove_leftovers
+from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, remove_leftovers
 from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
@@ -162,24 +164,34 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialT
 
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
                    config: dict | None = None, specials: SpecialTokens | None = None) -> list[Path]:
-    """Write :func:`tokenizer_files` into DIR, each file atomically (``modeldir.atomic_write``).
+    """Write :func:`tokenizer_files` into a temporary directory (each file flushed to disk),
+    then rename each into DIR: the set is staged whole first, so a full disk or a kill while
+    writing leaves DIR as it was.
 
     tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
     DIR's config.json when given), and an old one is removed first: a run killed at any
     moment leaves either no tokenizer.json or a complete set that agrees with config.json.
     """
-    files = tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials)
-    if model_dir.tokenizer_path.exists():
-        os.unlink(model_dir.tokenizer_path)
     written: list[Path] = []
-    for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
-        if name == "tokenizer.json" and config is not None:
-            model_dir.write_config(config)
-        atomic_write(model_dir / name, lambda tmp, text=files[name]: tmp.write_text(text, encoding="utf-8"))
-        written.append(model_dir / name)
-    for stale in TOKENIZER_EXTRA:  # from another tool or kind
-        if (model_dir / stale).exists():
-            os.unlink(model_dir / stale)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
+    try:
+        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials).items():
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        if model_dir.tokenizer_path.exists():
+            os.unlink(model_dir.tokenizer_path)
+        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
+            if name == "tokenizer.json" and config is not None:
+                model_dir.write_config(config)
+            os.replace(tmp / name, model_dir / name)
+            written.append(model_dir / name)
+        for stale in TOKENIZER_EXTRA:  # from another tool or kind
+            if (model_dir / stale).exists():
+                os.unlink(model_dir / stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return written
 
 
@@ -354,7 +366,8 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             f"(vocab {requested:,}) on {corpus.describe()}")
     check_replaceable(mdir, force)
     with mdir.lock("tokenizer"):
-        remove_leftovers(mdir / "tokenizer")  # the .tokenizer.*.tmp folders of a killed run
+        for name in ("tokenizer", *TOKENIZER_FILES, "config.json"):  # what a killed run left behind
+            remove_leftovers(mdir / name)
         return _train(mdir, corpus, config, kind=kind, specials=specials, config_ids=defaults.config_ids,
                       requested=requested, min_frequency=min_frequency, lowercase=lowercase,
                       show_progress=show_progress, sample=sample)
