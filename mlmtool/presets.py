@@ -153,8 +153,9 @@ def validate(config: dict) -> None:
     family.validate(config)
     layers = family.parse_config(config).num_layers
     if layers > MAX_LAYERS:
-        raise ConfigError(f"config num_hidden_layers {layers:,} is beyond mlmtool's limit of {MAX_LAYERS}",
-                          "fix it with --set num_hidden_layers=N (BERT-large has 24)")
+        key = family.layers_key
+        raise ConfigError(f"config {key} {layers:,} is beyond mlmtool's limit of {MAX_LAYERS}",
+                          f"fix it with --set {key}=N (BERT-large has 24)")
     n = family.parameter_count(config)
     if n > MAX_PARAMETERS:
         raise ConfigError(f"the config makes a model of {n:,} parameters, beyond mlmtool's limit of "

@@ -205,6 +205,8 @@ class Family:
     #: the config.json fields that fix the parameter shapes (a checkpoint of another shape is
     #: diagnosed by naming the fields that differ)
     architecture_keys: tuple[str, ...] = ()
+    #: the config.json field of the number of layers (named in errors)
+    layers_key: str = "num_hidden_layers"
 
     # -- to implement ------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class DistilBertFamily(Family):
     tokenizer = {"distilbert": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS)}
     network = "mlmtool.models.distilbert_flax:MaskedLM"
     head_modules = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
+    layers_key = "n_layers"
     architecture_keys = ("model_type", "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
                          "max_position_embeddings", "activation", "pad_token_id")
 
