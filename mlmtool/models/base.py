@@ -305,6 +305,13 @@ class Family:
     #: the config.json fields that fix the parameter shapes (a checkpoint of another shape is
     #: diagnosed by naming the fields that differ)
     architecture_keys: tuple[str, ...] = ()
+    #: the network takes ``segment_ids`` [B, L] (documents packed in a row; 0 = padding):
+    #: positions restart at each document and attention stays inside it (``train
+    #: --document-attention``; the contract is in ``mlmtool.models.layers.attention``)
+    document_attention: bool = False
+    #: ``train``'s default for --document-attention: on where the published recipe trains
+    #: that way (ModernBERT), off where it packs across documents (BERT, RoBERTa)
+    document_attention_default: bool = False
 
     # -- to implement ------------------------------------------------------------------------
 
