@@ -223,6 +223,13 @@ def row_count_variance(rows: np.ndarray, mask_kwargs: dict, *, seed: int = 0) ->
     return float(counts.var(ddof=1)) if len(counts) > 1 else 0.0
 
 
+def masking_rate(step: jax.Array, start: float, final: float, total_steps: int) -> jax.Array:
+    """The rate at ``step`` (a traced int) of a run of ``total_steps`` that masks ``start``
+    at its first step and ``final`` at its last, linearly in between (mmBERT lowers it)."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1), 0.0, 1.0)
+    return jnp.float32(start) + (jnp.float32(final) - jnp.float32(start)) * frac
+
+
 def mask_rows(
     row_keys: jax.Array,
     input_ids: jax.Array,
