@@ -103,6 +103,7 @@ class BlockStore:
         self.mask_token_id = int(meta["mask_token_id"])
         self.special_token_ids = tuple(int(i) for i in meta["special_token_ids"])
         self.vocab_size = int(meta["vocab_size"])
+        self.line_by_line = bool(meta.get("line_by_line"))  # one document per block (document attention: moot)
         self.dtype = _np_dtype(meta["dtype"])
         if self.num_blocks:
             self._data = np.memmap(self.path, dtype=self.dtype, mode="r",

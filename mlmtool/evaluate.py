@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlmtool.masking import mask_rows
+from mlmtool.masking import MODES, mask_rows
+from mlmtool.models.layers import document_segments
 
 EVAL_SEED = 1234  # fixed, so evaluations are comparable across runs and checkpoints
+EVAL_MLM_PROBABILITY = 0.15  # eval's rate whatever the training one, so runs with other rates compare
 
 
 def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -32,15 +34,18 @@ def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[
 
 
 def eval_step(params: Any, input_ids: jax.Array, row_ids: jax.Array, *, model, pad_token_id: int,
-              mask_kwargs: dict, seed: int, baseline_token: int = -1) -> dict:
+              mask_kwargs: dict, seed: int, baseline_token: int = -1, document_start_id: int | None = None) -> dict:
     """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B].
 
     ``baseline_sum`` counts the predicted positions whose label is ``baseline_token`` (the
-    most frequent training token): the accuracy of the unigram baseline on the same masks."""
+    most frequent training token): the accuracy of the unigram baseline on the same masks.
+    ``document_start_id``: document attention (``mlmtool.step.train_step``)."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(row_ids)  # [B, 2]
     masked = mask_rows(keys, input_ids, **mask_kwargs)
+    documents = {} if document_start_id is None else {
+        "segment_ids": document_segments(input_ids, document_start_id, pad_token_id)}  # [B, L]
     logits = model.apply({"params": params}, masked.input_ids, attention_mask=(input_ids != pad_token_id),
-                         deterministic=True, masked_positions=masked.masked_positions)  # [B, P, V]
+                         deterministic=True, masked_positions=masked.masked_positions, **documents)  # [B, P, V]
     loss_sum, correct_sum = mlm_sums(logits, masked.masked_labels, masked.masked_weights)
     baseline_sum = jnp.sum((masked.masked_labels == baseline_token) * masked.masked_weights)
     return {"loss_sum": loss_sum, "accuracy_sum": correct_sum, "denominator": jnp.sum(masked.masked_weights),
@@ -61,13 +66,15 @@ def unigram_top_token(store, max_blocks: int = 20_000) -> int:
 
 
 def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float, vocab_size: int,
-                 seed: int = EVAL_SEED, baseline_token: int = -1) -> Callable:
+                 seed: int = EVAL_SEED, baseline_token: int = -1, masking: str = "token", word_boundaries=None,
+                 document_start_id: int | None = None) -> Callable:
     from mlmtool import sharding as sh
 
     mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
-                       vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None)
+                       vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None,
+                       masking=masking, word_boundaries=word_boundaries)
     fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed,
-                 baseline_token=baseline_token)
+                 baseline_token=baseline_token, document_start_id=document_start_id)
     rows_sh = sh.batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
 
@@ -164,10 +171,16 @@ def load_params(mdir, loaded, which: str, mesh, params_sharding, config: dict | 
     return out["params"], f"step {step}"
 
 
-def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: str) -> None:
+def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: str, masking: str = "token") -> None:
     """eval's options, before any work: a loss over no predicted token would read as perfect."""
     from mlmtool.errors import ConfigError
+    from mlmtool.masking import MAX_SPAN_RATE
 
+    if masking not in MODES:
+        raise ConfigError(f"--masking must be one of {', '.join(MODES)}, got {masking!r}", "use --masking token")
+    if masking == "span" and mlm_probability > MAX_SPAN_RATE:
+        raise ConfigError(f"span masking leaves at least one word between spans: its rate is at most "
+                          f"{MAX_SPAN_RATE:.2f}", "lower --mlm-probability")
     if not 0.0 < mlm_probability < 1.0:
         raise ConfigError(f"--mlm-probability must be in (0, 1), got {mlm_probability}",
                           "with nothing masked there is nothing to evaluate: use e.g. 0.15 (the default)")
@@ -193,9 +206,8 @@ def check_results(results: dict, mdir, source: str) -> None:
                               "evaluate another checkpoint (--checkpoint STEP), use --dtype float32, or train again")
 
 
-def default_batch_size(mdir) -> int:
-    """The per-device eval batch of DIR's latest training run (so that an eval after training
-    loads the program training compiled, from the compilation cache), else 64."""
+def recorded_train_config(mdir) -> dict:
+    """The training settings recorded in DIR's latest checkpoint ({} if none or unreadable)."""
     from mlmtool import checkpoint as ckpt
 
     try:
@@ -204,22 +216,49 @@ def default_batch_size(mdir) -> int:
         recorded = meta.get("train_config") or {}
     except Exception:  # a damaged checkpoint is reported where the weights are read
         recorded = {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def default_batch_size(mdir) -> int:
+    """The per-device eval batch of DIR's latest training run (so that an eval after training
+    loads the program training compiled, from the compilation cache), else 64."""
+    recorded = recorded_train_config(mdir)
     size = recorded.get("per_device_eval_batch_size") or recorded.get("per_device_train_batch_size")
     return size if isinstance(size, int) and size > 0 else 64
 
 
+def document_attention_as_trained(mdir, family, requested: bool | None) -> bool:
+    """Whether eval uses document attention: ``requested`` when given, else as DIR's latest
+    training run did (its recorded setting, else the family's default).  A model trained
+    with it has only ever seen one document at a time: scoring its packed validation blocks
+    with cross-document attention would measure something it was not trained for (and
+    inference, one document per row, never does); a model trained across documents is
+    scored as it was trained."""
+    from mlmtool.errors import ConfigError
+
+    if requested is None:
+        requested = recorded_train_config(mdir).get("document_attention")
+    on = family.document_attention_default if requested is None else bool(requested)
+    if on and not family.document_attention:
+        raise ConfigError(f"the {family.name} family's network does not implement document attention",
+                          "drop --document-attention")
+    return on
+
+
 def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | None = None,
-             mlm_probability: float = 0.15, dtype: str = "float32", mesh_spec: str | None = None) -> dict:
+             mlm_probability: float = EVAL_MLM_PROBABILITY, dtype: str = "float32", mesh_spec: str | None = None,
+             masking: str = "token", document_attention: bool | None = None) -> dict:
     """Evaluate DIR's model on its validation split and write eval_results.json
-    (``per_device_batch_size`` None: :func:`default_batch_size`)."""
+    (``per_device_batch_size`` None: :func:`default_batch_size`; ``document_attention``
+    None: :func:`document_attention_as_trained`)."""
     from mlmtool import distributed as dist, sharding as sh
     from mlmtool.blocks import store_fingerprint
     from mlmtool.models import load_model
     from mlmtool.modeldir import atomic_write_json
-    from mlmtool.stores import open_stores
+    from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
 
     check_options(per_device_batch_size=1 if per_device_batch_size is None else per_device_batch_size,
-                  mlm_probability=mlm_probability, dtype=dtype)
+                  mlm_probability=mlm_probability, dtype=dtype, masking=masking)
     error = None
     try:  # everything that can fail on one host alone, before any collective
         if per_device_batch_size is None:
@@ -242,11 +281,14 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         weights_step = (selected if isinstance(selected, int) else 0 if selected == INIT
                         else ckpt.latest_step(mdir.checkpoints_dir))
         baseline_token = unigram_top_token(train_store)
+        documents = document_attention_as_trained(mdir, loaded.family, document_attention)
+        word_table = word_boundaries_for(mdir, config["vocab_size"]) if masking != "token" else None
     except Exception as e:  # fail on every process together, not on one while the others wait
         error = e
     dist.agree(None if error else {
         "checkpoint": selected, "--per-device-eval-batch-size": per_device_batch_size,
-        "--mlm-probability": mlm_probability, "--dtype": dtype, "mesh": dict(mesh.shape), "config.json": config,
+        "--mlm-probability": mlm_probability, "--masking": masking, "--document-attention": documents,
+        "--dtype": dtype, "mesh": dict(mesh.shape), "config.json": config,
         "data": store_fingerprint(train_store, store)}, error=error, what="evaluation settings",
         hint="start every process with the same options on the same model directory")
     error = None
@@ -257,9 +299,11 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         error = e
     dist.agree(error=error)
     step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
-                        vocab_size=config["vocab_size"], baseline_token=baseline_token)
+                        vocab_size=config["vocab_size"], baseline_token=baseline_token, masking=masking,
+                        word_boundaries=word_table, document_start_id=document_start_id(store, documents))
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
+    results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents)
     check_results(results, mdir, source)
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)

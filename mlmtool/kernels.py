@@ -10,6 +10,14 @@ same function whichever kernels it gets (tests/test_kernels.py checks the logits
     multiple of 8 and at most 128.  The key padding mask goes in as per-row key lengths
     (cuDNN's PADDING mask), so rows must be padded on the right, as every mlmtool path
     pads them (the block store, ``eval``, ``predict``, HF's tokenizers by default).
+    Document attention (``train --document-attention``: segment ids, documents packed in a
+    row attend only to themselves) is NOT taken by cuDNN here: jax's
+    ``jax.nn.dot_product_attention`` (0.10) takes no segment ids, and on its cuDNN path
+    only per-row lengths (a dense ``mask`` becomes a [B, 1, L, L] bias).  cuDNN's packed
+    layout (per-segment offsets and lengths) exists only in jax's private
+    ``jax._src.cudnn.fused_attention_stablehlo``, untested here.  So with segment ids
+    attention falls back to XLA with a dense [B, 1, L, L] mask, on every backend
+    (``mlmtool.models.layers.attention``); unmeasured on a GPU so far.
   Training with attention-probability dropout (``attention_probs_dropout_prob > 0``, BERT's
   and RoBERTa's 0.1) spells attention out on every backend: neither entry point has dropout.
 * ``dense``

@@ -35,24 +35,32 @@ class Plan:
     platform: str
     device_kind: str = ""
     kernels: str = ""                 # mlmtool.kernels choices, as the plan prints them
+    masking: str = ""                 # masking mode, rate(s), slots and document attention, as printed
     flops_per_token: float = 0.0      # training FLOPs our step executes per token (mlmtool.flops)
     peak_flops: float | None = None   # one device's dense 16-bit peak, when known: MFU is logged
     max_time: float = 0.0             # --max-time: seconds of budget (the total steps are then an upper bound)
 
 
-def prediction_layout(cfg: TrainConfig, seq_len: int) -> tuple[int, int]:
+def max_mlm_probability(cfg: TrainConfig) -> float:
+    """The highest masking rate of the run (the slots are sized for it)."""
+    return max(cfg.mlm_probability, cfg.mlm_probability_final or 0.0)
+
+
+def prediction_layout(cfg: TrainConfig, seq_len: int, row_variance: float | None = None) -> tuple[int, int]:
     """(slots, rows per group) of the MLM head: ``--max-predictions-per-seq`` slots for each
     row when given (BERT's per-row cap), else one group per device micro-batch sharing
-    mean + 5 sd slots (the head shrinks by 42% at 32 x 128; see masking)."""
+    mean + 5 sd slots at the run's highest rate (the head shrinks by 42% at 32 x 128; see
+    masking).  Whole-word and span masking pass the measured ``row_variance`` of one row's
+    masked count (``masking.row_count_variance``)."""
     if cfg.max_predictions_per_seq:
         return cfg.max_predictions_per_seq, 1
     rows = cfg.per_device_train_batch_size
-    return default_max_predictions(seq_len, cfg.mlm_probability, rows=rows), rows
+    return default_max_predictions(seq_len, max_mlm_probability(cfg), rows=rows, row_variance=row_variance), rows
 
 
 def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
                   parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
-                  processes: int = 1) -> Plan:
+                  processes: int = 1, row_variance: float | None = None) -> Plan:
     micro = cfg.per_device_train_batch_size * n_devices
     global_batch = micro * cfg.gradient_accumulation_steps
     steps_per_epoch = n_train // global_batch
@@ -73,7 +81,7 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
         raise TrainingError(f"{what} are {total:,} steps, beyond the 2^31 a run can count",
                             "lower --num-train-epochs or --max-tokens, or set --max-steps")
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
-    slots, rows_per_group = prediction_layout(cfg, seq_len)
+    slots, rows_per_group = prediction_layout(cfg, seq_len, row_variance)
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
                 per_device_batch=cfg.per_device_train_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,

@@ -18,7 +18,8 @@ import optax
 
 from mlmtool import sharding as sh
 from mlmtool.evaluate import mlm_sums
-from mlmtool.masking import mask_tokens
+from mlmtool.masking import mask_tokens, masking_rate
+from mlmtool.models.layers import document_segments
 from mlmtool.train_config import TrainConfig
 
 @flax.struct.dataclass
@@ -31,26 +32,38 @@ class TrainState:
 # -- the step ------------------------------------------------------------------------------
 
 def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: jax.Array | None = None, *,
-               model, tx, schedule, pad_token_id: int, mask_kwargs: dict) -> tuple[TrainState, dict]:
+               model, tx, schedule, pad_token_id: int, mask_kwargs: dict,
+               rate_schedule: tuple[float, int] | None = None,
+               document_start_id: int | None = None) -> tuple[TrainState, dict]:
     """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
     of B rows); returns the new state and summed metrics.
 
     ``clock`` (float32 scalar) is where the learning-rate schedule stands when training
     against a time budget (``--max-time``: the elapsed fraction of the budget times the
     schedule's steps; ``tx`` then takes its learning rate as an injected hyperparameter);
-    None: the schedule follows ``state.step``."""
+    None: the schedule follows ``state.step``.  ``rate_schedule`` (final rate, total steps):
+    the masking rate goes linearly from ``mask_kwargs["mlm_probability"]`` at step 0 to the
+    final rate at the last step, computed from ``state.step``.  ``document_start_id`` (the
+    ``<s>``/``[CLS]`` id) turns on document attention: segment ids derived from the framing
+    tokens of the uncorrupted blocks."""
     step_rng = jax.random.fold_in(rng, state.step)
     mask_rng, dropout_rng = jax.random.split(step_rng)
     accum = input_ids.shape[0]
+    rate = None
+    if rate_schedule is not None:
+        rate = masking_rate(state.step, mask_kwargs["mlm_probability"], *rate_schedule)
+        mask_kwargs = {**mask_kwargs, "mlm_probability": rate}
     masked = jax.vmap(lambda k, x: mask_tokens(k, x, **mask_kwargs))(
         jax.random.split(mask_rng, accum), input_ids)  # fields [A, B, L] / [A, B, P]
     # Predicted tokens in the whole (accumulated, global) batch: the loss is sum / denominator.
     denominator = jnp.maximum(jnp.sum(masked.masked_weights), 1.0)
 
     def loss_fn(params, micro, ids, key):
+        documents = {} if document_start_id is None else {
+            "segment_ids": document_segments(ids, document_start_id, pad_token_id)}  # [B, L]
         logits = model.apply({"params": params}, micro.input_ids, attention_mask=(ids != pad_token_id),
                              deterministic=False, masked_positions=micro.masked_positions,
-                             rngs={"dropout": key})  # [B, P, V]
+                             rngs={"dropout": key}, **documents)  # [B, P, V]
         loss_sum, correct_sum = mlm_sums(logits, micro.masked_labels, micro.masked_weights)
         return loss_sum / denominator, (loss_sum, correct_sum)
 
@@ -73,9 +86,9 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
 
     opt_state = state.opt_state
     if clock is not None:  # optax.inject_hyperparams' state: set this step's learning rate
-        rate = opt_state.hyperparams["learning_rate"]
+        current = opt_state.hyperparams["learning_rate"]
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
-                                                    "learning_rate": jnp.asarray(schedule(clock), rate.dtype)})
+                                                    "learning_rate": jnp.asarray(schedule(clock), current.dtype)})
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -87,6 +100,8 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
         # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
         "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
     }
+    if rate is not None:
+        metrics["mlm_probability"] = rate
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -105,13 +120,14 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
 
 
 def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
-                   mask_kwargs: dict, clock: bool = False):
+                   mask_kwargs: dict, clock: bool = False, rate_schedule: tuple[float, int] | None = None,
+                   document_start_id: int | None = None):
     """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
     split over the mesh's batch axes, a replicated key (and, with ``clock``, the replicated
     schedule position of a time budget).  Returns (step, batch sharding)."""
     batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
     step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
-                      mask_kwargs=mask_kwargs)
+                      mask_kwargs=mask_kwargs, rate_schedule=rate_schedule, document_start_id=document_start_id)
     replicated = sh.replicated(mesh)
     in_shardings = (state_sharding, batch_sharding, replicated) + ((replicated,) if clock else ())
     step = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),

@@ -47,3 +47,26 @@ def check_tokenizer(mdir, meta: dict) -> None:
                         "(it was retrained, replaced or damaged)",
                         f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "
                         f"'mlmtool prepare {mdir} FILE... --force'")
+
+
+def word_boundaries_for(mdir, vocab_size: int):
+    """The uint8 [vocab_size] word-start table of DIR's tokenizer (whole-word and span masking)."""
+    import json
+
+    from mlmtool.errors import ConfigError
+    from mlmtool.models.base import word_boundaries
+
+    path = mdir.require_tokenizer()
+    try:
+        return word_boundaries(json.loads(path.read_text(encoding="utf-8")), vocab_size)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", e.hint) from None
+
+
+def document_start_id(store, document_attention: bool) -> int | None:
+    """The token that starts a document in ``store``'s blocks (``<s>`` / ``[CLS]``), which the
+    step derives segment ids from; None when document attention is off or changes nothing
+    (``--line-by-line`` blocks hold one document each)."""
+    if not document_attention or store.line_by_line:
+        return None
+    return int(store.meta["cls_token_id"])

@@ -22,13 +22,14 @@ import numpy as np
 
 from mlmtool import blocks, checkpoint, distributed as dist, sharding as sh
 from mlmtool.errors import TrainingError
-from mlmtool.evaluate import evaluate, make_eval_fn, unigram_top_token
+from mlmtool.evaluate import EVAL_MLM_PROBABILITY, evaluate, make_eval_fn, unigram_top_token
 from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.loader import BatchLoader
+from mlmtool.masking import row_count_variance
 from mlmtool.optim import make_optimizer, make_schedule
-from mlmtool.plan import plan_training
+from mlmtool.plan import max_mlm_probability, plan_training
 from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
-from mlmtool.stores import open_stores
+from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
 from mlmtool.train_config import TrainConfig
 
 STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
@@ -40,6 +41,17 @@ def _describe_execution(model) -> str:
         text += f"; gradient checkpointing {model.remat}"
     scanned = model.remat != "none" if model.scan_layers is None else model.scan_layers
     return text + ("; layers scanned" if scanned else "")
+
+
+def _describe_masking(cfg: TrainConfig, plan, document_attention: bool, line_by_line: bool) -> str:
+    rate = f"{cfg.mlm_probability:.0%}"
+    if cfg.mlm_probability_final is not None and cfg.mlm_probability_final != cfg.mlm_probability:
+        rate += f" -> {cfg.mlm_probability_final:.0%} (linear by step)"
+    documents = "on" if document_attention else "off"
+    if document_attention and line_by_line:
+        documents += " (one document per --line-by-line block: nothing to separate)"
+    return (f"{cfg.masking} {rate}, {plan.prediction_slots:,} prediction slots per {plan.rows_per_group} "
+            f"row{'s' if plan.rows_per_group > 1 else ''}; document attention {documents}")
 
 
 class Trainer:
@@ -68,15 +80,37 @@ class Trainer:
         self.multi = jax.process_count() > 1
         devs = sh.device_summary()
 
+        store = self.train_store
+        # What the model learns from: the masking mode (whole words need the tokenizer's
+        # word starts, on the device) and document attention (the family's default).
+        family = self.loaded.family
+        self.word_boundaries = word_boundaries_for(mdir, self.config["vocab_size"]) if cfg.masking != "token" \
+            else None
+        self.document_attention = family.document_attention_default if cfg.document_attention is None \
+            else cfg.document_attention
+        if self.document_attention and not family.document_attention:
+            raise TrainingError(f"the {family.name} family's network does not implement document attention",
+                                "drop --document-attention")
+        self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
+                                vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
+                                masking=cfg.masking, word_boundaries=self.word_boundaries)
+        row_variance = None
+        if cfg.masking != "token" and not cfg.max_predictions_per_seq:
+            # Whole words and spans: slots from the spread measured on a fixed sample of the data.
+            sample = np.unique(np.linspace(0, len(store) - 1, num=min(len(store), 1024)).astype(np.int64))
+            row_variance = row_count_variance(store.read(sample), {**self.mask_kwargs,
+                                                                   "mlm_probability": max_mlm_probability(cfg)})
+
         n_params = self.loaded.parameter_count
         self.plan = plan_training(cfg, n_train=len(self.train_store),
                                   n_val=len(self.val_store) if self.val_store else 0,
                                   seq_len=self.train_store.seq_len, n_devices=self.mesh.size,
                                   parameters=n_params, mesh=dict(self.mesh.shape), platform=devs["platform"],
-                                  processes=devs["processes"])
+                                  processes=devs["processes"], row_variance=row_variance)
         slot_share = self.plan.prediction_slots / (self.plan.rows_per_group * self.plan.seq_len)
         self.plan = dataclasses.replace(
             self.plan, device_kind=devs["device_kind"], kernels=_describe_execution(self.model),
+            masking=_describe_masking(cfg, self.plan, self.document_attention, store.line_by_line),
             flops_per_token=training_flops_per_token(self.config, self.plan.seq_len, slot_share)["executed"],
             peak_flops=peak_flops(devs["device_kind"], cfg.dtype))
         self.schedule = make_schedule(cfg, self.plan.total_steps, self.plan.warmup_steps)
@@ -92,13 +126,15 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
         self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
 
-        store = self.train_store
-        self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
-                                vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
-                                max_predictions=self.plan.prediction_slots, rows_per_group=self.plan.rows_per_group)
+        self.mask_kwargs.update(max_predictions=self.plan.prediction_slots, rows_per_group=self.plan.rows_per_group)
+        rate_schedule = None
+        if cfg.mlm_probability_final is not None and cfg.mlm_probability_final != cfg.mlm_probability:
+            rate_schedule = (cfg.mlm_probability_final, self.plan.total_steps)
         self._step, self.batch_sharding = jit_train_step(self.model, self.tx, self.schedule, self.mesh,
                                                          self.state_sharding, pad_token_id=store.pad_token_id,
-                                                         mask_kwargs=self.mask_kwargs,
+                                                         mask_kwargs=self.mask_kwargs, rate_schedule=rate_schedule,
+                                                         document_start_id=document_start_id(
+                                                             store, self.document_attention),
                                                          clock=cfg.max_time > 0)
         # Each step's masking and dropout draw from fold_in(rng, step) (the initial weights
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
@@ -249,11 +285,15 @@ class Trainer:
                           opt_state=opt_state)
 
     def evaluate(self, params) -> dict:
+        """``mlmtool eval``'s measure, whatever the training masking: 15% token masking, so
+        runs with other rates and modes compare; document attention as trained."""
         if self._eval_step is None:
             self._eval_step = make_eval_fn(self.model, self.mesh, self.state_sharding.params, store=self.val_store,
-                                           mlm_probability=self.cfg.mlm_probability,
+                                           mlm_probability=EVAL_MLM_PROBABILITY,
                                            vocab_size=self.config["vocab_size"],
-                                           baseline_token=unigram_top_token(self.train_store))
+                                           baseline_token=unigram_top_token(self.train_store),
+                                           document_start_id=document_start_id(self.val_store,
+                                                                               self.document_attention))
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
         return evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
                         per_device_batch_size=per_device)
@@ -414,6 +454,7 @@ class Trainer:
             "tokens_per_second": tokens_per_second,
             **mfu,
             "masked_tokens": int(denom),
+            **({"mlm_probability": float(got[-1]["mlm_probability"])} if "mlm_probability" in got[-1] else {}),
             "tokens_seen": self._tokens_seen(done),
             "time": time.time(),
         }

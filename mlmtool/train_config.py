@@ -39,7 +39,10 @@ class TrainConfig:
     adafactor: bool = False                     # the old switch: the same as optimizer="adafactor"
     max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
     gradient_accumulation_steps: int = 1
-    mlm_probability: float = 0.15               # BERT's 15%
+    mlm_probability: float = 0.15               # BERT's 15% (at the first step, with mlm_probability_final)
+    mlm_probability_final: float | None = None  # the rate at the last step, linearly by step (None: constant)
+    masking: str = "token"                      # token | whole-word | span (mlmtool.masking)
+    document_attention: bool | None = None      # attend within each packed document only (None: the family's)
     data: str | None = None                     # the block store: 'prepare --name' (None: DIR/data)
     max_predictions_per_seq: int | None = None  # None: a device's rows share mean + 5 sd slots
     dtype: str = "float32"                      # computation dtype; bfloat16 on TPU/GPU
@@ -59,9 +62,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every option's range, checked before any work (a NaN fails every comparison)."""
+        from mlmtool.masking import MAX_SPAN_RATE, MODES
         from mlmtool.models.layers import REMAT_POLICIES
 
         finite = math.isfinite
+        final = self.mlm_probability_final
         checks = [
             (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
             (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
@@ -79,6 +84,10 @@ class TrainConfig:
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
+            (final is None or 0.0 < final < 1.0, "--mlm-probability-final must be in (0, 1)"),
+            (self.masking in MODES, f"--masking must be one of {', '.join(MODES)}"),
+            (self.masking != "span" or max(self.mlm_probability, final or 0.0) <= MAX_SPAN_RATE,
+             f"span masking leaves at least one word between spans: its rate is at most {MAX_SPAN_RATE:.2f}"),
             (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
             (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
             (self.decay_steps >= 0, "--decay-steps must not be negative"),

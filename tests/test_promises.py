@@ -100,6 +100,9 @@ def refused(r, d: Path, before: dict, *phrases: str) -> str:
     (("--seed", str(2**70)), "--seed must be in [0, 2^32)"),
     (("--per-device-eval-batch-size", "0"), "--per-device-eval-batch-size must be positive"),
     (("--warmup-steps", str(2**70)), "--warmup-steps must be below 2^31"),
+    (("--masking", "words"), "--masking must be one of token, whole-word, span"),
+    (("--masking", "span", "--mlm-probability-final", "0.9"), "span masking leaves at least one word between spans"),
+    (("--mlm-probability-final", "1"), "--mlm-probability-final must be in (0, 1)"),
 ])
 def test_train_option_ranges_are_checked_before_any_work(prepared, tmp_path, args, phrase):
     d = copy(prepared, tmp_path)
@@ -113,6 +116,7 @@ def test_train_option_ranges_are_checked_before_any_work(prepared, tmp_path, arg
     (("--per-device-eval-batch-size", "0"), "--per-device-eval-batch-size must be positive, got 0"),
     (("--per-device-eval-batch-size", "-1"), "--per-device-eval-batch-size must be positive"),
     (("--dtype", "float16"), "--dtype must be float32 or bfloat16"),
+    (("--masking", "words"), "--masking must be one of token, whole-word, span, got 'words'"),
 ])
 def test_eval_option_ranges(trained, tmp_path, args, phrase):
     """--mlm-probability 0 used to write loss 0 / perplexity 1.00 as the model's result."""

@@ -80,6 +80,13 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
 
     step, value = read_scalars(d / "tensorboard")["eval/loss"][-1]
     assert step == 8 and value == pytest.approx(other["eval_loss"], rel=1e-6)
+    # Eval masks 15% of tokens by default and attends as the model was trained (here across
+    # documents); whole-word masking and document attention on request.
+    assert (res["masking"], res["mlm_probability"], res["document_attention"]) == ("token", 0.15, False)
+    r = invoke("eval", d, "--json", "--masking", "whole-word", "--document-attention")
+    words = json.loads(r.output)
+    assert (words["masking"], words["document_attention"]) == ("whole-word", True) and words["eval_tokens"] > 0
+    assert words["eval_loss"] != res["eval_loss"]
     # No 'init --from' here: --checkpoint init has nothing to read.
     r = invoke("eval", d, "--checkpoint", "init")
     assert r.exit_code == 1 and "init.safetensors does not exist" in r.output, r.output
@@ -93,11 +100,17 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output
 
 
+# Span masking at a rate going from 30% to 10%, with document attention: the masks of the
+# resumed steps must be the uninterrupted run's too.
+MASKING = {"masking": "span", "mlm_probability": 0.3, "mlm_probability_final": 0.1, "document_attention": True}
+
+
 @pytest.mark.parametrize("execution", [
     {},
     {"prng_impl": "rbg", "gradient_checkpointing": "full", "optimizer": "stable-adamw", "lr_scheduler": "inverse_sqrt"},
-    {"optimizer": "lamb", "lr_scheduler": "wsd", "decay_steps": 4}, {"optimizer": "lion", "learning_rate": 1e-4},
-], ids=["default", "rbg+remat+stable-adamw+inverse_sqrt", "lamb+wsd", "lion"])
+    {"optimizer": "lamb", "lr_scheduler": "wsd", "decay_steps": 4, **MASKING},
+    {"optimizer": "lion", "learning_rate": 1e-4},
+], ids=["default", "rbg+remat+stable-adamw+inverse_sqrt", "lamb+wsd+span+rate-schedule+documents", "lion"])
 def test_resume_is_bit_identical(prepared, tmp_path, execution):
     cfg = TrainConfig(**{**dict(per_device_train_batch_size=8, max_steps=10, learning_rate=1e-3, warmup_steps=2,
                                 logging_steps=3, save_steps=4, save_total_limit=2), **execution})
@@ -110,6 +123,11 @@ def test_resume_is_bit_identical(prepared, tmp_path, execution):
     calls = iter(range(100))
     out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None, stop_requested=lambda: next(calls) == 6)
     assert out["stopped_early"] and out["final_step"] == 7
+    if "masking" in execution:  # a plain 'train DIR' resumes with the recorded masking and documents
+        from mlmtool.train_config import resume_settings
+
+        _, taken, step = resume_settings(ModelDir(b), TrainConfig(per_device_train_batch_size=8), explicit=set())
+        assert step == 7 and {k: taken[k] for k in MASKING} == MASKING
     said = []
     trainer = Trainer(ModelDir(b), cfg)
     assert str(jax.random.key_impl(trainer.rng)) == cfg.prng_impl

@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DtypeOpt, JsonOpt, MeshOpt,
-                                 MlmProbabilityOpt, ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt)
+from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DtypeOpt,
+                                 JsonOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg, NumProcessesOpt,
+                                 PerDeviceEvalBatchOpt, ProcessIdOpt)
 
 
 @app.command("eval")
@@ -19,6 +20,8 @@ def eval_command(
                              "STEP | export (model.safetensors) | init (init.safetensors).")] = "latest",
     per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
     mlm_probability: MlmProbabilityOpt = 0.15,
+    masking: MaskingOpt = "token",
+    document_attention: DocumentAttentionOpt = None,
     dtype: DtypeOpt = "float32",
     data: DataOpt = None,
     json_out: JsonOpt = False,
@@ -46,14 +49,16 @@ def eval_command(
     from mlmtool.evaluate import run_eval
 
     results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size,
-                       mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh)
+                       mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh, masking=masking,
+                       document_attention=document_attention)
     if not is_main_process():  # process 0 reports for the whole run
         return
     if json_out:
         typer.echo(json.dumps(results))
         return
     say(f"[bold]eval[/] ({results['checkpoint']}) on {results['eval_samples']:,} blocks, "
-        f"{results['eval_tokens']:,} predicted tokens")
+        f"{results['eval_tokens']:,} predicted tokens ({masking} masking {mlm_probability:.0%}, document attention "
+        f"{'on' if results['document_attention'] else 'off'})")
     say(f"  eval_loss     {results['eval_loss']:.4f}")
     say(f"  eval_accuracy {results['eval_accuracy']:.4f}")
     say(f"  perplexity    {results['perplexity']:.2f}")

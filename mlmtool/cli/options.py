@@ -54,6 +54,16 @@ PerDeviceEvalBatchOpt = Annotated[Optional[int], typer.Option(
     show_default=False)]
 MlmProbabilityOpt = Annotated[float, typer.Option(
     "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).")]
+MaskingOpt = Annotated[str, typer.Option(
+    "--masking", help="What is masked together: token (BERT's) | whole-word (every token of a chosen word; "
+                      "word starts from the tokenizer) | span (SpanBERT's runs of whole words, geometric "
+                      "lengths of mean 3.8 words). The rate counts tokens in every mode.")]
+DocumentAttentionOpt = Annotated[Optional[bool], typer.Option(
+    "--document-attention/--no-document-attention",
+    help="Tokens of a packed block attend only within their own document (from the <s>/[CLS] that starts "
+         "it), and positions restart at each document: a block computes what each document alone would. "
+         "Default: train, the model family's (off for BERT, RoBERTa, XLM-R and DistilBERT); eval, as the model "
+         "was trained (the latest checkpoint's setting).", show_default=False)]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", envvar="MLMTOOL_DTYPE",
     help="Computation dtype: float32 | bfloat16 (master weights stay float32).")]

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DtypeOpt, ForceOpt, MeshOpt,
-                                 MlmProbabilityOpt, ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt,
-                                 SeedOpt, parse_duration)
+from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DtypeOpt,
+                                 ForceOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg, NumProcessesOpt,
+                                 PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt, parse_duration)
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
@@ -58,6 +58,11 @@ def train_command(
     gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.",
                                                              rich_help_panel=OPT)] = 1,
     mlm_probability: MlmProbabilityOpt = 0.15,
+    mlm_probability_final: Annotated[Optional[float], typer.Option(
+        help="The rate at the last step: --mlm-probability changes linearly into it over training, by step "
+             "(e.g. 0.3 -> 0.15; default: constant).", show_default=False)] = None,
+    masking: MaskingOpt = "token",
+    document_attention: DocumentAttentionOpt = None,
     data: DataOpt = None,
     dtype: DtypeOpt = "float32",
     gradient_checkpointing: Annotated[str, typer.Option(
@@ -113,7 +118,8 @@ def train_command(
         decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
         adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
-        mlm_probability=mlm_probability, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+        mlm_probability=mlm_probability, mlm_probability_final=mlm_probability_final, masking=masking,
+        document_attention=document_attention, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
         scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
     main = is_main_process()
@@ -219,6 +225,7 @@ def _print_plan(plan, say) -> None:
           if plan.max_time else []),
         ("dtype", plan.dtype + (f" on {plan.device_kind}" if plan.device_kind else "")),
         ("kernels", plan.kernels),
+        ("masking", plan.masking),
         ("FLOPs per token", f"{_si(plan.flops_per_token)}FLOP executed"
                             + (f" (MFU against {_si(plan.peak_flops)}FLOP/s per device)" if plan.peak_flops
                                else "")),

@@ -220,6 +220,8 @@ class BertFamily(Family):
     architecture_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                          "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act",
                          "layer_norm_eps", "pad_token_id")
+    document_attention = True  # segment_ids: positions restart per document, attention stays inside
+    document_attention_default = False  # the published recipe packs across documents
 
     def parse_config(self, d: dict) -> BertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored."""

@@ -48,6 +48,7 @@ from mlmtool.models.layers import (
     gather_masked,
     layer_norm,
     normal_init,
+    segment_positions,
 )
 
 
@@ -91,13 +92,17 @@ class Embeddings(_Base):
         self.LayerNorm = self.layer_norm("LayerNorm")
         self.dropout = self.dropout_layer(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, deterministic: bool, segment_ids=None):
         cfg = self.config
         if cfg.variant.roberta:
             # fairseq make_positions / HF create_position_ids_from_input_ids: real tokens get
-            # pad_token_id + 1, + 2, ...; padding keeps pad_token_id.
+            # pad_token_id + 1, + 2, ...; padding keeps pad_token_id.  With segment_ids the
+            # count restarts at each document.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)  # [B, L]
-            position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # [B, L]
+            counted = jnp.cumsum(not_pad, axis=1) if segment_ids is None else segment_positions(segment_ids) + 1
+            position_ids = counted * not_pad + cfg.pad_token_id  # [B, L]
+        elif segment_ids is not None:
+            position_ids = segment_positions(segment_ids)  # [B, L]: from 0 in each document
         else:
             position_ids = jnp.arange(input_ids.shape[1])[None, :]  # [1, L]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -227,7 +232,7 @@ class MaskedLM(nn.Module):
         self.lm_head = MLMHead(**kw)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None):
+                 deterministic: bool = True, masked_positions=None, segment_ids=None):
         """input_ids/attention_mask/token_type_ids int [B, L]. Returns float32 logits:
         [B, L, V] when masked_positions is None, else [G, P, V] at the int32 positions
         masked_positions [G, P] (see ``layers.gather_masked``: the head runs only there).
@@ -236,6 +241,10 @@ class MaskedLM(nn.Module):
 
         attention_mask defaults to all ones and token_type_ids to zeros, as in HF.  With the
         cuDNN attention kernel (bfloat16 on NVIDIA GPUs) padding must be on the right.
+
+        segment_ids int [B, L] (document attention, ``layers.document_segments``; 0 and
+        attention_mask's False are padding): each document packed in a row attends only to
+        itself and its positions start over, so a row computes what each document alone would.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
@@ -251,8 +260,11 @@ class MaskedLM(nn.Module):
             else jnp.asarray(attention_mask).astype(bool)  # [B, L]
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        if segment_ids is not None:  # the encoder's mask becomes the segment ids (layers.attention)
+            segment_ids = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
+            attention_mask = segment_ids
 
-        x = self.embeddings(input_ids, token_type_ids, deterministic)  # [B, L, H]
+        x = self.embeddings(input_ids, token_type_ids, deterministic, segment_ids)  # [B, L, H]
         x = self.encoder(x, attention_mask, deterministic)  # [B, L, H]
         if masked_positions is not None:
             x = gather_masked(x, masked_positions)  # [G, P, H]

@@ -106,6 +106,8 @@ class DistilBertFamily(Family):
     layers_key = "n_layers"
     architecture_keys = ("model_type", "vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
                          "max_position_embeddings", "activation", "pad_token_id")
+    document_attention = True  # segment_ids: positions restart per document, attention stays inside
+    document_attention_default = False  # the published recipe packs across documents
 
     def parse_config(self, d: dict) -> DistilBertConfig:
         if not isinstance(d, dict):

@@ -37,6 +37,7 @@ from mlmtool.models.layers import (
     gather_masked,
     layer_norm,
     normal_init,
+    segment_positions,
 )
 
 
@@ -100,14 +101,16 @@ class Embeddings(_Base):
     """HF ``Embeddings``: word + learned position (from 0), LayerNorm, dropout."""
 
     @nn.compact
-    def __call__(self, input_ids, deterministic: bool):
+    def __call__(self, input_ids, deterministic: bool, segment_ids=None):
         cfg = self.config
         embed = functools.partial(nn.Embed, dtype=self.dtype, param_dtype=self.param_dtype)
         words = embed(cfg.vocab_size, cfg.dim, name="word_embeddings",
                       embedding_init=embedding_init(cfg.initializer_range, cfg.pad_token_id))
         positions = embed(cfg.max_position_embeddings, cfg.dim, name="position_embeddings",
                           embedding_init=embedding_init(cfg.initializer_range, None))
-        x = words(input_ids) + positions(jnp.arange(input_ids.shape[1])[None, :])  # [B, L, H]
+        position_ids = jnp.arange(input_ids.shape[1])[None, :] if segment_ids is None \
+            else segment_positions(segment_ids)  # [1, L] or, per document, [B, L]
+        x = words(input_ids) + positions(position_ids)  # [B, L, H]
         x = self.norm("LayerNorm")(x)
         return Dropout(cfg.dropout, form=self.kernels.dropout)(x, deterministic=deterministic), words.embedding
 
@@ -138,7 +141,7 @@ class MaskedLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None):
+                 deterministic: bool = True, masked_positions=None, segment_ids=None):
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -149,11 +152,14 @@ class MaskedLM(nn.Module):
                               hint="use shorter sequences or a model with more position embeddings")
         attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
             else jnp.asarray(attention_mask).astype(bool)  # [B, L]
+        if segment_ids is not None:  # document attention: the encoder's mask becomes the segment ids
+            segment_ids = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
+            attention_mask = segment_ids
         kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=cfg.head_dim)
         kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
         scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
 
-        x, word_embeddings = Embeddings(**kw, name="embeddings")(input_ids, deterministic)  # [B, L, H]
+        x, word_embeddings = Embeddings(**kw, name="embeddings")(input_ids, deterministic, segment_ids)  # [B, L, H]
         x = Transformer(**kw, remat=self.remat, scan=scan, name="transformer")(x, attention_mask, deterministic)
         if masked_positions is not None:
             x = gather_masked(x, masked_positions)  # [G, P, H]

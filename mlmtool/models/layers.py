@@ -195,20 +195,41 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
               local_window: int | None = None, local: jax.Array | None = None):
     """Scaled dot-product attention (Vaswani et al. 2017) of q, k, v [B, L, N, D] -> [B, L, N, D].
 
-    ``attention_mask`` is the bool key padding mask [B, L].  ``kernels.attention`` decides the
-    form it takes: a [B, 1, 1, L] mask for XLA, per-row key lengths for cuDNN (rows padded
-    on the right).  ``local_window`` (sliding-window attention, e.g. ModernBERT's local
-    layers) lets a query at i see the keys within ``local_window // 2`` positions of it.
-    ``local``, a traced bool scalar, says whether ``local_window`` applies, for one program
-    that runs layers of both kinds (a scan over them); None: it applies when given.
+    ``attention_mask`` [B, L] is either
+
+    * bool, the key padding mask: a query attends to every key that is not padding.
+      ``kernels.attention`` decides the form it takes: a [B, 1, 1, L] mask for XLA, per-row
+      key lengths for cuDNN (rows padded on the right); or
+    * integer **segment ids** (document attention; 0 = padding, see :func:`document_segments`):
+      a query attends only to the keys of its own segment (Krell et al. 2021,
+      arXiv:2107.02027), so documents packed in one row do not see each other.  The mask
+      goes to ``jax.nn.dot_product_attention`` as a dense [B, 1, L, L] boolean on every
+      backend: jax's public entry point takes no segment ids, and its cuDNN path only
+      per-row lengths (``mlmtool.kernels``), so cuDNN falls back to XLA here.
+
+    ``local_window`` (sliding-window attention, e.g. ModernBERT's local layers) lets a query
+    at i see the keys within ``local_window // 2`` positions of it (combined with either
+    mask).  ``local``, a traced bool scalar, says whether ``local_window`` applies, for one
+    program that runs layers of both kinds (a scan over them); None: it applies when given.
     ``dropout`` (attention-probability dropout in training) spells attention out: neither
     fused entry point has dropout.
 
     jax's cuDNN entry point has no two-sided window (it refuses a right window without a
     causal mask), so with the cuDNN kernels the windowed layers take XLA's attention with
     the window as a mask; the full layers keep cuDNN's.
+
+    A family supports document attention (``Family.document_attention``) when its network
+    takes ``segment_ids`` [B, L] and (1) passes them here as ``attention_mask`` in every
+    layer, (2) computes its positions (absolute or rotary) with :func:`segment_positions`,
+    so that each document starts at position 0 (RoBERTa: ``pad_token_id + 1``).
     """
-    mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
+    segments = jnp.issubdtype(attention_mask.dtype, jnp.integer)
+    if segments:
+        same = attention_mask[:, :, None] == attention_mask[:, None, :]  # [B, L, L]
+        mask = (same & (attention_mask[:, None, :] != 0))[:, None]  # keys of the query's segment: [B, 1, L, L]
+    else:
+        mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
+    windowed = mask
     if local_window is not None:
         half = local_window // 2
         pos = jnp.arange(q.shape[1])
@@ -219,15 +240,15 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
     if dropout is not None:
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * q.shape[-1] ** -0.5  # [B, N, L, L]
-        scores = jnp.where(mask if local_window is None else windowed, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(windowed, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(jax.nn.softmax(scores, axis=-1))  # float32 softmax
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
 
     def xla(mask, q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
 
-    if kernels.attention != "cudnn":
-        return xla(mask if local_window is None else windowed, q, k, v)
+    if kernels.attention != "cudnn" or segments:  # cuDNN's mask is per-row lengths only
+        return xla(windowed, q, k, v)
 
     def cudnn(q, k, v):
         # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
@@ -240,6 +261,27 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
     if local is None:
         return xla(windowed, q, k, v)
     return jax.lax.cond(local, functools.partial(xla, windowed), cudnn, q, k, v)
+
+
+def document_segments(input_ids, start_token_id: int, pad_token_id: int):
+    """int32 segment ids [B, L] of the documents packed in each row, from the framing
+    ``prepare`` writes (``<s> ... </s>`` / ``[CLS] ... [SEP]``): a document starts at each
+    ``start_token_id`` (the tokens before the first one, the end of a document cut by the
+    block boundary, are a segment too); padding is 0.  Derive them from the uncorrupted
+    ids: masking's random replacement may write a ``<s>``."""
+    ids = jnp.asarray(input_ids)
+    segments = jnp.cumsum(ids == start_token_id, axis=1, dtype=jnp.int32) + 1  # [B, L]
+    return jnp.where(ids == pad_token_id, 0, segments)
+
+
+def segment_positions(segment_ids):
+    """int32 [B, L]: each token's position inside its segment (0 at each segment's first
+    token), from segment ids [B, L] whose segments are contiguous runs."""
+    segment_ids = jnp.asarray(segment_ids)
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    first = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)  # [B, L]: where each token's segment starts
+    return idx - start
 
 
 # --------------------------------------------------------------------------- the MLM gather

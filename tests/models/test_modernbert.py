@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -476,7 +477,7 @@ def test_pipeline_init_tokenizer_prepare_train_predict(tmp_path, torch_mod):
     r = invoke("train", d, "--max-steps", 2, "--per-device-train-batch-size", 2, "--learning-rate", 1e-3,
                "--logging-steps", 1)
     assert r.exit_code == 0, (r.output, r.exception)
-    assert "sequence length                                                 1024" in r.stdout
+    assert re.search(r"sequence length\s+1024\b", r.stdout), r.stdout
     texts = ["The king [MASK] good night.", "the [MASK] said to the [MASK] of this house"]
     r = invoke("predict", d, *texts, "--json", "-k", 4)
     assert r.exit_code == 0, r.output
