@@ -55,9 +55,10 @@ def test_packed_block_equals_each_document_alone(name):
     for i, doc in enumerate(docs):
         np.testing.assert_allclose(np.asarray(packed[0, doc]), np.asarray(alone[i, :doc.stop - doc.start]),
                                    atol=1e-5, rtol=0, err_msg=f"{name} {doc}")
-    # Without document attention the documents do see each other.
+    # Without document attention the documents do see each other (by more than the tolerance
+    # above; ModernBERT's fresh init, with its sliding windows, moves them by ~2e-4).
     plain = loaded.module.apply({"params": params}, ids, attention_mask=ids != pad)
-    assert not np.allclose(np.asarray(plain[0, docs[2]]), np.asarray(packed[0, docs[2]]), atol=1e-3)
+    assert not np.allclose(np.asarray(plain[0, docs[2]]), np.asarray(packed[0, docs[2]]), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(f.name for f in families().values() if f.document_attention))

@@ -52,6 +52,7 @@ from mlmtool.models.layers import (
     attention,
     gather_masked,
     layer_norm,
+    segment_positions,
 )
 from mlmtool.models.modernbert import FULL, LAYER_TYPES, SLIDING, ModernBertConfig
 
@@ -61,12 +62,14 @@ def truncated_normal_init(std: float, cutoff: float):
     return nn.initializers.truncated_normal(stddev=std, lower=-cutoff, upper=cutoff)
 
 
-def rope_tables(length: int, head_dim: int, theta: float):
+def rope_tables(length: int, head_dim: int, theta: float, positions=None):
     """HF ``ModernBertRotaryEmbedding`` (default RoPE) at positions 0..length-1: cos and sin
-    [L, D], float32, the D/2 frequencies ``theta ** (-2j / D)`` repeated twice."""
+    [L, D], float32, the D/2 frequencies ``theta ** (-2j / D)`` repeated twice; or at
+    ``positions`` int [B, L] (document attention: from 0 in each document): [B, L, D]."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = np.float32(1.0) / (np.float32(theta) ** exponent)  # [D/2], float32 as torch computes it
-    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [L, D/2]
+    pos = jnp.arange(length, dtype=jnp.float32) if positions is None else jnp.asarray(positions, jnp.float32)
+    freqs = pos[..., None] * jnp.asarray(inv_freq)  # [L, D/2] or [B, L, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [L, D]
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -77,7 +80,9 @@ def apply_rope(x, cos, sin):
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)  # rotate_half
-    return (xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+    if cos.ndim == 2:  # [L, D] -> [1, L, 1, D]; per row [B, L, D] -> [B, L, 1, D]
+        cos, sin = cos[None], sin[None]
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 class _Base(nn.Module):
@@ -241,12 +246,13 @@ class Model(_Base):
         self.layers = Layers(**self.kw, remat=self.remat, scan=self.scan)
         self.final_norm = self.norm()
 
-    def __call__(self, input_ids, attention_mask, deterministic: bool):
+    def __call__(self, input_ids, attention_mask, deterministic: bool, positions=None):
         cfg = self.config
         x = self.embeddings(input_ids, deterministic)  # [B, L, H]
         # Positions 0..L-1 whatever the padding, as HF (RoPE is relative: left padding only
-        # shifts every real token alike).
-        rope = {kind: rope_tables(input_ids.shape[1], cfg.head_dim, cfg.rope_theta(kind)) for kind in LAYER_TYPES}
+        # shifts every real token alike); with document attention, from 0 in each document.
+        rope = {kind: rope_tables(input_ids.shape[1], cfg.head_dim, cfg.rope_theta(kind), positions)
+                for kind in LAYER_TYPES}
         x = self.layers(x, attention_mask, rope, deterministic)
         return self.final_norm(x)
 
@@ -301,13 +307,15 @@ class MaskedLM(nn.Module):
         self.decoder = Decoder(**kw)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None):
+                 deterministic: bool = True, masked_positions=None, segment_ids=None):
         """input_ids/attention_mask int [B, L] (token_type_ids is accepted and ignored:
         ModernBERT has no segment embeddings).  Returns float32 logits: [B, L, V] when
         masked_positions is None, else [G, P, V] at the int32 positions masked_positions
         [G, P] (``layers.gather_masked``: the head runs only there).  Dropout uses the
         'dropout' rng when deterministic=False.  With the cuDNN attention kernel (bfloat16
-        on NVIDIA GPUs) padding must be on the right."""
+        on NVIDIA GPUs) padding must be on the right.  ``segment_ids`` int [B, L] (document
+        attention, ``layers.document_segments``): attention stays inside each document and
+        the rotary positions restart at each one."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -321,7 +329,11 @@ class MaskedLM(nn.Module):
         attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
             else jnp.asarray(attention_mask).astype(bool)  # [B, L]
 
-        x = self.model(input_ids, attention_mask, deterministic)  # [B, L, H]
+        positions = None
+        if segment_ids is not None:  # the layers' mask becomes the segment ids (layers.attention)
+            attention_mask = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
+            positions = segment_positions(attention_mask)  # [B, L]
+        x = self.model(input_ids, attention_mask, deterministic, positions)  # [B, L, H]
         if masked_positions is not None:
             x = gather_masked(x, masked_positions)  # [G, P, H]
         return self.decoder(self.head(x), self.model.embeddings.tok_embeddings.embedding)  # [B, L, V] / [G, P, V]
