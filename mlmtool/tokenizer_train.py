@@ -9,9 +9,11 @@ uses (``mlmtool.models``: ``Family.tokenizer``):
 * ``wordpiece``: as BERT: BertNormalizer (lowercasing by default, as the uncased
   presets), BertPreTokenizer, ``##`` continuing prefix.
 * ``unigram``: SentencePiece's Unigram language model (Kudo 2018, arXiv:1804.10959) as
-  XLM-R and CamemBERT use it: NFKC, runs of spaces collapsed, Metaspace ``▁`` word
-  boundaries, no pre-split on punctuation, so it suits languages without spaces between
-  words or with rich morphology (Korean, the seed notebook's language).
+  XLM-R and CamemBERT use it: SentencePiece's default ``nmt_nfkc`` normalization (NFKC,
+  as a Precompiled charsmap, the form XLM-R's tokenizer.json has and ``XLMRobertaTokenizer``
+  rebuilds), split on whitespace, Metaspace ``▁`` word boundaries, no pre-split on
+  punctuation, so it suits languages without spaces between words or with rich morphology
+  (Korean, the seed notebook's language).
 
 The special tokens take ids 0..4 in the family's (or the algorithm's) order, e.g.
 ``<s> <pad> </s> <unk> <mask>`` (RoBERTa/XLM-R: ``<mask>`` an lstrip AddedToken,
@@ -69,9 +71,19 @@ def _added_tokens(kind: str, specials: SpecialTokens) -> list:
                        normalized=False, special=True) for content in specials.order]
 
 
+def nmt_nfkc_charsmap() -> bytes:
+    """SentencePiece's ``nmt_nfkc`` normalization rule (NFKC, control characters removed,
+    Unicode spaces made spaces) as the charsmap of a ``Precompiled`` normalizer: what XLM-R's
+    and CamemBERT's tokenizer.json hold, the one normalizer their transformers classes keep.
+    Generated with sentencepiece by scripts/make_charsmap.py (240 kB, stored gzipped)."""
+    import gzip
+
+    return gzip.decompress((Path(__file__).parent / "resources" / "nmt_nfkc.charsmap.gz").read_bytes())
+
+
 def build_tokenizer(kind: str, *, lowercase: bool, specials: SpecialTokens | None = None):
     """An untrained ``tokenizers.Tokenizer`` of ``kind``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     specials = specials or ALGORITHM_SPECIALS[kind]
 
@@ -90,9 +102,11 @@ def build_tokenizer(kind: str, *, lowercase: bool, specials: SpecialTokens | Non
         tok.decoder = decoders.WordPiece(prefix="##")
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
-        steps = [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
-        tok.normalizer = normalizers.Sequence(steps + [normalizers.Lowercase()] if lowercase else steps)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        nfkc = normalizers.Precompiled(nmt_nfkc_charsmap())
+        tok.normalizer = normalizers.Sequence([nfkc, normalizers.Lowercase()]) if lowercase else nfkc
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     else:
         raise ConfigError(f"unknown tokenizer type {kind!r}", f"use one of: {', '.join(KINDS)}")
@@ -120,7 +134,9 @@ def build_trainer(kind: str, *, vocab_size: int, min_frequency: int, specials: S
 
 def add_post_processor(tok, kind: str, specials: SpecialTokens | None = None) -> None:
     """``<s> $A </s>`` (RoBERTa's convention; RobertaProcessing for byte-level BPE, whose
-    offsets it trims, as XLM-R's template otherwise) or ``[CLS] $A [SEP]`` (BERT's)."""
+    offsets it trims, as XLM-R's template otherwise) or ``[CLS] $A [SEP]`` (BERT's; for
+    byte-level BPE, ModernBERT's, after a ByteLevel step that trims the offsets of the
+    leading space: token classification's entities start on the word, as in RoBERTa)."""
     from tokenizers import processors
 
     specials = specials or ALGORITHM_SPECIALS[kind]
@@ -134,26 +150,30 @@ def add_post_processor(tok, kind: str, specials: SpecialTokens | None = None) ->
             single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}",
             special_tokens=[(cls, cls_id), (sep, sep_id)])
     else:
-        tok.post_processor = processors.TemplateProcessing(
+        template = processors.TemplateProcessing(
             single=f"{specials.cls} $A {specials.sep}",
             pair=f"{specials.cls} $A {specials.sep} $B:1 {specials.sep}:1",
             special_tokens=[(specials.cls, cls_id), (specials.sep, sep_id)])
+        tok.post_processor = (processors.Sequence([processors.ByteLevel(trim_offsets=True), template])
+                              if kind == "bpe" else template)
 
 
-def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialTokens | None = None) -> dict[str, str]:
+def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialTokens | None = None,
+                    fields: dict | None = None) -> dict[str, str]:
     """The three files of a Hugging Face tokenizer directory, as text, without transformers.
 
     tokenizer.json is ``Tokenizer.to_str``, the same JSON ``save_pretrained`` writes (tested).
-    tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 5 resolves it to
-    its tokenizers backend; 4.x to the fast tokenizer), which loads tokenizer.json as it is:
-    the model-specific classes of transformers 5 rebuild the pipeline from vocab and merges
-    and would drop e.g. a Lowercase normalizer.  special_tokens_map.json is for transformers
+    tokenizer_config.json names the family's class and its fields (``fields``:
+    ``TokenizerDefaults.tokenizer_config``; tested to behave as that class built from the
+    same tokenizer.json), or ``PreTrainedTokenizerFast`` without ``fields`` or where that
+    class would rebuild another pipeline (transformers 5 resolves it to its tokenizers
+    backend, which loads tokenizer.json as it is).  special_tokens_map.json is for transformers
     4.x and other tools (5 no longer writes it).  Importing transformers to write them cost
     0.65 CPU-s, 10% of training a 50k vocabulary on 21 MB (docs/benchmarks.md).
     """
     specials = specials or ALGORITHM_SPECIALS[kind]
     config = {"backend": "tokenizers", **specials.hf_kwargs(), "model_max_length": model_max_length,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+              "tokenizer_class": "PreTrainedTokenizerFast", **(fields or {})}
     smap = dict(specials.hf_kwargs())
     smap["mask_token"] = {"content": specials.mask, "lstrip": specials.mask_lstrip, "rstrip": False,
                           "normalized": False, "single_word": False}
@@ -163,7 +183,8 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialT
 
 
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
-                   config: dict | None = None, specials: SpecialTokens | None = None) -> list[Path]:
+                   config: dict | None = None, specials: SpecialTokens | None = None,
+                   fields: dict | None = None) -> list[Path]:
     """Write :func:`tokenizer_files` into a temporary directory (each file flushed to disk),
     then rename each into DIR: the set is staged whole first, so a full disk or a kill while
     writing leaves DIR as it was.
@@ -175,7 +196,8 @@ def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int
     written: list[Path] = []
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
     try:
-        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials).items():
+        for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials,
+                                          fields=fields).items():
             with open(tmp / name, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -370,7 +392,7 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             remove_leftovers(mdir / name)
         return _train(mdir, corpus, config, kind=kind, specials=specials, config_ids=defaults.config_ids,
                       requested=requested, min_frequency=min_frequency, lowercase=lowercase,
-                      show_progress=show_progress, sample=sample)
+                      show_progress=show_progress, sample=sample, fields=defaults.tokenizer_config(kind, lowercase))
 
 
 def _data_tokenizer(mdir: ModelDir) -> str | None:
@@ -383,7 +405,7 @@ def _data_tokenizer(mdir: ModelDir) -> str | None:
 
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials: SpecialTokens,
            config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
-           show_progress: bool, sample: Reservoir | None = None) -> dict[str, Any]:
+           show_progress: bool, sample: Reservoir | None = None, fields: dict | None = None) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
     tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
@@ -405,12 +427,15 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
     ids = {t: tok.token_to_id(t) for t in specials.order}
     assert list(ids.values()) == list(range(len(ids))), ids
     add_post_processor(tok, kind, specials)
+    if kind == "bpe":  # as RobertaTokenizer rebuilds it (the trainer leaves None: the same tokenizer)
+        tok.model.continuing_subword_prefix = tok.model.end_of_word_suffix = ""
 
     config["vocab_size"] = real
     for field, role in config_ids:  # the family's special ids in config.json
         config[field] = ids[specials.role(role)]
     max_len = max_sequence_length(config)
-    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config, specials=specials)
+    files = save_tokenizer(tok, mdir, kind, model_max_length=max_len, config=config, specials=specials,
+                           fields=fields)
 
     stats = corpus.stats
     result = {

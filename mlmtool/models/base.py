@@ -80,11 +80,38 @@ class TokenizerDefaults:
     specials: SpecialTokens | None = None  # None: ALGORITHM_SPECIALS[algorithm], whichever --type
     #: config.json fields set from the trained tokenizer: (field, SpecialTokens attribute)
     config_ids: tuple[tuple[str, str], ...] = (("pad_token_id", "pad"),)
+    #: the family's own transformers tokenizer class, named in tokenizer_config.json when the
+    #: tokenizer is the one that class builds (the family's algorithm; lowercased only where
+    #: the class has ``do_lower_case``), and that class's own fields there
+    hf_class: str = "PreTrainedTokenizerFast"
+    hf_fields: tuple[tuple[str, Any], ...] = ()
+    #: the class rebuilds a lowercasing normalizer from ``do_lower_case`` (BERT's WordPiece)
+    hf_lowercase: bool = False
+    #: what the model's forward takes (transformers' ``model_input_names``) and how decode
+    #: cleans spaces, whichever class names the tokenizer
+    model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    clean_up_tokenization_spaces: bool = False
 
     def specials_for(self, algorithm: str) -> SpecialTokens:
         if self.specials is not None and algorithm == self.algorithm:
             return self.specials
         return ALGORITHM_SPECIALS[algorithm]
+
+    def tokenizer_config(self, algorithm: str, lowercase: bool) -> dict[str, Any]:
+        """The tokenizer_config.json fields beyond the special tokens: the family's class
+        and its fields when a tokenizer of ``algorithm``/``lowercase`` is the one that class
+        builds, else ``PreTrainedTokenizerFast`` (which loads tokenizer.json as it is: the
+        model classes of transformers 5 rebuild the pipeline and would drop, e.g., a
+        Lowercase normalizer RoBERTa's class has no field for)."""
+        out: dict[str, Any] = {"model_input_names": list(self.model_input_names),
+                               "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
+        if algorithm == self.algorithm and (self.hf_lowercase or lowercase == self.lowercase):
+            out |= {"tokenizer_class": self.hf_class, **dict(self.hf_fields)}
+            if self.hf_lowercase:
+                out["do_lower_case"] = lowercase
+        else:
+            out["tokenizer_class"] = "PreTrainedTokenizerFast"
+        return out
 
 
 #: Bits of :func:`word_boundaries`' table: the token starts a word; the token after it starts one.
@@ -205,12 +232,16 @@ class WeightTable:
     input a copy must equal its source, on output it is not written.  ``ignored``: a regex of
     keys a checkpoint may carry that the MLM model does not use (buffers, poolers, other
     heads).  ``renames``: (regex, replacement) for legacy key names, applied on input.
+    ``carried``: a regex of ignored keys that are kept as they are from the weights ``init
+    --from`` imports into every export (BERT's pooler: the MLM objective never trains it,
+    sequence classification starts from it); see ``hf_weights.carried_tensors``.
     """
 
     entries: tuple[WeightEntry, ...]
     tied: tuple[tuple[str, str], ...] = ()
     ignored: str = ""
     renames: tuple[tuple[str, str], ...] = ()
+    carried: str = ""
 
     def canonical(self, key: str) -> str:
         for pattern, replacement in self.renames:

@@ -167,8 +167,20 @@ _COMMON_DEFAULTS = dict(
 )
 _ROBERTA_IDS = dict(vocab_size=30522, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 _ROBERTA_TOKENIZER = TokenizerDefaults("bpe", config_ids=(("pad_token_id", "pad"), ("bos_token_id", "cls"),
-                                                          ("eos_token_id", "sep")))
-_UNIGRAM_TOKENIZER = dataclasses.replace(_ROBERTA_TOKENIZER, algorithm="unigram", specials=ROBERTA_SPECIALS)
+                                                          ("eos_token_id", "sep")),
+                                       hf_class="RobertaTokenizer",
+                                       hf_fields=(("add_prefix_space", False), ("trim_offsets", True),
+                                                  ("errors", "replace")))
+# XLM-R's and CamemBERT's classes rebuild SentencePiece's pipeline: a Precompiled normalizer
+# (mlmtool's is NFKC as SentencePiece's nmt_nfkc rule), whitespace split, Metaspace.
+_UNIGRAM_TOKENIZER = dataclasses.replace(_ROBERTA_TOKENIZER, algorithm="unigram", specials=ROBERTA_SPECIALS,
+                                         hf_class="XLMRobertaTokenizer", hf_fields=(("add_prefix_space", True),))
+#: BERT's WordPiece, as BertTokenizer (bert-base-uncased) writes it: token types for pairs.
+BERT_TOKENIZER = TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS, hf_class="BertTokenizer",
+                                   hf_fields=(("strip_accents", None), ("tokenize_chinese_chars", True)),
+                                   hf_lowercase=True,
+                                   model_input_names=("input_ids", "token_type_ids", "attention_mask"),
+                                   clean_up_tokenization_spaces=True)
 
 
 class BertFamily(Family):
@@ -211,9 +223,12 @@ class BertFamily(Family):
     }
     tokenizer = {
         "roberta": _ROBERTA_TOKENIZER,
-        "bert": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS),
+        "bert": BERT_TOKENIZER,
         "xlm-roberta": _UNIGRAM_TOKENIZER,
-        "camembert": _UNIGRAM_TOKENIZER,
+        # CamembertTokenizer adds <s>NOTUSED, </s>NOTUSED, <unk>NOTUSED (camembert-base's ids 0, 2, 4)
+        # to a vocabulary without them unless told there are no extra specials
+        "camembert": dataclasses.replace(_UNIGRAM_TOKENIZER, hf_class="CamembertTokenizer",
+                                         hf_fields=(("add_prefix_space", True), ("extra_special_tokens", []))),
     }
     network = "mlmtool.models.bert_flax:MaskedLM"
     head_modules = ("lm_head",)
@@ -264,7 +279,9 @@ class BertFamily(Family):
         written: it is the word-embedding table and the head bias.  On input older
         checkpoints' extras are accepted: the decoder copies (equal to their source),
         ``position_ids``/``token_type_ids`` buffers, a pooler or BERT's next-sentence head
-        (ignored), and TF-era ``LayerNorm.gamma``/``beta`` names.
+        (ignored), and TF-era ``LayerNorm.gamma``/``beta`` names.  An imported pooler
+        (``P.pooler.dense.*``, from a ``*Model`` or ``BertForPreTraining`` directory) is
+        carried unchanged into the exports; a model trained from scratch has none.
         """
         H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
         variant = config.variant
@@ -296,6 +313,7 @@ class BertFamily(Family):
                      rf"|^{p}\.pooler\."  # from *Model / *ForPreTraining checkpoints
                      r"|^cls\.seq_relationship\."),  # BERT's next-sentence-prediction head
             renames=((r"(LayerNorm|layer_norm)\.gamma$", r"\1.weight"), (r"(LayerNorm|layer_norm)\.beta$", r"\1.bias")),
+            carried=rf"^{p}\.pooler\.dense\.(weight|bias)$",
         )
 
     def parameter_count(self, hf: dict) -> int:

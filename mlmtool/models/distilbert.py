@@ -100,7 +100,10 @@ class DistilBertFamily(Family):
         "problem_type": None, "qa_dropout": 0.1, "return_dict": True, "seq_classif_dropout": 0.2,
         "sinusoidal_pos_embds": False, "tie_word_embeddings": True, "vocab_size": 30522,
     }}
-    tokenizer = {"distilbert": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS)}
+    tokenizer = {"distilbert": TokenizerDefaults(
+        "wordpiece", lowercase=True, specials=BERT_SPECIALS, hf_class="DistilBertTokenizer",
+        hf_fields=(("strip_accents", None), ("tokenize_chinese_chars", True)), hf_lowercase=True,
+        clean_up_tokenization_spaces=True)}  # no token types: DistilBERT has no segment embeddings
     network = "mlmtool.models.distilbert_flax:MaskedLM"
     head_modules = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
     layers_key = "n_layers"

@@ -252,7 +252,8 @@ MODERNBERT_SPECIALS = SpecialTokens(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="
                                     mask_lstrip=True)
 _TOKENIZER = TokenizerDefaults("bpe", specials=MODERNBERT_SPECIALS,
                                config_ids=(("pad_token_id", "pad"), ("cls_token_id", "cls"), ("sep_token_id", "sep"),
-                                           ("bos_token_id", "cls"), ("eos_token_id", "sep")))
+                                           ("bos_token_id", "cls"), ("eos_token_id", "sep")),
+                               clean_up_tokenization_spaces=True)  # answerdotai/ModernBERT-base's class and fields
 
 
 class ModernBertFamily(Family):
