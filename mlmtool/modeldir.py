@@ -171,6 +171,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def with_transformers_version(config: dict) -> dict:
+    """``config`` with ``transformers_version``: the installed transformers' (no import)."""
+    from importlib import metadata
+
+    try:
+        return {**config, "transformers_version": metadata.version("transformers")}
+    except metadata.PackageNotFoundError:
+        return dict(config)
+
+
 class ModelDir:
     """Paths and checks for one model directory."""
 
@@ -249,6 +259,12 @@ class ModelDir:
         return self.path / TENSORBOARD
 
     @property
+    def carried_weights(self) -> tuple[Path, ...]:
+        """Where an export takes the tensors mlmtool carries but does not train (BERT's
+        imported pooler) from: ``init --from``'s weights, else an earlier export."""
+        return (self.init_weights_path, self.weights_path)
+
+    @property
     def init_weights_path(self) -> Path:
         """``init --from``'s converted weights: what ``train`` starts from (mlmtool.init_from)."""
         return self.path / INIT_WEIGHTS
@@ -293,7 +309,9 @@ class ModelDir:
         return load_config_file(self.config_path)
 
     def write_config(self, config: dict) -> None:
-        atomic_write_json(self.config_path, config)
+        """config.json, with the ``transformers_version`` it was written for (the installed
+        transformers, as ``save_pretrained`` records it; read back, it is dropped again)."""
+        atomic_write_json(self.config_path, with_transformers_version(config))
 
     def require_tokenizer(self) -> Path:
         if not self.tokenizer_path.exists():

@@ -25,14 +25,30 @@ DEFAULT_PRESET = "roberta-base"
 # Fields transformers derives or renames (num_labels -> id2label, torch_dtype -> dtype): a
 # config that sets them to anything but the default goes through transformers itself.
 _DERIVED = ("id2label", "label2id", "dtype")
+#: the dtype of every weight file mlmtool writes (model.safetensors, init.safetensors)
+WEIGHTS_DTYPE = "float32"
 
 
 def _full_dict(model_type: str, fields: dict) -> dict:
-    """Every field of a config.json: HF's defaults for the fields ``fields`` does not set."""
+    """Every field of a config.json: HF's defaults for the fields ``fields`` does not set,
+    with the family's ``architectures`` where it is null and the weights' ``dtype`` (as
+    ``save_pretrained`` writes them; ``transformers_version`` is added when written,
+    ``ModelDir.write_config``)."""
+    family = models.family_for(model_type)
+    full = _hf_dict(model_type, fields)
+    if not full.get("architectures"):
+        full["architectures"] = [family.architecture(model_type)]
+    full["dtype"] = WEIGHTS_DTYPE  # init --from converts a bfloat16 model's weights too
+    return full
+
+
+def _hf_dict(model_type: str, fields: dict) -> dict:
     import copy
 
     defaults = models.family_for(model_type).hf_defaults[model_type]
     fields = {k: v for k, v in fields.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
+    if fields.get("dtype") == WEIGHTS_DTYPE:  # what mlmtool writes: no need for transformers to resolve it
+        fields = {k: v for k, v in fields.items() if k != "dtype"}
     if all(k in defaults for k in fields) and all(fields.get(k, defaults[k]) == defaults[k] for k in _DERIVED):
         return copy.deepcopy({**defaults, **fields})
     from transformers import AutoConfig  # unknown or derived fields: let transformers resolve them

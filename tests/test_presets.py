@@ -14,11 +14,18 @@ from tests.pipeline import heavy_imports
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_dict(model_type: str, fields: dict) -> dict:
+def _hf_dict(model_type: str, fields: dict, *, saved: bool = True) -> dict:
+    """transformers' config dict; ``saved``: as ``save_pretrained`` of a float32 model of
+    the family's architecture writes it (``architectures``, ``dtype``), as mlmtool does."""
     kwargs = {k: v for k, v in fields.items() if k != "model_type"}
     d = transformers.AutoConfig.for_model(model_type, **kwargs).to_dict()
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
+    if saved:
+        from mlmtool.models import family_for
+
+        d["architectures"] = d.get("architectures") or [family_for(model_type).architecture(model_type)]
+        d["dtype"] = "float32"
     return json.loads(json.dumps(d))  # as config.json stores it
 
 
@@ -28,7 +35,7 @@ HF_DEFAULTS = {t: d for f in families().values() for t, d in f.hf_defaults.items
 
 @pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
 def test_defaults_are_transformers_defaults(model_type):
-    assert HF_DEFAULTS[model_type] == _hf_dict(model_type, {})
+    assert HF_DEFAULTS[model_type] == _hf_dict(model_type, {}, saved=False)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -63,5 +70,31 @@ def test_our_config_json_reloads_unchanged(tmp_path):
 
 
 def test_init_imports_neither_transformers_nor_jax(tmp_path):
+    """... and config.json records the architecture, dtype and transformers version as
+    save_pretrained does."""
     assert heavy_imports("init", tmp_path / "m", "--preset", "small") == []
-    assert json.loads((tmp_path / "m" / "config.json").read_text()) == presets.build_config("small")
+    from mlmtool.modeldir import with_transformers_version
+
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert written == with_transformers_version(presets.build_config("small"))
+    assert written["transformers_version"] == transformers.__version__ and written["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
+def test_every_config_names_its_architecture(tmp_path, model_type):
+    """A preset, a config file without architectures (CamemBERT has no preset: 'init
+    --from-config' is how one is made) and a config without dtype: config.json names the
+    family's *ForMaskedLM class and float32, as save_pretrained writes them."""
+    from mlmtool.models import family_for
+
+    want = [family_for(model_type).architecture(model_type)]
+    named = [n for n, p in PRESETS.items() if p["model_type"] == model_type]
+    if named:
+        assert build_config(named[0])["architectures"] == want
+    tiny = next(f for f in families().values() if model_type in f.model_types).tiny_test_configs()[model_type]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**tiny, "architectures": None}))
+    config = build_config(from_config=path)
+    assert config["architectures"] == want and config["dtype"] == "float32"
+    path.write_text(json.dumps({k: v for k, v in tiny.items() if k != "architectures"}))
+    assert build_config(from_config=path)["architectures"] == want
