@@ -138,8 +138,33 @@ def from_hf_state_dict(state: dict[str, np.ndarray], table: WeightTable, *, what
     return params
 
 
-def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, what: str = "model") -> Path:
-    """Write the HF ``model.safetensors`` atomically; ``path`` is the file or its directory.
+def carried_tensors(table: WeightTable, paths) -> dict[str, np.ndarray]:
+    """The tensors ``table.carried`` names (BERT's pooler), float32, from the first of
+    ``paths`` (safetensors files: ``init --from``'s ``init.safetensors``, then an earlier
+    ``model.safetensors``) that holds any; {} when none does.  Only those keys are read."""
+    import jax
+    from safetensors import SafetensorError, safe_open
+
+    if not table.carried:
+        return {}
+    pattern = re.compile(table.carried)
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        try:
+            with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(str(path), framework="flax") as f:
+                keys = [k for k in f.keys() if pattern.search(table.canonical(k))]
+                if keys:
+                    return {table.canonical(k): _as_float32(f.get_tensor(k), k) for k in keys}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}", hint="the file is damaged or not safetensors") from None
+    return {}
+
+
+def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, what: str = "model",
+                     carried: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the HF ``model.safetensors`` atomically; ``path`` is the file or its directory;
+    ``carried``: tensors written beside the parameters as they are (:func:`carried_tensors`).
 
     The file appears complete or not at all (``modeldir.atomic_write``: a temporary name in
     the same directory, flushed, renamed over ``path``, permissions from the umask).
@@ -156,6 +181,7 @@ def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, wha
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
     state = to_hf_state_dict(params, table, what=what)
+    state.update({k: np.ascontiguousarray(v) for k, v in (carried or {}).items()})
     try:
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=SAFETENSORS_METADATA))
     except (OSError, SafetensorError) as e:

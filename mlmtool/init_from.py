@@ -14,6 +14,7 @@ PyTorch ``pytorch_model.bin`` files are not read: they are pickles, which can ru
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,7 +123,8 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
     loaded = load_model(config)
     try:
-        params = loaded.from_hf(read_safetensors(src))
+        source_state = read_safetensors(src)
+        params = loaded.from_hf(source_state)
     except CheckpointError as e:
         with_set = " with --set" if overrides else ""
         raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}",
@@ -131,7 +133,10 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     mdir.write_config(config)
     tokenizer_files = _copy_tokenizer(src, mdir)
     _check_tokenizer(mdir, config)
-    loaded.save_hf(params, mdir.init_weights_path)
+    table = loaded.weight_table  # what the family carries unchanged (BERT's pooler) goes along
+    carried = {table.canonical(k): v for k, v in source_state.items()
+               if table.carried and re.search(table.carried, table.canonical(k))}
+    loaded.save_hf(params, mdir.init_weights_path, carried=carried)
     mdir.record("init", args={"preset": None, "set": list(overrides), "from_config": None, "from": str(src.resolve())},
                 inputs=fingerprint, outputs={"init_weights": mdir.init_weights_path.name, "tokenizer": tokenizer_files})
     stale = [name for name in ("data", "checkpoints", "model.safetensors") if (mdir.path / name).exists()]

@@ -401,7 +401,7 @@ class Trainer:
             result["eval"] = ev
         params = jax.device_get(state.params) if jax.process_count() == 1 else _gather(state.params)
         if self.main:
-            self.loaded.save_hf(params, self.mdir.weights_path)
+            self.loaded.save_hf(params, self.mdir.weights_path, carry_from=self.mdir.carried_weights)
         result["exported"] = str(self.mdir.weights_path)
         return result
 

@@ -112,9 +112,14 @@ class LoadedModel:
     def from_hf(self, state: dict) -> dict:
         return hf_weights.from_hf_state_dict(state, self.weight_table, what=self.config.model_type)
 
-    def save_hf(self, params, path: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` (atomically) that transformers loads."""
-        return hf_weights.save_safetensors(params, self.weight_table, path, what=self.config.model_type)
+    def save_hf(self, params, path: str | os.PathLike, *, carry_from=(), carried: dict | None = None) -> Path:
+        """Write ``model.safetensors`` (atomically) that transformers loads, with the tensors
+        the family carries unchanged (BERT's imported pooler): ``carried``, or those of the
+        first of the files ``carry_from`` that holds any (``hf_weights.carried_tensors``)."""
+        if carried is None:
+            carried = hf_weights.carried_tensors(self.weight_table, carry_from)
+        return hf_weights.save_safetensors(params, self.weight_table, path, what=self.config.model_type,
+                                           carried=carried)
 
     def load_hf(self, path: str | os.PathLike) -> dict:
         """A ``model.safetensors`` (file or HF model dir) -> our params tree (host float32)."""
