@@ -158,6 +158,7 @@ def _register() -> None:
     from mlmtool.cli import eval as eval_cmd  # noqa: F401
     from mlmtool.cli import predict  # noqa: F401
     from mlmtool.cli import report, info  # noqa: F401
+    from mlmtool.cli import export  # noqa: F401
 
 
 _register()
