@@ -192,3 +192,24 @@ def parameter_count(config: dict) -> int:
 def max_sequence_length(config: dict) -> int:
     """Longest input the position table allows (RoBERTa reserves pad_token_id + 1 rows)."""
     return models.family_for(config["model_type"]).max_sequence_length(config)
+
+
+def preset_table() -> dict[str, list[dict]]:
+    """Family name -> one row per preset (registry order): name, aliases, layers, hidden,
+    heads, parameters, positions and the preset's help line, for ``init --list-presets``;
+    computed from the registry, so a new family's presets appear by themselves."""
+    out: dict[str, list[dict]] = {}
+    for family in models.families().values():
+        aliases: dict[str, list[str]] = {}
+        for alias, name in family.preset_aliases.items():
+            aliases.setdefault(name, []).append(alias)
+        rows = []
+        for name in family.presets:
+            config = build_config(name)
+            facts = family.summary(config)
+            rows.append({"preset": name, "aliases": aliases.get(name, []), "model_type": config["model_type"],
+                         "layers": facts["layers"], "hidden": facts["hidden"], "heads": facts["heads"],
+                         "parameters": family.parameter_count(config), "positions": facts["max_positions"],
+                         "vocab": facts["vocab"], "help": family.preset_help.get(name, "")})
+        out[family.name] = rows
+    return out

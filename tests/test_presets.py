@@ -98,3 +98,29 @@ def test_every_config_names_its_architecture(tmp_path, model_type):
     assert config["architectures"] == want and config["dtype"] == "float32"
     path.write_text(json.dumps({k: v for k, v in tiny.items() if k != "architectures"}))
     assert build_config(from_config=path)["architectures"] == want
+
+
+def test_list_presets_is_a_table_of_the_registry():
+    """``init --list-presets`` (no DIR needed): every family's presets, from the registry, with
+    their layers, hidden, heads, parameters and positions; jax and transformers stay unloaded."""
+    from mlmtool.presets import preset_table
+    from tests.pipeline import invoke
+
+    table = preset_table()
+    assert list(table) == [f.name for f in families().values()]
+    for family in families().values():
+        rows = {r["preset"]: r for r in table[family.name]}
+        assert list(rows) == list(family.presets)
+        for name, row in rows.items():
+            config = build_config(name)
+            assert row["parameters"] == presets.parameter_count(config)
+            facts = family.summary(config)
+            assert (row["layers"], row["hidden"], row["positions"]) == (
+                facts["layers"], facts["hidden"], facts["max_positions"])
+    r = invoke("init", "--list-presets")
+    assert r.exit_code == 0, r.output
+    for family in families().values():
+        assert f"{family.name} family" in r.output
+        assert all(name in r.output for name in family.presets)
+    assert "124.7M" in r.output  # roberta-base
+    assert heavy_imports("init", "--list-presets") == []

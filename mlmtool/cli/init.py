@@ -18,11 +18,38 @@ def _complete_preset(incomplete: str) -> list[str]:
 
 
 def _preset_help() -> str:
-    from mlmtool.models import preset_help
+    from mlmtool.models import families
 
-    groups = [f"{family} family: " + "; ".join(f"{k} ({v})" for k, v in presets.items())
-              for family, presets in preset_help().items()]
-    return "Offline preset. " + ". ".join(groups) + "."
+    names = ", ".join(name for family in families().values() for name in family.presets)
+    return f"Offline preset: {names} (--list-presets: a table of their sizes)."
+
+
+def _list_presets(value: bool) -> None:
+    """``--list-presets``: the presets of every family as a table, then exit."""
+    if not value:
+        return
+    from rich.table import Table
+
+    from mlmtool.presets import preset_table
+    from mlmtool.progress import console
+
+    described = console.width >= 120  # the description column only where it fits beside the numbers
+    table = Table(title="mlmtool init DIR --preset NAME", title_justify="left", pad_edge=False, box=None)
+    columns = ["preset", "layers", "hidden", "heads", "params", "positions", "vocab"] + ([""] if described else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("preset", "") else "right", no_wrap=bool(column))
+    for i, (family, rows) in enumerate(preset_table().items()):
+        if i:
+            table.add_row()
+        table.add_row(f"[bold]{family} family[/]", *[""] * (len(columns) - 1))
+        for row in rows:
+            alias = f" ({', '.join(row['aliases'])})" if row["aliases"] else ""
+            n = row["parameters"]
+            cells = [f"  {row['preset']}{alias}", str(row["layers"]), str(row["hidden"]), str(row["heads"]),
+                     f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k", str(row["positions"]), f"{row['vocab']:,}"]
+            table.add_row(*cells, *([row["help"]] if described else []))
+    console.print(table)
+    raise typer.Exit()
 
 
 @app.command("init")
@@ -43,6 +70,9 @@ def init_command(
                        "and 'train' starts from its weights.", show_default=False)] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
+    list_presets: Annotated[bool, typer.Option(
+        "--list-presets", help="List the presets of every family (layers, hidden, heads, parameters, "
+                               "positions) and exit.", callback=_list_presets, is_eager=True)] = False,
 ) -> None:
     """Create DIR with a config.json (model type, sizes, special token ids)."""
     from mlmtool import presets
