@@ -301,3 +301,9 @@ def test_a_bert_from_scratch_says_it_has_no_pooler(tmp_path):
                       parameters=1, architecture="BertForMaskedLM", name="m", license=None, languages=[],
                       pooler=None, checkpoint="export")
     assert "has no pooler" in card and "initialises `bert.pooler.dense` at random" in card
+
+
+def test_export_help_imports_nothing_heavy():
+    from tests.pipeline import heavy_imports
+
+    assert heavy_imports("export", "--help") == []
