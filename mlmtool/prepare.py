@@ -101,6 +101,9 @@ def _summary(meta: dict, data_dir: Path, status: str, seconds: float, num_proc: 
         "num_proc": num_proc,
         "parallelism": meta.get("parallelism"),
         "skipped_lines": meta.get("skipped_lines", 0),
+        "num_shards": meta.get("num_shards", 1),
+        "packing_loss_blocks": meta.get("packing_loss_blocks"),
+        "fingerprint": shards.fingerprint(meta),
     }
 
 
@@ -323,6 +326,9 @@ def _block_meta(combined: dict, tok: TokenizerInfo, key: dict, args: dict, *, co
         "documents": combined["documents"],
         "dropped_tokens": combined["dropped_tokens"],
         "num_shards": len(combined["shards"]),
+        # blocks that the shards' remainders (each < seq_len, dropped per shard) would have made in one
+        # stream: floor(sum of remainders / seq_len) per split, at most num_shards - 1
+        "packing_loss_blocks": {s: combined["remainder_dropped"][s] // args["max_seq_length"] for s in blocks.SPLITS},
         "shards": combined["shards"],  # the ledger: each shard's files, blocks and sha256 (mlmtool.shards)
         "pad_token_id": tok.pad_token_id,
         "mask_token_id": tok.mask_token_id,
