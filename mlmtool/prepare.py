@@ -221,6 +221,9 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     staging = shards.open_staging(mdir.data_dir, key, num_shards, reset=plain and force)
     pieces = shards.cut(corpus.sources, num_shards) if corpus.hub is None else [[]]
     indices = list(range(num_shards)) if shard_indices is None else shard_indices
+    if force and not plain:  # --force --shard-index I: redo those shards (a plain --force redoes all, above)
+        for k in indices:
+            (staging / shards.ledger_file(k, num_shards)).unlink(missing_ok=True)
     if executor == "ray":
         from mlmtool.ray_executor import run_shards
 

@@ -130,6 +130,7 @@ def process_share(num_shards: int, environ=os.environ) -> list[int] | None:
     ``MLMTOOL_PROCESS_ID`` (the variables ``train`` joins ``jax.distributed`` with), else a
     SLURM step's tasks (``SLURM_NTASKS`` / ``SLURM_PROCID``) or a SLURM job array
     (``SLURM_ARRAY_TASK_COUNT`` / ``SLURM_ARRAY_TASK_ID``); shard k goes to process k mod P.
+    ``TPU_WORKER_HOSTNAMES`` / ``TPU_WORKER_ID`` (TPU pods on GKE) come last.
     None when this is the only process."""
     for count, index, base in (("MLMTOOL_NUM_PROCESSES", "MLMTOOL_PROCESS_ID", None),
                                ("SLURM_NTASKS", "SLURM_PROCID", None),
@@ -141,9 +142,12 @@ def process_share(num_shards: int, environ=os.environ) -> list[int] | None:
             raise ConfigError(f"{count}={environ.get(count)!r} / {index}={environ.get(index)!r} are not integers",
                               "unset them, or give --shard-index") from None
         if p > 1:
-            if not 0 <= i < p:
+            if not 0 <= i < p:  # pragma: no cover - a broken environment
                 raise ConfigError(f"{index}={i} is not in 0 .. {p - 1} ({count}={p})", "check the environment")
             return list(range(i, num_shards, p))
+    hosts = [h for h in (environ.get("TPU_WORKER_HOSTNAMES") or "").split(",") if h]
+    if len(hosts) > 1 and (environ.get("TPU_WORKER_ID") or "").isdigit():
+        return list(range(int(environ["TPU_WORKER_ID"]), num_shards, len(hosts)))
     return None
 
 

@@ -131,6 +131,7 @@ def test_process_share_from_the_environment():
     assert shards.process_share(4, {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}) == [0, 3]
     assert shards.process_share(4, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "6",
                                     "SLURM_ARRAY_TASK_MIN": "5"}) == [1, 3]
+    assert shards.process_share(6, {"TPU_WORKER_HOSTNAMES": "a,b,c", "TPU_WORKER_ID": "2"}) == [2, 5]
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -341,3 +342,68 @@ def test_ray_executor_gives_the_same_store(reference, bpe_dir, inputs):
         ray.shutdown()
     assert result["status"] == "written"
     assert fingerprint(d) == fp
+
+
+# -- train reads a sharded store ---------------------------------------------------------------
+
+READS_RUNNER = r"""
+import json, os, sys
+import numpy as np
+import mlmtool.loader as loader
+
+log = os.environ["MLMTOOL_TEST_READS"]
+host_batch = loader.BatchLoader.host_batch
+
+def logged(self, step):  # the train rows this process reads at each step
+    read = self.store.read
+    def reading(indices):
+        import jax
+        with open(f"{log}.{jax.process_index()}", "a") as f:
+            f.write(json.dumps([step, np.asarray(indices).reshape(-1).tolist()]) + "\n")
+        return read(indices)
+    self.store.read = reading
+    try:
+        return host_batch(self, step)
+    finally:
+        del self.store.read
+
+loader.BatchLoader.host_batch = logged
+sys.argv = ["mlmtool", *sys.argv[1:]]
+from mlmtool.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_train_reads_only_its_rows_of_a_sharded_store(tmp_path):
+    from mlmtool.loader import epoch_permutation
+    from tests import test_distributed as dist
+    from tests.pipeline import invoke as cli, prepared_dir
+
+    d = prepared_dir(tmp_path)
+    r = cli("prepare", d, tmp_path / "corpus.txt", "--max-seq-length", 32, "--validation-split-percentage", 10,
+            "--num-shards", 3, "--force")
+    assert r.exit_code == 0, r.output
+    n = len(BlockStore.open(d / "data", "train"))
+    assert len(json.loads((d / "data" / "meta.json").read_text())["shards"]) == 3
+    log = tmp_path / "reads"
+    port = dist._free_port()
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-c", READS_RUNNER, "train", str(d), *map(str, dist.TRAIN), "--seed", "7",
+               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dist._env(2, tmp_path / "cache", MLMTOOL_TEST_READS=log,
+                                                                    PYTHONPATH=ROOT),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    reads = [{s: idx for s, idx in map(json.loads, Path(f"{log}.{i}").read_text().splitlines())} for i in range(2)]
+    global_batch = 16
+    steps_per_epoch = n // global_batch
+    assert sorted(reads[0]) == sorted(reads[1]) == list(range(dist.STEPS))
+    for step in range(dist.STEPS):
+        a, b = reads[0][step], reads[1][step]
+        assert len(a) == len(b) == global_batch // 2 and not set(a) & set(b)  # each its own half
+        epoch, pos = divmod(step, steps_per_epoch)
+        want = epoch_permutation(n, 7, epoch)[pos * global_batch:(pos + 1) * global_batch]
+        assert sorted(a + b) == sorted(want.tolist())  # together: the step's global batch
