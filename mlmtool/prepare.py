@@ -36,6 +36,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -224,16 +225,21 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     if force and not plain:  # --force --shard-index I: redo those shards (a plain --force redoes all, above)
         for k in indices:
             (staging / shards.ledger_file(k, num_shards)).unlink(missing_ok=True)
-    if executor == "ray":
-        from mlmtool.ray_executor import run_shards
+    try:
+        if executor == "ray":
+            from mlmtool.ray_executor import run_shards
 
-        run_shards(staging, pieces, indices, job, text_column=corpus.text_column, split=corpus.split,
-                   batch_bytes=batch_bytes, address=ray_address)
-    elif corpus.hub is not None:
-        _build_hub(staging, corpus, job, num_proc=num_proc, batch_bytes=batch_bytes, show_progress=show_progress)
-    else:
-        _build_shards(staging, corpus, pieces, indices, job, num_proc=num_proc, batch_bytes=batch_bytes,
-                      show_progress=show_progress, wait=plain)
+            run_shards(staging, pieces, indices, job, text_column=corpus.text_column, split=corpus.split,
+                       batch_bytes=batch_bytes, address=ray_address)
+        elif corpus.hub is not None:
+            _build_hub(staging, corpus, job, num_proc=num_proc, batch_bytes=batch_bytes,
+                       show_progress=show_progress)
+        else:
+            _build_shards(staging, corpus, pieces, indices, job, num_proc=num_proc, batch_bytes=batch_bytes,
+                          show_progress=show_progress, wait=plain)
+    except BaseException:
+        shards.discard_if_empty(staging, num_shards)
+        raise
     entries = shards.done_shards(staging, num_shards, job)
     mine = [entries[k] for k in indices if entries[k] is not None]
     if any(e is None for e in entries):
@@ -252,9 +258,13 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     corpus.stats.skipped_lines = dict(combined["skipped_lines"])  # for corpus.warnings()
     corpus.stats.bytes = combined["bytes"]
     corpus.stats.documents = sum(combined["documents"].values())
-    if corpus.stats.documents == 0:
-        corpus._raise_empty()
-    _check_nonempty(combined, max_seq_length, job.percentage)
+    try:
+        if corpus.stats.documents == 0:
+            corpus._raise_empty()
+        _check_nonempty(combined, max_seq_length, job.percentage)
+    except DataError:  # every shard done, and the store unusable: nothing to resume, nothing left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     with (contextlib.nullcontext(True) if plain else shards.directory_lock_or_none(mdir)) as locked:
         if not locked:  # a plain prepare holds it: that one finishes the store
             return {"status": "shards written", "data_dir": str(mdir.data_dir), "num_shards": num_shards,

@@ -260,6 +260,7 @@ class _Shard:
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+            w.path.unlink(missing_ok=True)
         self.release()
 
 
@@ -336,6 +337,16 @@ def build(staging: Path, pieces: list[list[Source]], indices: Sequence[int], job
                 on_wait(todo)
             time.sleep(1.0)
     return built
+
+
+def discard_if_empty(staging: Path, num_shards: int) -> None:
+    """Remove the staging directory after a failure if it holds no done shard and no process
+    is filling it (a failed prepare leaves nothing behind; done shards are kept to resume)."""
+    if not staging.is_dir() or any(staging.glob("shard-*-of-*.json")):
+        return
+    if any(_locked(staging, k) for k in range(num_shards)):
+        return
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def done_shards(staging: Path, num_shards: int, job: Job) -> list[dict | None]:
