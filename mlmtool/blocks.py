@@ -6,6 +6,11 @@ Layout::
     DIR/data/train.bin         raw little-endian uint16 (vocab ≤ 65536) or uint32,
     DIR/data/validation.bin    row-major [num_blocks, seq_len]
 
+A store of ``prepare --num-shards N`` (N > 1, :mod:`mlmtool.shards`) holds one pair of files
+per shard instead (``train-00003-of-00008.bin``...), listed in shard order in meta.json's
+``shards`` (each with its ``files``, ``num_blocks`` and ``sha256``); :class:`BlockStore`
+reads the split as the shards' blocks one after another, as if it were one file.
+
 Raw arrays, so a block is read by slice through ``np.memmap`` with no parsing and no
 per-example overhead; ``meta.json`` carries everything needed to read them::
 
@@ -27,6 +32,8 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     tokenizer_sha256           hash of the tokenizer.json the blocks were made with
     key                        what "up to date" compares (inputs, tokenizer, arguments)
     files                      {split: file name}
+    shards, num_shards         the shard ledger (above); packing_loss_blocks: blocks the shards'
+                               dropped remainders would have made in one stream
     created, seconds           when and how long
 
 Readers use :class:`BlockStore`; writers :class:`SplitWriter` (inside a temporary

@@ -220,6 +220,10 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
         raise ConfigError("--num-shards needs corpus files (local or URLs), not --dataset",
                           "pass the dataset's files (e.g. hf://datasets/NAME/...) instead of --dataset")
     staging = shards.open_staging(mdir.data_dir, key, num_shards, reset=plain and force)
+    if not force and not plain and _up_to_date(mdir.data_dir, key) is not None:  # finished meanwhile by another
+        shards.discard_if_empty(staging, num_shards)
+        return _summary(blocks.read_meta(mdir.data_dir), mdir.data_dir, "up to date",
+                        time.perf_counter() - started, None)
     pieces = shards.cut(corpus.sources, num_shards) if corpus.hub is None else [[]]
     indices = list(range(num_shards)) if shard_indices is None else shard_indices
     if force and not plain:  # --force --shard-index I: redo those shards (a plain --force redoes all, above)
