@@ -344,6 +344,13 @@ def test_ray_executor_gives_the_same_store(reference, bpe_dir, inputs):
     assert fingerprint(d) == fp
 
 
+def test_ray_executor_without_ray_says_how_to_get_it(bpe_dir, inputs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    line = error_line(invoke("prepare", bpe_dir, *inputs, "--num-shards", 2, "--executor", "ray"))
+    assert "needs the ray package" in line and "pip install 'mlmtool[ray]'" in line
+    assert not shards.staging_dir(bpe_dir / "data").exists()
+
+
 # -- train reads a sharded store ---------------------------------------------------------------
 
 READS_RUNNER = r"""
