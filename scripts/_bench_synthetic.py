@@ -34,6 +34,8 @@ def make_corpus(src_dir: Path, out_dir: Path, gb: float, files: int, seed: int =
     lines: list[bytes] = []
     for p in sorted(src_dir.glob("*.txt.xz")):
         lines += [x for x in lzma.decompress(p.read_bytes()).split(b"\n") if x.strip()]
+    if not lines:
+        raise SystemExit(f"no *.txt.xz corpora in {src_dir} (see --corpora-dir)")
     target = int(gb * 1e9)
     rng = random.Random(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,11 +46,14 @@ def make_corpus(src_dir: Path, out_dir: Path, gb: float, files: int, seed: int =
         while written < target:
             order = list(range(len(lines)))
             rng.shuffle(order)
-            for j, i in enumerate(order):
-                line = lines[i] + b"\n"
-                handles[j % files].write(line)
-                written += len(line)
-                if written >= target:
+            for j in range(0, len(order), 10_000):  # 10,000 lines at a time, to the files in turn
+                chunk = b"\n".join(lines[i] for i in order[j:j + 10_000]) + b"\n"
+                chunk = chunk[:max(0, target - written)]
+                chunk = chunk[:chunk.rfind(b"\n") + 1] if written + len(chunk) >= target else chunk
+                handles[(j // 10_000) % files].write(chunk)
+                written += len(chunk)
+                if written >= target or not chunk:
+                    written = target
                     break
     finally:
         for h in handles:

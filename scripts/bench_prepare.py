@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-gb", type=float, nargs="+", default=None, metavar="G",
                    help="instead: sharded prepare of G GB of generated text (the shared corpora repeated and "
                         "shuffled), 1 process against 2 (scripts/_bench_synthetic.py)")
-    p.add_argument("--corpora-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora"),
+    p.add_argument("--corpora-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "corpora"),
                    help="--synthetic-gb: the *.txt.xz corpora to repeat (default ../shared/corpora)")
     p.add_argument("--files", type=int, default=8, help="--synthetic-gb: text files to write (default 8)")
     p.add_argument("--num-shards", type=int, default=8, help="--synthetic-gb: --num-shards (default 8)")
