@@ -6,6 +6,11 @@ Layout::
     DIR/data/train.bin         raw little-endian uint16 (vocab ≤ 65536) or uint32,
     DIR/data/validation.bin    row-major [num_blocks, seq_len]
 
+A store of ``prepare --num-shards N`` (N > 1, :mod:`mlmtool.shards`) holds one pair of files
+per shard instead (``train-00003-of-00008.bin``...), listed in shard order in meta.json's
+``shards`` (each with its ``files``, ``num_blocks`` and ``sha256``); :class:`BlockStore`
+reads the split as the shards' blocks one after another, as if it were one file.
+
 Raw arrays, so a block is read by slice through ``np.memmap`` with no parsing and no
 per-example overhead; ``meta.json`` carries everything needed to read them::
 
@@ -27,6 +32,8 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     tokenizer_sha256           hash of the tokenizer.json the blocks were made with
     key                        what "up to date" compares (inputs, tokenizer, arguments)
     files                      {split: file name}
+    shards, num_shards         the shard ledger (above); packing_loss_blocks: blocks the shards'
+                               dropped remainders would have made in one stream
     created, seconds           when and how long
 
 Readers use :class:`BlockStore`; writers :class:`SplitWriter` (inside a temporary
@@ -36,6 +43,7 @@ directory that ``modeldir.atomic_directory`` swaps in whole); multi-process runs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -93,7 +101,7 @@ class BlockStore:
     Reads return ``int32`` arrays of shape ``[n, seq_len]``.
     """
 
-    def __init__(self, path: Path, meta: dict, split: str):
+    def __init__(self, path: Path, meta: dict, split: str, parts: list[tuple[Path, int]] | None = None):
         self.path = Path(path)
         self.meta = meta
         self.split = split
@@ -105,11 +113,17 @@ class BlockStore:
         self.vocab_size = int(meta["vocab_size"])
         self.line_by_line = bool(meta.get("line_by_line"))  # one document per block (document attention: moot)
         self.dtype = _np_dtype(meta["dtype"])
-        if self.num_blocks:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r",
-                                   shape=(self.num_blocks, self.seq_len))
-        else:
+        self._parts = []  # one memmap per shard file (mlmtool.shards), in shard order
+        for p, n in parts or [(self.path, self.num_blocks)]:
+            if n:
+                self._parts.append(np.memmap(p, dtype=self.dtype, mode="r", shape=(n, self.seq_len)))
+        self._starts = np.cumsum([0] + [len(a) for a in self._parts])  # first global block of each part
+        if len(self._parts) == 1:
+            self._data = self._parts[0]
+        elif not self._parts:
             self._data = np.zeros((0, self.seq_len), dtype=self.dtype)
+        else:
+            self._data = None
 
     @classmethod
     def open(cls, data_dir: Path | str, split: str) -> "BlockStore":
@@ -133,20 +147,31 @@ class BlockStore:
             raise DataError(f"{data_dir / META} is incomplete ({e.__class__.__name__}: {e})",
                             _REDO) from None
         files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
-        name = files.get(split, split_file(split))
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            # meta.json names files in DIR/data only: never a path elsewhere (../, /etc/...)
-            raise DataError(f"{data_dir / META} names {name!r} for the {split} split, a path outside "
-                            f"{data_dir}", _REDO)
-        path = data_dir / name
-        if not path.exists():
-            raise DataError(f"{path} is missing", _REDO)
-        expected = num_blocks * seq_len * itemsize
-        actual = path.stat().st_size
-        if actual != expected:
-            raise DataError(f"{path} is damaged: {actual:,} bytes, meta.json says {num_blocks:,} "
-                            f"blocks of {seq_len} {meta['dtype']} ({expected:,} bytes)", _REDO)
-        return cls(path, meta, split)
+        shards = meta.get("shards") if isinstance(meta.get("shards"), list) else None
+        try:  # a sharded store (mlmtool.shards): each shard's file and blocks, in shard order
+            listed = ([(sh["files"][split], int(sh["num_blocks"][split])) for sh in shards] if shards
+                      else [(files.get(split, split_file(split)), num_blocks)])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{data_dir / META} is incomplete ({e.__class__.__name__}: {e})", _REDO) from None
+        if sum(n for _, n in listed) != num_blocks:
+            raise DataError(f"{data_dir / META} is damaged: its shards hold {sum(n for _, n in listed):,} "
+                            f"{split} blocks, not {num_blocks:,}", _REDO)
+        parts = []
+        for name, n in listed:
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                # meta.json names files in DIR/data only: never a path elsewhere (../, /etc/...)
+                raise DataError(f"{data_dir / META} names {name!r} for the {split} split, a path outside "
+                                f"{data_dir}", _REDO)
+            path = data_dir / name
+            if not path.exists():
+                raise DataError(f"{path} is missing", _REDO)
+            expected = n * seq_len * itemsize
+            actual = path.stat().st_size
+            if actual != expected:
+                raise DataError(f"{path} is damaged: {actual:,} bytes, meta.json says {n:,} "
+                                f"blocks of {seq_len} {meta['dtype']} ({expected:,} bytes)", _REDO)
+            parts.append((path, n))
+        return cls(parts[0][0], meta, split, parts)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -166,12 +191,22 @@ class BlockStore:
             raise IndexError(f"block index out of range [0, {self.num_blocks}) in {self.split}")
         order = np.argsort(idx, kind="stable")
         out = np.empty((idx.size, self.seq_len), dtype=np.int32)
-        out[order] = self._data[idx[order]]
+        if self._data is not None:
+            out[order] = self._data[idx[order]]
+            return out
+        sorted_idx = idx[order]  # several shard files: each index read from its part
+        part = np.searchsorted(self._starts, sorted_idx, side="right") - 1
+        for k in np.unique(part):
+            sel = part == k
+            out[order[sel]] = self._parts[k][sorted_idx[sel] - self._starts[k]]
         return out
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Blocks ``start:stop`` as int32 ``[stop - start, seq_len]`` (clipped like a slice)."""
-        return np.asarray(self._data[start:stop], dtype=np.int32)
+        if self._data is not None:
+            return np.asarray(self._data[start:stop], dtype=np.int32)
+        start, stop, _ = slice(start, stop).indices(self.num_blocks)
+        return self.read(np.arange(start, max(start, stop)))
 
 
 class SplitWriter:
@@ -189,6 +224,7 @@ class SplitWriter:
         self.seq_len = int(seq_len)
         self.dtype = np.dtype(dtype)
         self._file: BinaryIO = open(self.path, "wb", buffering=1 << 20)
+        self._hash = hashlib.sha256()  # of the bytes written: the shard's digest (data fingerprint)
         self._rest = np.zeros(0, dtype=self.dtype)
         self.num_blocks = 0
         self.dropped_tokens = 0
@@ -202,7 +238,7 @@ class SplitWriter:
         n = tokens.size // self.seq_len
         cut = n * self.seq_len
         if n:
-            self._file.write(tokens[:cut].tobytes())
+            self._write(tokens[:cut].tobytes())
             self.num_blocks += n
         self._rest = tokens[cut:].copy()
 
@@ -210,8 +246,17 @@ class SplitWriter:
         blocks = np.asarray(blocks)
         if blocks.ndim != 2 or blocks.shape[1] != self.seq_len:
             raise ValueError(f"blocks must be [n, {self.seq_len}], got {blocks.shape}")
-        self._file.write(np.ascontiguousarray(blocks, dtype=self.dtype).tobytes())
+        self._write(np.ascontiguousarray(blocks, dtype=self.dtype).tobytes())
         self.num_blocks += blocks.shape[0]
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the blocks written so far (hex)."""
+        return self._hash.hexdigest()
 
     @property
     def remainder(self) -> int:

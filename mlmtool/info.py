@@ -70,6 +70,12 @@ def tokenizer_info(mdir: ModelDir) -> dict | None:
         return {"error": f"{e.__class__.__name__}: {e}"}
 
 
+def data_fingerprint(meta: dict) -> dict | None:
+    from mlmtool.shards import fingerprint
+
+    return fingerprint(meta)
+
+
 def data_info(mdir: ModelDir) -> dict | None:
     meta_path = mdir.data_dir / "meta.json"
     if not meta_path.exists():
@@ -90,6 +96,8 @@ def data_info(mdir: ModelDir) -> dict | None:
             "inputs": len(inputs) if isinstance(inputs, list) else (fp.get("dataset") if isinstance(fp, dict)
                                                                     else None),
             "bytes": _dir_bytes(mdir.data_dir),
+            "num_shards": meta.get("num_shards", 1),
+            "fingerprint": data_fingerprint(meta),  # per split, a digest of the blocks (mlmtool.shards)
         }
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}

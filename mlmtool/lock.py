@@ -30,13 +30,16 @@ LOCK_FILE = ".mlmtool.lock"
 
 
 @contextlib.contextmanager
-def hold(directory: Path, command: str) -> Iterator[None]:
-    """Hold ``directory``'s lock while ``command`` runs (ModelDirError if it is in use)."""
-    fd = _acquire(Path(directory), command)
+def hold(directory: Path, command: str, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold ``directory``'s lock while ``command`` runs (ModelDirError if it is in use).
+
+    ``name``: the lock file in ``directory`` (another name: a finer lock, e.g. one shard's
+    of ``prepare``'s block store, :mod:`mlmtool.shards`)."""
+    fd = _acquire(Path(directory), command, name)
     try:
         yield
     finally:
-        _release(Path(directory) / LOCK_FILE, fd)
+        _release(Path(directory) / name, fd)
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -76,7 +79,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
+def _in_use(directory: Path, holder: dict | None, name: str = LOCK_FILE) -> ModelDirError:
     if not holder:  # its holder is still writing it
         return ModelDirError(f"{directory} is in use by another mlmtool command",
                              "wait for it to finish or stop it; two commands on one directory would corrupt it")
@@ -85,7 +88,7 @@ def _in_use(directory: Path, holder: dict | None) -> ModelDirError:
         f"{directory} is in use by 'mlmtool {holder.get('command', '?')}' "
         f"(PID {holder.get('pid')} on {holder.get('host')}, since {holder.get('time', '?')})",
         "wait for it to finish or stop it; two commands on one directory would corrupt it"
-        + (f" (if it is no longer running, delete {directory / LOCK_FILE})" if elsewhere else ""))
+        + (f" (if it is no longer running, delete {directory / name})" if elsewhere else ""))
 
 
 def _cannot_write(directory: Path, e: OSError) -> ModelDirError:
@@ -99,13 +102,13 @@ def _lock_record(command: str) -> dict:
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _acquire(directory: Path, command: str) -> int | None:
+def _acquire(directory: Path, command: str, name: str = LOCK_FILE) -> int | None:
     """Take DIR's lock: an open, flock'ed descriptor of the lock file (None: PID scheme)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
-        return _acquire_by_pid(directory, command)
-    path = directory / LOCK_FILE
+        return _acquire_by_pid(directory, command, name)
+    path = directory / name
     for _ in range(10):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -115,10 +118,10 @@ def _acquire(directory: Path, command: str) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _in_use(directory, _read_lock(path)) from None
+            raise _in_use(directory, _read_lock(path), name) from None
         except OSError:  # no flock on this file system
             os.close(fd)
-            return _acquire_by_pid(directory, command)
+            return _acquire_by_pid(directory, command, name)
         try:  # the file may have been released (unlinked) between our open and flock
             st = os.stat(path)
             current = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
@@ -130,7 +133,7 @@ def _acquire(directory: Path, command: str) -> int | None:
         holder = _read_lock(path)
         if holder and holder.get("host") != socket.gethostname():
             os.close(fd)  # flock may not reach across hosts: believe the file
-            raise _in_use(directory, holder)
+            raise _in_use(directory, holder, name)
         _HELD.add(fd)
         try:
             data = json.dumps(_lock_record(command)).encode()
@@ -161,9 +164,9 @@ def _release(path: Path, fd: int | None) -> None:
         os.close(fd)
 
 
-def _acquire_by_pid(directory: Path, command: str) -> None:
+def _acquire_by_pid(directory: Path, command: str, name: str = LOCK_FILE) -> None:
     """The lock without flock: O_EXCL create; a holder whose PID is gone on this host is stale."""
-    path = directory / LOCK_FILE
+    path = directory / name
     me = _lock_record(command)
     for _ in range(3):
         try:
@@ -171,7 +174,7 @@ def _acquire_by_pid(directory: Path, command: str) -> None:
         except FileExistsError:
             holder = _read_lock(path)
             if holder and holder.get("pid") != me["pid"] and holder_alive(holder):
-                raise _in_use(directory, holder) from None
+                raise _in_use(directory, holder, name) from None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale: its process is gone
             continue

@@ -36,18 +36,19 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlmtool import blocks, encode_pool
+from mlmtool import blocks, encode_pool, shards
 from mlmtool.blocks import VALIDATION_RULE
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir, atomic_directory, atomic_write_json, remove_leftovers
+from mlmtool.modeldir import ModelDir, atomic_write_json, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
 from mlmtool.tokenizer_facts import TokenizerInfo, tokenizer_info
 
@@ -101,6 +102,9 @@ def _summary(meta: dict, data_dir: Path, status: str, seconds: float, num_proc: 
         "num_proc": num_proc,
         "parallelism": meta.get("parallelism"),
         "skipped_lines": meta.get("skipped_lines", 0),
+        "num_shards": meta.get("num_shards", 1),
+        "packing_loss_blocks": meta.get("packing_loss_blocks"),
+        "fingerprint": shards.fingerprint(meta),
     }
 
 
@@ -109,13 +113,21 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
             num_proc: int | None = None, force: bool = False,
             show_progress: bool = True, batch_bytes: int = DEFAULT_BATCH_BYTES,
-            piece_cache: bool = True) -> dict[str, Any]:
+            piece_cache: bool = True, num_shards: int = 1, shard_indices: list[int] | None = None,
+            executor: str = "local", ray_address: str | None = None) -> dict[str, Any]:
     """Tokenize ``corpus`` into ``DIR/data`` (see the module doc); return a summary dict.
 
     ``status`` in the result is "written" or "up to date" (nothing done).  ``num_proc``
     defaults to the number of CPU cores; ``batch_bytes`` is the text per worker task (it
     changes speed only, never the output); ``piece_cache=False`` encodes every document
     with plain ``encode_batch`` (same output, slower: see :class:`PieceEncoder`).
+
+    ``num_shards``: cut the corpus into that many shards (:mod:`mlmtool.shards`; the store
+    depends only on the inputs and N); ``shard_indices``: prepare only those (several
+    processes fill one store; the one that finds every shard done finishes it); None takes
+    this process's share when the environment names several processes
+    (:func:`mlmtool.shards.process_share`), else all.  ``executor="ray"`` runs the shards as
+    Ray tasks (``ray_address``: a running cluster; None starts a local one).
     """
     started = time.perf_counter()
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
@@ -144,8 +156,15 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
 
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor!r} is not one of local, ray", "use --executor local or ray")
+    shard_indices = shards.check_indices(shard_indices, num_shards)
+    if shard_indices is None and executor == "local":
+        shard_indices = shards.process_share(num_shards)
     args = {"max_seq_length": max_seq_length, "line_by_line": line_by_line,
             "validation_split_percentage": float(validation_split_percentage)}
+    if num_shards > 1:  # one shard is the store of one stream, as before shards: its key is unchanged
+        args["num_shards"] = num_shards
     key = _key(corpus, file_sha256(mdir.tokenizer_path), config, args)
     if not force:  # checked before loading the tokenizer: this path must stay fast
         meta = _up_to_date(mdir.data_dir, key)
@@ -162,10 +181,14 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                           f"tokenizer's {tok.pad_token_id}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
     key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
-    with mdir.lock("prepare"):
-        remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
+    plain = shard_indices is None  # all shards: holds the directory's lock throughout, as before shards
+    with mdir.lock("prepare", enabled=plain):
+        if plain:
+            remove_leftovers(mdir.data_dir)  # the .data.*.tmp of a killed run
         result = _build(mdir, corpus, tok, key, args, started=started, num_proc=num_proc,
-                      show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache)
+                        show_progress=show_progress, batch_bytes=batch_bytes, piece_cache=piece_cache,
+                        num_shards=num_shards, shard_indices=shard_indices, plain=plain, force=force,
+                        executor=executor, ray_address=ray_address)
     if line_by_line:
         from tokenizers import Tokenizer
 
@@ -179,8 +202,10 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
 def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: dict, *,
            started: float, num_proc: int | None, show_progress: bool, batch_bytes: int,
-           piece_cache: bool) -> dict[str, Any]:
-    """Tokenize into a temporary directory and swap it in as DIR/data (lock held)."""
+           piece_cache: bool, num_shards: int, shard_indices: list[int] | None, plain: bool,
+           force: bool, executor: str, ray_address: str | None) -> dict[str, Any]:
+    """Tokenize the shards this process takes into the staging directory (mlmtool.shards);
+    once every shard is done, write meta.json and swap the store in as DIR/data."""
     max_seq_length = args["max_seq_length"]
     num_proc = max(1, int(num_proc or os.cpu_count() or 1))
     parallelism = ("single process" if num_proc == 1 else
@@ -191,59 +216,118 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
     job = Job(tokenizer_path=tok.path, seq_len=max_seq_length, line_by_line=args["line_by_line"],
                percentage=args["validation_split_percentage"], dtype=dtype.str,
                pad_token_id=tok.pad_token_id, piece_cache=piece_cache)
-    with atomic_directory(mdir.data_dir) as tmp:
-        writers = {s: blocks.SplitWriter(tmp / blocks.split_file(s), max_seq_length, dtype)
-                   for s in blocks.SPLITS}
-        try:
-            counts = _tokenize_into(writers, corpus, job, num_proc=num_proc, batch_bytes=batch_bytes,
-                                    show_progress=show_progress)
-            for w in writers.values():
-                w.close()
-        finally:
-            for w in writers.values():
-                w.abort()
-        _check_nonempty(writers, counts, max_seq_length, job.percentage, job.line_by_line)
-        seconds = time.perf_counter() - started
-        meta = _block_meta(writers, counts, tok, key, args, corpus=corpus, dtype=dtype, num_proc=num_proc,
-                           parallelism=parallelism, seconds=seconds)
-        atomic_write_json(tmp / blocks.META, meta)
+    if corpus.hub is not None and num_shards > 1:
+        raise ConfigError("--num-shards needs corpus files (local or URLs), not --dataset",
+                          "pass the dataset's files (e.g. hf://datasets/NAME/...) instead of --dataset")
+    staging = shards.open_staging(mdir.data_dir, key, num_shards, reset=plain and force)
+    if not force and not plain and _up_to_date(mdir.data_dir, key) is not None:  # finished meanwhile by another
+        shards.discard_if_empty(staging, num_shards)
+        return _summary(blocks.read_meta(mdir.data_dir), mdir.data_dir, "up to date",
+                        time.perf_counter() - started, None)
+    pieces = shards.cut(corpus.sources, num_shards) if corpus.hub is None else [[]]
+    indices = list(range(num_shards)) if shard_indices is None else shard_indices
+    if force and not plain:  # --force --shard-index I: redo those shards (a plain --force redoes all, above)
+        for k in indices:
+            (staging / shards.ledger_file(k, num_shards)).unlink(missing_ok=True)
+    try:
+        if executor == "ray":
+            from mlmtool.ray_executor import run_shards
+
+            run_shards(staging, pieces, indices, job, text_column=corpus.text_column, split=corpus.split,
+                       batch_bytes=batch_bytes, address=ray_address)
+        elif corpus.hub is not None:
+            _build_hub(staging, corpus, job, num_proc=num_proc, batch_bytes=batch_bytes,
+                       show_progress=show_progress)
+        else:
+            _build_shards(staging, corpus, pieces, indices, job, num_proc=num_proc, batch_bytes=batch_bytes,
+                          show_progress=show_progress, wait=plain)
+    except BaseException:
+        shards.discard_if_empty(staging, num_shards)
+        raise
+    entries = shards.done_shards(staging, num_shards, job)
+    mine = [entries[k] for k in indices if entries[k] is not None]
+    if any(e is None for e in entries):
+        done = sum(e is not None for e in entries)
+        combined = shards.combine(mine)
+        return {"status": "shards written", "data_dir": str(mdir.data_dir), "num_shards": num_shards,
+                "shards_done": done, "shards_here": indices, "seq_len": max_seq_length,
+                "num_blocks": combined["num_blocks"], "blocks": sum(combined["num_blocks"].values()),
+                "seconds": round(time.perf_counter() - started, 3), "bytes": combined["bytes"],
+                "parallelism": parallelism}
+    combined = shards.combine(entries)
+    seconds = time.perf_counter() - started
+    meta = _block_meta(combined, tok, key, args, corpus=corpus, dtype=dtype, num_proc=num_proc,
+                       parallelism=parallelism, seconds=seconds)
+    meta["data_fingerprint"] = shards.fingerprint(meta)
+    corpus.stats.skipped_lines = dict(combined["skipped_lines"])  # for corpus.warnings()
+    corpus.stats.bytes = combined["bytes"]
+    corpus.stats.documents = sum(combined["documents"].values())
+    try:
+        if corpus.stats.documents == 0:
+            corpus._raise_empty()
+        _check_nonempty(combined, max_seq_length, job.percentage)
+    except DataError:  # every shard done, and the store unusable: nothing to resume, nothing left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    with (contextlib.nullcontext(True) if plain else shards.directory_lock_or_none(mdir)) as locked:
+        if not locked:  # a plain prepare holds it: that one finishes the store
+            return {"status": "shards written", "data_dir": str(mdir.data_dir), "num_shards": num_shards,
+                    "shards_done": num_shards, "shards_here": indices, "seconds": round(seconds, 3)}
+        if not shards.staging_dir(mdir.data_dir).exists():  # finished by another process meanwhile
+            meta = blocks.read_meta(mdir.data_dir)
+            return _summary(meta, mdir.data_dir, "up to date", seconds, num_proc)
+        remove_leftovers(mdir.data_dir)
+        atomic_write_json(staging / blocks.META, meta)
+        shards.swap_in(staging, mdir.data_dir)
     result = _summary(meta, mdir.data_dir, "written", seconds, num_proc)
     mdir.record("prepare", args={**args, "text_column": corpus.text_column, "num_proc": num_proc},
                 inputs=key["inputs"],
                 outputs={k: meta[k] for k in ("num_blocks", "tokens", "documents", "seq_len", "dtype")}
-                | {"tokenizer_sha256": tok.sha256})
+                | {"tokenizer_sha256": tok.sha256, "fingerprint": shards.fingerprint(meta)})
     return result
 
 
-def _tokenize_into(writers: dict[str, blocks.SplitWriter], corpus: Corpus, job: Job, *, num_proc: int,
-                   batch_bytes: int, show_progress: bool) -> dict[str, dict[str, int]]:
-    """Encode the corpus (workers, in order) and append each split's tokens or blocks to its
-    writer; per split the documents, tokens and tokens truncated away (line by line)."""
+def _build_shards(staging: Path, corpus: Corpus, pieces, indices, job: Job, *, num_proc: int, batch_bytes: int,
+                  show_progress: bool, wait: bool) -> None:
     from mlmtool.progress import StageProgress
 
-    counts = {s: {"documents": 0, "tokens": 0, "truncated": 0} for s in blocks.SPLITS}
-    progress = StageProgress("Tokenizing", total=corpus.total, unit=corpus.unit)
+    total = sum((s.end if s.end is not None else s.size) - s.start for k in indices for s in pieces[k])
+    progress = StageProgress("Tokenizing", total=total, unit=corpus.unit)
+
+    def on_batch(adv: int, ndocs: int, tokens: int) -> None:
+        if show_progress:
+            progress.advance(adv, documents=ndocs, tokens=tokens)
+
     with (progress if show_progress else contextlib.nullcontext(progress)):
-        for adv, ndocs, out in encoded_batches(tasks(corpus, batch_bytes), job, num_proc):
-            tokens = 0
-            for split, part in out.items():
-                c = counts[split]
-                c["documents"] += part["documents"]
-                c["tokens"] += part["tokens"]
-                c["truncated"] += part["truncated"]
-                tokens += part["tokens"]
-                if job.line_by_line:
-                    writers[split].add_blocks(part["data"])
-                else:
-                    writers[split].add_stream(part["data"])
-            if show_progress:
-                progress.advance(adv, documents=ndocs, tokens=tokens)
-    return counts
+        shards.build(staging, pieces, indices, job, text_column=corpus.text_column, split=corpus.split,
+                     num_proc=num_proc, batch_bytes=batch_bytes, wait=wait, on_batch=on_batch)
 
 
-def _block_meta(writers: dict[str, blocks.SplitWriter], counts: dict[str, dict[str, int]], tok: TokenizerInfo,
-                key: dict, args: dict, *, corpus: Corpus, dtype: np.dtype, num_proc: int, parallelism: str,
-                seconds: float) -> dict[str, Any]:
+def _build_hub(staging: Path, corpus: Corpus, job: Job, *, num_proc: int, batch_bytes: int,
+               show_progress: bool) -> None:
+    """A hub dataset: one shard, read through datasets (its own order)."""
+    from mlmtool import lock
+    from mlmtool.progress import StageProgress
+
+    digest = shards._read_json(staging / shards.PLAN)["key_digest"]
+    with lock.hold(staging, "prepare (shard 0 of 1)", name=shards._lock_name(0)):
+        shard = shards._Shard(staging, 0, 1, job, digest, lambda: None)
+        shard.corpus = corpus
+        progress = StageProgress("Tokenizing", total=corpus.total, unit=corpus.unit)
+        try:
+            with (progress if show_progress else contextlib.nullcontext(progress)):
+                for adv, ndocs, out in encoded_batches(tasks(corpus, batch_bytes), job, num_proc):
+                    tokens = shard.add(out, job.line_by_line)
+                    if show_progress:
+                        progress.advance(adv, documents=ndocs, tokens=tokens)
+        except BaseException:
+            shard.abort()
+            raise
+        shard.commit()
+
+
+def _block_meta(combined: dict, tok: TokenizerInfo, key: dict, args: dict, *, corpus: Corpus, dtype: np.dtype,
+                num_proc: int, parallelism: str, seconds: float) -> dict[str, Any]:
     """The block store's meta.json (its fields are documented in :mod:`mlmtool.blocks`)."""
     return {
         "format": blocks.FORMAT,
@@ -252,12 +336,17 @@ def _block_meta(writers: dict[str, blocks.SplitWriter], counts: dict[str, dict[s
         "seq_len": args["max_seq_length"],
         "line_by_line": args["line_by_line"],
         "splits": list(blocks.SPLITS),
-        "files": {s: blocks.split_file(s) for s in blocks.SPLITS},
-        "num_blocks": {s: writers[s].num_blocks for s in blocks.SPLITS},
-        "tokens": {s: counts[s]["tokens"] for s in blocks.SPLITS},
-        "documents": {s: counts[s]["documents"] for s in blocks.SPLITS},
-        "dropped_tokens": {s: writers[s].dropped_tokens + counts[s]["truncated"]
-                           for s in blocks.SPLITS},
+        "files": {s: blocks.split_file(s) for s in blocks.SPLITS} if len(combined["shards"]) == 1
+        else combined["shards"][0]["files"],
+        "num_blocks": combined["num_blocks"],
+        "tokens": combined["tokens"],
+        "documents": combined["documents"],
+        "dropped_tokens": combined["dropped_tokens"],
+        "num_shards": len(combined["shards"]),
+        # blocks that the shards' remainders (each < seq_len, dropped per shard) would have made in one
+        # stream: floor(sum of remainders / seq_len) per split, at most num_shards - 1
+        "packing_loss_blocks": {s: combined["remainder_dropped"][s] // args["max_seq_length"] for s in blocks.SPLITS},
+        "shards": combined["shards"],  # the ledger: each shard's files, blocks and sha256 (mlmtool.shards)
         "pad_token_id": tok.pad_token_id,
         "mask_token_id": tok.mask_token_id,
         "unk_token_id": tok.unk_token_id,
@@ -272,8 +361,8 @@ def _block_meta(writers: dict[str, blocks.SplitWriter], counts: dict[str, dict[s
         "fingerprint": key["inputs"],
         "tokenizer_sha256": tok.sha256,
         "key": key,
-        "bytes": corpus.stats.bytes,
-        "skipped_lines": corpus.stats.skipped,
+        "bytes": combined["bytes"],
+        "skipped_lines": sum(combined["skipped_lines"].values()),
         "num_proc": num_proc,
         "parallelism": parallelism,
         "seconds": round(seconds, 3),
@@ -281,18 +370,19 @@ def _block_meta(writers: dict[str, blocks.SplitWriter], counts: dict[str, dict[s
     }
 
 
-def _check_nonempty(writers, counts, seq_len: int, percentage: float, line_by_line: bool) -> None:
-    train = writers["train"]
-    if train.num_blocks == 0:
-        c = counts["train"]
-        raise DataError(f"the corpus is too small: its training split has {c['tokens']:,} tokens "
-                        f"({c['documents']:,} documents), not one block of {seq_len}",
+def _check_nonempty(combined: dict, seq_len: int, percentage: float) -> None:
+    nb, docs, toks = combined["num_blocks"], combined["documents"], combined["tokens"]
+    if sum(docs.values()) == 0:
+        raise DataError("the corpus has no documents: it holds only empty or whitespace-only text",
+                        "pass text with one document per line")
+    if nb["train"] == 0:
+        raise DataError(f"the corpus is too small: its training split has {toks['train']:,} tokens "
+                        f"({docs['train']:,} documents), not one block of {seq_len}",
                         "add text or lower --max-seq-length")
-    if percentage > 0 and writers["validation"].num_blocks == 0:
-        c = counts["validation"]
-        total_docs = counts["train"]["documents"] + c["documents"]
+    if percentage > 0 and nb["validation"] == 0:
+        total_docs = docs["train"] + docs["validation"]
         raise DataError(f"the validation split ({percentage:g}% of {total_docs:,} documents = "
-                        f"{c['documents']:,} documents, {c['tokens']:,} tokens) holds no block of "
+                        f"{docs['validation']:,} documents, {toks['validation']:,} tokens) holds no block of "
                         f"{seq_len} tokens",
                         "add text, lower --max-seq-length, or change "
                         "--validation-split-percentage (0 for no validation split)")

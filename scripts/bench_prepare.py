@@ -64,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rounds of (ours 0.5x, ours 1x, notebook, ours 2x) (default 2)")
     p.add_argument("--no-notebook", action="store_true", help="only our 1x / 2x runs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--synthetic-gb", type=float, nargs="+", default=None, metavar="G",
+                   help="instead: sharded prepare of G GB of generated text (the shared corpora repeated and "
+                        "shuffled), 1 process against 2 (scripts/_bench_synthetic.py)")
+    p.add_argument("--corpora-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "corpora"),
+                   help="--synthetic-gb: the *.txt.xz corpora to repeat (default ../shared/corpora)")
+    p.add_argument("--files", type=int, default=8, help="--synthetic-gb: text files to write (default 8)")
+    p.add_argument("--num-shards", type=int, default=8, help="--synthetic-gb: --num-shards (default 8)")
     p.add_argument("--notebook-worker", help=argparse.SUPPRESS)  # internal: run the recipe once, print JSON
     return p.parse_args(argv)
 
@@ -185,6 +192,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.notebook_worker:
         print(json.dumps(notebook_worker(json.loads(args.notebook_worker))))
+        return
+    if args.synthetic_gb:
+        from _bench_synthetic import run
+
+        run(args)
         return
 
     info = machine_info("tokenizers", "datasets", "transformers")

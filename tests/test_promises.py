@@ -533,7 +533,7 @@ def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp
     before = snapshot(d)
     if command == "prepare":
         args = ["prepare", d, big, "--max-seq-length", 32, "--num-proc", 2, "--force"]
-        started = lambda: [x for x in d.glob(".data.*.tmp") if (x / "train.bin").exists()]  # noqa: E731
+        started = lambda: [x for x in d.glob(".data.*") if (x / ".train.bin.tmp").exists()]  # noqa: E731
     else:
         args = ["tokenizer", d, big, "--force"]
         started = lambda: (d / ".mlmtool.lock").exists() and time.sleep(0.5) is None  # noqa: E731

@@ -454,7 +454,7 @@ def test_prepare_killed_mid_run_leaves_the_previous_store_or_none(prepared, tmp_
                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)
         try:
-            tmp = wait_for(lambda: [x for x in target.glob(".data.*.tmp") if (x / "train.bin").exists()],
+            tmp = wait_for(lambda: [x for x in target.glob(".data.*") if (x / ".train.bin.tmp").exists()],
                            timeout=120, what="prepare's temporary store")[0]
             time.sleep(rng.uniform(0.2, 0.8))
             workers = _children(p.pid)

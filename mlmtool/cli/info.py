@@ -79,7 +79,10 @@ def _table(info: dict):
                  for split in ("train", "validation")]
         t.add_row(label, f"{', '.join(parts)}; seq len {d['seq_len']}"
                          f"{' (line by line)' if d.get('line_by_line') else ''}, "
-                         f"{d.get('validation_split_percentage')}% validation, {human_bytes(d['bytes'])}")
+                         f"{d.get('validation_split_percentage')}% validation, {human_bytes(d['bytes'])}"
+                         + (f", {d['num_shards']} shards" if (d.get("num_shards") or 1) > 1 else "")
+                         + (f"; fingerprint {d['fingerprint']['train'][:12]}/{d['fingerprint']['validation'][:12]}"
+                            if d.get("fingerprint") else ""))
     init = info.get("init_weights")
     if init is not None:
         t.add_row("init weights", f"{init['path']} (from {init.get('from') or '?'}), {human_bytes(init['bytes'])}")

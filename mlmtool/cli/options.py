@@ -16,7 +16,8 @@ CORPUS = "Corpus"
 FilesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Corpus files: .txt (one document per line), .jsonl/.json/.csv/.parquet (see "
          "--text-column), compressed .gz/.xz/.zst, directories (walked) or glob patterns; or "
-         "a dataset saved with datasets' save_to_disk.", show_default=False)]
+         "a dataset saved with datasets' save_to_disk; fsspec URLs (s3://, gs://, hf://: pip install "
+         "'mlmtool[cloud]') are streamed.", show_default=False)]
 TextColumnOpt = Annotated[str, typer.Option(
     "--text-column", envvar="MLMTOOL_TEXT_COLUMN",
     help="Column holding the text in .jsonl/.json/.csv/.parquet/datasets input.",

@@ -12,6 +12,7 @@ from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, Dat
                                  PieceCacheOpt, SplitOpt, StreamingOpt, TextColumnOpt)
 
 BLOCKS = "Blocks"
+SHARDS = "Shards (corpora beyond one machine: docs/corpora.md)"
 
 
 @app.command("prepare")
@@ -41,6 +42,23 @@ def prepare_command(
         "--name", help="Write block store NAME (DIR/data-NAME) beside the default DIR/data, e.g. seq128 and "
                        "seq512 for training in stages; 'train --data NAME' reads it.",
         rich_help_panel=BLOCKS, show_default=False)] = None,
+    num_shards: Annotated[int, typer.Option(
+        "--num-shards", min=1, help="Cut the corpus into N shards (by file, and large .txt/.jsonl by byte range at "
+                                    "line boundaries), each tokenized, packed and split on its own; the store depends "
+                                    "only on the inputs and N.", rich_help_panel=SHARDS)] = 1,
+    shard_index: Annotated[Optional[list[int]], typer.Option(
+        "--shard-index", help="Prepare only shard I (repeatable): processes on any hosts fill one store together; "
+                              "the one that finds every shard done finishes it (so does a later plain prepare).",
+        rich_help_panel=SHARDS, show_default=False)] = None,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="local: this process (and its --num-proc workers); ray: one Ray task per shard "
+                           "(pip install 'mlmtool[ray]').", rich_help_panel=SHARDS)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="The Ray cluster to run on (default: start a local one).",
+        rich_help_panel=SHARDS, show_default=False)] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Re-read every shard of the store against its ledger (sizes, sha256); "
+                         "without FILE... only that.", rich_help_panel=SHARDS)] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -55,6 +73,9 @@ def prepare_command(
     from mlmtool.progress import console, err_console, human_bytes, quiet, say
 
     mdir = ModelDir(model_dir).with_data(name)
+    if verify and not files and not dataset:
+        _verify(mdir, json_out)
+        return
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first"
     mdir.require_tokenizer()
@@ -64,13 +85,21 @@ def prepare_command(
     result = prepare(mdir, corpus, max_seq_length=max_seq_length, line_by_line=line_by_line,
                      validation_split_percentage=validation_split_percentage,
                      num_proc=num_proc, force=force, show_progress=not json_out and not quiet(),
-                     piece_cache=piece_cache)
+                     piece_cache=piece_cache, num_shards=num_shards, shard_indices=shard_index,
+                     executor=executor, ray_address=ray_address)
+    if verify and result["status"] != "shards written":
+        result["verify"] = _verify(mdir, json_out=False, quiet_out=True)
     for line in [*corpus.warnings(), *result.get("warnings", [])]:
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
         import json
 
         console.print_json(json.dumps(result))
+        return
+    if result["status"] == "shards written":
+        say(f"Shards {', '.join(map(str, result['shards_here']))} of {result['num_shards']} written "
+            f"({result['shards_done']} of {result['num_shards']} done); the store is finished by the process that "
+            f"finds them all done, or by 'mlmtool prepare {model_dir} FILE... --num-shards {result['num_shards']}'")
         return
     if result["status"] == "up to date":
         say(f"Up to date: {result['data_dir']} ({result['num_blocks']['train']:,} train, "
@@ -84,3 +113,23 @@ def prepare_command(
         f"validation {nb['validation']:,} from {docs['validation']:,})")
     say(f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s "
         f"({result['mb_per_s'] or 0:.1f} MB/s, {result['parallelism']}) → {result['data_dir']}")
+
+
+def _verify(mdir, json_out: bool, quiet_out: bool = False) -> dict:
+    from mlmtool.progress import console, say
+    from mlmtool.shards import verify
+
+    mdir.require_data()
+    result = verify(mdir.data_dir)
+    if quiet_out:
+        return result
+    if json_out:
+        import json
+
+        console.print_json(json.dumps(result))
+    else:
+        fp = result["fingerprint"] or {}
+        say(f"Verified {result['shards']} shard{'s' if result['shards'] != 1 else ''} of {mdir.data_dir} against "
+            f"the ledger ({result['bytes_read']:,} bytes); train {fp.get('train', '?')[:16]}, "
+            f"validation {fp.get('validation', '?')[:16]}")
+    return result

@@ -127,16 +127,17 @@ class Corpus:
 
     # -- reading -----------------------------------------------------------------------
     def batches(self, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                batch_documents: int = DEFAULT_BATCH_DOCUMENTS) -> Iterator[Batch]:
+                batch_documents: int = DEFAULT_BATCH_DOCUMENTS, *, allow_empty: bool = False) -> Iterator[Batch]:
         """Stream the documents in order, in batches; :attr:`stats` counts as it goes.
 
-        Raises :class:`DataError` at the end if the corpus held no document at all.
+        Raises :class:`DataError` at the end if the corpus held no document at all (unless
+        ``allow_empty``: one shard of a corpus may hold none, :mod:`mlmtool.shards`).
         """
         self.stats = CorpusStats()
         for batch in self._all_batches(batch_bytes, batch_documents):
             self.stats.documents += len(batch.documents)
             yield batch
-        if self.stats.documents == 0:
+        if self.stats.documents == 0 and not allow_empty:
             self._raise_empty()
 
     def _all_batches(self, batch_bytes: int, batch_documents: int) -> Iterator[Batch]:

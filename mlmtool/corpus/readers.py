@@ -250,7 +250,12 @@ def read_parquet(corpus: Corpus, src: Source, batch_bytes: int, batch_documents:
     except ImportError:  # pragma: no cover - pyarrow comes with datasets
         raise DataError("parquet input needs pyarrow", "pip install pyarrow") from None
     try:
-        pf = pq.ParquetFile(src.path)
+        if src.url is not None:
+            from mlmtool.corpus.remote import open_url
+
+            pf = pq.ParquetFile(open_url(src.url))
+        else:
+            pf = pq.ParquetFile(src.path)
     except Exception as e:
         raise DataError(f"cannot read {src.path} as parquet ({e})", "check the file") from None
     names = pf.schema_arrow.names

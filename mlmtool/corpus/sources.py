@@ -44,8 +44,30 @@ class Source:
     compression: str | None     # gzip | xz | zstd | bz2 | None
     size: int                   # bytes on disk (all files, for a dataset directory)
     mtime_ns: int               # latest modification time (ns)
+    url: str | None = None      # an fsspec URL (s3://, gs://, hf://...): read through fsspec (corpus.remote)
+    version: str | None = None  # the object's ETag / version of a URL, for the fingerprint
+    start: int = 0              # a piece of the file: the lines that start in [start, end) (prepare's shards)
+    end: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The source as the user named it: its URL, or its path."""
+        return self.url or str(self.path)
+
+    @property
+    def splittable(self) -> bool:
+        """Whether it can be cut by byte range at line boundaries (uncompressed .txt, .jsonl)."""
+        return self.compression is None and self.format in ("txt", "jsonl")
+
+    def piece(self, start: int, end: int) -> "Source":
+        """The lines of this file that start in bytes [start, end)."""
+        import dataclasses
+
+        return dataclasses.replace(self, start=start, end=end)
 
     def fingerprint(self) -> dict:
+        if self.url is not None:
+            return {"url": self.url, "size": self.size, "version": self.version}
         return {"path": str(self.path.resolve()), "size": self.size, "mtime_ns": self.mtime_ns}
 
 
@@ -140,6 +162,15 @@ def _file_source(path: Path) -> Source:
     return src
 
 
+def _checked(src: Source) -> Source:
+    """A remote file's checks, as :func:`_file_source` makes them for a local one."""
+    if src.compression == "zstd":
+        zstd()
+    if src.format != "parquet":
+        sniff(src)
+    return src
+
+
 def _walk(directory: Path) -> list[Source]:
     """Usable files under ``directory``, recursively, sorted, hidden ones skipped."""
     out: list[Source] = []
@@ -168,6 +199,10 @@ def _walk(directory: Path) -> list[Source]:
 
 
 def _expand(arg: str) -> list[Source]:
+    if "://" in arg:
+        from mlmtool.corpus.remote import expand_url
+
+        return [_checked(src) for src in expand_url(arg, _split_suffix)]
     path = Path(arg)
     if path.exists():
         if path.is_dir():
@@ -198,7 +233,7 @@ def resolve(files: Sequence[str]) -> list[Source]:
     seen: set[Path] = set()
     for arg in files:
         for src in _expand(arg):
-            key = src.path.resolve()
+            key = src.url or src.path.resolve()
             if key not in seen:
                 seen.add(key)
                 sources.append(src)

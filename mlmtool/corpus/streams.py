@@ -83,26 +83,58 @@ class Opened:
     """A decompressing binary stream plus the raw file underneath (for on-disk progress)."""
 
     def __init__(self, src: Source):
-        self.raw = open(src.path, "rb")
+        if src.url is not None:
+            from mlmtool.corpus.remote import open_url
+
+            self.raw = open_url(src.url)
+        else:
+            self.raw = open(src.path, "rb")
         try:
             self.stream = self.raw if src.compression is None else DECOMPRESSORS[src.compression](self.raw)
+            self._end = None
+            if src.start or src.end is not None:  # a piece: the lines that start in [start, end)
+                self._seek_line(src.start)
+                self._end = src.size if src.end is None else src.end
         except BaseException:
             self.raw.close()
             raise
         self.src = src
-        self._pos = 0
+        self._pos = src.start
+        self._last = b"\n"
+
+    def _seek_line(self, start: int) -> None:
+        """Go to the first line that starts at or after ``start``."""
+        if start <= 0:
+            return
+        self.raw.seek(start - 1)
+        if self.raw.read(1) != b"\n":
+            self.raw.readline()  # the rest of a line that started before ``start``: the piece before owns it
+
+    def _read_piece(self, n: int) -> bytes:
+        pos = self.raw.tell()
+        if pos < self._end:
+            data = self.raw.read(min(n, self._end - pos))
+            if data:
+                self._last = data[-1:]
+            return data
+        if self._last == b"\n":
+            return b""
+        self._last = b"\n"
+        return self.raw.readline()  # the end of the last line that starts in the piece
 
     def read(self, n: int) -> bytes:
+        if self._end is not None:
+            return self._read_piece(n)
         if self.stream is self.raw:
             return self.raw.read(n)
         try:
             return self.stream.read(n)
         except (OSError, EOFError, lzma.LZMAError) as e:
-            raise DataError(f"cannot decompress {self.src.path} ({e})",
+            raise DataError(f"cannot decompress {self.src.name} ({e})",
                             "the file is damaged or not really " + str(self.src.compression)) from None
         except Exception as e:  # zstandard.ZstdError
             if type(e).__name__ == "ZstdError":
-                raise DataError(f"cannot decompress {self.src.path} ({e})",
+                raise DataError(f"cannot decompress {self.src.name} ({e})",
                                 "the file is damaged or not really zstd") from None
             raise
 
@@ -129,7 +161,7 @@ def sniff(src: Source) -> None:
     with Opened(src) as f:
         head = f.read(SNIFF_BYTES)
     if b"\x00" in head:
-        raise DataError(f"{src.path} looks binary (NUL bytes in its first KB), not "
+        raise DataError(f"{src.name} looks binary (NUL bytes in its first KB), not "
                         f"{'UTF-8 text' if src.format == 'txt' else src.format}",
                         "pass UTF-8 text files (UTF-16 is not supported), or name the "
                         "right file")
