@@ -173,3 +173,16 @@ def test_predict_equals_the_fill_mask_pipeline(case, tmp_path):
         flat_want = [p for group in want for p in (group if isinstance(group, list) else [group])]
         assert [p["token_str"] for p in flat_ours] == [p["token_str"] for p in flat_want]
         assert all(abs(a["score"] - b["score"]) <= 1e-4 for a, b in zip(flat_ours, flat_want))
+
+
+def test_a_checkpoints_shapes_name_the_config_fields(case):
+    """``checkpoint.config_fields`` (the sizes named when config.json no longer fits a
+    checkpoint) reads the family's own fields from its parameter tree."""
+    from mlmtool.checkpoint import config_fields
+
+    family, fields = case
+    shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(load_model(fields).abstract_params)[0]}
+    found = config_fields(shapes)
+    assert found == family.fields_from_shapes(shapes) and "vocab_size" in found
+    assert all(found[k] == fields[k] for k in found), (found, fields)

@@ -79,6 +79,19 @@ def preset_help() -> dict[str, dict[str, str]]:
     return out
 
 
+def tokenizer_help() -> str:
+    """Each model_type's default tokenizer algorithm, for ``tokenizer --help`` ("bert → wordpiece, ...")."""
+    return ", ".join(f"{t} → {d.algorithm}" for f in families().values() for t, d in f.tokenizer.items())
+
+
+def document_attention_help() -> str:
+    """The families whose ``train`` default is off / on, for ``--document-attention``'s help."""
+    off = [f.name for f in families().values() if f.document_attention and not f.document_attention_default]
+    on = [f.name for f in families().values() if f.document_attention and f.document_attention_default]
+    return (f"off for {', '.join(off) or 'none'}" + (f"; on for {', '.join(on)}" if on else "")
+            + "".join(f"; {f.name} has none" for f in families().values() if not f.document_attention))
+
+
 def load_model(hf_config: dict, *, dtype: str = "float32", kernels=None, remat: str = "none",
                scan_layers: bool | None = None) -> "LoadedModel":
     """The network of a config.json dict, as one object: its family, its parsed config, the

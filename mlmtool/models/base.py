@@ -279,6 +279,11 @@ class Family:
     architecture_keys: tuple[str, ...] = ()
     #: the config.json field of the number of layers (named in errors)
     layers_key: str = "num_hidden_layers"
+    #: where parameter shapes show config.json sizes, for naming the fields a checkpoint of
+    #: another shape differs in: (field, parameter path, axis); and the path whose children
+    #: are the ``layers_key`` layers ("0", "1", ...)
+    shape_fields: tuple[tuple[str, tuple[str, ...], int], ...] = ()
+    layers_path: tuple[str, ...] = ()
     #: the network takes ``segment_ids`` [B, L] (documents packed in a row; 0 = padding):
     #: positions restart at each document and attention stays inside it (``train
     #: --document-attention``; the contract is in ``mlmtool.models.layers.attention``)
@@ -335,6 +340,24 @@ class Family:
             elif e.path[-1] != "embedding":
                 encoder += n
         return encoder, head + config.vocab_size * config.decoder_width
+
+    def fields_from_shapes(self, shapes: dict[str, tuple]) -> dict[str, int]:
+        """The config.json sizes that a parameter tree's shapes imply, ``shapes`` keyed by
+        ``jax.tree_util.keystr`` paths; {} unless every path of ``shape_fields`` is there
+        (the tree is not this family's)."""
+        def key(path):
+            return "".join(f"[{p!r}]" for p in path)
+
+        out: dict[str, int] = {}
+        for field, path, axis in self.shape_fields:
+            shape = shapes.get(key(path))
+            if shape is None or len(shape) <= axis:
+                return {}
+            out[field] = shape[axis]
+        if self.layers_path:
+            prefix = key(self.layers_path)
+            out[self.layers_key] = len({k[len(prefix):].split("]")[0] for k in shapes if k.startswith(prefix)})
+        return out
 
     def recipe_hint(self, model_type: str) -> str | None:
         """One line ``init`` prints after its summary: the options of prepare/train/eval that

@@ -238,6 +238,12 @@ class BertFamily(Family):
                          "layer_norm_eps", "pad_token_id")
     document_attention = True  # segment_ids: positions restart per document, attention stays inside
     document_attention_default = False  # the published recipe packs across documents
+    shape_fields = (("vocab_size", ("embeddings", "word_embeddings", "embedding"), 0),
+                    ("hidden_size", ("embeddings", "word_embeddings", "embedding"), 1),
+                    ("max_position_embeddings", ("embeddings", "position_embeddings", "embedding"), 0),
+                    ("type_vocab_size", ("embeddings", "token_type_embeddings", "embedding"), 0),
+                    ("intermediate_size", ("encoder", "layer", "0", "intermediate", "dense", "kernel"), 1))
+    layers_path = ("encoder", "layer")
 
     def parse_config(self, d: dict) -> BertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored."""
@@ -307,7 +313,8 @@ class BertFamily(Family):
     def summary(self, hf: dict) -> dict:
         return {"model_type": hf["model_type"], "layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"],
                 "heads": hf["num_attention_heads"], "intermediate": hf["intermediate_size"],
-                "vocab": hf["vocab_size"], "max_positions": hf["max_position_embeddings"]}
+                "vocab": hf["vocab_size"], "max_positions": hf["max_position_embeddings"],
+                "type_vocab_size": hf.get("type_vocab_size")}
 
     def tiny_test_configs(self) -> dict[str, dict]:
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

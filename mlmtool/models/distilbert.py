@@ -122,6 +122,11 @@ class DistilBertFamily(Family):
                          "max_position_embeddings", "activation", "pad_token_id")
     document_attention = True  # segment_ids: positions restart per document, attention stays inside
     document_attention_default = False  # the published recipe packs across documents
+    shape_fields = (("vocab_size", ("embeddings", "word_embeddings", "embedding"), 0),
+                    ("dim", ("embeddings", "word_embeddings", "embedding"), 1),
+                    ("max_position_embeddings", ("embeddings", "position_embeddings", "embedding"), 0),
+                    ("hidden_dim", ("transformer", "layer", "0", "ffn", "lin1", "kernel"), 1))
+    layers_path = ("transformer", "layer")
 
     def parse_config(self, d: dict) -> DistilBertConfig:
         require_model_type(d, self.model_types)

@@ -276,6 +276,10 @@ class ModernBertFamily(Family):
     # ModernBERT's recipe trains with it; off by default here until the demo's recipe, measured
     # without it, is measured with it (the session note of 2026-11-30)
     document_attention_default = False
+    shape_fields = (("vocab_size", ("model", "embeddings", "tok_embeddings", "embedding"), 0),
+                    ("hidden_size", ("model", "embeddings", "tok_embeddings", "embedding"), 1),
+                    ("intermediate_size", ("model", "layers", "0", "mlp", "Wo", "kernel"), 0))
+    layers_path = ("model", "layers")
     architecture_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                          "intermediate_size", "hidden_activation", "layer_types", "rope_parameters",
                          "local_attention", "norm_eps", *BOOL_FIELDS, "classifier_activation")
