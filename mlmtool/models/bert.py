@@ -79,7 +79,7 @@ class BertConfig(FamilyConfig):
         if self.model_type not in VARIANTS:
             raise ConfigError(f"unsupported model_type {self.model_type!r}",
                               hint=f"use one of {', '.join(VARIANTS)}")
-        _check(dataclasses.asdict(self))
+        check_fields(dataclasses.asdict(self), roberta=self.variant.roberta)
 
     @property
     def variant(self) -> Variant:
@@ -96,7 +96,7 @@ class BertConfig(FamilyConfig):
     @property
     def max_sequence_length(self) -> int:
         """The longest input the position table allows (RoBERTa loses pad_token_id + 1 slots)."""
-        return _max_sequence_length(self.model_type, self.max_position_embeddings, self.pad_token_id)
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.variant.roberta else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
@@ -108,7 +108,7 @@ def _max_sequence_length(model_type: str, max_position_embeddings: int, pad_toke
     return max_position_embeddings - offset
 
 
-def _check(d: dict) -> None:
+def check_fields(d: dict, *, roberta: bool) -> None:
     """Ranges and types of the fields the network reads (messages name the --set fix)."""
     require_positive_ints(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                               "intermediate_size", "max_position_embeddings"))
@@ -127,7 +127,7 @@ def _check(d: dict) -> None:
     pad = d.get("pad_token_id", 1)
     if not is_int(pad) or not 0 <= pad < d["vocab_size"]:
         raise ConfigError(f"pad_token_id {pad!r} is outside the vocabulary (size {d['vocab_size']})")
-    if VARIANTS[d["model_type"]].roberta and d["max_position_embeddings"] <= pad + 1:
+    if roberta and d["max_position_embeddings"] <= pad + 1:
         raise ConfigError(
             f"max_position_embeddings {d['max_position_embeddings']} leaves no positions: "
             f"RoBERTa positions start at pad_token_id + 1 = {pad + 1}",
