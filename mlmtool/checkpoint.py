@@ -123,22 +123,12 @@ def stored_shapes(directory: Path, step: int) -> dict[str, tuple] | None:
 
 
 def config_fields(shapes: dict[str, tuple]) -> dict[str, int]:
-    """The config.json sizes that parameter shapes imply (vocab_size, hidden_size, ...)."""
-    out: dict[str, int] = {}
+    """The config.json sizes that parameter shapes imply (vocab_size, hidden_size, ...), as the
+    family whose parameter tree this is reads them (``Family.fields_from_shapes``)."""
+    from mlmtool.models import families
 
-    def get(path: str, axis: int, field: str) -> None:
-        if path in shapes and len(shapes[path]) > axis:
-            out[field] = shapes[path][axis]
-
-    get("['embeddings']['word_embeddings']['embedding']", 0, "vocab_size")
-    get("['embeddings']['word_embeddings']['embedding']", 1, "hidden_size")
-    get("['embeddings']['position_embeddings']['embedding']", 0, "max_position_embeddings")
-    get("['embeddings']['token_type_embeddings']['embedding']", 0, "type_vocab_size")
-    get("['encoder']['layer']['0']['intermediate']['dense']['kernel']", 1, "intermediate_size")
-    layers = {k.split("]")[2] for k in shapes if k.startswith("['encoder']['layer']")}
-    if layers:
-        out["num_hidden_layers"] = len(layers)
-    return out
+    found = [family.fields_from_shapes(shapes) for family in families().values()]
+    return max(found, key=len, default={})
 
 
 def config_mismatch(directory: Path, step: int, was: dict, now: dict) -> ConfigError:

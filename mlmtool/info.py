@@ -38,7 +38,7 @@ def config_info(mdir: ModelDir) -> dict | None:
         family = models.family_for(config["model_type"])
         return {"family": family.name, **family.summary(config), "parameters": family.parameter_count(config),
                 "max_sequence_length": family.max_sequence_length(config),
-                "type_vocab_size": config.get("type_vocab_size"), "pad_token_id": config.get("pad_token_id")}
+                "pad_token_id": config.get("pad_token_id")}
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
 

@@ -128,7 +128,10 @@ def test_no_weight_decay_rule_is_hf_trainers(case):
     """The family's rule, over our parameter tree, names exactly the tensors HF Trainer decays."""
     _, fields = case
     loaded = load_model(fields)
-    decayed = set(transformers.Trainer.get_decay_parameter_names(None, hf_model(fields)))
+    model = hf_model(fields)
+    decayed = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    # HF Trainer optimizes only what requires grad (RoFormer's sinusoidal table does not): no decay there
+    decayed &= {name for name, p in model.named_parameters() if p.requires_grad}
     mask = dict(zip((tuple(str(k.key) for k in path) for path, _ in
                      jax.tree_util.tree_flatten_with_path(loaded.abstract_params)[0]),
                     jax.tree_util.tree_leaves(loaded.decay_mask(loaded.abstract_params))))
@@ -173,3 +176,16 @@ def test_predict_equals_the_fill_mask_pipeline(case, tmp_path):
         flat_want = [p for group in want for p in (group if isinstance(group, list) else [group])]
         assert [p["token_str"] for p in flat_ours] == [p["token_str"] for p in flat_want]
         assert all(abs(a["score"] - b["score"]) <= 1e-4 for a, b in zip(flat_ours, flat_want))
+
+
+def test_a_checkpoints_shapes_name_the_config_fields(case):
+    """``checkpoint.config_fields`` (the sizes named when config.json no longer fits a
+    checkpoint) reads the family's own fields from its parameter tree."""
+    from mlmtool.checkpoint import config_fields
+
+    family, fields = case
+    shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(load_model(fields).abstract_params)[0]}
+    found = config_fields(shapes)
+    assert found == family.fields_from_shapes(shapes) and "vocab_size" in found
+    assert all(found[k] == fields[k] for k in found), (found, fields)

@@ -56,7 +56,7 @@ def test_the_model_selects_for_the_running_backend(monkeypatch):
         seen.update(kw, backend=backend)
         return Kernels()
 
-    monkeypatch.setattr("mlmtool.models.bert_flax.select_kernels", spy)
+    monkeypatch.setattr("mlmtool.models.network.select_kernels", spy)  # where MaskedLMBase selects
     cfg = _config()
     MaskedLM(cfg, dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     assert seen == {"backend": None, "dtype": "bfloat16", "head_dim": cfg.head_dim}

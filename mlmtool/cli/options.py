@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlmtool.models import document_attention_help
+
 ModelDirArg = Annotated[Path, typer.Argument(
     help="Model directory (created by 'mlmtool init', read and written by every command).",
     show_default=False)]
@@ -63,7 +65,7 @@ DocumentAttentionOpt = Annotated[Optional[bool], typer.Option(
     "--document-attention/--no-document-attention",
     help="Tokens of a packed block attend only within their own document (from the <s>/[CLS] that starts "
          "it), and positions restart at each document: a block computes what each document alone would. "
-         "Default: train, the model family's (off for BERT, RoBERTa, XLM-R and DistilBERT); eval, as the model "
+         f"Default: train, the model family's ({document_attention_help()}); eval, as the model "
          "was trained (the latest checkpoint's setting).", show_default=False)]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", envvar="MLMTOOL_DTYPE",

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
+from mlmtool.models import tokenizer_help
 from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
                                  JsonOpt, ModelDirArg, SeedOpt, SplitOpt, StreamingOpt, TextColumnOpt)
 
@@ -19,8 +20,7 @@ def tokenizer_command(
     files: FilesArg = None,
     type_: Annotated[Optional[str], typer.Option(
         "--type", help="bpe (byte-level, as RoBERTa), wordpiece (as BERT) or unigram (SentencePiece's, as "
-                       "XLM-R) (default: the model family's: roberta → bpe, bert → wordpiece, "
-                       "xlm-roberta → unigram).",
+                       f"XLM-R) (default: the model family's: {tokenizer_help()}).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
         "--vocab-size", min=1, help="Vocabulary size, special tokens included (default: config.json's).",

@@ -2,8 +2,11 @@
 
 Train, eval, predict, ``init --from``, info and the benchmarks reach a network only through
 :func:`load_model`, and a family's facts only through :func:`family_for`; adding a family is
-one ``<family>.py`` (jax-free facts) plus one ``<family>_flax.py`` (the network) in this
-package, listed in ``FAMILY_MODULES``, and its tests.
+one ``<family>.py`` (jax-free facts: a ``base.Family`` and a ``base.FamilyConfig``) plus one
+``<family>_flax.py`` (its layers, under a ``network.MaskedLMBase``) in this package, listed
+in ``FAMILY_MODULES``, and its tests.  A family is an architecture that transformers (v5)
+has in PyTorch: the tests compare logits with it and the export is its ``*ForMaskedLM``
+directory (no remote code is written).
 
 Importing this package does not import jax: ``init``, ``tokenizer`` and ``--help`` stay fast.
 """
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from mlmtool.models.loaded import LoadedModel
 
 #: The family modules, in the order ``--help`` lists their presets.
-FAMILY_MODULES = ("bert", "modernbert", "distilbert")
+FAMILY_MODULES = ("bert", "modernbert", "distilbert", "albert", "roberta_prelayernorm", "roformer", "big_bird")
 
 
 @functools.cache
@@ -74,6 +77,19 @@ def preset_help() -> dict[str, dict[str, str]]:
         out[family.name] = {name: text + (f" (alias: {', '.join(aliases[name])})" if name in aliases else "")
                             for name, text in family.preset_help.items()}
     return out
+
+
+def tokenizer_help() -> str:
+    """Each model_type's default tokenizer algorithm, for ``tokenizer --help`` ("bert → wordpiece, ...")."""
+    return ", ".join(f"{t} → {d.algorithm}" for f in families().values() for t, d in f.tokenizer.items())
+
+
+def document_attention_help() -> str:
+    """The families whose ``train`` default is off / on, for ``--document-attention``'s help."""
+    off = [f.name for f in families().values() if f.document_attention and not f.document_attention_default]
+    on = [f.name for f in families().values() if f.document_attention and f.document_attention_default]
+    return (f"off for {', '.join(off) or 'none'}" + (f"; on for {', '.join(on)}" if on else "")
+            + "".join(f"; {f.name} has none" for f in families().values() if not f.document_attention))
 
 
 def load_model(hf_config: dict, *, dtype: str = "float32", kernels=None, remat: str = "none",

@@ -15,20 +15,23 @@ tokenizer conventions); the network is ``mlmtool.models.bert_flax``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     BERT_SPECIALS,
     ROBERTA_SPECIALS,
     Family,
+    FamilyConfig,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
+    config_fields,
     dense_entries,
     is_int,
     norm_entries,
     refuse,
+    require_model_type,
     require_numbers,
     require_positive_ints,
 )
@@ -51,7 +54,7 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(FamilyConfig):
     """The architecture, with Hugging Face ``config.json`` field names.
 
     Defaults are RoBERTa-base's (Liu et al. 2019) except the sizes, which have none on purpose.
@@ -76,7 +79,7 @@ class BertConfig:
         if self.model_type not in VARIANTS:
             raise ConfigError(f"unsupported model_type {self.model_type!r}",
                               hint=f"use one of {', '.join(VARIANTS)}")
-        _check(dataclasses.asdict(self))
+        check_fields(dataclasses.asdict(self), roberta=self.variant.roberta)
 
     @property
     def variant(self) -> Variant:
@@ -91,13 +94,9 @@ class BertConfig:
         return self.num_attention_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def max_sequence_length(self) -> int:
         """The longest input the position table allows (RoBERTa loses pad_token_id + 1 slots)."""
-        return _max_sequence_length(self.model_type, self.max_position_embeddings, self.pad_token_id)
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.variant.roberta else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
@@ -109,7 +108,7 @@ def _max_sequence_length(model_type: str, max_position_embeddings: int, pad_toke
     return max_position_embeddings - offset
 
 
-def _check(d: dict) -> None:
+def check_fields(d: dict, *, roberta: bool) -> None:
     """Ranges and types of the fields the network reads (messages name the --set fix)."""
     require_positive_ints(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                               "intermediate_size", "max_position_embeddings"))
@@ -128,7 +127,7 @@ def _check(d: dict) -> None:
     pad = d.get("pad_token_id", 1)
     if not is_int(pad) or not 0 <= pad < d["vocab_size"]:
         raise ConfigError(f"pad_token_id {pad!r} is outside the vocabulary (size {d['vocab_size']})")
-    if VARIANTS[d["model_type"]].roberta and d["max_position_embeddings"] <= pad + 1:
+    if roberta and d["max_position_embeddings"] <= pad + 1:
         raise ConfigError(
             f"max_position_embeddings {d['max_position_embeddings']} leaves no positions: "
             f"RoBERTa positions start at pad_token_id + 1 = {pad + 1}",
@@ -181,6 +180,23 @@ BERT_TOKENIZER = TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SP
                                    hf_lowercase=True,
                                    model_input_names=("input_ids", "token_type_ids", "attention_mask"),
                                    clean_up_tokenization_spaces=True)
+
+
+def bert_layer_entries(ours: tuple[str, ...], hf: str, H: int, I: int) -> list[WeightEntry]:
+    """One BERT block (``bert_flax.EncoderLayer``) at our path ``ours`` and HF key prefix ``hf``::
+
+        hf.attention.self.{query,key,value}.*, hf.attention.output.{dense,LayerNorm}.*,
+        hf.intermediate.dense.*, hf.output.{dense,LayerNorm}.*
+    """
+    e: list[WeightEntry] = []
+    for proj in ("query", "key", "value"):
+        e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
+    e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
+    e += norm_entries((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
+    e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
+    e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
+    e += norm_entries((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
+    return e
 
 
 class BertFamily(Family):
@@ -237,28 +253,23 @@ class BertFamily(Family):
                          "layer_norm_eps", "pad_token_id")
     document_attention = True  # segment_ids: positions restart per document, attention stays inside
     document_attention_default = False  # the published recipe packs across documents
+    shape_fields = (("vocab_size", ("embeddings", "word_embeddings", "embedding"), 0),
+                    ("hidden_size", ("embeddings", "word_embeddings", "embedding"), 1),
+                    ("max_position_embeddings", ("embeddings", "position_embeddings", "embedding"), 0),
+                    ("type_vocab_size", ("embeddings", "token_type_embeddings", "embedding"), 0),
+                    ("intermediate_size", ("encoder", "layer", "0", "intermediate", "dense", "kernel"), 1))
+    layers_path = ("encoder", "layer")
 
     def parse_config(self, d: dict) -> BertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") not in VARIANTS:
-            raise ConfigError(f"unsupported model_type {d.get('model_type')!r}",
-                              hint=f"use one of {', '.join(VARIANTS)}")
+        require_model_type(d, VARIANTS)
         # Features of the HF classes this network does not implement: refuse rather than
         # silently computing something else.
         refuse(d, "tie_word_embeddings", (True,), "the MLM decoder is tied to the word embeddings")
         refuse(d, "position_embedding_type", ("absolute",), "only absolute position embeddings are implemented")
         refuse(d, "is_decoder", (False,), "this is a bidirectional encoder")
         refuse(d, "add_cross_attention", (False,), "no cross-attention in an encoder")
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(BertConfig):
-            if field.name in d:
-                kwargs[field.name] = d[field.name]
-            elif field.default is dataclasses.MISSING:
-                raise ConfigError(f"config is missing required field {field.name!r}")
-        kwargs = {k: float(v) if k in _FLOATS and is_int(v) else v for k, v in kwargs.items()}
-        return BertConfig(**kwargs)
+        return BertConfig(**config_fields(BertConfig, d))
 
     def max_sequence_length(self, hf: dict) -> int:
         return _max_sequence_length(hf["model_type"], hf["max_position_embeddings"], hf.get("pad_token_id", 0))
@@ -292,14 +303,7 @@ class BertFamily(Family):
             e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H)))
         e += norm_entries(("embeddings", "LayerNorm"), f"{p}.embeddings.LayerNorm", H)
         for i in range(config.num_hidden_layers):
-            ours, hf = ("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}"
-            for proj in ("query", "key", "value"):
-                e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-            e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
-            e += norm_entries((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
-            e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-            e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
-            e += norm_entries((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
+            e += bert_layer_entries(("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}", H, I)
         head = ("lm_head.dense", "lm_head.layer_norm", "lm_head") if variant.roberta else \
             ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions")
         e += dense_entries(("lm_head", "dense"), head[0], H, H)
@@ -327,7 +331,8 @@ class BertFamily(Family):
     def summary(self, hf: dict) -> dict:
         return {"model_type": hf["model_type"], "layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"],
                 "heads": hf["num_attention_heads"], "intermediate": hf["intermediate_size"],
-                "vocab": hf["vocab_size"], "max_positions": hf["max_position_embeddings"]}
+                "vocab": hf["vocab_size"], "max_positions": hf["max_position_embeddings"],
+                "type_vocab_size": hf.get("type_vocab_size")}
 
     def tiny_test_configs(self) -> dict[str, dict]:
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -340,7 +345,5 @@ class BertFamily(Family):
                           "max_position_embeddings": 40, "pad_token_id": 1},
         }
 
-
-_FLOATS = {f.name for f in dataclasses.fields(BertConfig) if f.type == "float"}
 
 FAMILY = BertFamily()
