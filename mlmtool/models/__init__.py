@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from mlmtool.models.loaded import LoadedModel
 
 #: The family modules, in the order ``--help`` lists their presets.
-FAMILY_MODULES = ("bert", "modernbert", "distilbert")
+FAMILY_MODULES = ("bert", "modernbert", "distilbert", "electra")
 
 
 @functools.cache
