@@ -90,8 +90,11 @@ class ElectraConfig:
 
     @property
     def objective(self) -> str:
-        """``mlmtool.objectives``' name: replaced-token detection for a generator + discriminator pair."""
-        return "replaced-token-detection" if self.generator is not None else "mlm"
+        """``mlmtool.objectives``' name: replaced-token detection for a generator + discriminator
+        pair, the MLM for a generator alone; a discriminator alone has none."""
+        if self.generator is not None:
+            return "replaced-token-detection"
+        return "mlm" if self.architecture == MASKED_LM else "none"
 
     @property
     def towers(self) -> dict[str, "ElectraConfig"]:
@@ -189,6 +192,10 @@ class ElectraFamily(Family):
                          "hidden_act", "layer_norm_eps", "pad_token_id", "generator")
     document_attention = True
     document_attention_default = False
+    rtd_weight = RTD_WEIGHT  # mlmtool.objectives.ReplacedTokenDetection's lambda
+    objective_hint = (f"an {PRE_TRAINING} config needs a generator field to train (as 'mlmtool init DIR "
+                      "--preset electra-small' writes)")
+    generator_config = staticmethod(generator_config)
 
     def parse_config(self, d: dict) -> ElectraConfig:
         if not isinstance(d, dict):
