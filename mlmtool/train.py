@@ -474,4 +474,5 @@ def _gather(tree):
 def _format_eval(step: int, ev: dict) -> str:
     return (f"eval @ step {step:,}: loss {ev['eval_loss']:.4f} | accuracy {ev['eval_accuracy']:.4f} | "
             f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens "
-            f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})")
+            f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})"
+            + (f" | replaced-token accuracy {ev['eval_rtd_accuracy']:.4f}" if "eval_rtd_accuracy" in ev else ""))
