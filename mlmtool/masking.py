@@ -27,7 +27,7 @@ same in every mode; specials and padding are never chosen):
   tokens together, as HF's ``DataCollatorForLanguageModeling(whole_word_mask=True)`` does
   (its probability is set on a word's first token): every token is chosen with probability
   ``mlm_probability``, so the rate counts tokens, and a word is never partly masked.  Word
-  starts come from the tokenizer (``mlmtool.models.base.word_boundaries``: a vocabulary-sized
+  starts come from the tokenizer (``mlmtool.tokenizer_facts.word_boundaries``: a vocabulary-sized
   table on the device); each row starts a word, and so does every special token and the
   token after one.
 * ``"span"`` (SpanBERT, Joshi et al. 2019, arXiv:1907.10529): runs of whole words whose
@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmtool.models.base import ENDS_WORD, STARTS_WORD
+from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD
 
 MODES = ("token", "whole-word", "span")
 
@@ -114,7 +114,7 @@ def mask_tokens(
     (P = rows_per_group x L, nothing ever dropped), which is what evaluation uses.
     ``mlm_probability`` may be a traced scalar (a rate that changes over training).
     ``masking`` is a MODES name; whole-word and span masking need ``word_boundaries``
-    (the uint8 [V] table of ``mlmtool.models.base.word_boundaries``).
+    (the uint8 [V] table of ``mlmtool.tokenizer_facts.word_boundaries``).
     """
     batch, seq_len = input_ids.shape
     if batch % rows_per_group:

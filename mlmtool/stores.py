@@ -54,7 +54,7 @@ def word_boundaries_for(mdir, vocab_size: int):
     import json
 
     from mlmtool.errors import ConfigError
-    from mlmtool.models.base import word_boundaries
+    from mlmtool.tokenizer_facts import word_boundaries
 
     path = mdir.require_tokenizer()
     try:

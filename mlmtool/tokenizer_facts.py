@@ -6,6 +6,8 @@ and every special id, as transformers' ``all_special_ids``), the size and the sh
 forks workers).  The names come from ``tokenizer_config.json``; when that file is missing
 or names neither a mask nor a pad token, the conventional names of the tokenizer's kind
 (:data:`_NAME_DEFAULTS`) are used, the kind told by whether ``<mask>`` is in the vocabulary.
+:func:`word_boundaries` reads where words start from ``tokenizer.json`` (whole-word and span
+masking).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mlmtool.models.base import BERT_SPECIALS, ROBERTA_SPECIALS
-
-from mlmtool.errors import DataError
+from mlmtool.errors import ConfigError, DataError
 from mlmtool.modeldir import ModelDir
+from mlmtool.models.base import BERT_SPECIALS, ROBERTA_SPECIALS
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,106 @@ def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
         unk_token_id=ids["unk_token"], cls_token_id=ids["cls_token"], sep_token_id=ids["sep_token"],
         bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
         special_token_ids=tuple(sorted(special)))
+
+
+# --------------------------------------------------------------------------- word starts
+
+
+#: Bits of :func:`word_boundaries`' table: the token starts a word; the token after it starts one.
+STARTS_WORD, ENDS_WORD = 1, 2
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (``bytes_to_unicode``), as ByteLevel uses it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _find_component(node, kind: str) -> dict | None:
+    """The first ``{"type": kind, ...}`` in a tokenizer.json component (Sequences walked)."""
+    if isinstance(node, dict):
+        if node.get("type") == kind:
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found = _find_component(item, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def word_boundaries(tokenizer: dict, vocab_size: int):
+    """Where words start, per token id, from a ``tokenizer.json`` (the parsed dict): a uint8
+    numpy array [vocab_size] of ``STARTS_WORD`` / ``ENDS_WORD`` bits, for whole-word and span
+    masking (``mlmtool.masking``).  A word is what the pre-tokenizer splits on whitespace:
+
+    * byte-level BPE (RoBERTa): a piece that begins with an encoded whitespace byte (``Ġ``
+      for a space, ``Ċ`` for a newline, ...) starts a word; a piece of whitespace only with
+      a newline, tab, ... in it also ends one (ByteLevel's pre-tokenizer lets only a space
+      lead a word, so the piece after ``Ċ`` has no ``Ġ``);
+    * WordPiece (BERT): every piece without the ``##`` continuing prefix (punctuation is a
+      word of its own, as in BERT's whole word masking);
+    * Metaspace (Unigram / SentencePiece, XLM-R): a piece that begins with ``▁``;
+    * BPE with an end-of-word suffix (``</w>``): the piece after one starts a word.
+
+    Special and added tokens are words of their own (both bits).  Ids past the vocabulary
+    (config.json's vocab_size may be larger) never occur and get both bits too.  The caller
+    also starts a word at the beginning of each row.  Text with no spaces between words
+    (Chinese, Japanese) is one "word" per whitespace-delimited run: use token masking there.
+    Raises ConfigError when the tokenizer gives no way to tell.
+    """
+    import numpy as np
+
+    model = tokenizer.get("model") or {}
+    kind = model.get("type")
+    vocab = model.get("vocab")
+    if kind == "Unigram" and isinstance(vocab, list):
+        pieces = {piece: i for i, (piece, *_rest) in enumerate(vocab)}
+    elif isinstance(vocab, dict):
+        pieces = vocab
+    else:
+        raise ConfigError(f"tokenizer.json has a {kind or 'missing'} model with no vocabulary to read word starts from",
+                          "use --masking token")
+    flags = np.full(max(vocab_size, 1), STARTS_WORD | ENDS_WORD, dtype=np.uint8)
+    pre = tokenizer.get("pre_tokenizer")
+    byte_level, metaspace = _find_component(pre, "ByteLevel"), _find_component(pre, "Metaspace")
+    prefix, suffix = model.get("continuing_subword_prefix"), model.get("end_of_word_suffix")
+    if kind == "WordPiece" or prefix:
+        prefix = prefix or "##"
+
+        def bits(piece):
+            return 0 if piece.startswith(prefix) else STARTS_WORD
+    elif suffix:
+        def bits(piece):
+            return ENDS_WORD if piece.endswith(suffix) else 0
+    elif metaspace is not None:
+        marker = metaspace.get("replacement", "▁")
+
+        def bits(piece):
+            return STARTS_WORD if piece.startswith(marker) else 0
+    elif byte_level is not None:
+        chars = _byte_level_chars()
+        spaces, space = {chars[b] for b in b" \t\n\r\x0b\x0c"}, chars[ord(" ")]
+
+        def bits(piece):
+            if piece and all(c in spaces for c in piece) and set(piece) != {space}:
+                return STARTS_WORD | ENDS_WORD
+            return STARTS_WORD if piece[:1] in spaces else 0
+    else:
+        raise ConfigError(f"cannot tell from tokenizer.json where words start (a {kind} model without a "
+                          "ByteLevel or Metaspace pre-tokenizer or a ## prefix)", "use --masking token")
+    for piece, i in pieces.items():
+        if 0 <= i < len(flags):
+            flags[i] = bits(piece)
+    for added in tokenizer.get("added_tokens") or ():
+        if 0 <= added.get("id", -1) < len(flags):
+            flags[added["id"]] = STARTS_WORD | ENDS_WORD
+    return flags

@@ -2,8 +2,11 @@
 
 Train, eval, predict, ``init --from``, info and the benchmarks reach a network only through
 :func:`load_model`, and a family's facts only through :func:`family_for`; adding a family is
-one ``<family>.py`` (jax-free facts) plus one ``<family>_flax.py`` (the network) in this
-package, listed in ``FAMILY_MODULES``, and its tests.
+one ``<family>.py`` (jax-free facts: a ``base.Family`` and a ``base.FamilyConfig``) plus one
+``<family>_flax.py`` (its layers, under a ``network.MaskedLMBase``) in this package, listed
+in ``FAMILY_MODULES``, and its tests.  A family is an architecture that transformers (v5)
+has in PyTorch: the tests compare logits with it and the export is its ``*ForMaskedLM``
+directory (no remote code is written).
 
 Importing this package does not import jax: ``init``, ``tokenizer`` and ``--help`` stay fast.
 """

@@ -12,6 +12,7 @@ info, the benchmarks) only ever calls the registry and the methods below.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -85,106 +86,6 @@ class TokenizerDefaults:
         if self.specials is not None and algorithm == self.algorithm:
             return self.specials
         return ALGORITHM_SPECIALS[algorithm]
-
-
-#: Bits of :func:`word_boundaries`' table: the token starts a word; the token after it starts one.
-STARTS_WORD, ENDS_WORD = 1, 2
-
-
-def _byte_level_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (``bytes_to_unicode``), as ByteLevel uses it."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-def _find_component(node, kind: str) -> dict | None:
-    """The first ``{"type": kind, ...}`` in a tokenizer.json component (Sequences walked)."""
-    if isinstance(node, dict):
-        if node.get("type") == kind:
-            return node
-        node = list(node.values())
-    if isinstance(node, list):
-        for item in node:
-            found = _find_component(item, kind)
-            if found is not None:
-                return found
-    return None
-
-
-def word_boundaries(tokenizer: dict, vocab_size: int):
-    """Where words start, per token id, from a ``tokenizer.json`` (the parsed dict): a uint8
-    numpy array [vocab_size] of ``STARTS_WORD`` / ``ENDS_WORD`` bits, for whole-word and span
-    masking (``mlmtool.masking``).  A word is what the pre-tokenizer splits on whitespace:
-
-    * byte-level BPE (RoBERTa): a piece that begins with an encoded whitespace byte (``Ġ``
-      for a space, ``Ċ`` for a newline, ...) starts a word; a piece of whitespace only with
-      a newline, tab, ... in it also ends one (ByteLevel's pre-tokenizer lets only a space
-      lead a word, so the piece after ``Ċ`` has no ``Ġ``);
-    * WordPiece (BERT): every piece without the ``##`` continuing prefix (punctuation is a
-      word of its own, as in BERT's whole word masking);
-    * Metaspace (Unigram / SentencePiece, XLM-R): a piece that begins with ``▁``;
-    * BPE with an end-of-word suffix (``</w>``): the piece after one starts a word.
-
-    Special and added tokens are words of their own (both bits).  Ids past the vocabulary
-    (config.json's vocab_size may be larger) never occur and get both bits too.  The caller
-    also starts a word at the beginning of each row.  Text with no spaces between words
-    (Chinese, Japanese) is one "word" per whitespace-delimited run: use token masking there.
-    Raises ConfigError when the tokenizer gives no way to tell.
-    """
-    import numpy as np
-
-    model = tokenizer.get("model") or {}
-    kind = model.get("type")
-    vocab = model.get("vocab")
-    if kind == "Unigram" and isinstance(vocab, list):
-        pieces = {piece: i for i, (piece, *_rest) in enumerate(vocab)}
-    elif isinstance(vocab, dict):
-        pieces = vocab
-    else:
-        raise ConfigError(f"tokenizer.json has a {kind or 'missing'} model with no vocabulary to read word starts from",
-                          "use --masking token")
-    flags = np.full(max(vocab_size, 1), STARTS_WORD | ENDS_WORD, dtype=np.uint8)
-    pre = tokenizer.get("pre_tokenizer")
-    byte_level, metaspace = _find_component(pre, "ByteLevel"), _find_component(pre, "Metaspace")
-    prefix, suffix = model.get("continuing_subword_prefix"), model.get("end_of_word_suffix")
-    if kind == "WordPiece" or prefix:
-        prefix = prefix or "##"
-
-        def bits(piece):
-            return 0 if piece.startswith(prefix) else STARTS_WORD
-    elif suffix:
-        def bits(piece):
-            return ENDS_WORD if piece.endswith(suffix) else 0
-    elif metaspace is not None:
-        marker = metaspace.get("replacement", "▁")
-
-        def bits(piece):
-            return STARTS_WORD if piece.startswith(marker) else 0
-    elif byte_level is not None:
-        chars = _byte_level_chars()
-        spaces, space = {chars[b] for b in b" \t\n\r\x0b\x0c"}, chars[ord(" ")]
-
-        def bits(piece):
-            if piece and all(c in spaces for c in piece) and set(piece) != {space}:
-                return STARTS_WORD | ENDS_WORD
-            return STARTS_WORD if piece[:1] in spaces else 0
-    else:
-        raise ConfigError(f"cannot tell from tokenizer.json where words start (a {kind} model without a "
-                          "ByteLevel or Metaspace pre-tokenizer or a ## prefix)", "use --masking token")
-    for piece, i in pieces.items():
-        if 0 <= i < len(flags):
-            flags[i] = bits(piece)
-    for added in tokenizer.get("added_tokens") or ():
-        if 0 <= added.get("id", -1) < len(flags):
-            flags[added["id"]] = STARTS_WORD | ENDS_WORD
-    return flags
 
 
 # --------------------------------------------------------------------------- weights
@@ -278,6 +179,77 @@ def refuse(config: dict, key: str, allowed, why: str) -> None:
                           f"set {key} to {allowed[0]!r}, or use transformers for this model")
 
 
+# --------------------------------------------------------------------------- the parsed config
+
+
+class FamilyConfig(abc.ABC):
+    """What generic code reads of a family's parsed config (``Family.parse_config``): train,
+    eval, predict, FLOPs, presets, the layer stack and the network base
+    (``mlmtool.models.network``) use only these names.  A family's config is a frozen
+    dataclass subclassing this one with Hugging Face ``config.json`` field names; the four
+    fields below are dataclass fields (or properties, where the family spells them otherwise),
+    the abstract properties are the family's mapping of its own fields onto the rest.
+    """
+
+    model_type: str          # config.json's model_type
+    vocab_size: int
+    hidden_size: int         # width of the encoder's residual stream
+    pad_token_id: int
+    max_position_embeddings: int  # named in the error for a too long input
+
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Encoder layers (what remat/scan iterate over)."""
+
+    @property
+    @abc.abstractmethod
+    def num_heads(self) -> int:
+        """Attention heads per layer."""
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one head (the attention kernels' choice depends on it)."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    @abc.abstractmethod
+    def max_sequence_length(self) -> int:
+        """The longest input the network accepts."""
+
+    @property
+    def decoder_width(self) -> int:
+        """Columns of the tied decoder (the word-embedding width; factorized embeddings: smaller)."""
+        return self.hidden_size
+
+
+def require_model_type(d, model_types) -> None:
+    """The parse preamble: ``d`` is a JSON object whose model_type is one of ``model_types``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
+    if d.get("model_type") not in model_types:
+        raise ConfigError(f"unsupported model_type {d.get('model_type')!r}",
+                          hint=f"use one of {', '.join(model_types)}")
+
+
+def config_fields(cls, d: dict, **overrides) -> dict:
+    """The keyword arguments of the dataclass ``cls`` found in config.json ``d`` (unknown keys
+    ignored; integer values of float fields made floats; ``overrides`` win); ConfigError
+    naming a required field that is missing."""
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in overrides:
+            value = overrides[field.name]
+        elif field.name in d:
+            value = d[field.name]
+        elif field.default is dataclasses.MISSING:
+            raise ConfigError(f"config is missing required field {field.name!r}")
+        else:
+            continue
+        kwargs[field.name] = float(value) if field.type == "float" and is_int(value) else value
+    return kwargs
+
+
 # --------------------------------------------------------------------------- the family
 
 
@@ -362,7 +334,7 @@ class Family:
                 head += n
             elif e.path[-1] != "embedding":
                 encoder += n
-        return encoder, head + config.vocab_size * config.hidden_size
+        return encoder, head + config.vocab_size * config.decoder_width
 
     def recipe_hint(self, model_type: str) -> str | None:
         """One line ``init`` prints after its summary: the options of prepare/train/eval that

@@ -15,20 +15,23 @@ tokenizer conventions); the network is ``mlmtool.models.bert_flax``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     BERT_SPECIALS,
     ROBERTA_SPECIALS,
     Family,
+    FamilyConfig,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
+    config_fields,
     dense_entries,
     is_int,
     norm_entries,
     refuse,
+    require_model_type,
     require_numbers,
     require_positive_ints,
 )
@@ -51,7 +54,7 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(FamilyConfig):
     """The architecture, with Hugging Face ``config.json`` field names.
 
     Defaults are RoBERTa-base's (Liu et al. 2019) except the sizes, which have none on purpose.
@@ -89,10 +92,6 @@ class BertConfig:
     @property
     def num_heads(self) -> int:
         return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def max_sequence_length(self) -> int:
@@ -171,6 +170,23 @@ _ROBERTA_TOKENIZER = TokenizerDefaults("bpe", config_ids=(("pad_token_id", "pad"
 _UNIGRAM_TOKENIZER = dataclasses.replace(_ROBERTA_TOKENIZER, algorithm="unigram", specials=ROBERTA_SPECIALS)
 
 
+def bert_layer_entries(ours: tuple[str, ...], hf: str, H: int, I: int) -> list[WeightEntry]:
+    """One BERT block (``bert_flax.EncoderLayer``) at our path ``ours`` and HF key prefix ``hf``::
+
+        hf.attention.self.{query,key,value}.*, hf.attention.output.{dense,LayerNorm}.*,
+        hf.intermediate.dense.*, hf.output.{dense,LayerNorm}.*
+    """
+    e: list[WeightEntry] = []
+    for proj in ("query", "key", "value"):
+        e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
+    e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
+    e += norm_entries((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
+    e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
+    e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
+    e += norm_entries((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
+    return e
+
+
 class BertFamily(Family):
     name = "bert"
     model_types = {t: v.architecture for t, v in VARIANTS.items()}
@@ -225,25 +241,14 @@ class BertFamily(Family):
 
     def parse_config(self, d: dict) -> BertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") not in VARIANTS:
-            raise ConfigError(f"unsupported model_type {d.get('model_type')!r}",
-                              hint=f"use one of {', '.join(VARIANTS)}")
+        require_model_type(d, VARIANTS)
         # Features of the HF classes this network does not implement: refuse rather than
         # silently computing something else.
         refuse(d, "tie_word_embeddings", (True,), "the MLM decoder is tied to the word embeddings")
         refuse(d, "position_embedding_type", ("absolute",), "only absolute position embeddings are implemented")
         refuse(d, "is_decoder", (False,), "this is a bidirectional encoder")
         refuse(d, "add_cross_attention", (False,), "no cross-attention in an encoder")
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(BertConfig):
-            if field.name in d:
-                kwargs[field.name] = d[field.name]
-            elif field.default is dataclasses.MISSING:
-                raise ConfigError(f"config is missing required field {field.name!r}")
-        kwargs = {k: float(v) if k in _FLOATS and is_int(v) else v for k, v in kwargs.items()}
-        return BertConfig(**kwargs)
+        return BertConfig(**config_fields(BertConfig, d))
 
     def max_sequence_length(self, hf: dict) -> int:
         return _max_sequence_length(hf["model_type"], hf["max_position_embeddings"], hf.get("pad_token_id", 0))
@@ -275,14 +280,7 @@ class BertFamily(Family):
             e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H)))
         e += norm_entries(("embeddings", "LayerNorm"), f"{p}.embeddings.LayerNorm", H)
         for i in range(config.num_hidden_layers):
-            ours, hf = ("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}"
-            for proj in ("query", "key", "value"):
-                e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-            e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
-            e += norm_entries((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
-            e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-            e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
-            e += norm_entries((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
+            e += bert_layer_entries(("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}", H, I)
         head = ("lm_head.dense", "lm_head.layer_norm", "lm_head") if variant.roberta else \
             ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions")
         e += dense_entries(("lm_head", "dense"), head[0], H, H)
@@ -322,7 +320,5 @@ class BertFamily(Family):
                           "max_position_embeddings": 40, "pad_token_id": 1},
         }
 
-
-_FLOATS = {f.name for f in dataclasses.fields(BertConfig) if f.type == "float"}
 
 FAMILY = BertFamily()

@@ -29,47 +29,15 @@ float32 — the same split as PyTorch autocast, which is what HF/MosaicBERT bf16
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
-from mlmtool.models.bert import BertConfig
-from mlmtool.models.layers import (
-    ACTIVATIONS,
-    REMAT_POLICIES,
-    Dense,
-    Dropout,
-    LayerStack,
-    attention,
-    embedding_init,
-    gather_masked,
-    layer_norm,
-    normal_init,
-    segment_positions,
-)
+from mlmtool.models.layers import ACTIVATIONS, LayerStack, attention, embedding_init, layer_norm
+from mlmtool.models.network import MaskedLMBase, SubModule, tied_logits
 
 
-class _Base(nn.Module):
-    config: BertConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernels: Kernels = Kernels()
-
-    @property
-    def kw(self) -> dict:
-        """The attributes every submodule shares."""
-        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
-
-    def dense(self, features: int, name: str) -> Dense:
-        return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=normal_init(self.config.initializer_range), form=self.kernels.dense, name=name)
-
-    def dropout_layer(self, rate: float) -> Dropout:
-        return Dropout(rate, form=self.kernels.dropout)
-
+class _Base(SubModule):
     def layer_norm(self, name: str) -> nn.LayerNorm:
         return layer_norm(self.config.layer_norm_eps, param_dtype=self.param_dtype, name=name)
 
@@ -92,17 +60,17 @@ class Embeddings(_Base):
         self.LayerNorm = self.layer_norm("LayerNorm")
         self.dropout = self.dropout_layer(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids, token_type_ids, deterministic: bool, segment_ids=None):
+    def __call__(self, input_ids, token_type_ids, deterministic: bool, positions=None):
         cfg = self.config
         if cfg.variant.roberta:
             # fairseq make_positions / HF create_position_ids_from_input_ids: real tokens get
-            # pad_token_id + 1, + 2, ...; padding keeps pad_token_id.  With segment_ids the
-            # count restarts at each document.
+            # pad_token_id + 1, + 2, ...; padding keeps pad_token_id.  Under document
+            # attention (``positions``, from 0 in each document) the count restarts at each one.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)  # [B, L]
-            counted = jnp.cumsum(not_pad, axis=1) if segment_ids is None else segment_positions(segment_ids) + 1
+            counted = jnp.cumsum(not_pad, axis=1) if positions is None else positions + 1
             position_ids = counted * not_pad + cfg.pad_token_id  # [B, L]
-        elif segment_ids is not None:
-            position_ids = segment_positions(segment_ids)  # [B, L]: from 0 in each document
+        elif positions is not None:
+            position_ids = positions  # [B, L]: from 0 in each document
         else:
             position_ids = jnp.arange(input_ids.shape[1])[None, :]  # [1, L]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -196,76 +164,21 @@ class MLMHead(_Base):
         x = self.dense(cfg.hidden_size, "dense")(x)
         x = self.layer_norm("layer_norm")(act(x))
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), self.param_dtype)
-        # Decoder tied to the word embeddings: x @ E.T, accumulated in float32.
-        logits = jnp.einsum("...h,vh->...v", x.astype(self.dtype), word_embeddings.astype(self.dtype),
-                            preferred_element_type=jnp.float32)  # [..., V]
-        return logits + bias.astype(jnp.float32)
+        return tied_logits(x, word_embeddings, bias, self.dtype)  # [..., V]
 
 
-class MaskedLM(nn.Module):
-    """BERT/RoBERTa encoder with the masked-language-model head (HF ``*ForMaskedLM``).
-
-    ``kernels`` (None: ``mlmtool.kernels.select`` for jax's default backend and ``dtype``),
-    ``remat`` (a REMAT_POLICIES key) and ``scan_layers`` (None: scan when ``remat`` is on)
-    change how the network is computed, never the parameters or the function: checkpoints
-    and exports are interchangeable."""
-
-    config: BertConfig
-    dtype: Any = jnp.float32  # computation dtype (float32 or bfloat16)
-    param_dtype: Any = jnp.float32  # master weights always float32
-    kernels: Kernels | None = None
-    remat: str = "none"
-    scan_layers: bool | None = None  # None: scan exactly when gradient checkpointing is on
+class MaskedLM(MaskedLMBase):
+    """BERT/RoBERTa encoder with the masked-language-model head (HF ``*ForMaskedLM``); the
+    call, its inputs and ``kernels``/``remat``/``scan_layers`` are ``MaskedLMBase``'s."""
 
     def setup(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"unknown gradient checkpointing policy {self.remat!r}",
-                              hint=f"use one of {', '.join(REMAT_POLICIES)}")
-        kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=self.config.head_dim)
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
-        self.embeddings = Embeddings(**kw)
-        # Rematerialisation pays off under the scan: XLA's scheduler keeps one layer's
-        # recomputation at a time there, while across unrolled layers it saved 7% of the
-        # activation memory where the scan saved 78% (docs/benchmarks.md, "Memory").
-        scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
-        self.encoder = Encoder(**kw, remat=self.remat, scan=scan)
-        self.lm_head = MLMHead(**kw)
+        self.embeddings = Embeddings(**self.kw)
+        self.encoder = Encoder(**self.kw, remat=self.remat, scan=self.scan)
+        self.lm_head = MLMHead(**self.kw)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None, segment_ids=None):
-        """input_ids/attention_mask/token_type_ids int [B, L]. Returns float32 logits:
-        [B, L, V] when masked_positions is None, else [G, P, V] at the int32 positions
-        masked_positions [G, P] (see ``layers.gather_masked``: the head runs only there).
-        Rows with fewer masks pad with any valid position and the caller weights those out
-        of the loss.  Dropout uses the 'dropout' rng when deterministic=False.
+    def encode(self, input_ids, attention_mask, token_type_ids, positions, deterministic: bool):
+        x = self.embeddings(input_ids, token_type_ids, deterministic, positions)  # [B, L, H]
+        return self.encoder(x, attention_mask, deterministic)  # [B, L, H]
 
-        attention_mask defaults to all ones and token_type_ids to zeros, as in HF.  With the
-        cuDNN attention kernel (bfloat16 on NVIDIA GPUs) padding must be on the right.
-
-        segment_ids int [B, L] (document attention, ``layers.document_segments``; 0 and
-        attention_mask's False are padding): each document packed in a row attends only to
-        itself and its positions start over, so a row computes what each document alone would.
-        """
-        cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if input_ids.shape[1] > cfg.max_sequence_length:
-            raise ConfigError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                f"{cfg.max_sequence_length} (max_position_embeddings={cfg.max_position_embeddings})",
-                hint="use shorter sequences or a model with more position embeddings",
-            )
-        attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
-            else jnp.asarray(attention_mask).astype(bool)  # [B, L]
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        if segment_ids is not None:  # the encoder's mask becomes the segment ids (layers.attention)
-            segment_ids = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
-            attention_mask = segment_ids
-
-        x = self.embeddings(input_ids, token_type_ids, deterministic, segment_ids)  # [B, L, H]
-        x = self.encoder(x, attention_mask, deterministic)  # [B, L, H]
-        if masked_positions is not None:
-            x = gather_masked(x, masked_positions)  # [G, P, H]
-        return self.lm_head(x, self.embeddings.word_embeddings.embedding)  # [B, L, V] or [G, P, V]
+    def logits(self, x):
+        return self.lm_head(x, self.embeddings.word_embeddings.embedding)

@@ -17,13 +17,16 @@ from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     BERT_SPECIALS,
     Family,
+    FamilyConfig,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
+    config_fields,
     dense_entries,
     is_int,
     norm_entries,
     refuse,
+    require_model_type,
     require_numbers,
     require_positive_ints,
 )
@@ -33,7 +36,7 @@ LAYER_NORM_EPS = 1e-12  # hard-coded in transformers' DistilBERT modules
 
 
 @dataclasses.dataclass(frozen=True)
-class DistilBertConfig:
+class DistilBertConfig(FamilyConfig):
     """DistilBERT's ``config.json`` fields (defaults: distilbert-base-uncased's)."""
 
     vocab_size: int
@@ -52,13 +55,24 @@ class DistilBertConfig:
     def __post_init__(self) -> None:
         _check(dataclasses.asdict(self))
 
-    # The names generic code reads (mlmtool.models.base: the parsed config's interface).
-    hidden_size = property(lambda self: self.dim)
-    num_layers = property(lambda self: self.n_layers)
-    num_heads = property(lambda self: self.n_heads)
-    head_dim = property(lambda self: self.dim // self.n_heads)
-    max_sequence_length = property(lambda self: self.max_position_embeddings)
     layer_norm_eps = LAYER_NORM_EPS
+
+    # FamilyConfig's names in DistilBERT's spelling
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
 
 
 def _check(d: dict) -> None:
@@ -110,20 +124,10 @@ class DistilBertFamily(Family):
     document_attention_default = False  # the published recipe packs across documents
 
     def parse_config(self, d: dict) -> DistilBertConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") != "distilbert":
-            raise ConfigError(f"unsupported model_type {d.get('model_type')!r}", hint="use distilbert")
+        require_model_type(d, self.model_types)
         refuse(d, "sinusoidal_pos_embds", (False,), "only learned position embeddings are implemented")
         refuse(d, "tie_word_embeddings", (True,), "the MLM decoder is tied to the word embeddings")
-        kwargs = {}
-        for field in dataclasses.fields(DistilBertConfig):
-            if field.name in d:
-                value = d[field.name]
-                kwargs[field.name] = float(value) if field.type == "float" and is_int(value) else value
-            elif field.default is dataclasses.MISSING:
-                raise ConfigError(f"config is missing required field {field.name!r}")
-        return DistilBertConfig(**kwargs)
+        return DistilBertConfig(**config_fields(DistilBertConfig, d))
 
     def weight_table(self, config: DistilBertConfig) -> WeightTable:
         """transformers v5 ``DistilBertForMaskedLM`` keys::

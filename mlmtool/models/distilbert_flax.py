@@ -24,34 +24,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
-from mlmtool.models.distilbert import DistilBertConfig
-from mlmtool.models.layers import (
-    ACTIVATIONS,
-    Dense,
-    Dropout,
-    LayerStack,
-    attention,
-    embedding_init,
-    gather_masked,
-    layer_norm,
-    normal_init,
-    segment_positions,
-)
+from mlmtool.models.layers import ACTIVATIONS, Dense, LayerStack, attention, embedding_init, layer_norm, normal_init
+from mlmtool.models.network import MaskedLMBase, SubModule, tied_logits
 
 
-class _Base(nn.Module):
-    config: DistilBertConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernels: Kernels = Kernels()
-
-    def dense(self, features: int, name: str) -> Dense:
-        return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=normal_init(self.config.initializer_range), form=self.kernels.dense, name=name)
-
-    def norm(self, name: str) -> nn.LayerNorm:
+class _Base(SubModule):
+    def norm(self, name: str | None) -> nn.LayerNorm:
         return layer_norm(self.config.layer_norm_eps, param_dtype=self.param_dtype, name=name)
 
 
@@ -69,7 +47,7 @@ class SelfAttention(_Base):
 
         dropout = None
         if not (deterministic or cfg.attention_dropout == 0.0):
-            dropout = functools.partial(Dropout(cfg.attention_dropout, form=self.kernels.dropout), deterministic=False)
+            dropout = functools.partial(self.dropout_layer(cfg.attention_dropout), deterministic=False)
         context = attention(project("q_lin"), project("k_lin"), project("v_lin"), attention_mask,
                             kernels=self.kernels, dropout=dropout)  # [B, L, N, D]
         context = context.reshape(batch, length, cfg.dim)  # [B, L, N, D] -> [B, L, H]
@@ -84,7 +62,7 @@ class FFN(_Base):
         cfg = self.config
         h = ACTIVATIONS[cfg.activation](self.dense(cfg.hidden_dim, "lin1")(x))
         h = self.dense(cfg.dim, "lin2")(h)
-        return Dropout(cfg.dropout, form=self.kernels.dropout)(h, deterministic=deterministic)
+        return self.dropout_layer(cfg.dropout)(h, deterministic=deterministic)
 
 
 class TransformerBlock(_Base):
@@ -92,7 +70,7 @@ class TransformerBlock(_Base):
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
+        kw = self.kw
         x = self.norm("sa_layer_norm")(SelfAttention(**kw, name="attention")(x, attention_mask, deterministic) + x)
         return self.norm("output_layer_norm")(FFN(**kw, name="ffn")(x, deterministic) + x)
 
@@ -100,19 +78,21 @@ class TransformerBlock(_Base):
 class Embeddings(_Base):
     """HF ``Embeddings``: word + learned position (from 0), LayerNorm, dropout."""
 
-    @nn.compact
-    def __call__(self, input_ids, deterministic: bool, segment_ids=None):
+    def setup(self):
         cfg = self.config
         embed = functools.partial(nn.Embed, dtype=self.dtype, param_dtype=self.param_dtype)
-        words = embed(cfg.vocab_size, cfg.dim, name="word_embeddings",
-                      embedding_init=embedding_init(cfg.initializer_range, cfg.pad_token_id))
-        positions = embed(cfg.max_position_embeddings, cfg.dim, name="position_embeddings",
-                          embedding_init=embedding_init(cfg.initializer_range, None))
-        position_ids = jnp.arange(input_ids.shape[1])[None, :] if segment_ids is None \
-            else segment_positions(segment_ids)  # [1, L] or, per document, [B, L]
-        x = words(input_ids) + positions(position_ids)  # [B, L, H]
-        x = self.norm("LayerNorm")(x)
-        return Dropout(cfg.dropout, form=self.kernels.dropout)(x, deterministic=deterministic), words.embedding
+        self.word_embeddings = embed(cfg.vocab_size, cfg.dim,
+                                     embedding_init=embedding_init(cfg.initializer_range, cfg.pad_token_id))
+        self.position_embeddings = embed(cfg.max_position_embeddings, cfg.dim,
+                                         embedding_init=embedding_init(cfg.initializer_range, None))
+        self.LayerNorm = self.norm(None)
+        self.dropout = self.dropout_layer(cfg.dropout)
+
+    def __call__(self, input_ids, deterministic: bool, positions=None):
+        position_ids = jnp.arange(input_ids.shape[1])[None, :] if positions is None \
+            else positions  # [1, L] or, per document, [B, L]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # [B, L, H]
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
 class Transformer(_Base):
@@ -123,55 +103,31 @@ class Transformer(_Base):
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool):
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
-        return LayerStack(TransformerBlock, kw, self.config.n_layers, remat=self.remat, scan=self.scan,
+        return LayerStack(TransformerBlock, self.kw, self.config.n_layers, remat=self.remat, scan=self.scan,
                           name="layer")(x, attention_mask, deterministic)
 
 
-class MaskedLM(nn.Module):
-    """DistilBERT with its MLM head (HF ``DistilBertForMaskedLM``); arguments and outputs as
-    ``bert_flax.MaskedLM``'s (``token_type_ids`` is accepted and ignored: DistilBERT has none)."""
+class MaskedLM(MaskedLMBase):
+    """DistilBERT with its MLM head (HF ``DistilBertForMaskedLM``); the call is
+    ``MaskedLMBase``'s (``token_type_ids`` is ignored: DistilBERT has none)."""
 
-    config: DistilBertConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernels: Kernels | None = None
-    remat: str = "none"
-    scan_layers: bool | None = None  # None: scan exactly when gradient checkpointing is on
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None, segment_ids=None):
+    def setup(self):
         cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if input_ids.shape[1] > cfg.max_sequence_length:
-            raise ConfigError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                              f"{cfg.max_sequence_length} (max_position_embeddings={cfg.max_position_embeddings})",
-                              hint="use shorter sequences or a model with more position embeddings")
-        attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
-            else jnp.asarray(attention_mask).astype(bool)  # [B, L]
-        if segment_ids is not None:  # document attention: the encoder's mask becomes the segment ids
-            segment_ids = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
-            attention_mask = segment_ids
-        kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=cfg.head_dim)
-        kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
-        scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
-
-        x, word_embeddings = Embeddings(**kw, name="embeddings")(input_ids, deterministic, segment_ids)  # [B, L, H]
-        x = Transformer(**kw, remat=self.remat, scan=scan, name="transformer")(x, attention_mask, deterministic)
-        if masked_positions is not None:
-            x = gather_masked(x, masked_positions)  # [G, P, H]
+        self.embeddings = Embeddings(**self.kw)
+        self.transformer = Transformer(**self.kw, remat=self.remat, scan=self.scan)
         # head: vocab_transform, activation, vocab_layer_norm, vocab_projector (tied weight, own bias)
-        x = Dense(cfg.dim, dtype=self.dtype, param_dtype=self.param_dtype, form=kernels.dense,
-                  kernel_init=normal_init(cfg.initializer_range), name="vocab_transform")(x)
-        x = layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype, name="vocab_layer_norm")(
-            ACTIVATIONS[cfg.activation](x))
-        bias = VocabBias(cfg.vocab_size, self.param_dtype, name="vocab_projector")()  # [V]
-        logits = jnp.einsum("...h,vh->...v", x.astype(self.dtype), word_embeddings.astype(self.dtype),
-                            preferred_element_type=jnp.float32)  # [..., V]
-        return logits + bias.astype(jnp.float32)
+        self.vocab_transform = Dense(cfg.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     kernel_init=normal_init(cfg.initializer_range), form=self.kw["kernels"].dense)
+        self.vocab_layer_norm = layer_norm(cfg.layer_norm_eps, param_dtype=self.param_dtype)
+        self.vocab_projector = VocabBias(cfg.vocab_size, self.param_dtype)
+
+    def encode(self, input_ids, attention_mask, token_type_ids, positions, deterministic: bool):
+        x = self.embeddings(input_ids, deterministic, positions)  # [B, L, H]
+        return self.transformer(x, attention_mask, deterministic)  # [B, L, H]
+
+    def logits(self, x):
+        x = self.vocab_layer_norm(ACTIVATIONS[self.config.activation](self.vocab_transform(x)))
+        return tied_logits(x, self.embeddings.word_embeddings.embedding, self.vocab_projector(), self.dtype)  # [..., V]
 
 
 class VocabBias(nn.Module):

@@ -16,10 +16,10 @@ import numpy as np
 
 from mlmtool import hf_weights
 from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
+from mlmtool.kernels import Kernels
 from mlmtool.models import family_for
 from mlmtool.models.base import Family, WeightTable
-from mlmtool.models.layers import REMAT_POLICIES
+from mlmtool.models.network import choose_kernels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,15 +55,11 @@ class LoadedModel:
             raise ConfigError(f"a model config must be a JSON object, got {type(hf_config).__name__}")
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
-        if remat not in REMAT_POLICIES:
-            raise ConfigError(f"unknown gradient checkpointing policy {remat!r}",
-                              hint=f"use one of {', '.join(REMAT_POLICIES)}")
         family = family_for(hf_config.get("model_type"))
         config = family.parse_config(hf_config)
-        if kernels is None:
-            kernels = select_kernels(dtype=dtype, head_dim=config.head_dim)
-        module = network_class(family)(config, dtype=DTYPES[dtype], kernels=kernels, remat=remat,
-                                       scan_layers=scan_layers)
+        # the network checks remat; its kernels are fixed here, for the run's description
+        module = network_class(family)(config, dtype=DTYPES[dtype], remat=remat, scan_layers=scan_layers,
+                                       kernels=choose_kernels(kernels, DTYPES[dtype], config))
         return cls(family=family, config=config, hf_config=hf_config, module=module, dtype=dtype)
 
     # -- parameters ---------------------------------------------------------------------------

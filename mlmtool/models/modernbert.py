@@ -31,20 +31,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     Family,
+    FamilyConfig,
     SpecialTokens,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
+    config_fields,
     dense_entries,
     is_int,
     is_number,
     norm_entries,
     refuse,
+    require_model_type,
     require_numbers,
     require_positive_ints,
 )
@@ -63,7 +65,7 @@ def layer_types_every(num_layers: int, every: int = 3) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModernBertConfig:
+class ModernBertConfig(FamilyConfig):
     """The architecture, with Hugging Face ``config.json`` field names (the RoPE thetas under
     their legacy names ``global_rope_theta`` / ``local_rope_theta``, so that the dataclass
     stays hashable and ``dataclasses.asdict`` of it parses back to the same config).
@@ -104,10 +106,6 @@ class ModernBertConfig:
     @property
     def num_heads(self) -> int:
         return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def max_sequence_length(self) -> int:
@@ -285,10 +283,7 @@ class ModernBertFamily(Family):
     def parse_config(self, d: dict) -> ModernBertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored (hub
         configs carry leftovers such as position_embedding_type, which transformers ignores)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") != "modernbert":
-            raise ConfigError(f"unsupported model_type {d.get('model_type')!r}", hint="use 'modernbert'")
+        require_model_type(d, self.model_types)
         # Features of the HF classes this network does not implement: refuse rather than
         # silently computing something else.
         refuse(d, "tie_word_embeddings", (True,), "the MLM decoder is tied to the token embeddings")
@@ -324,13 +319,8 @@ class ModernBertFamily(Family):
             require_positive_ints(d, ("sliding_window",))
             local = 2 * d["sliding_window"]
         theta = _resolve_rope_theta(d)
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(ModernBertConfig):
-            if field.name in d:
-                kwargs[field.name] = d[field.name]
-        kwargs.update(layer_types=_resolve_layer_types(d), local_attention=local,
-                      global_rope_theta=theta[FULL], local_rope_theta=theta[SLIDING])
-        kwargs = {k: float(v) if k in _FLOATS else v for k, v in kwargs.items()}
+        kwargs = config_fields(ModernBertConfig, d, layer_types=_resolve_layer_types(d), local_attention=local,
+                               global_rope_theta=theta[FULL], local_rope_theta=theta[SLIDING])
         return ModernBertConfig(**kwargs)
 
     def weight_table(self, config: ModernBertConfig) -> WeightTable:
@@ -396,7 +386,5 @@ class ModernBertFamily(Family):
                      layer_types=layer_types_every(3), **_SMALL_IDS)
         return {"modernbert": {**_BASE, **small}}
 
-
-_FLOATS = {f.name for f in dataclasses.fields(ModernBertConfig) if f.type == "float"}
 
 FAMILY = ModernBertFamily()

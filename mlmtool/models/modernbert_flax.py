@@ -35,26 +35,15 @@ as scanned data.  Both give the same logits; in training their dropout masks dif
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
-from mlmtool.models.layers import (
-    ACTIVATIONS,
-    REMAT_POLICIES,
-    Dense,
-    Dropout,
-    attention,
-    gather_masked,
-    layer_norm,
-    segment_positions,
-)
-from mlmtool.models.modernbert import FULL, LAYER_TYPES, SLIDING, ModernBertConfig
+from mlmtool.models.layers import ACTIVATIONS, REMAT_POLICIES, Dense, attention, layer_norm
+from mlmtool.models.modernbert import FULL, LAYER_TYPES, SLIDING
+from mlmtool.models.network import MaskedLMBase, SubModule, tied_logits
 
 
 def truncated_normal_init(std: float, cutoff: float):
@@ -85,17 +74,7 @@ def apply_rope(x, cos, sin):
     return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
-class _Base(nn.Module):
-    config: ModernBertConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernels: Kernels = Kernels()
-
-    @property
-    def kw(self) -> dict:
-        """The attributes every submodule shares."""
-        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
-
+class _Base(SubModule):
     @property
     def std_in(self) -> float:
         """HF's std of the embeddings, Wqkv and Wi."""
@@ -110,9 +89,6 @@ class _Base(nn.Module):
         return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=use_bias,
                      kernel_init=truncated_normal_init(std, self.config.initializer_cutoff_factor),
                      form=self.kernels.dense, name=name)
-
-    def dropout_layer(self, rate: float) -> Dropout:
-        return Dropout(rate, form=self.kernels.dropout)
 
     def norm(self, name: str | None = None) -> nn.LayerNorm:
         return layer_norm(self.config.norm_eps, param_dtype=self.param_dtype, use_bias=self.config.norm_bias,
@@ -272,68 +248,25 @@ class Decoder(_Base):
 
     @nn.compact
     def __call__(self, x, embeddings):
-        # x @ E.T, accumulated in float32: [..., H] x [V, H] -> [..., V]
-        logits = jnp.einsum("...h,vh->...v", x.astype(self.dtype), embeddings.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        if not self.config.decoder_bias:
-            return logits
-        return logits + self.param("bias", nn.initializers.zeros, (self.config.vocab_size,),
-                                   self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.config.vocab_size,), self.param_dtype) \
+            if self.config.decoder_bias else None
+        return tied_logits(x, embeddings, bias, self.dtype)  # [..., H] x [V, H] -> [..., V]
 
 
-class MaskedLM(nn.Module):
-    """ModernBERT with the masked-language-model head (HF ``ModernBertForMaskedLM``).
+class MaskedLM(MaskedLMBase):
+    """ModernBERT with the masked-language-model head (HF ``ModernBertForMaskedLM``); the call
+    is ``MaskedLMBase``'s (``token_type_ids`` is ignored: ModernBERT has no segment
+    embeddings; under document attention the rotary positions restart at each document)."""
 
-    ``kernels`` (None: ``mlmtool.kernels.select`` for jax's default backend and ``dtype``),
-    ``remat`` (a REMAT_POLICIES key) and ``scan_layers`` (None: scan when ``remat`` is on)
-    change how the network is computed, never the parameters or the function."""
-
-    config: ModernBertConfig
-    dtype: Any = jnp.float32  # computation dtype (float32 or bfloat16)
-    param_dtype: Any = jnp.float32  # master weights always float32
-    kernels: Kernels | None = None
-    remat: str = "none"
-    scan_layers: bool | None = None  # None: scan exactly when gradient checkpointing is on
+    length_hint = "use shorter sequences or raise max_position_embeddings (RoPE has no position table)"
 
     def setup(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"unknown gradient checkpointing policy {self.remat!r}",
-                              hint=f"use one of {', '.join(REMAT_POLICIES)}")
-        kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=self.config.head_dim)
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
-        scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
-        self.model = Model(**kw, remat=self.remat, scan=scan)
-        self.head = Head(**kw)
-        self.decoder = Decoder(**kw)
+        self.model = Model(**self.kw, remat=self.remat, scan=self.scan)
+        self.head = Head(**self.kw)
+        self.decoder = Decoder(**self.kw)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None, segment_ids=None):
-        """input_ids/attention_mask int [B, L] (token_type_ids is accepted and ignored:
-        ModernBERT has no segment embeddings).  Returns float32 logits: [B, L, V] when
-        masked_positions is None, else [G, P, V] at the int32 positions masked_positions
-        [G, P] (``layers.gather_masked``: the head runs only there).  Dropout uses the
-        'dropout' rng when deterministic=False.  With the cuDNN attention kernel (bfloat16
-        on NVIDIA GPUs) padding must be on the right.  ``segment_ids`` int [B, L] (document
-        attention, ``layers.document_segments``): attention stays inside each document and
-        the rotary positions restart at each one."""
-        cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if input_ids.shape[1] > cfg.max_sequence_length:
-            raise ConfigError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                f"{cfg.max_sequence_length} (max_position_embeddings={cfg.max_position_embeddings})",
-                hint="use shorter sequences or raise max_position_embeddings (RoPE has no position table)",
-            )
-        attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
-            else jnp.asarray(attention_mask).astype(bool)  # [B, L]
+    def encode(self, input_ids, attention_mask, token_type_ids, positions, deterministic: bool):
+        return self.model(input_ids, attention_mask, deterministic, positions)  # [B, L, H]
 
-        positions = None
-        if segment_ids is not None:  # the layers' mask becomes the segment ids (layers.attention)
-            attention_mask = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
-            positions = segment_positions(attention_mask)  # [B, L]
-        x = self.model(input_ids, attention_mask, deterministic, positions)  # [B, L, H]
-        if masked_positions is not None:
-            x = gather_masked(x, masked_positions)  # [G, P, H]
-        return self.decoder(self.head(x), self.model.embeddings.tok_embeddings.embedding)  # [B, L, V] / [G, P, V]
+    def logits(self, x):
+        return self.decoder(self.head(x), self.model.embeddings.tok_embeddings.embedding)
