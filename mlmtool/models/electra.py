@@ -23,23 +23,24 @@ This module holds the jax-free facts; the network is ``mlmtool.models.electra_fl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     BERT_SPECIALS,
     Family,
+    FamilyConfig,
     TokenizerDefaults,
     WeightEntry,
     WeightTable,
+    config_fields,
     dense_entries,
     is_int,
     norm_entries,
     refuse,
+    require_model_type,
     require_numbers,
     require_positive_ints,
 )
-from mlmtool.models.bert import ACTIVATION_NAMES
+from mlmtool.models.bert import ACTIVATION_NAMES, bert_layer_entries
 
 MASKED_LM, PRE_TRAINING = "ElectraForMaskedLM", "ElectraForPreTraining"
 #: The generator's own fields (the rest it takes from the discriminator: the shared
@@ -51,7 +52,7 @@ RTD_WEIGHT = 50.0  # the paper's lambda: loss = MLM(generator) + 50 * RTD(discri
 
 
 @dataclasses.dataclass(frozen=True)
-class ElectraConfig:
+class ElectraConfig(FamilyConfig):
     """ELECTRA's config.json fields (defaults: transformers' ``ElectraConfig``)."""
 
     vocab_size: int
@@ -81,12 +82,12 @@ class ElectraConfig:
         return self.num_attention_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def max_sequence_length(self) -> int:
         return self.max_position_embeddings
+
+    @property
+    def decoder_width(self) -> int:
+        return self.embedding_size
 
     @property
     def objective(self) -> str:
@@ -198,10 +199,7 @@ class ElectraFamily(Family):
     generator_config = staticmethod(generator_config)
 
     def parse_config(self, d: dict) -> ElectraConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") != "electra":
-            raise ConfigError(f"unsupported model_type {d.get('model_type')!r}", hint="use electra")
+        require_model_type(d, self.model_types)
         refuse(d, "tie_word_embeddings", (True,), "the generator's decoder is tied to the word embeddings")
         refuse(d, "position_embedding_type", ("absolute",), "only absolute position embeddings are implemented")
         refuse(d, "is_decoder", (False,), "this is a bidirectional encoder")
@@ -220,15 +218,7 @@ class ElectraFamily(Family):
                 raise ConfigError(f"config generator must be an object of {', '.join(GENERATOR_FIELDS)}, got {gen!r}",
                                   "the generator shares everything else (embeddings, vocabulary) with the "
                                   "discriminator")
-        kwargs: dict[str, Any] = {"architecture": architectures[0]}
-        for field in dataclasses.fields(ElectraConfig):
-            if field.name in ("architecture", "generator"):
-                continue
-            if field.name in d:
-                kwargs[field.name] = float(d[field.name]) if field.name in _FLOATS and is_int(d[field.name]) \
-                    else d[field.name]
-            elif field.default is dataclasses.MISSING:
-                raise ConfigError(f"config is missing required field {field.name!r}")
+        kwargs = config_fields(ElectraConfig, d, architecture=architectures[0], generator=None)
         _check(kwargs)
         if gen is not None:
             g = {**kwargs, **gen, "architecture": MASKED_LM}
@@ -261,16 +251,16 @@ class ElectraFamily(Family):
             e += _tower_entries(cfg, (tower,), f"{pre}electra")
             E, H = cfg.embedding_size, cfg.hidden_size
             if tower == "generator":
-                e += dense_entries((tower, "generator_predictions", "dense"), f"{pre}generator_predictions.dense", H, E)
-                e += norm_entries((tower, "generator_predictions", "LayerNorm"), f"{pre}generator_predictions.LayerNorm",
-                                  E)
+                head = (tower, "generator_predictions")
+                e += dense_entries((*head, "dense"), f"{pre}generator_predictions.dense", H, E)
+                e += norm_entries((*head, "LayerNorm"), f"{pre}generator_predictions.LayerNorm", E)
                 e.append(WeightEntry((tower, "generator_lm_head", "bias"), f"{pre}generator_lm_head.bias",
                                      (cfg.vocab_size,)))
                 tied.append((f"{pre}generator_lm_head.weight", f"{pre}electra.embeddings.word_embeddings.weight"))
             else:
-                e += dense_entries((tower, "discriminator_predictions", "dense"), "discriminator_predictions.dense", H, H)
-                e += dense_entries((tower, "discriminator_predictions", "dense_prediction"),
-                                   "discriminator_predictions.dense_prediction", H, 1)
+                head = (tower, "discriminator_predictions")
+                e += dense_entries((*head, "dense"), "discriminator_predictions.dense", H, H)
+                e += dense_entries((*head, "dense_prediction"), "discriminator_predictions.dense_prediction", H, 1)
         return WeightTable(entries=tuple(e), tied=tuple(tied),
                            ignored=r"(^|/)electra\.embeddings\.(position_ids|token_type_ids)$",
                            renames=((r"(LayerNorm|layer_norm)\.gamma$", r"\1.weight"),
@@ -341,14 +331,7 @@ def _tower_entries(cfg: ElectraConfig, ours: tuple[str, ...], p: str) -> list[We
     if E != H:
         e += dense_entries((*ours, "embeddings_project"), f"{p}.embeddings_project", E, H)
     for i in range(cfg.num_hidden_layers):
-        o, hf = (*ours, "encoder", "layer", str(i)), f"{p}.encoder.layer.{i}"
-        for proj in ("query", "key", "value"):
-            e += dense_entries((*o, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-        e += dense_entries((*o, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
-        e += norm_entries((*o, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
-        e += dense_entries((*o, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-        e += dense_entries((*o, "output", "dense"), f"{hf}.output.dense", I, H)
-        e += norm_entries((*o, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
+        e += bert_layer_entries((*ours, "encoder", "layer", str(i)), f"{p}.encoder.layer.{i}", H, I)
     return e
 
 

@@ -25,11 +25,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
 from mlmtool.models.bert_flax import Encoder, _Base
-from mlmtool.models.electra import ElectraConfig
-from mlmtool.models.layers import ACTIVATIONS, REMAT_POLICIES, embedding_init, gather_masked, segment_positions
+from mlmtool.models.layers import ACTIVATIONS, embedding_init
+from mlmtool.models.network import MaskedLMBase, tied_logits
 
 
 class Embeddings(_Base):
@@ -48,9 +46,8 @@ class Embeddings(_Base):
         self.LayerNorm = self.layer_norm("LayerNorm")
         self.dropout = self.dropout_layer(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids, token_type_ids, deterministic: bool, segment_ids=None):
-        position_ids = jnp.arange(input_ids.shape[1])[None, :] if segment_ids is None \
-            else segment_positions(segment_ids)  # [1, L] or [B, L]: from 0 in each document
+    def __call__(self, input_ids, token_type_ids, deterministic: bool, positions=None):
+        position_ids = jnp.arange(input_ids.shape[1])[None, :] if positions is None else positions  # [1|B, L]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)  # [B, L, E]
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
@@ -75,9 +72,7 @@ class TiedDecoder(nn.Module):
     @nn.compact
     def __call__(self, x, word_embeddings):
         bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
-        logits = jnp.einsum("...e,ve->...v", x.astype(self.dtype), word_embeddings.astype(self.dtype),
-                            preferred_element_type=jnp.float32)  # [..., V]
-        return logits + bias.astype(jnp.float32)
+        return tied_logits(x, word_embeddings, bias, self.dtype)  # [..., V]
 
 
 class DiscriminatorPredictions(_Base):
@@ -86,92 +81,73 @@ class DiscriminatorPredictions(_Base):
     @nn.compact
     def __call__(self, x):
         x = ACTIVATIONS[self.config.hidden_act](self.dense(self.config.hidden_size, "dense")(x))
-        return self.dense(1, "dense_prediction")(x)[..., 0].astype(jnp.float32)  # [B, L]
+        return self.dense(1, "dense_prediction")(x)[..., 0].astype(jnp.float32)  # [...]
 
 
 class Tower(_Base):
-    """One encoder after the shared embeddings: the projection, the layers and its head."""
+    """One encoder after the shared embeddings (the projection, the layers) and its head."""
 
     head: str = "generator"  # or "discriminator"
     remat: str = "none"
     scan: bool = False
 
-    @nn.compact
-    def __call__(self, x, attention_mask, deterministic: bool, masked_positions=None, word_embeddings=None):
+    def setup(self):
         cfg = self.config
         if cfg.embedding_size != cfg.hidden_size:
-            x = self.dense(cfg.hidden_size, "embeddings_project")(x)  # [B, L, E] -> [B, L, H]
-        x = Encoder(**self.kw, remat=self.remat, scan=self.scan, name="encoder")(x, attention_mask, deterministic)
+            self.embeddings_project = self.dense(cfg.hidden_size, None)
+        self.encoder = Encoder(**self.kw, remat=self.remat, scan=self.scan)
         if self.head == "discriminator":
-            return DiscriminatorPredictions(**self.kw, name="discriminator_predictions")(x)  # [B, L]
-        if masked_positions is not None:
-            x = gather_masked(x, masked_positions)  # [G, P, H]
-        x = GeneratorPredictions(**self.kw, name="generator_predictions")(x)
-        return TiedDecoder(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="generator_lm_head")(x, word_embeddings)  # [B, L, V] or [G, P, V]
+            self.discriminator_predictions = DiscriminatorPredictions(**self.kw)
+        else:
+            self.generator_predictions = GeneratorPredictions(**self.kw)
+            self.generator_lm_head = TiedDecoder(cfg.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def encode(self, x, attention_mask, deterministic: bool):
+        if self.config.embedding_size != self.config.hidden_size:
+            x = self.embeddings_project(x)  # [B, L, E] -> [B, L, H]
+        return self.encoder(x, attention_mask, deterministic)  # [B, L, H]
+
+    def predict(self, x, word_embeddings):
+        """The head: MLM logits [..., V] (generator) or replaced-token logits [...] (discriminator)."""
+        if self.head == "discriminator":
+            return self.discriminator_predictions(x)
+        return self.generator_lm_head(self.generator_predictions(x), word_embeddings)
 
 
-class Electra(nn.Module):
-    """ElectraForMaskedLM, ElectraForPreTraining, or the pair (``config.towers``).
-    ``kernels``/``remat``/``scan_layers`` as ``bert_flax.MaskedLM``'s."""
-
-    config: ElectraConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernels: Kernels | None = None
-    remat: str = "none"
-    scan_layers: bool | None = None
+class Electra(MaskedLMBase):
+    """ElectraForMaskedLM, ElectraForPreTraining, or the pair (``config.towers``); the call
+    (checks, masks, segment ids, the gather) is ``MaskedLMBase``'s, on the generator when
+    there is one, else on the discriminator."""
 
     def setup(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"unknown gradient checkpointing policy {self.remat!r}",
-                              hint=f"use one of {', '.join(REMAT_POLICIES)}")
-        kernels = self.kernels or select_kernels(dtype=jnp.dtype(self.dtype).name, head_dim=self.config.head_dim)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=kernels)
-        scan = self.remat != "none" if self.scan_layers is None else self.scan_layers
-        self.embeddings = Embeddings(config=self.config, **kw)
+        self.embeddings = Embeddings(**self.kw)
         towers = self.config.towers
+        kw = {**self.kw, "remat": self.remat, "scan": self.scan}
         if "generator" in towers:
-            self.generator = Tower(config=towers["generator"], head="generator", remat=self.remat, scan=scan, **kw)
+            self.generator = Tower(**{**kw, "config": towers["generator"]}, head="generator")
         if "discriminator" in towers:
-            self.discriminator = Tower(config=towers["discriminator"], head="discriminator", remat=self.remat,
-                                       scan=scan, **kw)
+            self.discriminator = Tower(**{**kw, "config": towers["discriminator"]}, head="discriminator")
 
-    def _inputs(self, input_ids, attention_mask, token_type_ids, segment_ids):
-        """The checks and defaults of every family's network (``bert_flax.MaskedLM``)."""
-        cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if input_ids.shape[1] > cfg.max_sequence_length:
-            raise ConfigError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                              f"{cfg.max_sequence_length} (max_position_embeddings={cfg.max_position_embeddings})",
-                              hint="use shorter sequences or a model with more position embeddings")
-        attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None \
-            else jnp.asarray(attention_mask).astype(bool)  # [B, L]
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        if segment_ids is not None:  # the encoder's mask becomes the segment ids (layers.attention)
-            segment_ids = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
-            attention_mask = segment_ids
-        return input_ids, attention_mask, token_type_ids, segment_ids
+    @property
+    def _main(self) -> str:
+        return "generator" if "generator" in self.config.towers else "discriminator"
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, masked_positions=None, segment_ids=None):
-        """The generator's float32 MLM logits [B, L, V] (or [G, P, V] at ``masked_positions``,
-        ``layers.gather_masked``); without a generator, the discriminator's [B, L]."""
-        if not hasattr(self, "generator"):
-            return self.discriminate(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
-                                     segment_ids=segment_ids)
-        if self.is_initializing() and hasattr(self, "discriminator"):  # create both towers' parameters
-            self.discriminate(input_ids, attention_mask, token_type_ids, segment_ids=segment_ids)
-        ids, mask, types, segments = self._inputs(input_ids, attention_mask, token_type_ids, segment_ids)
-        x = self.embeddings(ids, types, deterministic, segments)  # [B, L, E]
-        return self.generator(x, mask, deterministic, masked_positions, self.embeddings.word_embeddings.embedding)
+    def encode(self, input_ids, attention_mask, token_type_ids, positions, deterministic: bool):
+        x = self.embeddings(input_ids, token_type_ids, deterministic, positions)  # [B, L, E]
+        return getattr(self, self._main).encode(x, attention_mask, deterministic)
+
+    def logits(self, x):
+        return getattr(self, self._main).predict(x, self.embeddings.word_embeddings.embedding)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
+        if self.is_initializing() and len(self.config.towers) > 1:  # create both towers' parameters
+            self.discriminate(input_ids, attention_mask, token_type_ids)
+        return super().__call__(input_ids, attention_mask, token_type_ids, **kwargs)
 
     def discriminate(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
                      segment_ids=None):
         """The discriminator's float32 logits [B, L]: > 0 where it judges the token replaced."""
-        ids, mask, types, segments = self._inputs(input_ids, attention_mask, token_type_ids, segment_ids)
-        x = self.embeddings(ids, types, deterministic, segments)  # [B, L, E]
-        return self.discriminator(x, mask, deterministic)
+        ids, mask, types, positions = self.prepare(input_ids, attention_mask, token_type_ids, segment_ids)
+        x = self.embeddings(ids, types, deterministic, positions)  # [B, L, E]
+        x = self.discriminator.encode(x, mask, deterministic)
+        return self.discriminator.predict(x, None)
