@@ -87,7 +87,6 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     """Copy config and tokenizer of the model directory ``source`` into DIR and convert its
     weights to ``DIR/init.safetensors``.  Returns the config and a status."""
     from mlmtool import presets
-    from mlmtool.hf_weights import read_safetensors
     from mlmtool.models import load_model
 
     src = Path(source)
@@ -122,7 +121,7 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
     loaded = load_model(config)
     try:
-        params = loaded.from_hf(read_safetensors(src))
+        params = loaded.load_hf(src)  # with the parts beside it (an ELECTRA pair's generator/)
     except CheckpointError as e:
         with_set = " with --set" if overrides else ""
         raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}",

@@ -195,6 +195,15 @@ def test_electra_trains_resumes_bit_identically_and_exports_both(tmp_path):
         got = fill_mask(ModelDir(where), ["the king [MASK] good night"], top_k=3, checkpoint="export")[0]
         assert [p["token_str"] for p in got] == [p["token_str"] for p in want]
         assert all(abs(x["score"] - y["score"]) <= 1e-4 for x, y in zip(got, want))
+    # init --from the pair continues both towers (DIR/init.safetensors and DIR/generator/init.safetensors)
+    r = invoke("init", tmp_path / "c", "--from", b)
+    assert r.exit_code == 0, r.output
+    from mlmtool.models import load_model
+
+    loaded = load_model(ModelDir(b).read_config())
+    again, before = loaded.load_hf(tmp_path / "c" / "init.safetensors"), loaded.load_hf(b / "model.safetensors")
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(again),
+                                                    jax.tree_util.tree_leaves(before)))
     r = invoke("eval", b, "--json")
     assert r.exit_code == 0, r.output
     results = json.loads(r.output.strip().splitlines()[-1])
