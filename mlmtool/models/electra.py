@@ -23,6 +23,7 @@ This module holds the jax-free facts; the network is ``mlmtool.models.electra_fl
 from __future__ import annotations
 
 import dataclasses
+import math
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
     BERT_SPECIALS,
@@ -187,7 +188,7 @@ class ElectraFamily(Family):
     hf_defaults = {"electra": _HF_DEFAULTS}
     tokenizer = {"electra": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS)}
     network = "mlmtool.models.electra_flax:Electra"
-    head_modules = ("generator",)  # see matmul_parameters
+    head_modules = ("generator",)  # unused: matmul_parameters is ours (the head is inside the tower)
     architecture_keys = ("model_type", "vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
                          "num_attention_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size",
                          "hidden_act", "layer_norm_eps", "pad_token_id", "generator")
@@ -287,23 +288,19 @@ class ElectraFamily(Family):
         return out
 
     def matmul_parameters(self, config: ElectraConfig) -> tuple[int, int]:
-        """(encoders, MLM head) for FLOPs: the discriminator runs on every token, so for a
-        pair it is counted with the encoders and the generator's whole tower as the head
-        would undercount; here the generator's MLM head and tied decoder are the head and
-        every encoder (both towers) the rest."""
+        """(per-token, MLM head) parameters for FLOPs: the generator's head and tied decoder
+        run on the masked slots only; both encoders and the discriminator's head run on every
+        token.  The embedding tables (the generator's copy of the shared ones too) are lookups."""
         encoder = head = 0
         for e in self.weight_table(config).entries:
-            if e.hf_key.startswith(f"{GENERATOR_PART}/electra.embeddings") or e.path[-1] == "embedding":
+            if e.path[0] == "embeddings" and (e.path[-1] == "embedding" or e.hf_key.startswith(f"{GENERATOR_PART}/")):
                 continue
-            n = 1
-            for s in e.shape:
-                n *= s
-            if len(e.path) > 1 and e.path[1] in ("generator_predictions", "generator_lm_head"):
-                head += n
+            if e.path[1] in ("generator_predictions", "generator_lm_head"):
+                head += math.prod(e.shape)
             else:
-                encoder += n
+                encoder += math.prod(e.shape)
         if "generator" in config.towers:
-            head += config.vocab_size * config.embedding_size
+            head += config.vocab_size * config.decoder_width
         return encoder, head
 
     def recipe_hint(self, model_type: str) -> str | None:
