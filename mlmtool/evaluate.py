@@ -17,39 +17,35 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mlmtool.masking import MODES, mask_rows
 from mlmtool.models.layers import document_segments
+from mlmtool.objectives import MaskedLM, mlm_sums  # noqa: F401 (mlm_sums: where it was)
 
 EVAL_SEED = 1234  # fixed, so evaluations are comparable across runs and checkpoints
 EVAL_MLM_PROBABILITY = 0.15  # eval's rate whatever the training one, so runs with other rates compare
 
 
-def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy and summed correct predictions over weighted positions."""
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)  # [B, P]
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B, P]
-    return jnp.sum(xent * weights), jnp.sum(correct * weights)
+MLM = MaskedLM()
 
 
 def eval_step(params: Any, input_ids: jax.Array, row_ids: jax.Array, *, model, pad_token_id: int,
-              mask_kwargs: dict, seed: int, baseline_token: int = -1, document_start_id: int | None = None) -> dict:
+              mask_kwargs: dict, seed: int, baseline_token: int = -1, document_start_id: int | None = None,
+              objective=MLM) -> dict:
     """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B].
 
     ``baseline_sum`` counts the predicted positions whose label is ``baseline_token`` (the
     most frequent training token): the accuracy of the unigram baseline on the same masks.
-    ``document_start_id``: document attention (``mlmtool.step.train_step``)."""
+    ``document_start_id``: document attention (``mlmtool.step.train_step``); ``objective``
+    (``mlmtool.objectives``) the forward passes and their sums."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(row_ids)  # [B, 2]
     masked = mask_rows(keys, input_ids, **mask_kwargs)
     documents = {} if document_start_id is None else {
         "segment_ids": document_segments(input_ids, document_start_id, pad_token_id)}  # [B, L]
-    logits = model.apply({"params": params}, masked.input_ids, attention_mask=(input_ids != pad_token_id),
-                         deterministic=True, masked_positions=masked.masked_positions, **documents)  # [B, P, V]
-    loss_sum, correct_sum = mlm_sums(logits, masked.masked_labels, masked.masked_weights)
+    sums = objective.eval_sums(model, params, masked, input_ids, keys, attention_mask=(input_ids != pad_token_id),
+                               documents=documents)
     baseline_sum = jnp.sum((masked.masked_labels == baseline_token) * masked.masked_weights)
-    return {"loss_sum": loss_sum, "accuracy_sum": correct_sum, "denominator": jnp.sum(masked.masked_weights),
-            "baseline_sum": baseline_sum}
+    return {**sums, "denominator": jnp.sum(masked.masked_weights), "baseline_sum": baseline_sum}
 
 
 def unigram_top_token(store, max_blocks: int = 20_000) -> int:
@@ -67,20 +63,20 @@ def unigram_top_token(store, max_blocks: int = 20_000) -> int:
 
 def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float, vocab_size: int,
                  seed: int = EVAL_SEED, baseline_token: int = -1, masking: str = "token", word_boundaries=None,
-                 document_start_id: int | None = None) -> Callable:
+                 document_start_id: int | None = None, objective=MLM) -> Callable:
     from mlmtool import sharding as sh
 
     mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                        vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None,
                        masking=masking, word_boundaries=word_boundaries)
     fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed,
-                 baseline_token=baseline_token, document_start_id=document_start_id)
+                 baseline_token=baseline_token, document_start_id=document_start_id, objective=objective)
     rows_sh = sh.batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
 
 
 def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size: int,
-             on_batch: Callable[[int], None] | None = None) -> dict:
+             on_batch: Callable[[int], None] | None = None, objective=MLM) -> dict:
     """HF-named metrics over every block of ``store``; ``step`` comes from :func:`make_eval_fn`
     (built once and reused, so repeated evaluations do not recompile)."""
     from mlmtool import sharding as sh
@@ -112,6 +108,7 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
         "eval_tokens": int(denom),
         "eval_samples": n,
         "eval_unigram_baseline_accuracy": float(totals["baseline_sum"]) / max(denom, 1.0),
+        **objective.eval_results(totals),
     }
 
 
@@ -255,6 +252,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     from mlmtool.blocks import store_fingerprint
     from mlmtool.models import load_model
     from mlmtool.modeldir import atomic_write_json
+    from mlmtool.objectives import objective_for
     from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
 
     check_options(per_device_batch_size=1 if per_device_batch_size is None else per_device_batch_size,
@@ -265,6 +263,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
             per_device_batch_size = default_batch_size(mdir)
         config = mdir.read_config()
         loaded = load_model(config, dtype=dtype)
+        objective = objective_for(loaded)
         mesh = sh.make_mesh(mesh_spec)
         params_sharding = sh.state_shardings(mesh, loaded.abstract_params)
         selected = select_checkpoint(mdir, checkpoint)
@@ -300,8 +299,10 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     dist.agree(error=error)
     step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
                         vocab_size=config["vocab_size"], baseline_token=baseline_token, masking=masking,
-                        word_boundaries=word_table, document_start_id=document_start_id(store, documents))
-    results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
+                        word_boundaries=word_table, document_start_id=document_start_id(store, documents),
+                        objective=objective)
+    results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size,
+                       objective=objective)
     results["checkpoint"] = source
     results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents)
     check_results(results, mdir, source)

@@ -5,6 +5,10 @@ is the family's table of renames (``mlmtool.models.base.WeightTable``, one per f
 kernels are stored ``[in, out]`` in Flax and ``[out, in]`` in ``torch.nn.Linear``, so they are
 transposed.  Tied copies (the MLM decoder) are not written; on input they are accepted when
 they equal what they are tied to, as are the ignored keys and legacy names the table lists.
+
+A table may span several models (ELECTRA's generator and discriminator): a key
+``<part>/<key>`` belongs to the model in the subdirectory ``<part>`` beside the file
+(``DIR/generator/model.safetensors`` for ``DIR/model.safetensors``), written and read with it.
 """
 
 from __future__ import annotations
@@ -182,11 +186,39 @@ def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, wha
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
     state = to_hf_state_dict(params, table, what=what)
     state.update({k: np.ascontiguousarray(v) for k, v in (carried or {}).items()})
-    try:
-        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=SAFETENSORS_METADATA))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot write {path}: {e}") from None
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, array in state.items():
+        part, _, name = key.rpartition("/")
+        parts.setdefault(part, {})[name] = array
+    for part in sorted(parts, key=lambda p: p == ""):  # the main file last
+        file = part_path(path, part)
+        try:
+            file.parent.mkdir(exist_ok=True)
+            atomic_write(file, lambda tmp: save_file(parts[part], str(tmp), metadata=SAFETENSORS_METADATA))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot write {file}: {e}") from None
     return path
+
+
+def table_parts(table: WeightTable) -> tuple[str, ...]:
+    """The parts (subdirectories) besides the main file that ``table``'s keys name."""
+    return tuple(sorted({e.hf_key.rpartition("/")[0] for e in table.entries} - {""}))
+
+
+def part_path(path: str | os.PathLike, part: str) -> Path:
+    """Where part ``part`` of the weights at ``path`` (a file, or a model directory) lives."""
+    path = Path(path)
+    if not part:
+        return path
+    return path / part if path.is_dir() else path.parent / part / path.name
+
+
+def read_parts(path: str | os.PathLike, parts: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """:func:`read_safetensors` of ``path`` and of each part beside it (keys ``<part>/<key>``)."""
+    state = read_safetensors(path)
+    for part in parts:
+        state.update({f"{part}/{k}": v for k, v in read_safetensors(part_path(path, part)).items()})
+    return state
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -88,8 +88,8 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
     """Copy config and tokenizer of the model directory ``source`` into DIR and convert its
     weights to ``DIR/init.safetensors``.  Returns the config and a status."""
     from mlmtool import presets
-    from mlmtool.hf_weights import read_safetensors
     from mlmtool.models import load_model
+    from mlmtool.hf_weights import read_parts, table_parts
 
     src = Path(source)
     if not src.is_dir():
@@ -123,7 +123,8 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
     loaded = load_model(config)
     try:
-        source_state = read_safetensors(src)
+        # with the parts beside it (an ELECTRA pair's generator/); BERT's pooler is carried below
+        source_state = read_parts(src, table_parts(loaded.weight_table))
         params = loaded.from_hf(source_state)
     except CheckpointError as e:
         with_set = " with --set" if overrides else ""

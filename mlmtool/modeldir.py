@@ -41,6 +41,7 @@ from mlmtool.lock import hold as _hold_lock
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+GENERATOR = "generator"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 #: Vocabulary files of other tokenizer classes (from another tool, or copied by init --from):
 #: stale once DIR has another tokenizer.json.
@@ -249,6 +250,12 @@ class ModelDir:
     @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS
+
+    @property
+    def generator(self) -> "ModelDir":
+        """``DIR/generator``: the generator of an ELECTRA pair, a model directory of its own
+        (created on first use; ``mlmtool.objectives``)."""
+        return ModelDir(self.path / GENERATOR, create=True)
 
     @property
     def metrics_path(self) -> Path:

@@ -205,7 +205,8 @@ class TrainProgress:
     def log(self, record: dict) -> None:
         info = (f"epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | acc {record['accuracy']:.3f} | "
                 f"lr {record['learning_rate']:.2e} | {record['tokens_per_second']:,.0f} tok/s"
-                + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""))
+                + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "")
+                + (f" | rtd acc {record['rtd_accuracy']:.3f}" if "rtd_accuracy" in record else ""))
         if self._progress is not None:
             self._progress.update(self._task, info=info)
         elif self.enabled:

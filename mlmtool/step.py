@@ -17,10 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from mlmtool import sharding as sh
-from mlmtool.evaluate import mlm_sums
 from mlmtool.masking import mask_tokens, masking_rate
 from mlmtool.models.layers import document_segments
+from mlmtool.objectives import MaskedLM
 from mlmtool.train_config import TrainConfig
+
+MLM = MaskedLM()
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -34,7 +37,7 @@ class TrainState:
 def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: jax.Array | None = None, *,
                model, tx, schedule, pad_token_id: int, mask_kwargs: dict,
                rate_schedule: tuple[float, int] | None = None,
-               document_start_id: int | None = None) -> tuple[TrainState, dict]:
+               document_start_id: int | None = None, objective=MLM) -> tuple[TrainState, dict]:
     """One optimizer step over ``input_ids`` [A, B, L] (A gradient-accumulation micro-batches
     of B rows); returns the new state and summed metrics.
 
@@ -45,7 +48,8 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
     the masking rate goes linearly from ``mask_kwargs["mlm_probability"]`` at step 0 to the
     final rate at the last step, computed from ``state.step``.  ``document_start_id`` (the
     ``<s>``/``[CLS]`` id) turns on document attention: segment ids derived from the framing
-    tokens of the uncorrupted blocks."""
+    tokens of the uncorrupted blocks.  ``objective`` (``mlmtool.objectives``) computes the
+    loss and the summed metrics of each micro-batch."""
     step_rng = jax.random.fold_in(rng, state.step)
     mask_rng, dropout_rng = jax.random.split(step_rng)
     accum = input_ids.shape[0]
@@ -55,34 +59,31 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
         mask_kwargs = {**mask_kwargs, "mlm_probability": rate}
     masked = jax.vmap(lambda k, x: mask_tokens(k, x, **mask_kwargs))(
         jax.random.split(mask_rng, accum), input_ids)  # fields [A, B, L] / [A, B, P]
-    # Predicted tokens in the whole (accumulated, global) batch: the loss is sum / denominator.
-    denominator = jnp.maximum(jnp.sum(masked.masked_weights), 1.0)
+    # Counts over the whole (accumulated, global) batch: each loss is sum / denominator.
+    denominators = objective.denominators(masked, input_ids, pad_token_id)
 
     def loss_fn(params, micro, ids, key):
         documents = {} if document_start_id is None else {
             "segment_ids": document_segments(ids, document_start_id, pad_token_id)}  # [B, L]
-        logits = model.apply({"params": params}, micro.input_ids, attention_mask=(ids != pad_token_id),
-                             deterministic=False, masked_positions=micro.masked_positions,
-                             rngs={"dropout": key}, **documents)  # [B, P, V]
-        loss_sum, correct_sum = mlm_sums(logits, micro.masked_labels, micro.masked_weights)
-        return loss_sum / denominator, (loss_sum, correct_sum)
+        return objective.loss(model, params, micro, ids, key, attention_mask=(ids != pad_token_id),
+                              documents=documents, denominators=denominators)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     dropout_keys = jax.random.split(dropout_rng, accum)
     if accum == 1:
         micro = jax.tree_util.tree_map(lambda x: x[0], masked)
-        (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, input_ids[0], dropout_keys[0])
+        (_, sums), grads = grad_fn(state.params, micro, input_ids[0], dropout_keys[0])
     else:
         def body(carry, xs):
-            grads_acc, loss_acc, correct_acc = carry
+            grads_acc, sums_acc = carry
             micro, ids, key = xs
-            (_, (loss_sum, correct_sum)), grads = grad_fn(state.params, micro, ids, key)
+            (_, sums), grads = grad_fn(state.params, micro, ids, key)
             grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, correct_acc + correct_sum), None
+            return (grads_acc, jax.tree_util.tree_map(jnp.add, sums_acc, sums)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss_sum, correct_sum), _ = jax.lax.scan(
-            body, (zeros, jnp.float32(0), jnp.float32(0)), (masked, input_ids, dropout_keys))
+        (grads, sums), _ = jax.lax.scan(
+            body, (zeros, {k: jnp.float32(0) for k in objective.sum_keys}), (masked, input_ids, dropout_keys))
 
     opt_state = state.opt_state
     if clock is not None:  # optax.inject_hyperparams' state: set this step's learning rate
@@ -92,9 +93,8 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss_sum": loss_sum,
-        "accuracy_sum": correct_sum,
-        "denominator": jnp.sum(masked.masked_weights),
+        **sums,  # the objective's: loss_sum and accuracy_sum of the MLM, and its own
+        **denominators,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step if clock is None else clock),
         # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
@@ -121,13 +121,14 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
 
 def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,
                    mask_kwargs: dict, clock: bool = False, rate_schedule: tuple[float, int] | None = None,
-                   document_start_id: int | None = None):
+                   document_start_id: int | None = None, objective=MLM):
     """``train_step`` jitted as training runs it: sharded state (donated), the batch [A, B, L]
     split over the mesh's batch axes, a replicated key (and, with ``clock``, the replicated
     schedule position of a time budget).  Returns (step, batch sharding)."""
     batch_sharding = sh.batch_sharding(mesh, leading_dims=1)
     step_fn = partial(train_step, model=model, tx=tx, schedule=schedule, pad_token_id=pad_token_id,
-                      mask_kwargs=mask_kwargs, rate_schedule=rate_schedule, document_start_id=document_start_id)
+                      mask_kwargs=mask_kwargs, rate_schedule=rate_schedule, document_start_id=document_start_id,
+                      objective=objective)
     replicated = sh.replicated(mesh)
     in_shardings = (state_sharding, batch_sharding, replicated) + ((replicated,) if clock else ())
     step = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),

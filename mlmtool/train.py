@@ -25,6 +25,7 @@ from mlmtool.errors import TrainingError
 from mlmtool.evaluate import EVAL_MLM_PROBABILITY, evaluate, make_eval_fn, unigram_top_token
 from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.loader import BatchLoader
+from mlmtool.objectives import objective_for
 from mlmtool.masking import row_count_variance
 from mlmtool.optim import make_optimizer, make_schedule
 from mlmtool.plan import max_mlm_probability, plan_training
@@ -74,6 +75,7 @@ class Trainer:
         self.config = mdir.read_config()
         self.loaded = build_model(self.config, cfg)
         self.model = self.loaded.module
+        self.objective = objective_for(self.loaded)  # the loss: MLM, or ELECTRA's replaced-token detection
         self.train_store, self.val_store = open_stores(mdir, self.config)
         self.mesh = sh.make_mesh(mesh_spec)
         self.main = sh.is_main_process()
@@ -135,7 +137,7 @@ class Trainer:
                                                          mask_kwargs=self.mask_kwargs, rate_schedule=rate_schedule,
                                                          document_start_id=document_start_id(
                                                              store, self.document_attention),
-                                                         clock=cfg.max_time > 0)
+                                                         clock=cfg.max_time > 0, objective=self.objective)
         # Each step's masking and dropout draw from fold_in(rng, step) (the initial weights
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
         self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
@@ -293,10 +295,11 @@ class Trainer:
                                            vocab_size=self.config["vocab_size"],
                                            baseline_token=unigram_top_token(self.train_store),
                                            document_start_id=document_start_id(self.val_store,
-                                                                               self.document_attention))
+                                                                               self.document_attention),
+                                           objective=self.objective)
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
         return evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
-                        per_device_batch_size=per_device)
+                        per_device_batch_size=per_device, objective=self.objective)
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
             stop_requested=lambda: False, on_start=None, from_checkpoint: str | None = None,
@@ -401,7 +404,7 @@ class Trainer:
             result["eval"] = ev
         params = jax.device_get(state.params) if jax.process_count() == 1 else _gather(state.params)
         if self.main:
-            self.loaded.save_hf(params, self.mdir.weights_path, carry_from=self.mdir.carried_weights)
+            self.objective.export(self.loaded, params, self.mdir)
         result["exported"] = str(self.mdir.weights_path)
         return result
 
@@ -455,6 +458,7 @@ class Trainer:
             **mfu,
             "masked_tokens": int(denom),
             **({"mlm_probability": float(got[-1]["mlm_probability"])} if "mlm_probability" in got[-1] else {}),
+            **self.objective.record(got),
             "tokens_seen": self._tokens_seen(done),
             "time": time.time(),
         }
@@ -470,4 +474,5 @@ def _gather(tree):
 def _format_eval(step: int, ev: dict) -> str:
     return (f"eval @ step {step:,}: loss {ev['eval_loss']:.4f} | accuracy {ev['eval_accuracy']:.4f} | "
             f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens "
-            f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})")
+            f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})"
+            + (f" | replaced-token accuracy {ev['eval_rtd_accuracy']:.4f}" if "eval_rtd_accuracy" in ev else ""))

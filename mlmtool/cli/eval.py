@@ -64,4 +64,7 @@ def eval_command(
     say(f"  perplexity    {results['perplexity']:.2f}")
     say(f"  (unigram baseline accuracy {results['eval_unigram_baseline_accuracy']:.4f}: always predicting "
         f"the most frequent training token)")
+    if "eval_rtd_accuracy" in results:  # ELECTRA: the numbers above are the generator's
+        say(f"  discriminator: replaced-token accuracy {results['eval_rtd_accuracy']:.4f}, loss "
+            f"{results['eval_rtd_loss']:.4f} ({results['eval_replaced_fraction']:.1%} of the tokens replaced)")
     say(f"Wrote {mdir.eval_results_path}")

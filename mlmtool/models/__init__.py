@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from mlmtool.models.loaded import LoadedModel
 
 #: The family modules, in the order ``--help`` lists their presets.
-FAMILY_MODULES = ("bert", "modernbert", "distilbert", "albert", "roberta_prelayernorm", "roformer", "big_bird")
+FAMILY_MODULES = ("bert", "modernbert", "distilbert", "albert", "roberta_prelayernorm", "roformer", "big_bird",
+                  "electra")
 
 
 @functools.cache

@@ -119,4 +119,4 @@ class LoadedModel:
 
     def load_hf(self, path: str | os.PathLike) -> dict:
         """A ``model.safetensors`` (file or HF model dir) -> our params tree (host float32)."""
-        return self.from_hf(hf_weights.read_safetensors(path))
+        return self.from_hf(hf_weights.read_parts(path, hf_weights.table_parts(self.weight_table)))

@@ -122,6 +122,17 @@ class MaskedLMBase(nn.Module):
         attention_mask's False are padding): each document packed in a row attends only to
         itself and its positions start over, so a row computes what each document alone would.
         """
+        input_ids, attention_mask, token_type_ids, positions = self.prepare(input_ids, attention_mask,
+                                                                            token_type_ids, segment_ids)
+        x = self.encode(input_ids, attention_mask, token_type_ids, positions, deterministic)  # [B, L, H]
+        if masked_positions is not None:
+            x = gather_masked(x, masked_positions)  # [G, P, H]
+        return self.logits(x)  # [B, L, V] or [G, P, V]
+
+    def prepare(self, input_ids, attention_mask, token_type_ids, segment_ids):
+        """The checks and defaults of ``__call__``: (input_ids, attention_mask as ``encode``
+        takes it, token_type_ids, positions) (a family's other entry points use it too:
+        ELECTRA's ``discriminate``)."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -138,10 +149,7 @@ class MaskedLMBase(nn.Module):
         if segment_ids is not None:  # the encoder's mask becomes the segment ids (layers.attention)
             attention_mask = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)  # [B, L]
             positions = segment_positions(attention_mask)  # [B, L]: from 0 in each document
-        x = self.encode(input_ids, attention_mask, token_type_ids, positions, deterministic)  # [B, L, H]
-        if masked_positions is not None:
-            x = gather_masked(x, masked_positions)  # [G, P, H]
-        return self.logits(x)  # [B, L, V] or [G, P, V]
+        return input_ids, attention_mask, token_type_ids, positions
 
 
 def tied_logits(x, embedding, bias, dtype):
