@@ -99,9 +99,9 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
             raise
         out.update(fits=False, error=str(e).splitlines()[0][:300])
     out["peak_memory_bytes"] = devmem.peak_in_use()
-    if "fits" not in out:
+    if "fits" not in out:  # it ran: on an accelerator that is the answer; on the CPU, host memory
         need = out["peak_memory_bytes"] or out["program_memory_bytes"]
-        out["fits"] = devmem.fits(need, limit) if limit else None
+        out["fits"] = True if out["peak_memory_bytes"] else devmem.fits(need, limit) if limit else None
     if find_max_batch:
         out["max_batch"], out["max_batch_memory"] = _largest_batch(trainer, limit)
     if "step_s" in out:

@@ -1,32 +1,32 @@
 """Training throughput on an accelerator: tokens/s, MFU, memory and compile time of mlmtool's
 real step, beside transformers + torch.compile on the same batches.
 
-    python scripts/bench_accel.py                  # on a GPU/TPU (about 6 minutes on one H200)
-    python scripts/bench_accel.py --smoke          # anywhere, in seconds: tiny sizes (CI runs it)
+    python scripts/bench_accel.py --device-check            # what scripts/device_check.sh runs on a GPU
+    python scripts/bench_accel.py --device-check --smoke    # the same phases and A/B list, CPU sizes
     python scripts/bench_accel.py --models roberta-base --batch-sizes 128,512 --ab none --no-torch
 
-For each model (``roberta-base`` at sequence length 128, the seed's; ``modernbert-base`` at
-1024 once that preset exists) it times ``step.jit_train_step`` (what ``mlmtool train`` runs:
-on-device masking, forward, backward, clipping, AdamW, donated state) on random rows that
-start with ``<s>`` and end with ``</s>``, at each batch size (ascending; a batch that does not
-fit is reported as such).  Per configuration: median step time over ``--steps`` fully
-synchronised steps after compilation and warm-up, tokens/s, sequences/s, training FLOPs per
-token (``mlmtool.flops``: ``executed``, the MLM head only at the prediction slots, and
-``model``, the head everywhere as Hugging Face computes it), MFU against the device's dense
-bf16 peak (``mlmtool.flops.PEAK_BF16_FLOPS``) and against a ``jnp.dot`` measured in the same
-run, the program's device memory (XLA's buffer assignment) and the process's peak, and the
-compile time.
+For each model (``roberta-base`` at sequence length 128, the seed's, batches 256 and 1024;
+``modernbert-base`` at 1024, its sliding and global layers, batches 16 and 32) it times
+``step.jit_train_step`` (what ``mlmtool train`` runs: on-device masking, forward, backward,
+clipping, AdamW, donated state) on random rows that start with ``<s>`` and end with ``</s>``,
+at each batch size (ascending).  A batch that the programs compiled before predict cannot fit
+is skipped without compiling (``mlmtool.devmem``); one that compiles over the memory is not
+run.  Per configuration: median step time over ``--steps`` fully synchronised steps after
+compilation and warm-up, tokens/s, sequences/s, training FLOPs per token (``mlmtool.flops``:
+``executed``, the MLM head only at the prediction slots, and ``model``, the head everywhere
+as Hugging Face computes it), MFU against the device's dense bf16 peak and against a
+``jnp.dot`` measured in the same run, the program's device memory and the process's peak,
+and the compile time.
 
-``--ab`` adds kernel A/B runs at one batch size (``--ab-batch``), each one switch away from
-the defaults: the CPU-tuned Dense and dropout (``MLMTOOL_KERNELS``), ``--prng-impl rbg``, and
-without attention dropout (the only configuration cuDNN's fused attention can take) with
-cuDNN and with XLA attention.
-
-The peer, in a child process (so that neither framework holds the other's memory): the same
-config through transformers' ``RobertaForMaskedLM`` with ``torch.compile``, bf16 autocast, fused
+Then, at each model's largest batch that ran (``--ab-batch`` to choose): the peer, in a child
+process (so that neither framework holds the other's memory): transformers'
+``RobertaForMaskedLM`` / ``ModernBertForMaskedLM`` with ``torch.compile``, bf16 autocast, fused
 AdamW with HF Trainer's parameter groups, gradient clipping, ``DataCollatorForLanguageModeling``
-masking on the device and HF's loss, on the same batches.  Ends with one JSON line; with
-``--json-out FILE`` also writes it there (docs/bench/accel-<device>-<date>.json).
+masking on the device and HF's loss, on the same batches (``ours_over_torch``); a
+``jax.profiler`` trace by kind of kernel (``--profile``, ``mlmtool.profiling``); and the kernel
+A/B runs (``--ab``), each one switch away from the defaults.  ``--budget`` stops the phases in
+that order of importance.  Ends with one JSON line; with ``--json-out FILE`` also writes it
+there (docs/bench/accel-<device>-<date>.json).  ``--summarize`` adds the real loop's figures.
 """
 
 from __future__ import annotations
