@@ -32,7 +32,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.l
 
 if [ -n "${DRY_RUN:-}" ]; then  # the same stages, phases and A/B list with sizes a CPU runs
   SMOKE=(--smoke)
-  TRAIN_PRESET=tiny; TRAIN_BATCH=16; TRAIN_STEPS=20; LOG_EVERY=5; VOCAB=2000; SEQ=128
+  TRAIN_PRESET=tiny; TRAIN_BATCH=4; TRAIN_STEPS=20; LOG_EVERY=5; VOCAB=2000; SEQ=32  # = the smoke tiny
   HIDE=/tmp/device-check-absent  # the packages the GPU image lacks, absent here too
   for m in datasets tensorboardX zstandard; do
     mkdir -p "$HIDE/$m"; echo 'raise ImportError("not on the device machine (device_check.sh DRY_RUN)")' >"$HIDE/$m/__init__.py"
@@ -53,7 +53,7 @@ stage kernels 60 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
 
 # Throughput, MFU, memory of roberta-base@128 and modernbert-base@1024 bf16, the
 # transformers+torch.compile peer on the same batches, profiles, kernel A/B (--device-check).
-stage bench 300 "$PY" scripts/bench_accel.py --device-check "${SMOKE[@]}" --json-out "$OUT/accel.json"
+stage bench 285 "$PY" scripts/bench_accel.py --device-check "${SMOKE[@]}" --json-out "$OUT/accel.json"
 
 # The real loop on real text: init -> tokenizer -> prepare -> train --dry-run (its projection)
 # -> train (bf16, the first program loads from the compilation cache the dry run filled; 5
@@ -62,7 +62,7 @@ M=/tmp/device-check-model
 rm -rf "$M"
 TRAIN_ARGS="--dtype bfloat16 --per-device-train-batch-size $TRAIN_BATCH --max-steps $TRAIN_STEPS \
   --learning-rate 5e-4 --warmup-steps 20 --logging-steps $LOG_EVERY --save-steps 100000"
-stage train 130 bash -c "set -e; $PY -m mlmtool init $M --preset $TRAIN_PRESET && \
+stage train 160 bash -c "set -e; $PY -m mlmtool init $M --preset $TRAIN_PRESET && \
   $PY -m mlmtool tokenizer $M $CORPUS --vocab-size $VOCAB && \
   $PY -m mlmtool prepare $M $CORPUS --max-seq-length $SEQ && \
   $PY -m mlmtool train $M $TRAIN_ARGS --dry-run && \
