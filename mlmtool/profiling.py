@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's or an XLA operation's name), first match wins
+    ("matmuls with their fused operations (XLA:CPU's YNNPACK)", ("ynn_fusion",)),
     ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
     ("matmuls (cuBLAS, CUTLASS; dot on the CPU)",
      ("gemm", "xmma", "cutlass", "cublas", "matmul", "sm90_", "sm80_", "dot")),
