@@ -415,17 +415,21 @@ def main(argv=None) -> None:
     for name in skipped:
         print(f"{name}: skipped (no such preset in this mlmtool)")
 
-    # In order of importance, each phase only while the budget lasts: the batch sizes, the
-    # peer, the profiles and A/B runs (at each model's largest batch that fit), the largest
+    # In order of importance, each phase only while the budget lasts: the batch sizes, then at
+    # each model's largest batch that fit the profiles, the peer and the A/B runs; the largest
     # batch that fits, the compile-only runs.
     lines = run_worker("jax", {**common, "runs": defaults}, remaining())
     device = next((x["device"] for x in lines if "device" in x), {})
     matmul = next((x["matmul"] for x in lines if "matmul" in x), {})
     ours = [x["run"] for x in lines if "run" in x]
     ab_runs, ab_notes = plan_ab(args, ab_templates, ours)
+    profiles = [r for r in ab_runs if "profile" in r]  # cheap with the compilation cache, and they say why
+    if profiles and remaining() != 0.0:
+        ours += [x["run"] for x in run_worker("jax", {**common, "runs": profiles}, remaining()) if "run" in x]
     theirs = [] if args.no_torch else run_peer(args, common, ours, remaining)
-    if ab_runs and remaining() != 0.0:
-        ours += [x["run"] for x in run_worker("jax", {**common, "runs": ab_runs}, remaining()) if "run" in x]
+    rest = [r for r in ab_runs if "profile" not in r]
+    if rest and remaining() != 0.0:
+        ours += [x["run"] for x in run_worker("jax", {**common, "runs": rest}, remaining()) if "run" in x]
     if args.find_max:
         ours += find_max(common, ours, remaining)
     if compile_runs and remaining() != 0.0:
