@@ -25,7 +25,7 @@ from pathlib import Path
 from mlmtool import devmem
 from mlmtool.errors import TrainingError
 
-EVAL_BATCHES = 3  # timed evaluation batches (after the one that compiles)
+EVAL_BATCHES = 10  # evaluation batches timed (after the one that compiles)
 
 
 class _Head:
@@ -122,8 +122,9 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
 
 
 def _evaluation(trainer, params) -> dict:
-    """Seconds of one evaluation over the validation blocks: its first batch (compiles) and
-    the time per batch of the next few, scaled to every batch."""
+    """Seconds of one evaluation over the validation blocks: one batch first (it compiles), then
+    the time per batch from the difference of two evaluations (of 2 and 10 batches), scaled to
+    every batch."""
     store = trainer.val_store
     if store is None:
         return {}
@@ -131,19 +132,25 @@ def _evaluation(trainer, params) -> dict:
     global_batch = per_device * trainer.mesh.size
     n_batches = math.ceil(len(store) / global_batch)
     full = trainer.val_store
-    try:
-        trainer.val_store = _Head(full, global_batch)
-        t0 = time.perf_counter()
-        trainer.evaluate(params)  # builds and compiles the eval step, one batch
-        first = time.perf_counter() - t0
-        k = min(n_batches, EVAL_BATCHES)
+
+    def timed(k: int) -> float:
         trainer.val_store = _Head(full, k * global_batch)
         t0 = time.perf_counter()
         trainer.evaluate(params)
-        per_batch = (time.perf_counter() - t0) / k
+        return time.perf_counter() - t0
+
+    try:
+        first = timed(1)  # builds and compiles the eval step
+        few, many = min(n_batches, 2), min(n_batches, EVAL_BATCHES)
+        t_few, t_many = timed(few), timed(many)
     finally:
         trainer.val_store = full
-    return {"eval_batches": n_batches, "eval_s": per_batch * n_batches, "eval_compile_s": max(first - per_batch, 0.0)}
+    # the difference of two evaluations leaves out what each one costs besides its batches
+    per_batch = (t_many - t_few) / (many - few) if many > few else t_many / many
+    per_batch = max(per_batch, 0.0)
+    overhead = max(t_few - per_batch * few, 0.0)
+    return {"eval_batches": n_batches, "eval_s": overhead + per_batch * n_batches,
+            "eval_compile_s": max(first - t_few / few, 0.0)}
 
 
 def _save_and_export(trainer, state) -> dict:
