@@ -14,6 +14,7 @@ tokenizer files, then ``model.safetensors``), with mlmtool's own state beside it
       model.safetensors        train        (export, HF key names and layouts)
       metrics.jsonl            train/eval   (one JSON object per logging event)
       tensorboard/             train        (TensorBoard event files)
+      profile/                 train --profile-steps (jax.profiler traces)
       report.png               report       (training and evaluation curves)
       eval_results.json        eval         (HF key names)
       manifest.json            every step   (arguments, input fingerprints, versions)
@@ -51,6 +52,7 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+PROFILE = "profile"
 INIT_WEIGHTS = "init.safetensors"
 EVAL_RESULTS = "eval_results.json"
 MANIFEST = "manifest.json"
@@ -270,6 +272,11 @@ class ModelDir:
         """Where an export takes the tensors mlmtool carries but does not train (BERT's
         imported pooler) from: ``init --from``'s weights, else an earlier export."""
         return (self.init_weights_path, self.weights_path)
+
+    @property
+    def profile_dir(self) -> Path:
+        """``train --profile-steps``' jax.profiler traces (mlmtool.profiling)."""
+        return self.path / PROFILE
 
     @property
     def init_weights_path(self) -> Path:

@@ -132,12 +132,13 @@ class Trainer:
         rate_schedule = None
         if cfg.mlm_probability_final is not None and cfg.mlm_probability_final != cfg.mlm_probability:
             rate_schedule = (cfg.mlm_probability_final, self.plan.total_steps)
+        self.step_kwargs = dict(pad_token_id=store.pad_token_id, mask_kwargs=self.mask_kwargs,
+                                rate_schedule=rate_schedule, clock=cfg.max_time > 0,
+                                document_start_id=document_start_id(store, self.document_attention),
+                                objective=self.objective)
+        self.row_variance = row_variance  # what sized the prediction slots (mlmtool.dryrun re-sizes them)
         self._step, self.batch_sharding = jit_train_step(self.model, self.tx, self.schedule, self.mesh,
-                                                         self.state_sharding, pad_token_id=store.pad_token_id,
-                                                         mask_kwargs=self.mask_kwargs, rate_schedule=rate_schedule,
-                                                         document_start_id=document_start_id(
-                                                             store, self.document_attention),
-                                                         clock=cfg.max_time > 0, objective=self.objective)
+                                                         self.state_sharding, **self.step_kwargs)
         # Each step's masking and dropout draw from fold_in(rng, step) (the initial weights
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
         self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
@@ -303,10 +304,11 @@ class Trainer:
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
             stop_requested=lambda: False, on_start=None, from_checkpoint: str | None = None,
-            keep_optimizer_state: bool = False) -> dict:
+            keep_optimizer_state: bool = False, on_step=None) -> dict:
         """Train to ``plan.total_steps``; returns the last logged metrics and eval results.
         ``on_start()`` runs once the starting state is settled (a refused run never calls it).
-        ``from_checkpoint`` starts a new stage from that checkpoint (mlmtool.stages)."""
+        ``from_checkpoint`` starts a new stage from that checkpoint (mlmtool.stages).
+        ``on_step(metrics)`` runs after each step (``--profile-steps``: mlmtool.profiling)."""
         from mlmtool.progress import MetricsWriter
 
         cfg, plan = self.cfg, self.plan
@@ -348,6 +350,8 @@ class Trainer:
                         state, metrics = self._step(state, batch, self.rng)
                     window.append(metrics)
                     window_steps += 1
+                    if on_step is not None:
+                        on_step(metrics)
                     done = step + 1
                     if done == start + 1:  # exclude compilation from throughput
                         jax.block_until_ready(metrics)

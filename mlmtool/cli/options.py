@@ -87,6 +87,19 @@ DistributedTimeoutOpt = Annotated[Optional[int], typer.Option(
     "--distributed-timeout", envvar="MLMTOOL_DISTRIBUTED_TIMEOUT", min=1,
     help="Seconds to wait for every process to join before failing with an error (default: 300).",
     rich_help_panel=DIST, show_default=False)]
+# -- train: measure before (--dry-run) and while (--profile-steps) -----------------------------
+PERF = "Memory and speed"
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Compile the step and time a few steps, an evaluation, a save and the export (outside "
+                      "DIR), then print tokens/s, MFU, device memory, whether the batch fits and the projected "
+                      "wall time of the whole run; DIR is not changed.", rich_help_panel=PERF)]
+FindMaxBatchOpt = Annotated[bool, typer.Option(
+    "--find-max-batch", help="A --dry-run that also finds the largest --per-device-train-batch-size that fits in the "
+                             "device's memory (compile-only programs).", rich_help_panel=PERF)]
+ProfileStepsOpt = Annotated[int, typer.Option(
+    "--profile-steps", min=0, help="Trace N steps after the first with jax.profiler into DIR/profile/ and print "
+                                   "where the device time goes (kernels by kind, idle share). 0: off.",
+    rich_help_panel=PERF)]
 DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
     "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
     rich_help_panel=CORPUS, show_default=False)]

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DtypeOpt,
-                                 ForceOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg, NumProcessesOpt,
-                                 PerDeviceEvalBatchOpt, ProcessIdOpt, SeedOpt, parse_duration)
+from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DryRunOpt,
+                                 DtypeOpt, FindMaxBatchOpt, ForceOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt,
+                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, ProfileStepsOpt,
+                                 SeedOpt, parse_duration)
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
@@ -98,6 +99,9 @@ def train_command(
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
     distributed_timeout: DistributedTimeoutOpt = None,
+    dry_run: DryRunOpt = False,
+    find_max_batch: FindMaxBatchOpt = False,
+    profile_steps: ProfileStepsOpt = 0,
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
     from mlmtool.progress import TrainProgress, say
@@ -124,7 +128,7 @@ def train_command(
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
-    with _locked(model_dir, main) as mdir:
+    with _locked(model_dir, main and not dry_run) as mdir:  # a dry run writes nothing in DIR
         if keep_optimizer_state and from_checkpoint is None:
             from mlmtool.errors import TrainingError
 
@@ -141,11 +145,22 @@ def train_command(
         trainer = Trainer(mdir, cfg, mesh_spec=mesh)
         if main:
             _print_plan(trainer.plan, out)
+        if dry_run or find_max_batch:
+            from mlmtool.dryrun import dry_run as measure
+
+            measure(trainer, resume=resume, new_stage=from_checkpoint is not None, find_max_batch=find_max_batch,
+                    say=out)
+            return
+        from mlmtool.profiling import StepProfiler
+
+        profiler = StepProfiler(mdir.profile_dir, profile_steps, out) if profile_steps else None
         record = (lambda: mdir.record("train", args=_args(cfg, mesh))) if main else None  # not for a refused run
         with interrupt.graceful() as stop, TrainProgress(trainer.plan.total_steps, 0, enabled=main) as progress:
             result = trainer.run(resume=resume, force=force, progress=progress, say=out,
                                  stop_requested=stop.requested, on_start=record, from_checkpoint=from_checkpoint,
-                                 keep_optimizer_state=keep_optimizer_state)
+                                 keep_optimizer_state=keep_optimizer_state, on_step=profiler)
+        if profiler is not None:
+            profiler.finish()  # a run that ended before its N traced steps
     if result.get("stopped_early"):
         from mlmtool.errors import TrainingError
 
