@@ -272,7 +272,8 @@ class ModelDir:
         it is complete), without importing orbax."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir()
+                      if p.name.isascii() and p.name.isdigit() and p.is_dir())
 
     def trained_state(self) -> list[str]:
         """What training left in DIR (checkpoints, the export), in words; empty if nothing."""

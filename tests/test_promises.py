@@ -567,3 +567,156 @@ def test_a_fifo_corpus_is_refused_not_waited_on(prepared, tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         os.close(writer)
+
+
+# == Issue 21, class 1: a stage never loses or hides the run it starts from ========================
+# train --from-checkpoint checks the source and restores it in memory, saves the new stage's
+# step 0 into DIR/stages/.next, and only then archives DIR's checkpoints (mlmtool.stages).
+
+STAGE = ("--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 1, "--logging-steps", 1,
+         "--learning-rate", 1e-3, "--lr-scheduler", "constant")
+
+
+def _steps(folder: Path) -> list[int]:
+    from mlmtool import checkpoint
+
+    return checkpoint.all_steps(folder)
+
+
+def _run_before_continues(d: Path) -> None:
+    """A plain ``train`` continues the run DIR had (the trained fixture's, complete at step 20)."""
+    r = invoke("train", d)
+    assert r.exit_code == 0, r.output
+    assert "Training already complete at step 20" in r.output and "New stage" not in r.output, r.output
+    assert _steps(d / "checkpoints") == [10, 20] and not (d / "stages" / ".next").exists()
+
+
+@pytest.fixture(scope="module")
+def other_model(prepared, tmp_path_factory) -> Path:
+    """A checkpoint (step 5) of another config: ``prepared`` with intermediate_size 48."""
+    import jax
+
+    from mlmtool import checkpoint
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.train import TrainConfig, Trainer
+
+    d = Path(shutil.copytree(prepared, tmp_path_factory.mktemp("other") / "model"))
+    edit_config(d, intermediate_size=48)
+    t = Trainer(ModelDir(d), TrainConfig(max_steps=1, per_device_train_batch_size=8))
+    state = t._init_state(jax.random.PRNGKey(0))
+    with checkpoint.manager(d / "checkpoints", async_save=False) as mngr:
+        checkpoint.save(mngr, 5, state.params, state.opt_state, t._meta(5))
+        checkpoint.wait(mngr)
+    return d
+
+
+def _edit_meta(folder: Path, step: int, edit) -> None:
+    path = folder / str(step) / "meta" / "metadata"  # orbax's JSON item
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind, phrase", [
+    ("another-config", "intermediate_size 48 -> 64 (checkpoint -> DIR's config.json)"),
+    ("another-family", "it is a modernbert model, DIR's config.json is a roberta model"),
+    ("unrecorded-config", "intermediate_size 48 -> 64"),  # an older checkpoint: its shapes tell
+])
+def test_a_source_that_does_not_fit_is_refused_before_anything_moves(trained, other_model, tmp_path, kind, phrase):
+    d, src = copy(trained, tmp_path), copy(other_model, tmp_path, "other") / "checkpoints"
+    if kind == "another-family":
+        _edit_meta(src, 5, lambda m: m["config"].update(model_type="modernbert"))
+    elif kind == "unrecorded-config":
+        _edit_meta(src, 5, lambda m: m.pop("config"))
+    before = snapshot(d)
+    line = refused(invoke("train", d, "--from-checkpoint", src, *STAGE), d, before,
+                   f"checkpoint step 5 in {src} does not fit DIR's model", phrase,
+                   "nothing was moved: DIR's checkpoints are as they were")
+    assert "damaged" not in line and "delete" not in line, line
+    if kind == "another-config":
+        _run_before_continues(d)
+
+
+def test_dir_s_own_checkpoints_are_dir_s_however_spelled(trained, tmp_path):
+    from mlmtool import stages
+    from mlmtool.modeldir import ModelDir
+
+    d = copy(trained, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(d, target_is_directory=True)
+    (tmp_path / "sub").mkdir()
+    for source in (d / "checkpoints" / "20", f"{tmp_path}/sub/../model/checkpoints/20", link / "checkpoints",
+                   link, f"{link}/checkpoints/../checkpoints/10"):
+        folder, step, own = stages.resolve(str(source), ModelDir(d))
+        assert own and folder == d / "checkpoints" and step in (10, 20), source
+    assert stages.resolve("20", ModelDir(link))[2]  # DIR given through the symlink
+    # and the stage runs: the source is restored before DIR's checkpoints move
+    r = invoke("train", link, "--from-checkpoint", f"{tmp_path}/sub/../link/checkpoints/20", *STAGE)
+    assert r.exit_code == 0, r.output
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints") == [0, 1, 2]
+    from mlmtool import checkpoint
+
+    started = checkpoint.restore_meta(d / "checkpoints", 0)["started_from"]
+    assert started["step"] == 20 and started["checkpoint"].endswith("stages/1/checkpoints/20"), started
+
+
+class _Killed(BaseException):
+    """kill -9, in process: no cleanup of mlmtool's runs (it catches Exception only)."""
+
+
+def test_a_full_disk_at_the_stage_s_step_0_moves_nothing(trained, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(d / "stages/.next/checkpoints/0.orbax-tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "save", full)
+        refused(invoke("train", d, "--from-checkpoint", "latest", *STAGE), d, before,
+                "the new stage did not start: the disk is full", "free some space, then run the same",
+                "nothing was moved", "a plain 'mlmtool train' continues the run before")
+    _run_before_continues(d)
+
+
+@pytest.mark.parametrize("where", ["mid-save", "before-archive", "between-renames"])
+def test_a_stage_killed_at_its_start_leaves_one_run_that_train_continues(trained, tmp_path, monkeypatch, where):
+    """Killed while step 0 is written: the stage never started, the run before goes on.  Killed
+    once step 0 is complete: a plain ``train`` finishes the move and resumes the stage."""
+    from mlmtool import checkpoint, stages
+
+    d = copy(trained, tmp_path)
+    with monkeypatch.context() as m:
+        if where == "mid-save":
+            def save(mngr, step, *a, **k):  # what a kill leaves: orbax's unfinished folder
+                (Path(str(mngr.directory)) / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
+                raise _Killed
+            m.setattr(checkpoint, "save", save)
+        else:
+            rename, calls = stages._rename, []
+
+            def killed_rename(src, dst):
+                calls.append(src)
+                if len(calls) == (1 if where == "before-archive" else 2):
+                    raise _Killed
+                rename(src, dst)
+            m.setattr(stages, "_rename", killed_rename)
+        with pytest.raises(_Killed):
+            invoke("train", d, "--from-checkpoint", "latest", *STAGE, "--max-steps", 3)
+    assert (d / "stages" / ".next").exists()
+    r = invoke("info", d)
+    assert r.exit_code == 0 and "finishes the start of the interrupted stage" in " ".join(r.output.split()), r.output
+    if where == "mid-save":
+        _run_before_continues(d)
+        return
+    r = invoke("train", d)  # a plain train: finishes the start, resumes the stage with its settings
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "Finished the start of the stage that was interrupted after its step 0" in out, out
+    assert "Resuming from checkpoint step 0 (of 3)" in out, out
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints")[-1] == 3
+    assert not (d / "stages" / ".next").exists()

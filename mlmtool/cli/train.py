@@ -167,6 +167,11 @@ def _locked(model_dir, main: bool):
         mdir = ModelDir(model_dir)
         lock = mdir.lock("train", enabled=main)
         lock.__enter__()
+        if main:  # a stage start interrupted before: finish it or drop its half-written step 0
+            from mlmtool import stages
+            from mlmtool.progress import say
+
+            stages.recover(mdir, say)
     except Exception as e:
         error = e
     try:
