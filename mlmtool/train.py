@@ -205,9 +205,11 @@ class Trainer:
         if latest is None:
             from mlmtool.init_from import exported_params, initial_params
 
-            params = initial_params(self.mdir, self.loaded, say)  # weights of 'mlmtool init DIR --from PATH'
-            if params is None:  # a save_pretrained directory: continue from its weights, never overwrite them
-                params = exported_params(self.mdir, self.loaded, resume=resume, force=force, say=say)
+            # A trained export (or a save_pretrained directory) first: continue from its weights, never
+            # overwrite them with older ones; then the weights of 'mlmtool init DIR --from PATH'.
+            params = exported_params(self.mdir, self.loaded, resume=resume, force=force, say=say)
+            if params is None:
+                params = initial_params(self.mdir, self.loaded, say)
             if params is not None:
                 params = jax.device_put(params, self.state_sharding.params)
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)

@@ -720,3 +720,113 @@ def test_a_stage_killed_at_its_start_leaves_one_run_that_train_continues(trained
     assert "Resuming from checkpoint step 0 (of 3)" in out, out
     assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints")[-1] == 3
     assert not (d / "stages" / ".next").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_right_after_the_stage_s_step_0_is_saved(trained, tmp_path):
+    """A real SIGKILL (tests/test_reliability's hook) once step 0 is written, before DIR's
+    checkpoints are archived: the next plain ``train`` finishes the start and trains the stage."""
+    import signal
+
+    from tests.test_reliability import Run
+
+    d = copy(trained, tmp_path)
+    run = Run(tmp_path, "stage", "train", d, "--from-checkpoint", "latest", *STAGE,
+              env={"MLMTOOL_TEST_KILL_IN_SAVE": "1"})
+    try:
+        assert run.wait() == -signal.SIGKILL, run
+    finally:
+        run.stop()
+    assert "KILLED IN SAVE 0" in run.out, run
+    assert _steps(d / "checkpoints") == [10, 20] and _steps(d / "stages" / ".next" / "checkpoints") == [0]
+    r = invoke("train", d)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "Finished the start of the stage" in out, out
+    assert "Resuming from checkpoint step 0" in out, out
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints")[-1] == 2
+
+
+# == Issue 21, class 2: a trained export is never overwritten by a restart from older weights ======
+
+def test_without_checkpoints_train_continues_the_export_not_init_safetensors(trained, tmp_path):
+    """On a DIR made with ``init --from``, once checkpoints/ was gone, ``train`` started again from
+    init.safetensors and overwrote the trained model.safetensors without --force."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")  # deleted to save space
+    trained_weights = load_file(d / "model.safetensors")
+    save_file({k: np.zeros_like(v) for k, v in trained_weights.items()}, d / "init.safetensors")  # older weights
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--no-resume"), d, before,
+            "model.safetensors holds trained weights that --no-resume would replace with the weights of "
+            "init.safetensors", "add --force")
+    r = invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--learning-rate", "1e-9")
+    assert r.exit_code == 0, r.output
+    out = "".join(r.output.split())
+    assert "".join(f"Starting from the weights in {d / 'model.safetensors'}".split()) in out, r.output
+    assert "--no-resume--forcestartsfromtheweightsofinit.safetensors" in out, r.output
+    key = "roberta.embeddings.word_embeddings.weight"
+    assert abs(load_file(d / "model.safetensors")[key] - trained_weights[key]).max() < 1e-6
+
+
+# == Issue 21, class 5: tracebacks; every option's range checked before jax loads ==================
+
+def test_info_ignores_what_is_not_a_stage_in_stages(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    (d / "stages").mkdir()
+    shutil.copytree(d / "checkpoints", d / "stages" / "1" / "checkpoints")
+    for name in (".DS_Store", ".nfs0000000001234", "²"):
+        (d / "stages" / name).write_text("x")
+    (d / "stages" / "my notes").mkdir()
+    r = invoke("info", d)
+    assert r.exit_code == 0, r.output
+    assert "stage 1" in r.output and "stage 2" in r.output, r.output
+    r = invoke("info", d, "--json")
+    assert r.exit_code == 0 and len(json.loads(r.output)["stages"]) == 1, r.output
+
+
+@pytest.mark.parametrize("source", ["²", "١٢", "-1"])
+def test_from_checkpoint_that_is_no_step_is_one_line(trained, tmp_path, source):
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    refused(invoke("train", d, "--from-checkpoint", source, *STAGE), d, before,
+            f"--from-checkpoint {source}: no checkpoint there")
+
+
+_NO_JAX = r"""
+import sys
+from typer.testing import CliRunner
+from mlmtool.cli import app
+for args, phrase in CASES:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and phrase in r.output, (args, r.output)
+    loaded = sorted({m.split('.')[0] for m in sys.modules} & {"jax", "orbax", "optax", "flax", "torch"})
+    assert not loaded, (args, loaded)
+print("ok")
+"""
+
+
+def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, corpus, tmp_path):
+    """``train --seed -1`` was refused after 7-10 s (jax, the checkpoints), ``tokenizer --seed -1``
+    with sampling was a traceback; the shared options are checked by the parser, the same way."""
+    import subprocess
+    import sys
+
+    from tests.test_reliability import ENV, ROOT
+
+    d = str(copy(trained, tmp_path))
+    cases = [
+        (["train", d, "--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+        (["train", d, "--learning-rate", "inf"], "--learning-rate must be a positive number, got inf"),
+        (["train", d, "--max-grad-norm", "-1"], "--max-grad-norm must be a number >= 0"),
+        (["train", d, "--mlm-probability", "1.5"], "--mlm-probability must be in (0, 1), got 1.5"),
+        (["train", d, "--per-device-eval-batch-size", "0"], "--per-device-eval-batch-size must be positive, got 0"),
+        (["tokenizer", d, str(corpus), "--seed", "-1", "--sample-documents", "10"], "--seed must be in [0, 2^32)"),
+        (["eval", d, "--mlm-probability", "0"], "--mlm-probability must be in (0, 1), got 0.0"),
+        (["eval", d, "--per-device-eval-batch-size", "-2"], "--per-device-eval-batch-size must be positive"),
+    ]
+    out = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _NO_JAX], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

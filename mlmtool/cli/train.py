@@ -100,14 +100,7 @@ def train_command(
     distributed_timeout: DistributedTimeoutOpt = None,
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
-    from mlmtool.progress import TrainProgress, say
-    from mlmtool.distributed import initialize_distributed
-
-    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
-
-    from mlmtool import interrupt
-    from mlmtool.sharding import is_main_process
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.train_config import TrainConfig
 
     cfg = TrainConfig(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
@@ -122,6 +115,17 @@ def train_command(
         document_attention=document_attention, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
         scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
+    cfg.validate_ranges()  # before jax loads
+
+    from mlmtool.progress import TrainProgress, say
+    from mlmtool.distributed import initialize_distributed
+
+    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
+
+    from mlmtool import interrupt
+    from mlmtool.sharding import is_main_process
+    from mlmtool.train import Trainer
+
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
     with _locked(model_dir, main) as mdir:
