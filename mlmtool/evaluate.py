@@ -303,7 +303,8 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
                         word_boundaries=word_table, document_start_id=document_start_id(store, documents))
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size)
     results["checkpoint"] = source
-    results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents)
+    results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents,
+                   data=mdir.data)  # the block store: report keeps each store's results apart
     check_results(results, mdir, source)
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)

@@ -142,3 +142,26 @@ def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainCo
     names = {f.name for f in dataclasses.fields(cfg)}
     taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
     return dataclasses.replace(cfg, **taken), taken, latest
+
+
+# Settings that change no number of the run (a resume may change them without a word).
+BOOKKEEPING = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
+
+
+def resume_changes(mdir, cfg: TrainConfig, explicit: set[str]) -> dict:
+    """{field: (recorded, now)} for the options given now that differ from the latest
+    checkpoint's and change what is computed (``--masking``, ``--scan-layers``,
+    ``--document-attention``, the learning rate, ...): the resumed run then differs from an
+    uninterrupted one, which ``train`` says."""
+    from mlmtool import checkpoint
+
+    try:
+        latest = checkpoint.latest_step(mdir.checkpoints_dir)
+        recorded = (checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}) \
+            .get("train_config")
+    except Exception:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: (recorded[k], getattr(cfg, k)) for k in sorted(explicit)
+            if k in recorded and k not in BOOKKEEPING and recorded[k] != getattr(cfg, k)}

@@ -830,3 +830,67 @@ def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, co
     out = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _NO_JAX], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# == Issue 21, class 6: no silent wrong summary or setting =========================================
+
+def _metrics(d: Path, records: list[dict]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_keeps_the_first_stage_when_a_stage_starts_from_an_earlier_checkpoint(tmp_path):
+    from mlmtool.report import read_metrics
+
+    first = [{"step": s, "loss": 5.0 - s / 10, "tokens_seen": 256 * s} for s in (5, 10, 15, 20)]
+    # --from-checkpoint 10: steps from 1 again, tokens from checkpoint 10's on (below the last record's)
+    stage = [{"step": s, "loss": 3.0, "tokens_seen": 256 * (10 + s)} for s in (5, 10)]
+    _metrics(tmp_path / "a", first + stage)
+    train, _, _ = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["global_step"]) for r in train] == \
+        [(0, 5, 5), (0, 10, 10), (0, 15, 15), (0, 20, 20), (1, 5, 25), (1, 10, 30)]
+    # a resume of the same run from its checkpoint 10 still replaces the records after it
+    resume = [{"step": 15, "loss": 9.0, "tokens_seen": 256 * 15}]
+    _metrics(tmp_path / "b", first + resume)
+    train, _, _ = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["loss"]) for r in train] == [(0, 5, 4.5), (0, 10, 4.0), (0, 15, 9.0)]
+
+
+def test_eval_scores_the_store_the_run_trained_on_and_report_keeps_stores_apart(trained, corpus, tmp_path):
+    d = copy(trained, tmp_path)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--validation-split-percentage", 10, "--name", "long")
+    assert r.exit_code == 0, r.output
+    _edit_meta(d / "checkpoints", 20, lambda m: m["train_config"].update(data="long"))  # as a stage on --data long
+    r = invoke("eval", d)
+    assert r.exit_code == 0 and "blocks of data-long" in " ".join(r.output.split()), r.output
+    assert json.loads((d / "eval_results.json").read_text())["data"] == "long"
+    r = invoke("eval", d, "--data", "data", "--json")  # DIR/data, named
+    assert r.exit_code == 0 and json.loads(r.output)["data"] is None, r.output
+    r = invoke("report", d, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["data"] == "long" and summary["other_store_eval_records"] == 1, summary
+
+
+def test_a_resume_that_changes_the_computation_says_so(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints" / "20")
+    r = invoke("train", d, "--masking", "whole-word", "--no-scan-layers", "--logging-steps", 2)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "Resuming with changed settings: --masking whole-word (was token), --scan-layers False (was None)" \
+        in out and "no longer bit-identical" in out and "--logging-steps" not in out.split("changed settings")[1], out
+
+
+def test_wsd_decay_longer_than_the_run_and_cudnn_that_cannot_run_are_said(prepared, tmp_path, monkeypatch):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("train", d, "--lr-scheduler", "wsd", "--decay-steps", 100, "--max-steps", 4,
+                   "--per-device-train-batch-size", 8), d, before,
+            "--decay-steps 100 is longer than the run after its warm-up (4 of 4 steps)", "--decay-steps 4 or fewer")
+    from mlmtool.kernels import select
+
+    k = select("cpu", overrides="attention=cudnn")
+    assert k.attention == "xla" and "MLMTOOL_KERNELS attention=cudnn not taken: not an NVIDIA GPU" in k.describe()
+    assert "not taken" not in select("cpu", overrides="").describe()
+    assert "--dtype float32" in select("gpu", dtype="float32", overrides="attention=cudnn").describe()

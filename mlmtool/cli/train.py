@@ -138,6 +138,7 @@ def train_command(
             from mlmtool.train_config import resume_settings
 
             cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
+            _say_changes(mdir, cfg, _explicit(ctx, cfg), out)
             if taken:
                 out(f"Resuming with the settings recorded at step {step:,}: "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items())
@@ -188,6 +189,16 @@ def _locked(model_dir, main: bool):
         yield mdir
     finally:
         lock.__exit__(None, None, None)
+
+
+def _say_changes(mdir, cfg, explicit: set[str], out) -> None:
+    from mlmtool.train_config import resume_changes
+
+    changes = resume_changes(mdir, cfg, explicit)
+    if changes:
+        out("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {now} (was {was})"
+                                                           for k, (was, now) in changes.items())
+            + ": the run goes on differently from an uninterrupted one (no longer bit-identical)")
 
 
 def _explicit(ctx: typer.Context, cfg) -> set[str]:
