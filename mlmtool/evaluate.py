@@ -198,8 +198,8 @@ def check_results(results: dict, mdir, source: str) -> None:
     if results["eval_tokens"] == 0:
         raise DataError(f"the {results['eval_samples']:,} validation blocks in {mdir.data_dir} hold no token to "
                         "predict (only special tokens or padding): the loss would read 0",
-                        f"prepare blocks with text in them: 'mlmtool prepare {mdir} FILE... --max-seq-length N "
-                        "--force' with a larger N")
+                        "prepare blocks with text in them: "
+                        f"'{mdir.prepare_command('--max-seq-length', 'N', '--force')}' with a larger N")
     if not (math.isfinite(results["eval_loss"]) and math.isfinite(results["eval_accuracy"])):
         raise CheckpointError(f"the evaluation of {source} computed a loss of {results['eval_loss']}: its weights "
                               "hold inf or nan (or overflow in bfloat16)",

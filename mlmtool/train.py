@@ -440,7 +440,7 @@ class Trainer:
             raise TrainingError(
                 f"no token was chosen for prediction in steps {done - len(got) + 1}..{done}: the loss would read 0",
                 f"the blocks hold only special tokens, or --mlm-probability ({self.cfg.mlm_probability}) is too "
-                f"small: prepare with a larger --max-seq-length ('mlmtool prepare {self.mdir} FILE... --force')")
+                f"small: prepare with a larger --max-seq-length ('{self.mdir.prepare_command('--force')}')")
         for i, m in enumerate(got):  # before any checkpoint of these steps is written
             step_loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
             if not (math.isfinite(step_loss) and bool(m.get("finite", True))):

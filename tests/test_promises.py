@@ -894,3 +894,47 @@ def test_wsd_decay_longer_than_the_run_and_cudnn_that_cannot_run_are_said(prepar
     assert k.attention == "xla" and "MLMTOOL_KERNELS attention=cudnn not taken: not an NVIDIA GPU" in k.describe()
     assert "not taken" not in select("cpu", overrides="").describe()
     assert "--dtype float32" in select("gpu", dtype="float32", overrides="attention=cudnn").describe()
+
+
+# == Issue 21, class 7: every hint is a command that works in that state ===========================
+
+def follow(line: str, corpus: Path):
+    """Run the last ``'mlmtool ...'`` command a hint names, FILE... being the corpus."""
+    import re
+    import shlex
+
+    commands = re.findall(r"'mlmtool ([^']+)'", line)
+    assert commands, line
+    args = [str(corpus) if a == "FILE..." else a for a in shlex.split(commands[-1])]
+    return invoke(*args)
+
+
+def test_a_named_store_s_hints_rebuild_that_store(trained, corpus, tmp_path):
+    """The rebuild hints omitted FILE... and --name: followed, they rebuilt DIR/data."""
+    d = copy(trained, tmp_path)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--validation-split-percentage", 0, "--name", "long")
+    assert r.exit_code == 0, r.output
+    data_before = snapshot(d / "data")
+    line = error_line(invoke("eval", d, "--data", "long"))
+    assert "has no validation blocks" in line and "FILE... --name long" in line, line
+    r = follow(line, corpus)
+    assert r.exit_code == 0, r.output
+    r = invoke("eval", d, "--data", "long", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["data"] == "long", r.output
+    line = error_line(invoke("train", d, "--data", "short", "--max-steps", 1))
+    assert "no prepared data 'short'" in line and f"'mlmtool prepare {d} FILE... --name short' first" in line, line
+    assert snapshot(d / "data") == data_before  # DIR/data was never the one rebuilt
+
+
+def test_a_hint_to_prepare_again_names_a_command_that_works(prepared, corpus, tmp_path):
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.stores import open_stores
+
+    d = copy(prepared, tmp_path)
+    edit_config(d, max_position_embeddings=20)  # blocks of 32 no longer fit
+    line = error_line(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8))
+    assert "exceed the model's 18 positions" in line and "FILE... --max-seq-length 18 --force" in line, line
+    r = follow(line, corpus)
+    assert r.exit_code == 0, r.output
+    mdir = ModelDir(d)
+    assert open_stores(mdir, mdir.read_config())[0].seq_len == 18
