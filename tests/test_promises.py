@@ -938,3 +938,34 @@ def test_a_hint_to_prepare_again_names_a_command_that_works(prepared, corpus, tm
     assert r.exit_code == 0, r.output
     mdir = ModelDir(d)
     assert open_stores(mdir, mdir.read_config())[0].seq_len == 18
+
+
+# == Issue 21, class 4: corpus text that looks like a special token stays text =====================
+
+def test_literal_special_tokens_in_the_corpus_are_text(prepared, corpus, tmp_path):
+    """"<s>" in HTML or "<mask>"/"<pad>" in ML text became the special ids mid-document."""
+    import numpy as np
+
+    from mlmtool.blocks import BlockStore
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.tokenizer_facts import tokenizer_info
+
+    d = copy(prepared, tmp_path)
+    lines = ["the king said <s> good night </s> to the <mask> queen <pad> and <unk> lady"] * 40
+    literal = tmp_path / "literal.txt"
+    literal.write_text("\n".join(lines + corpus.read_text().splitlines()[:40]) + "\n")
+    for flags in ((), ("--no-piece-cache",)):
+        r = invoke("prepare", d, literal, "--max-seq-length", 32, "--validation-split-percentage", 10, "--force",
+                   *flags)
+        assert r.exit_code == 0, r.output
+        store = BlockStore.open(d / "data", "train")
+        ids = np.asarray(store.read(np.arange(len(store)))).ravel()
+        facts = tokenizer_info(ModelDir(d))
+        specials = dict(zip(("pad", "mask", "unk", "bos", "eos"),
+                            (facts.pad_token_id, facts.mask_token_id, facts.unk_token_id, facts.bos_token_id,
+                             facts.eos_token_id)))
+        documents = len(lines) + 40
+        for name in ("mask", "unk", "pad"):  # packed blocks: no padding, and no literal one
+            assert (ids == specials[name]).sum() == 0, (name, flags)
+        # <s> and </s> only frame documents (one pair each, at most, as blocks cut them)
+        assert (ids == specials["bos"]).sum() <= documents and (ids == specials["eos"]).sum() <= documents, flags
