@@ -969,3 +969,18 @@ def test_literal_special_tokens_in_the_corpus_are_text(prepared, corpus, tmp_pat
             assert (ids == specials[name]).sum() == 0, (name, flags)
         # <s> and </s> only frame documents (one pair each, at most, as blocks cut them)
         assert (ids == specials["bos"]).sum() <= documents and (ids == specials["eos"]).sum() <= documents, flags
+
+
+# == Issue 21, class 8: smaller ======================================================================
+
+def test_a_refused_init_from_leaves_no_empty_dir(trained, tmp_path):
+    d = tmp_path / "new" / "model"
+    error_line(invoke("init", d, "--from", tmp_path / "nowhere"))
+    assert not d.exists()
+    broken = copy(trained, tmp_path, "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    error_line(invoke("init", d, "--from", broken))
+    assert not d.exists()
+    d.mkdir(parents=True)  # an existing DIR stays
+    error_line(invoke("init", d, "--from", tmp_path / "nowhere"))
+    assert d.is_dir()
