@@ -147,8 +147,15 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
             raise CheckpointError(f"--checkpoint {which!r} is not latest, export, init or a step number",
                                   "e.g. --checkpoint latest") from None
         if step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir}",
-                                  f"available: {', '.join(map(str, steps)) or 'none'}")
+            from mlmtool.stages import numbers
+
+            earlier = [f"stage {n}'s {mdir.stages_dir / str(n) / 'checkpoints'} has steps "
+                       + ", ".join(map(str, checkpoint.all_steps(mdir.stages_dir / str(n) / "checkpoints")))
+                       for n in numbers(mdir.stages_dir)]
+            raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir} (the current stage)",
+                                  f"available: {', '.join(map(str, steps)) or 'none'}"
+                                  + (f"; eval reads the current stage only, not the earlier ones ({'; '.join(earlier)})"
+                                     if earlier else ""))
     return step
 
 

@@ -984,3 +984,13 @@ def test_a_refused_init_from_leaves_no_empty_dir(trained, tmp_path):
     d.mkdir(parents=True)  # an existing DIR stays
     error_line(invoke("init", d, "--from", tmp_path / "nowhere"))
     assert d.is_dir()
+
+
+def test_eval_checkpoint_of_an_earlier_stage_names_stages(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    (d / "stages" / "1").mkdir(parents=True)
+    shutil.move(d / "checkpoints", d / "stages" / "1" / "checkpoints")
+    shutil.copytree(d / "stages" / "1" / "checkpoints" / "10", d / "checkpoints" / "10")  # the current stage
+    line = error_line(invoke("eval", d, "--checkpoint", 20))
+    assert f"no checkpoint at step 20 in {d / 'checkpoints'} (the current stage): available: 10" in line, line
+    assert f"stage 1's {d / 'stages' / '1' / 'checkpoints'} has steps 10, 20" in line, line
