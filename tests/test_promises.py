@@ -994,3 +994,14 @@ def test_eval_checkpoint_of_an_earlier_stage_names_stages(trained, tmp_path):
     line = error_line(invoke("eval", d, "--checkpoint", 20))
     assert f"no checkpoint at step 20 in {d / 'checkpoints'} (the current stage): available: 10" in line, line
     assert f"stage 1's {d / 'stages' / '1' / 'checkpoints'} has steps 10, 20" in line, line
+
+
+def test_a_vocabulary_far_below_the_one_asked_for_is_warned_about(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 300, "--force")
+    assert r.exit_code == 0 and "of the 300 asked for" not in r.stderr, r.output
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 1000, "--force", "--sample-bytes", 1)
+    assert r.exit_code == 0, r.output
+    err = " ".join(r.stderr.split())
+    assert "warning: the vocabulary has" in err and "of the 1,000 asked for: the sample is too small" in err, err
+    assert "a larger --sample-bytes" in err, err
