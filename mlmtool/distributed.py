@@ -152,7 +152,7 @@ def _check_arguments(coordinator_address, num_processes, process_id, cluster) ->
                             "number the processes 0, 1, ..., num-processes - 1")
     if coordinator_address is not None:
         host, _, port = coordinator_address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise TrainingError(f"--coordinator-address {coordinator_address!r} is not HOST:PORT",
                                 "e.g. --coordinator-address 10.0.0.1:12345 (process 0's host, a free port)")
         if process_id == 0 and not _port_free(int(port)):

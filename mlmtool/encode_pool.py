@@ -57,6 +57,10 @@ def _init_worker(job: Job, worker_process: bool = True) -> None:
     tok = Tokenizer.from_file(job.tokenizer_path)
     tok.no_truncation()
     tok.no_padding()
+    # Corpus text that looks like a special token ("<s>" in HTML, "<mask>" in ML papers) is
+    # text: only the post-processor's framing makes special ids (a literal "<pad>" would be
+    # masked out as padding, a literal "<s>" start a new document under --document-attention).
+    tok.encode_special_tokens = True
     encoder = PieceEncoder(tok)
     if not job.piece_cache:
         encoder.enabled = False

@@ -144,8 +144,15 @@ def select_checkpoint(mdir, which: str) -> int | str | None:
             raise CheckpointError(f"--checkpoint {which!r} is not latest, export, init or a step number",
                                   "e.g. --checkpoint latest") from None
         if step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir}",
-                                  f"available: {', '.join(map(str, steps)) or 'none'}")
+            from mlmtool.stages import numbers
+
+            earlier = [f"stage {n}'s {mdir.stages_dir / str(n) / 'checkpoints'} has steps "
+                       + ", ".join(map(str, checkpoint.all_steps(mdir.stages_dir / str(n) / "checkpoints")))
+                       for n in numbers(mdir.stages_dir)]
+            raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir} (the current stage)",
+                                  f"available: {', '.join(map(str, steps)) or 'none'}"
+                                  + (f"; eval reads the current stage only, not the earlier ones ({'; '.join(earlier)})"
+                                     if earlier else ""))
     return step
 
 
@@ -195,8 +202,8 @@ def check_results(results: dict, mdir, source: str) -> None:
     if results["eval_tokens"] == 0:
         raise DataError(f"the {results['eval_samples']:,} validation blocks in {mdir.data_dir} hold no token to "
                         "predict (only special tokens or padding): the loss would read 0",
-                        f"prepare blocks with text in them: 'mlmtool prepare {mdir} FILE... --max-seq-length N "
-                        "--force' with a larger N")
+                        "prepare blocks with text in them: "
+                        f"'{mdir.prepare_command('--max-seq-length', 'N', '--force')}' with a larger N")
     if not (math.isfinite(results["eval_loss"]) and math.isfinite(results["eval_accuracy"])):
         raise CheckpointError(f"the evaluation of {source} computed a loss of {results['eval_loss']}: its weights "
                               "hold inf or nan (or overflow in bfloat16)",
@@ -304,7 +311,8 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size,
                        objective=objective)
     results["checkpoint"] = source
-    results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents)
+    results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents,
+                   data=mdir.data)  # the block store: report keeps each store's results apart
     check_results(results, mdir, source)
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)

@@ -109,7 +109,7 @@ def checkpoints_info(mdir: ModelDir, root: Path | None = None) -> dict | None:
     root = mdir.checkpoints_dir if root is None else root
     if not root.is_dir():
         return None
-    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
     if not steps:
         return None
     out: dict[str, Any] = {"steps": steps, "latest": steps[-1], "bytes": _dir_bytes(root)}
@@ -157,6 +157,8 @@ def next_step(info: dict) -> str:
         return f"mlmtool tokenizer {d} FILE..."
     if info["data"] is None:
         return f"mlmtool prepare {d} FILE..."
+    if info.get("pending_stage"):
+        return f"mlmtool train {d}  (finishes the start of the interrupted stage, or drops its unfinished step 0)"
     ck, export = info["checkpoints"], info["export"]
     if ck is None and export is None:
         return f"mlmtool train {d}"
@@ -178,9 +180,10 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["data_stores"] = {name: data_info(mdir.with_data(name)) for name in mdir.data_names()}  # prepare --name
     info["checkpoints"] = checkpoints_info(mdir)
     stages = mdir.stages_dir  # earlier stages (mlmtool.stages), oldest first
-    info["stages"] = [checkpoints_info(mdir, p / "checkpoints")
-                      for p in sorted(stages.iterdir(), key=lambda p: int(p.name)) if p.name.isdigit()] \
-        if stages.is_dir() else []
+    from mlmtool.stages import PENDING, numbers
+
+    info["stages"] = [checkpoints_info(mdir, stages / str(n) / "checkpoints") for n in numbers(stages)]
+    info["pending_stage"] = str(stages / PENDING) if (stages / PENDING).exists() else None
     info["export"] = _file(mdir.weights_path)
     init = _file(mdir.init_weights_path)
     if init is not None:

@@ -171,19 +171,21 @@ def exported_params(mdir: ModelDir, loaded, *, resume: bool, force: bool, say: C
     path = mdir.weights_path
     if not path.exists():
         return None
+    other = (f"the weights of {mdir.init_weights_path.name} ('init --from')" if mdir.init_weights_path.exists()
+             else "random weights")
     if not resume:
         if force:
             return None
-        raise ModelDirError(f"{path} holds trained weights that --no-resume would replace with a random "
-                            "initialisation", "drop --no-resume to continue from them, or add --force to start over")
+        raise ModelDirError(f"{path} holds trained weights that --no-resume would replace with {other}",
+                            "drop --no-resume to continue from them, or add --force to start over")
     try:
         params = loaded.load_hf(path)
     except CheckpointError as e:
         raise CheckpointError(f"{path} does not fit config.json ({e.message}), and training would overwrite it",
-                              "restore the config.json those weights were made with, or start from random weights "
+                              f"restore the config.json those weights were made with, or start from {other} "
                               "with --no-resume --force (replaces the file)") from None
     say(f"Starting from the weights in {path} (no checkpoint in {mdir.checkpoints_dir}); "
-        "--no-resume --force starts from random weights instead")
+        f"--no-resume --force starts from {other} instead")
     return params
 
 

@@ -70,9 +70,11 @@ class Kernels:
     attention: Attention = "xla"
     dense: Dense = "flat"
     dropout: Dropout = "fused-threefry"
+    note: str = dataclasses.field(default="", compare=False)  # why an override was not taken
 
     def describe(self) -> str:
-        return f"attention {self.attention}, dense {self.dense}, dropout {self.dropout}"
+        text = f"attention {self.attention}, dense {self.dense}, dropout {self.dropout}"
+        return f"{text} ({self.note})" if self.note else text
 
 
 def parse_overrides(text: str | None) -> dict[str, str]:
@@ -115,9 +117,16 @@ def select(backend: str | None = None, *, dtype: str = "float32", head_dim: int 
         gpu_vendor = "other"
     platform = platform_of(backend)
     choice = dict(DEFAULTS[platform])
-    choice.update(parse_overrides(os.environ.get(ENV) if overrides is None else overrides))
+    asked = parse_overrides(os.environ.get(ENV) if overrides is None else overrides)
+    choice.update(asked)
     cudnn_ok = (platform == "gpu" and gpu_vendor == "nvidia" and dtype in CUDNN_DTYPES
                 and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    note = ""
     if choice["attention"] == "cudnn" and not cudnn_ok:
         choice["attention"] = "xla"
-    return Kernels(**choice)
+        if asked.get("attention") == "cudnn":  # asked for by name: say why it is not taken
+            why = ("not an NVIDIA GPU" if platform != "gpu" or gpu_vendor != "nvidia" else
+                   f"--dtype {dtype}, cuDNN needs bfloat16" if dtype not in CUDNN_DTYPES else
+                   f"head size {head_dim}, cuDNN needs a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}")
+            note = f"{ENV} attention=cudnn not taken: {why}"
+    return Kernels(**choice, note=note)

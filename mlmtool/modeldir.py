@@ -302,7 +302,8 @@ class ModelDir:
         it is complete), without importing orbax."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir()
+                      if p.name.isascii() and p.name.isdigit() and p.is_dir())
 
     def trained_state(self) -> list[str]:
         """What training left in DIR (checkpoints, the export), in words; empty if nothing."""
@@ -333,11 +334,26 @@ class ModelDir:
                                 f"run 'mlmtool tokenizer {self.path} FILE...' first")
         return self.tokenizer_path
 
+    def prepare_command(self, *options: str) -> str:
+        """The ``prepare`` command line that (re)builds this block store, for hints: FILE... and,
+        for a named store, its ``--name`` (without it, prepare would rebuild DIR/data)."""
+        named = ("--name", self.data) if self.data is not None else ()
+        kept: list[str] = []  # the store's own settings, so that the rebuild is the same store
+        try:
+            meta = json.loads((self.data_dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if isinstance(meta, dict):
+            if "--max-seq-length" not in options and isinstance(meta.get("seq_len"), int):
+                kept += ["--max-seq-length", str(meta["seq_len"])]
+            if meta.get("line_by_line") is True:
+                kept.append("--line-by-line")
+        return " ".join(("mlmtool prepare", str(self.path), "FILE...", *named, *kept, *options))
+
     def require_data(self) -> Path:
         if not (self.data_dir / "meta.json").exists():
-            named = f" --name {self.data}" if self.data is not None else ""
-            raise ModelDirError(f"no prepared data{' ' + repr(self.data) if named else ''} in {self.path}",
-                                f"run 'mlmtool prepare {self.path} FILE...{named}' first")
+            raise ModelDirError(f"no prepared data{' ' + repr(self.data) if self.data is not None else ''} in "
+                                f"{self.path}", f"run '{self.prepare_command()}' first")
         return self.data_dir
 
     # -- lock ----------------------------------------------------------------

@@ -54,6 +54,13 @@ def decay_mask(params: Any) -> Any:
 def decay_length(cfg, total_steps: int, warmup_steps: int) -> int:
     """Steps of the WSD decay: ``--decay-steps``, else ``--decay-ratio`` of the run (at least 1)."""
     steps = cfg.decay_steps if cfg.decay_steps > 0 else round(cfg.decay_ratio * total_steps)
+    if cfg.decay_steps > max(total_steps - warmup_steps, 1):  # else the whole run decays, with no word
+        from mlmtool.errors import TrainingError
+
+        raise TrainingError(f"--decay-steps {cfg.decay_steps} is longer than the run after its warm-up "
+                            f"({total_steps - warmup_steps} of {total_steps} steps): wsd would have no stable phase",
+                            f"give --decay-steps {max(total_steps - warmup_steps, 1)} or fewer, or --decay-ratio "
+                            "(1 decays the whole run)")
     return max(1, min(steps, total_steps - warmup_steps))
 
 

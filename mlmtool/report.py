@@ -66,7 +66,7 @@ def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
             evals.append({**rec, "stage": stage, "global_step": offset + rec["step"]})
         elif "loss" in rec and isinstance(rec.get("step"), int):
             step = rec["step"]
-            if train and step <= train[-1]["step"] and _continues(rec, train[-1]):
+            if train and step <= train[-1]["step"] and _continues(rec, train, stage):
                 stage, offset = stage + 1, train[-1]["global_step"]  # a new stage
             elif train and step <= train[-1]["step"]:
                 # Resumed from an earlier checkpoint, or restarted: the old records of this
@@ -75,26 +75,68 @@ def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
                 evals = [r for r in evals if r["stage"] < stage or r["step"] < step]
             train.append({**rec, "stage": stage, "global_step": offset + step})
     # One evaluation per step and kind: the latest.
-    latest = {(r["global_step"], r["source"]): r for r in evals}
+    latest = {(r["global_step"], r["source"], r.get("data")): r for r in evals}
     evals = sorted(latest.values(), key=lambda r: r["global_step"])
     return train, evals, bad
 
 
-def _continues(rec: dict, last: dict) -> bool:
-    """``rec`` starts a new stage after ``last``: its step count restarted, its token count did not."""
-    now, before = rec.get("tokens_seen"), last.get("tokens_seen")
-    return isinstance(now, int) and isinstance(before, int) and now > before
+def _continues(rec: dict, train: list[dict], stage: int) -> bool:
+    """``rec`` (whose step count went back) starts a new stage instead of resuming the current
+    one from an earlier checkpoint: a resume repeats the stage's token count at that step
+    (tokens_seen = the stage's start + step x tokens per step); a new stage counts on from
+    the checkpoint it started from -- the stage's last step, or an earlier one."""
+    now, last = rec.get("tokens_seen"), train[-1].get("tokens_seen")
+    if not isinstance(now, int):
+        return False
+    if isinstance(last, int) and now > last:
+        return True
+    points = sorted({(r["step"], r["tokens_seen"]) for r in train
+                     if r["stage"] == stage and isinstance(r.get("tokens_seen"), int)})
+    if len(points) >= 2 and points[-1][0] != points[0][0]:
+        (s0, t0), (s1, t1) = points[0], points[-1]
+        per_step = (t1 - t0) / (s1 - s0)
+        start = t0 - s0 * per_step
+    elif points and stage == 0:  # the first stage starts at 0 tokens
+        (s0, t0), start = points[0], 0.0
+        per_step = t0 / s0 if s0 else 0.0
+    else:
+        return False
+    return abs(start + rec["step"] * per_step - now) > 0.5
 
 
 def _finite(values) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
+def trained_store(mdir) -> str | None:
+    """The block store DIR's latest run trained on (``train --data``; None: DIR/data), from its
+    latest checkpoint's metadata file (no orbax: report loads no jax)."""
+    from mlmtool.info import checkpoints_info
+
+    try:
+        ck = checkpoints_info(mdir)
+        meta = json.loads((mdir.checkpoints_dir / str(ck["latest"]) / "meta" / "metadata").read_text()) if ck else {}
+        data = (meta.get("train_config") or {}).get("data")
+    except Exception:
+        return None
+    return data if isinstance(data, str) else None
+
+
+def same_store(evals: list[dict], store: str | None) -> tuple[list[dict], int]:
+    """The evaluations of block store ``store`` (``mlmtool eval --data`` records its store;
+    training's own evaluations are of the store it trained on), and how many were of others."""
+    kept = [r for r in evals if r.get("source") != "eval" or r.get("data") == store]
+    return kept, len(evals) - len(kept)
+
+
 def summarize(mdir) -> dict[str, Any]:
     """Everything the summary table shows, as a JSON-able dict."""
     train, evals, bad = read_metrics(mdir.metrics_path)
+    store = trained_store(mdir)
+    evals, others = same_store(evals, store)
     out: dict[str, Any] = {"metrics": str(mdir.metrics_path), "train_records": len(train),
-                           "eval_records": len(evals), "unreadable_lines": bad}
+                           "eval_records": len(evals), "unreadable_lines": bad, "data": store,
+                           "other_store_eval_records": others}
     if train:
         last = train[-1]
         out["steps"] = last["global_step"]  # of all stages
@@ -163,6 +205,7 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
     from matplotlib.ticker import MaxNLocator
 
     train, evals, _ = read_metrics(mdir.metrics_path)
+    evals = same_store(evals, trained_store(mdir))[0]
     if not train and not evals:
         raise DataError(f"no training metrics in {mdir.metrics_path}", f"run 'mlmtool train {mdir}' first")
     output, fmt = check_output(output)

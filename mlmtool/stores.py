@@ -22,15 +22,16 @@ def open_stores(mdir, config: dict, *, what: str = "train"):
         raise DataError(
             f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
             f"vocab_size={config['vocab_size']}",
-            f"run 'mlmtool tokenizer {mdir}' and 'mlmtool prepare {mdir} --force' again")
+            f"put back vocab_size={train_store.vocab_size} in {mdir.config_path} if it was edited, or (a retrained "
+            f"tokenizer) prepare the data again: '{mdir.prepare_command('--force')}'")
     check_tokenizer(mdir, meta)
     if train_store.seq_len > max_sequence_length(config):
         raise DataError(f"blocks of {train_store.seq_len} tokens exceed the model's "
                         f"{max_sequence_length(config)} positions",
-                        f"run 'mlmtool prepare {mdir} --max-seq-length {max_sequence_length(config)} --force'")
+                        f"run '{mdir.prepare_command('--max-seq-length', str(max_sequence_length(config)))} --force'")
     if what == "eval" and val_store is None:
         raise DataError(f"the prepared data in {mdir} has no validation blocks",
-                        f"run 'mlmtool prepare {mdir} FILE... --validation-split-percentage 5 --force'")
+                        f"run '{mdir.prepare_command('--validation-split-percentage', '5', '--force')}'")
     return train_store, val_store
 
 
@@ -46,7 +47,7 @@ def check_tokenizer(mdir, meta: dict) -> None:
         raise DataError(f"{path} is not the tokenizer the data in {mdir.data_dir} was prepared with "
                         "(it was retrained, replaced or damaged)",
                         f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "
-                        f"'mlmtool prepare {mdir} FILE... --force'")
+                        f"'{mdir.prepare_command('--force')}'")
 
 
 def word_boundaries_for(mdir, vocab_size: int):

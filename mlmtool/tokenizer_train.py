@@ -454,6 +454,13 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
         "tokenizer_sha256": file_sha256(mdir.tokenizer_path),
     }
     result["stale_data"] = _data_tokenizer(mdir) not in (None, result["tokenizer_sha256"])
+    result["warnings"] = []
+    if real < 0.9 * requested:  # the text holds too few distinct pieces: say so, not just the number
+        on = "the sample" if sample is not None else "the corpus"
+        more = "a larger --sample-bytes / --sample-documents" if sample is not None else "more text"
+        result["warnings"].append(f"the vocabulary has {real:,} tokens, {real / requested:.0%} of the {requested:,} "
+                                  f"asked for: {on} is too small to make more (give {more}, or a smaller "
+                                  "--vocab-size)")
     args = {"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
             "lowercase": lowercase, "text_column": corpus.text_column}
     outputs = {k: result[k] for k in ("vocab_size", "documents", "bytes", "tokenizer_sha256")}

@@ -148,7 +148,6 @@ class Trainer:
         self._clock_start: float | None = None
         self._now = time.perf_counter  # --max-time's clock (tests give it a fake one)
         self.started_from: dict | None = None  # where this run's stage started, if from a checkpoint
-        self._new_stage = False
 
     def _settings(self) -> dict:
         """What must be the same on every process of a multi-process run (see dist.agree)."""
@@ -209,9 +208,11 @@ class Trainer:
         if latest is None:
             from mlmtool.init_from import exported_params, initial_params
 
-            params = initial_params(self.mdir, self.loaded, say)  # weights of 'mlmtool init DIR --from PATH'
-            if params is None:  # a save_pretrained directory: continue from its weights, never overwrite them
-                params = exported_params(self.mdir, self.loaded, resume=resume, force=force, say=say)
+            # A trained export (or a save_pretrained directory) first: continue from its weights, never
+            # overwrite them with older ones; then the weights of 'mlmtool init DIR --from PATH'.
+            params = exported_params(self.mdir, self.loaded, resume=resume, force=force, say=say)
+            if params is None:
+                params = initial_params(self.mdir, self.loaded, say)
             if params is not None:
                 params = jax.device_put(params, self.state_sharding.params)
                 opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
@@ -242,50 +243,59 @@ class Trainer:
 
     def _start_stage(self, source: str, keep_optimizer_state: bool, say) -> TrainState:
         """A new run from another run's checkpoint (mlmtool.stages): its weights, and with
-        ``keep_optimizer_state`` its optimizer moments; the stage before is archived."""
+        ``keep_optimizer_state`` its optimizer moments; checked and restored in memory, its
+        step 0 saved, and only then the stage before archived."""
         from mlmtool import stages
+        from mlmtool.errors import CheckpointError
 
         src, error = None, None
         try:
             src = stages.resolve(source, self.mdir)
-            meta = checkpoint.restore_meta(*src)
+            meta = checkpoint.restore_meta(*src[:2])
             if keep_optimizer_state:
                 was = (meta.get("train_config") or {}).get("optimizer", "adamw")
                 if was != self.cfg.optimizer:
                     raise TrainingError(f"--keep-optimizer-state: checkpoint step {src[1]} holds the state of "
                                         f"--optimizer {was}, this run has --optimizer {self.cfg.optimizer}",
                                         f"use --optimizer {was}, or drop --keep-optimizer-state")
+            stages.check_source(source, src[0], src[1], meta, self.config, self.abstract_state.params)
+            with checkpoint.manager(src[0], read_only=True, async_save=False) as mngr:
+                try:
+                    out = checkpoint.restore(mngr, src[1], self.abstract_state.params,
+                                             self.abstract_state.opt_state if keep_optimizer_state else None)
+                except CheckpointError as e:
+                    raise TrainingError(f"--from-checkpoint {source}: {e.message}",
+                                        "give another checkpoint (nothing was moved: DIR's checkpoints are as they "
+                                        "were)") from e
         except Exception as e:
             error = e
         dist.agree(None if error else {"--from-checkpoint": [str(src[0].absolute()), src[1]]}, error=error,
                  what="--from-checkpoint", hint="start every process with the same options")
-        (src_dir, step), own = src, src[0].absolute() == self.mdir.checkpoints_dir.absolute()
-        error = moved = None
-        try:
-            moved = stages.archive(self.mdir, self.main)
-        except Exception as e:
-            error = e
-        dist.agree(error=error)  # a barrier too: nobody reads the checkpoints while they move
-        src_dir = moved if own else src_dir
-        with checkpoint.manager(src_dir, read_only=True, async_save=False) as mngr:
-            out = checkpoint.restore(mngr, step, self.abstract_state.params,
-                                     self.abstract_state.opt_state if keep_optimizer_state else None,
-                                     config=self.config)
+        src_dir, step, own = src
+        archive = stages.next_archive(self.mdir)  # where DIR's checkpoints will go
         params = out["params"]
         opt_state = out["opt_state"] if keep_optimizer_state else \
             jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
         run = meta.get("run", {})
         tokens = meta.get("tokens_seen", step * run.get("global_batch", 0) * run.get("seq_len", 0))
-        self.tokens_offset, self._new_stage = int(tokens), True
-        self.started_from = {"checkpoint": str(Path(src_dir).absolute() / str(step)), "step": step,
-                             "tokens_seen": int(tokens), "optimizer_state": keep_optimizer_state}
+        self.tokens_offset = int(tokens)
+        self.started_from = {"checkpoint": str(Path(archive if own else src_dir).absolute() / str(step)),
+                             "step": step, "tokens_seen": int(tokens), "optimizer_state": keep_optimizer_state}
+        state = TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
+                           opt_state=opt_state)
+
+        def save_step0(folder: Path) -> None:
+            with checkpoint.manager(folder, async_save=False) as mngr:
+                checkpoint.save(mngr, 0, state.params, state.opt_state, self._meta(0))
+                checkpoint.wait(mngr)
+
+        moved = stages.begin(self.mdir, self.main, save_step0, dist.agree) or archive
         where = (f"step {step:,} of the run before (its checkpoints are kept in {moved})" if own else
                  f"checkpoint step {step:,} in {src_dir}"
                  + (f" (DIR's checkpoints are kept in {moved})" if moved else ""))
         say(f"New stage from {where}, {tokens:,} tokens seen, "
             + ("with its optimizer state" if keep_optimizer_state else "with a fresh optimizer state"))
-        return TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
-                          opt_state=opt_state)
+        return state
 
     def evaluate(self, params) -> dict:
         """``mlmtool eval``'s measure, whatever the training masking: 15% token masking, so
@@ -338,9 +348,6 @@ class Trainer:
         step = start
         stopped_early = False
         with checkpoint.manager(self.mdir.checkpoints_dir, max_to_keep=cfg.save_total_limit) as mngr:
-            if self._new_stage:  # a stage interrupted before its first checkpoint resumes where it started
-                checkpoint.save(mngr, 0, state.params, state.opt_state, self._meta(0))
-                self._new_stage = False
             try:
                 for step, batch in loader:
                     if budget > 0:  # the schedule's position: the elapsed share of the budget
@@ -440,7 +447,7 @@ class Trainer:
             raise TrainingError(
                 f"no token was chosen for prediction in steps {done - len(got) + 1}..{done}: the loss would read 0",
                 f"the blocks hold only special tokens, or --mlm-probability ({self.cfg.mlm_probability}) is too "
-                f"small: prepare with a larger --max-seq-length ('mlmtool prepare {self.mdir} FILE... --force')")
+                f"small: prepare with a larger --max-seq-length ('{self.mdir.prepare_command('--force')}')")
         for i, m in enumerate(got):  # before any checkpoint of these steps is written
             step_loss = float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)
             if not (math.isfinite(step_loss) and bool(m.get("finite", True))):

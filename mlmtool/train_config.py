@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mlmtool import checkpoint
 from mlmtool.errors import TrainingError
-from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -61,10 +59,32 @@ class TrainConfig:
             object.__setattr__(self, "adafactor", False)
 
     def validate(self) -> None:
-        """Every option's range, checked before any work (a NaN fails every comparison)."""
+        """Every option's range and choice, checked before any work."""
+        self.validate_ranges()
         from mlmtool.masking import MAX_SPAN_RATE, MODES
         from mlmtool.models.layers import REMAT_POLICIES
+        from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
 
+        final = self.mlm_probability_final
+        checks = [
+            (self.masking in MODES, f"--masking must be one of {', '.join(MODES)}"),
+            (self.masking != "span" or max(self.mlm_probability, final or 0.0) <= MAX_SPAN_RATE,
+             f"span masking leaves at least one word between spans: its rate is at most {MAX_SPAN_RATE:.2f}"),
+            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
+            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
+            (self.gradient_checkpointing in REMAT_POLICIES,
+             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
+            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message, "fix the option and run again")
+
+    def validate_ranges(self) -> None:
+        """The numbers' ranges (a NaN fails every comparison); imports nothing, so that the CLI
+        checks them before jax loads."""
         finite = math.isfinite
         final = self.mlm_probability_final
         checks = [
@@ -85,18 +105,8 @@ class TrainConfig:
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
             (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
             (final is None or 0.0 < final < 1.0, "--mlm-probability-final must be in (0, 1)"),
-            (self.masking in MODES, f"--masking must be one of {', '.join(MODES)}"),
-            (self.masking != "span" or max(self.mlm_probability, final or 0.0) <= MAX_SPAN_RATE,
-             f"span masking leaves at least one word between spans: its rate is at most {MAX_SPAN_RATE:.2f}"),
-            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
-            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
             (self.decay_steps >= 0, "--decay-steps must not be negative"),
             (0.0 < self.decay_ratio <= 1.0, "--decay-ratio must be in (0, 1]"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
-            (self.gradient_checkpointing in REMAT_POLICIES,
-             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
-            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
             (self.logging_steps > 0, "--logging-steps must be positive"),
             (self.save_steps > 0, "--save-steps must be positive"),
             (self.eval_steps is None or self.eval_steps > 0, "--eval-steps must be positive"),
@@ -119,6 +129,8 @@ def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainCo
     checkpoint (``train_config``), except the options given now (``explicit``), which win --
     the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
     Returns the config, the settings taken from the checkpoint and its step."""
+    from mlmtool import checkpoint
+
     try:
         latest = checkpoint.latest_step(mdir.checkpoints_dir)
         meta = checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
@@ -130,3 +142,26 @@ def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainCo
     names = {f.name for f in dataclasses.fields(cfg)}
     taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
     return dataclasses.replace(cfg, **taken), taken, latest
+
+
+# Settings that change no number of the run (a resume may change them without a word).
+BOOKKEEPING = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
+
+
+def resume_changes(mdir, cfg: TrainConfig, explicit: set[str]) -> dict:
+    """{field: (recorded, now)} for the options given now that differ from the latest
+    checkpoint's and change what is computed (``--masking``, ``--scan-layers``,
+    ``--document-attention``, the learning rate, ...): the resumed run then differs from an
+    uninterrupted one, which ``train`` says."""
+    from mlmtool import checkpoint
+
+    try:
+        latest = checkpoint.latest_step(mdir.checkpoints_dir)
+        recorded = (checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}) \
+            .get("train_config")
+    except Exception:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: (recorded[k], getattr(cfg, k)) for k in sorted(explicit)
+            if k in recorded and k not in BOOKKEEPING and recorded[k] != getattr(cfg, k)}

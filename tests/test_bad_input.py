@@ -417,7 +417,7 @@ CASES = [
     Case("tokenizer-bigger-than-config", _config_vocab_smaller_than_tokenizer,
          "the tokenizer has 300 tokens but config.json's vocab_size is 290", "retrain with 'mlmtool tokenizer"),
     Case("config-vocab-differs-from-data", _config_vocab_differs_from_data,
-         "made with a vocabulary of 300 but config.json says vocab_size=320", "'mlmtool tokenizer"),
+         "made with a vocabulary of 300 but config.json says vocab_size=320", "put back vocab_size=300"),
     Case("unknown-preset", _unknown_preset, "unknown preset 'robert'", "did you mean 'roberta-base'", needs="none"),
     Case("unknown-model-type", _unknown_model_type, "unsupported model_type 'gpt2'", "roberta, bert", needs="none"),
     Case("set-unknown-key", _set_unknown_key, "unknown config key 'hiden_size'", "did you mean 'hidden_size'",

@@ -39,7 +39,12 @@ def test_wsd_decay_steps_win_over_the_ratio_and_stay_inside_the_run():
     cfg = TrainConfig(learning_rate=LR, lr_scheduler="wsd", decay_steps=30, decay_shape="linear")
     assert decay_length(cfg, 100, 10) == 30
     np.testing.assert_allclose(_lr(cfg, 100, 10, [70, 85, 100]), [LR, LR / 2, 0.0], atol=1e-6)
-    assert decay_length(TrainConfig(lr_scheduler="wsd", decay_steps=500), 100, 10) == 90
+    assert decay_length(TrainConfig(lr_scheduler="wsd", decay_steps=90), 100, 10) == 90
+    # more decay steps than the run has: no stable phase, refused with the way on (issue 21)
+    from mlmtool.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"--decay-steps 500 is longer than the run after its warm-up \(90 of"):
+        decay_length(TrainConfig(lr_scheduler="wsd", decay_steps=500), 100, 10)
 
 
 def test_inverse_sqrt():

@@ -567,3 +567,441 @@ def test_a_fifo_corpus_is_refused_not_waited_on(prepared, tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         os.close(writer)
+
+
+# == Issue 21, class 1: a stage never loses or hides the run it starts from ========================
+# train --from-checkpoint checks the source and restores it in memory, saves the new stage's
+# step 0 into DIR/stages/.next, and only then archives DIR's checkpoints (mlmtool.stages).
+
+STAGE = ("--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 1, "--logging-steps", 1,
+         "--learning-rate", 1e-3, "--lr-scheduler", "constant")
+
+
+def _steps(folder: Path) -> list[int]:
+    from mlmtool import checkpoint
+
+    return checkpoint.all_steps(folder)
+
+
+def _run_before_continues(d: Path) -> None:
+    """A plain ``train`` continues the run DIR had (the trained fixture's, complete at step 20)."""
+    r = invoke("train", d)
+    assert r.exit_code == 0, r.output
+    assert "Training already complete at step 20" in r.output and "New stage" not in r.output, r.output
+    assert _steps(d / "checkpoints") == [10, 20] and not (d / "stages" / ".next").exists()
+
+
+@pytest.fixture(scope="module")
+def other_model(prepared, tmp_path_factory) -> Path:
+    """A checkpoint (step 5) of another config: ``prepared`` with intermediate_size 48."""
+    import jax
+
+    from mlmtool import checkpoint
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.train import TrainConfig, Trainer
+
+    d = Path(shutil.copytree(prepared, tmp_path_factory.mktemp("other") / "model"))
+    edit_config(d, intermediate_size=48)
+    t = Trainer(ModelDir(d), TrainConfig(max_steps=1, per_device_train_batch_size=8))
+    state = t._init_state(jax.random.PRNGKey(0))
+    with checkpoint.manager(d / "checkpoints", async_save=False) as mngr:
+        checkpoint.save(mngr, 5, state.params, state.opt_state, t._meta(5))
+        checkpoint.wait(mngr)
+    return d
+
+
+def _edit_meta(folder: Path, step: int, edit) -> None:
+    path = folder / str(step) / "meta" / "metadata"  # orbax's JSON item
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind, phrase", [
+    ("another-config", "intermediate_size 48 -> 64 (checkpoint -> DIR's config.json)"),
+    ("another-family", "it is a modernbert model, DIR's config.json is a roberta model"),
+    ("unrecorded-config", "intermediate_size 48 -> 64"),  # an older checkpoint: its shapes tell
+])
+def test_a_source_that_does_not_fit_is_refused_before_anything_moves(trained, other_model, tmp_path, kind, phrase):
+    d, src = copy(trained, tmp_path), copy(other_model, tmp_path, "other") / "checkpoints"
+    if kind == "another-family":
+        _edit_meta(src, 5, lambda m: m["config"].update(model_type="modernbert"))
+    elif kind == "unrecorded-config":
+        _edit_meta(src, 5, lambda m: m.pop("config"))
+    before = snapshot(d)
+    line = refused(invoke("train", d, "--from-checkpoint", src, *STAGE), d, before,
+                   f"checkpoint step 5 in {src} does not fit DIR's model", phrase,
+                   "nothing was moved: DIR's checkpoints are as they were")
+    assert "damaged" not in line and "delete" not in line, line
+    if kind == "another-config":
+        _run_before_continues(d)
+
+
+def test_dir_s_own_checkpoints_are_dir_s_however_spelled(trained, tmp_path):
+    from mlmtool import stages
+    from mlmtool.modeldir import ModelDir
+
+    d = copy(trained, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(d, target_is_directory=True)
+    (tmp_path / "sub").mkdir()
+    for source in (d / "checkpoints" / "20", f"{tmp_path}/sub/../model/checkpoints/20", link / "checkpoints",
+                   link, f"{link}/checkpoints/../checkpoints/10"):
+        folder, step, own = stages.resolve(str(source), ModelDir(d))
+        assert own and folder == d / "checkpoints" and step in (10, 20), source
+    assert stages.resolve("20", ModelDir(link))[2]  # DIR given through the symlink
+    # and the stage runs: the source is restored before DIR's checkpoints move
+    r = invoke("train", link, "--from-checkpoint", f"{tmp_path}/sub/../link/checkpoints/20", *STAGE)
+    assert r.exit_code == 0, r.output
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints") == [0, 1, 2]
+    from mlmtool import checkpoint
+
+    started = checkpoint.restore_meta(d / "checkpoints", 0)["started_from"]
+    assert started["step"] == 20 and started["checkpoint"].endswith("stages/1/checkpoints/20"), started
+
+
+class _Killed(BaseException):
+    """kill -9, in process: no cleanup of mlmtool's runs (it catches Exception only)."""
+
+
+def test_a_full_disk_at_the_stage_s_step_0_moves_nothing(trained, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(d / "stages/.next/checkpoints/0.orbax-tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "save", full)
+        refused(invoke("train", d, "--from-checkpoint", "latest", *STAGE), d, before,
+                "the new stage did not start: the disk is full", "free some space, then run the same",
+                "nothing was moved", "a plain 'mlmtool train' continues the run before")
+    _run_before_continues(d)
+
+
+@pytest.mark.parametrize("where", ["mid-save", "before-archive", "between-renames"])
+def test_a_stage_killed_at_its_start_leaves_one_run_that_train_continues(trained, tmp_path, monkeypatch, where):
+    """Killed while step 0 is written: the stage never started, the run before goes on.  Killed
+    once step 0 is complete: a plain ``train`` finishes the move and resumes the stage."""
+    from mlmtool import checkpoint, stages
+
+    d = copy(trained, tmp_path)
+    with monkeypatch.context() as m:
+        if where == "mid-save":
+            def save(mngr, step, *a, **k):  # what a kill leaves: orbax's unfinished folder
+                (Path(str(mngr.directory)) / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
+                raise _Killed
+            m.setattr(checkpoint, "save", save)
+        else:
+            rename, calls = stages._rename, []
+
+            def killed_rename(src, dst):
+                calls.append(src)
+                if len(calls) == (1 if where == "before-archive" else 2):
+                    raise _Killed
+                rename(src, dst)
+            m.setattr(stages, "_rename", killed_rename)
+        with pytest.raises(_Killed):
+            invoke("train", d, "--from-checkpoint", "latest", *STAGE, "--max-steps", 3)
+    assert (d / "stages" / ".next").exists()
+    r = invoke("info", d)
+    assert r.exit_code == 0 and "finishes the start of the interrupted stage" in " ".join(r.output.split()), r.output
+    if where == "mid-save":
+        _run_before_continues(d)
+        return
+    r = invoke("train", d)  # a plain train: finishes the start, resumes the stage with its settings
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "Finished the start of the stage that was interrupted after its step 0" in out, out
+    assert "Resuming from checkpoint step 0 (of 3)" in out, out
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints")[-1] == 3
+    assert not (d / "stages" / ".next").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_right_after_the_stage_s_step_0_is_saved(trained, tmp_path):
+    """A real SIGKILL (tests/test_reliability's hook) once step 0 is written, before DIR's
+    checkpoints are archived: the next plain ``train`` finishes the start and trains the stage."""
+    import signal
+
+    from tests.test_reliability import Run
+
+    d = copy(trained, tmp_path)
+    run = Run(tmp_path, "stage", "train", d, "--from-checkpoint", "latest", *STAGE,
+              env={"MLMTOOL_TEST_KILL_IN_SAVE": "1"})
+    try:
+        assert run.wait() == -signal.SIGKILL, run
+    finally:
+        run.stop()
+    assert "KILLED IN SAVE 0" in run.out, run
+    assert _steps(d / "checkpoints") == [10, 20] and _steps(d / "stages" / ".next" / "checkpoints") == [0]
+    r = invoke("train", d)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "Finished the start of the stage" in out, out
+    assert "Resuming from checkpoint step 0" in out, out
+    assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints")[-1] == 2
+
+
+# == Issue 21, class 2: a trained export is never overwritten by a restart from older weights ======
+
+def test_without_checkpoints_train_continues_the_export_not_init_safetensors(trained, tmp_path):
+    """On a DIR made with ``init --from``, once checkpoints/ was gone, ``train`` started again from
+    init.safetensors and overwrote the trained model.safetensors without --force."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints")  # deleted to save space
+    trained_weights = load_file(d / "model.safetensors")
+    save_file({k: np.zeros_like(v) for k, v in trained_weights.items()}, d / "init.safetensors")  # older weights
+    before = snapshot(d)
+    refused(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--no-resume"), d, before,
+            "model.safetensors holds trained weights that --no-resume would replace with the weights of "
+            "init.safetensors", "add --force")
+    r = invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8, "--learning-rate", "1e-9")
+    assert r.exit_code == 0, r.output
+    out = "".join(r.output.split())
+    assert "".join(f"Starting from the weights in {d / 'model.safetensors'}".split()) in out, r.output
+    assert "--no-resume--forcestartsfromtheweightsofinit.safetensors" in out, r.output
+    key = "roberta.embeddings.word_embeddings.weight"
+    assert abs(load_file(d / "model.safetensors")[key] - trained_weights[key]).max() < 1e-6
+
+
+# == Issue 21, class 5: tracebacks; every option's range checked before jax loads ==================
+
+def test_info_ignores_what_is_not_a_stage_in_stages(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    (d / "stages").mkdir()
+    shutil.copytree(d / "checkpoints", d / "stages" / "1" / "checkpoints")
+    for name in (".DS_Store", ".nfs0000000001234", "²"):
+        (d / "stages" / name).write_text("x")
+    (d / "stages" / "my notes").mkdir()
+    r = invoke("info", d)
+    assert r.exit_code == 0, r.output
+    assert "stage 1" in r.output and "stage 2" in r.output, r.output
+    r = invoke("info", d, "--json")
+    assert r.exit_code == 0 and len(json.loads(r.output)["stages"]) == 1, r.output
+
+
+@pytest.mark.parametrize("source", ["²", "١٢", "-1"])
+def test_from_checkpoint_that_is_no_step_is_one_line(trained, tmp_path, source):
+    d = copy(trained, tmp_path)
+    before = snapshot(d)
+    refused(invoke("train", d, "--from-checkpoint", source, *STAGE), d, before,
+            f"--from-checkpoint {source}: no checkpoint there")
+
+
+_NO_JAX = r"""
+import sys
+from typer.testing import CliRunner
+from mlmtool.cli import app
+for args, phrase in CASES:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and phrase in r.output, (args, r.output)
+    loaded = sorted({m.split('.')[0] for m in sys.modules} & {"jax", "orbax", "optax", "flax", "torch"})
+    assert not loaded, (args, loaded)
+print("ok")
+"""
+
+
+def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, corpus, tmp_path):
+    """``train --seed -1`` was refused after 7-10 s (jax, the checkpoints), ``tokenizer --seed -1``
+    with sampling was a traceback; the shared options are checked by the parser, the same way."""
+    import subprocess
+    import sys
+
+    from tests.test_reliability import ENV, ROOT
+
+    d = str(copy(trained, tmp_path))
+    cases = [
+        (["train", d, "--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+        (["train", d, "--learning-rate", "inf"], "--learning-rate must be a positive number, got inf"),
+        (["train", d, "--max-grad-norm", "-1"], "--max-grad-norm must be a number >= 0"),
+        (["train", d, "--mlm-probability", "1.5"], "--mlm-probability must be in (0, 1), got 1.5"),
+        (["train", d, "--per-device-eval-batch-size", "0"], "--per-device-eval-batch-size must be positive, got 0"),
+        (["tokenizer", d, str(corpus), "--seed", "-1", "--sample-documents", "10"], "--seed must be in [0, 2^32)"),
+        (["eval", d, "--mlm-probability", "0"], "--mlm-probability must be in (0, 1), got 0.0"),
+        (["eval", d, "--per-device-eval-batch-size", "-2"], "--per-device-eval-batch-size must be positive"),
+    ]
+    out = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _NO_JAX], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# == Issue 21, class 6: no silent wrong summary or setting =========================================
+
+def _metrics(d: Path, records: list[dict]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_keeps_the_first_stage_when_a_stage_starts_from_an_earlier_checkpoint(tmp_path):
+    from mlmtool.report import read_metrics
+
+    first = [{"step": s, "loss": 5.0 - s / 10, "tokens_seen": 256 * s} for s in (5, 10, 15, 20)]
+    # --from-checkpoint 10: steps from 1 again, tokens from checkpoint 10's on (below the last record's)
+    stage = [{"step": s, "loss": 3.0, "tokens_seen": 256 * (10 + s)} for s in (5, 10)]
+    _metrics(tmp_path / "a", first + stage)
+    train, _, _ = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["global_step"]) for r in train] == \
+        [(0, 5, 5), (0, 10, 10), (0, 15, 15), (0, 20, 20), (1, 5, 25), (1, 10, 30)]
+    # a resume of the same run from its checkpoint 10 still replaces the records after it
+    resume = [{"step": 15, "loss": 9.0, "tokens_seen": 256 * 15}]
+    _metrics(tmp_path / "b", first + resume)
+    train, _, _ = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["loss"]) for r in train] == [(0, 5, 4.5), (0, 10, 4.0), (0, 15, 9.0)]
+
+
+def test_eval_scores_the_store_the_run_trained_on_and_report_keeps_stores_apart(trained, corpus, tmp_path):
+    d = copy(trained, tmp_path)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--validation-split-percentage", 10, "--name", "long")
+    assert r.exit_code == 0, r.output
+    _edit_meta(d / "checkpoints", 20, lambda m: m["train_config"].update(data="long"))  # as a stage on --data long
+    r = invoke("eval", d)
+    assert r.exit_code == 0 and "blocks of data-long" in " ".join(r.output.split()), r.output
+    assert json.loads((d / "eval_results.json").read_text())["data"] == "long"
+    r = invoke("eval", d, "--data", "data", "--json")  # DIR/data, named
+    assert r.exit_code == 0 and json.loads(r.output)["data"] is None, r.output
+    r = invoke("report", d, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["data"] == "long" and summary["other_store_eval_records"] == 1, summary
+
+
+def test_a_resume_that_changes_the_computation_says_so(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    shutil.rmtree(d / "checkpoints" / "20")
+    r = invoke("train", d, "--masking", "whole-word", "--no-scan-layers", "--logging-steps", 2)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "Resuming with changed settings: --masking whole-word (was token), --scan-layers False (was None)" \
+        in out and "no longer bit-identical" in out and "--logging-steps" not in out.split("changed settings")[1], out
+
+
+def test_wsd_decay_longer_than_the_run_and_cudnn_that_cannot_run_are_said(prepared, tmp_path, monkeypatch):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("train", d, "--lr-scheduler", "wsd", "--decay-steps", 100, "--max-steps", 4,
+                   "--per-device-train-batch-size", 8), d, before,
+            "--decay-steps 100 is longer than the run after its warm-up (4 of 4 steps)", "--decay-steps 4 or fewer")
+    from mlmtool.kernels import select
+
+    k = select("cpu", overrides="attention=cudnn")
+    assert k.attention == "xla" and "MLMTOOL_KERNELS attention=cudnn not taken: not an NVIDIA GPU" in k.describe()
+    assert "not taken" not in select("cpu", overrides="").describe()
+    assert "--dtype float32" in select("gpu", dtype="float32", overrides="attention=cudnn").describe()
+
+
+# == Issue 21, class 7: every hint is a command that works in that state ===========================
+
+def follow(line: str, corpus: Path):
+    """Run the last ``'mlmtool ...'`` command a hint names, FILE... being the corpus."""
+    import re
+    import shlex
+
+    commands = re.findall(r"'mlmtool ([^']+)'", line)
+    assert commands, line
+    args = [str(corpus) if a == "FILE..." else a for a in shlex.split(commands[-1])]
+    return invoke(*args)
+
+
+def test_a_named_store_s_hints_rebuild_that_store(trained, corpus, tmp_path):
+    """The rebuild hints omitted FILE... and --name: followed, they rebuilt DIR/data."""
+    d = copy(trained, tmp_path)
+    r = invoke("prepare", d, corpus, "--max-seq-length", 64, "--validation-split-percentage", 0, "--name", "long")
+    assert r.exit_code == 0, r.output
+    data_before = snapshot(d / "data")
+    line = error_line(invoke("eval", d, "--data", "long"))
+    assert "has no validation blocks" in line and "FILE... --name long" in line, line
+    r = follow(line, corpus)
+    assert r.exit_code == 0, r.output
+    r = invoke("eval", d, "--data", "long", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["data"] == "long", r.output
+    line = error_line(invoke("train", d, "--data", "short", "--max-steps", 1))
+    assert "no prepared data 'short'" in line and f"'mlmtool prepare {d} FILE... --name short' first" in line, line
+    assert snapshot(d / "data") == data_before  # DIR/data was never the one rebuilt
+
+
+def test_a_hint_to_prepare_again_names_a_command_that_works(prepared, corpus, tmp_path):
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.stores import open_stores
+
+    d = copy(prepared, tmp_path)
+    edit_config(d, max_position_embeddings=20)  # blocks of 32 no longer fit
+    line = error_line(invoke("train", d, "--max-steps", 1, "--per-device-train-batch-size", 8))
+    assert "exceed the model's 18 positions" in line and "FILE... --max-seq-length 18 --force" in line, line
+    r = follow(line, corpus)
+    assert r.exit_code == 0, r.output
+    mdir = ModelDir(d)
+    assert open_stores(mdir, mdir.read_config())[0].seq_len == 18
+
+
+# == Issue 21, class 4: corpus text that looks like a special token stays text =====================
+
+def test_literal_special_tokens_in_the_corpus_are_text(prepared, corpus, tmp_path):
+    """"<s>" in HTML or "<mask>"/"<pad>" in ML text became the special ids mid-document."""
+    import numpy as np
+
+    from mlmtool.blocks import BlockStore
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.tokenizer_facts import tokenizer_info
+
+    d = copy(prepared, tmp_path)
+    lines = ["the king said <s> good night </s> to the <mask> queen <pad> and <unk> lady"] * 40
+    literal = tmp_path / "literal.txt"
+    literal.write_text("\n".join(lines + corpus.read_text().splitlines()[:40]) + "\n")
+    for flags in ((), ("--no-piece-cache",)):
+        r = invoke("prepare", d, literal, "--max-seq-length", 32, "--validation-split-percentage", 10, "--force",
+                   *flags)
+        assert r.exit_code == 0, r.output
+        store = BlockStore.open(d / "data", "train")
+        ids = np.asarray(store.read(np.arange(len(store)))).ravel()
+        facts = tokenizer_info(ModelDir(d))
+        specials = dict(zip(("pad", "mask", "unk", "bos", "eos"),
+                            (facts.pad_token_id, facts.mask_token_id, facts.unk_token_id, facts.bos_token_id,
+                             facts.eos_token_id)))
+        documents = len(lines) + 40
+        for name in ("mask", "unk", "pad"):  # packed blocks: no padding, and no literal one
+            assert (ids == specials[name]).sum() == 0, (name, flags)
+        # <s> and </s> only frame documents (one pair each, at most, as blocks cut them)
+        assert (ids == specials["bos"]).sum() <= documents and (ids == specials["eos"]).sum() <= documents, flags
+
+
+# == Issue 21, class 8: smaller ======================================================================
+
+def test_a_refused_init_from_leaves_no_empty_dir(trained, tmp_path):
+    d = tmp_path / "new" / "model"
+    error_line(invoke("init", d, "--from", tmp_path / "nowhere"))
+    assert not d.exists()
+    broken = copy(trained, tmp_path, "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    error_line(invoke("init", d, "--from", broken))
+    assert not d.exists()
+    d.mkdir(parents=True)  # an existing DIR stays
+    error_line(invoke("init", d, "--from", tmp_path / "nowhere"))
+    assert d.is_dir()
+
+
+def test_eval_checkpoint_of_an_earlier_stage_names_stages(trained, tmp_path):
+    d = copy(trained, tmp_path)
+    (d / "stages" / "1").mkdir(parents=True)
+    shutil.move(d / "checkpoints", d / "stages" / "1" / "checkpoints")
+    shutil.copytree(d / "stages" / "1" / "checkpoints" / "10", d / "checkpoints" / "10")  # the current stage
+    line = error_line(invoke("eval", d, "--checkpoint", 20))
+    assert f"no checkpoint at step 20 in {d / 'checkpoints'} (the current stage): available: 10" in line, line
+    assert f"stage 1's {d / 'stages' / '1' / 'checkpoints'} has steps 10, 20" in line, line
+
+
+def test_a_vocabulary_far_below_the_one_asked_for_is_warned_about(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 300, "--force")
+    assert r.exit_code == 0 and "of the 300 asked for" not in r.stderr, r.output
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 1000, "--force", "--sample-bytes", 1)
+    assert r.exit_code == 0, r.output
+    err = " ".join(r.stderr.split())
+    assert "warning: the vocabulary has" in err and "of the 1,000 asked for: the sample is too small" in err, err
+    assert "a larger --sample-bytes" in err, err

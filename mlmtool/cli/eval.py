@@ -42,7 +42,16 @@ def eval_command(
     initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
     mdir = error = None
     try:
-        mdir = ModelDir(model_dir).with_data(data)
+        mdir = ModelDir(model_dir)
+        if data == "data":  # DIR/data, whatever the latest run trained on
+            data = ""
+        if data is None:  # the store DIR's latest run trained on (a stage's --data), as report shows it
+            from mlmtool.report import trained_store
+
+            data = trained_store(mdir)
+            if data is not None and not mdir.with_data(data).data_dir.is_dir():
+                data = None
+        mdir = mdir.with_data(data or None)
     except Exception as e:
         error = e
     agree(error=error)  # a host without DIR stops every process, not just itself
@@ -56,7 +65,7 @@ def eval_command(
     if json_out:
         typer.echo(json.dumps(results))
         return
-    say(f"[bold]eval[/] ({results['checkpoint']}) on {results['eval_samples']:,} blocks, "
+    say(f"[bold]eval[/] ({results['checkpoint']}) on {results['eval_samples']:,} blocks of {mdir.data_dir.name}, "
         f"{results['eval_tokens']:,} predicted tokens ({masking} masking {mlm_probability:.0%}, document attention "
         f"{'on' if results['document_attention'] else 'off'})")
     say(f"  eval_loss     {results['eval_loss']:.4f}")

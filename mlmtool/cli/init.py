@@ -153,9 +153,18 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     from mlmtool.presets import parameter_count, summary
     from mlmtool.progress import console, err_console, say
 
+    existed = Path(model_dir).exists()
     mdir = ModelDir(model_dir, create=True)
-    with mdir.lock("init"):
-        out = init_from(mdir, source, overrides=overrides, force=force)
+    try:
+        with mdir.lock("init"):
+            out = init_from(mdir, source, overrides=overrides, force=force)
+    except BaseException:
+        if not existed:  # a refused init --from leaves no empty DIR behind (only its lock file is in it)
+            left = list(mdir.path.iterdir())
+            if all(p == mdir.lock_path for p in left):
+                mdir.lock_path.unlink(missing_ok=True)
+                mdir.path.rmdir()
+        raise
     config = out["config"]
     info = {**summary(config), "parameters": parameter_count(config),
             "config": str(mdir.config_path), "status": out["status"], "from": out["source"],

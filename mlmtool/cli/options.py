@@ -42,7 +42,22 @@ StreamingOpt = Annotated[bool, typer.Option(
 
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo / overwrite existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def _checked(name: str, ok, want: str):
+    """An option callback: the range check every command shares, run by the parser, before any
+    import or work; a value out of range is one error line (exit 1), as the library's checks."""
+    def check(value):
+        if value is not None and not ok(value):
+            from mlmtool.errors import ConfigError
+
+            raise ConfigError(f"{name} must be {want}, got {value}", "fix the option and run again")
+        return value
+    return check
+
+
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.",
+                                      callback=_checked("--seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"))]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="The block store to read: one 'mlmtool prepare --name NAME' wrote (default: DIR/data).",
     show_default=False)]
@@ -54,9 +69,10 @@ DIST = "Distributed"
 PerDeviceEvalBatchOpt = Annotated[Optional[int], typer.Option(
     "--per-device-eval-batch-size", envvar="MLMTOOL_PER_DEVICE_EVAL_BATCH_SIZE",
     help="Sequences per device per eval step (default: the training one).",
-    show_default=False)]
+    show_default=False, callback=_checked("--per-device-eval-batch-size", lambda v: v > 0, "positive"))]
 MlmProbabilityOpt = Annotated[float, typer.Option(
-    "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).")]
+    "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).",
+    callback=_checked("--mlm-probability", lambda v: 0.0 < v < 1.0, "in (0, 1)"))]
 MaskingOpt = Annotated[str, typer.Option(
     "--masking", help="What is masked together: token (BERT's) | whole-word (every token of a chosen word; "
                       "word starts from the tokenizer) | span (SpanBERT's runs of whole words, geometric "

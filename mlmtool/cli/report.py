@@ -101,6 +101,9 @@ def _table(s: dict):
         t.add_row("predicted tokens", f"{s['masked_tokens_seen']:,}", "", "")
     if s.get("wall_seconds") is not None:
         t.add_row("wall time", human_duration(s["wall_seconds"]), "first to last record", "")
+    if s.get("other_store_eval_records"):
+        t.add_row("not shown", f"{s['other_store_eval_records']} evaluations of other block stores than "
+                               f"{'data-' + s['data'] if s.get('data') else 'data'} (the one trained on)", "", "")
     res = s.get("eval_results")
     if isinstance(res, dict) and "eval_loss" in res:
         t.add_section()

@@ -85,7 +85,7 @@ def tokenizer_command(
         err_console.print(f"[bold yellow]warning:[/] {mdir.data_dir} was prepared with the previous tokenizer: "
                           f"run 'mlmtool prepare {mdir} FILE... --force' before training", soft_wrap=True,
                           highlight=False)
-    for line in corpus.warnings():
+    for line in [*corpus.warnings(), *([] if json_out else result.get("warnings", []))]:  # --json: in the object
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
         import json

@@ -104,14 +104,7 @@ def train_command(
     profile_steps: ProfileStepsOpt = 0,
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
-    from mlmtool.progress import TrainProgress, say
-    from mlmtool.distributed import initialize_distributed
-
-    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
-
-    from mlmtool import interrupt
-    from mlmtool.sharding import is_main_process
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.train_config import TrainConfig
 
     cfg = TrainConfig(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
@@ -126,6 +119,17 @@ def train_command(
         document_attention=document_attention, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
         scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
         eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
+    cfg.validate_ranges()  # before jax loads
+
+    from mlmtool.progress import TrainProgress, say
+    from mlmtool.distributed import initialize_distributed
+
+    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
+
+    from mlmtool import interrupt
+    from mlmtool.sharding import is_main_process
+    from mlmtool.train import Trainer
+
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
     with _locked(model_dir, main and not dry_run) as mdir:  # a dry run writes nothing in DIR
@@ -138,6 +142,7 @@ def train_command(
             from mlmtool.train_config import resume_settings
 
             cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
+            _say_changes(mdir, cfg, _explicit(ctx, cfg), out)
             if taken:
                 out(f"Resuming with the settings recorded at step {step:,}: "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items())
@@ -182,6 +187,11 @@ def _locked(model_dir, main: bool):
         mdir = ModelDir(model_dir)
         lock = mdir.lock("train", enabled=main)
         lock.__enter__()
+        if main:  # a stage start interrupted before: finish it or drop its half-written step 0
+            from mlmtool import stages
+            from mlmtool.progress import say
+
+            stages.recover(mdir, say)
     except Exception as e:
         error = e
     try:
@@ -194,6 +204,16 @@ def _locked(model_dir, main: bool):
         yield mdir
     finally:
         lock.__exit__(None, None, None)
+
+
+def _say_changes(mdir, cfg, explicit: set[str], out) -> None:
+    from mlmtool.train_config import resume_changes
+
+    changes = resume_changes(mdir, cfg, explicit)
+    if changes:
+        out("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {now} (was {was})"
+                                                           for k, (was, now) in changes.items())
+            + ": the run goes on differently from an uninterrupted one (no longer bit-identical)")
 
 
 def _explicit(ctx: typer.Context, cfg) -> set[str]:
