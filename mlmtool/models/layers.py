@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmtool.kernels import Kernels
+from mlmtool.models.local_attention import local_attention, worth_it
 
 # --------------------------------------------------------------------------- activations
 # Hugging Face activation names (transformers.activations.ACT2FN) we reproduce exactly.
@@ -242,8 +243,6 @@ def windowed_attention(q, k, v, attention_mask, *, half: int, kernels: Kernels, 
     shorter than L); ``"cudnn"`` (cuDNN's fused kernel with a two-sided window and per-row
     key lengths, where the installed jax takes one: ``mlmtool.kernels``; segments and
     dropout take the blockwise form); ``"dense"``: the [B, 1, L, L] masked form."""
-    from mlmtool.models.local_attention import local_attention, worth_it
-
     segments = jnp.issubdtype(attention_mask.dtype, jnp.integer)
     form = kernels.local_attention
     if form == "cudnn" and (segments or dropout is not None):
