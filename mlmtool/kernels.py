@@ -18,6 +18,23 @@ same function whichever kernels it gets (tests/test_kernels.py checks the logits
     ``jax._src.cudnn.fused_attention_stablehlo``, untested here.  So with segment ids
     attention falls back to XLA with a dense [B, 1, L, L] mask, on every backend
     (``mlmtool.models.layers.attention``); unmeasured on a GPU so far.
+* ``local_attention``: the sliding-window layers (ModernBERT's local layers: a query sees
+  the keys at most ``local_attention // 2`` positions away, on both sides)
+  - ``"blockwise"``: only the window's scores (``mlmtool.models.local_attention``: queries in
+    blocks of the half-window, each attending to its span of ``block + 2 half`` keys),
+    O(L * W) instead of O(L^2), in XLA, on every backend, with padding masks and segment
+    ids alike; where it would not compute fewer scores (one block, or L short against the
+    window) the dense form below;
+  - ``"cudnn"``: cuDNN's fused kernel with ``local_window_size=(half, half)`` and per-row key
+    lengths, taken only where cuDNN attention is and the installed jax accepts a two-sided
+    window without a causal mask (:func:`cudnn_takes_two_sided_window`).  jax 0.10 does not:
+    its cuDNN path takes a left window only ("cuDNN doesn't support right window"), so on
+    GPUs the windowed layers are blockwise XLA; segment ids and dropout are always blockwise;
+  - ``"dense"``: the [L, L] attention with the window as a mask (the form before blockwise;
+    for A/B measurements).
+  On TPU the intended fused path is the Pallas splash kernel
+  (``jax.experimental.pallas.ops.tpu.splash_attention``) with a ``LocalMask((half, half))``
+  and segment ids; it is not wired in (no TPU to test it on), so TPUs take blockwise.
   Training with attention-probability dropout (``attention_probs_dropout_prob > 0``, BERT's
   and RoBERTa's 0.1) spells attention out on every backend: neither entry point has dropout.
 * ``dense``
@@ -51,15 +68,17 @@ from mlmtool.errors import ConfigError
 Attention = Literal["xla", "cudnn"]
 Dense = Literal["flat", "nd"]
 Dropout = Literal["fused-threefry", "jax"]
+LocalAttention = Literal["blockwise", "cudnn", "dense"]
 
-CHOICES = {"attention": ("xla", "cudnn"), "dense": ("flat", "nd"), "dropout": ("fused-threefry", "jax")}
+CHOICES = {"attention": ("xla", "cudnn"), "dense": ("flat", "nd"), "dropout": ("fused-threefry", "jax"),
+           "local_attention": ("blockwise", "cudnn", "dense")}
 ENV = "MLMTOOL_KERNELS"
 
 # Per-backend defaults, before the per-configuration checks of select().
 DEFAULTS: dict[str, dict[str, str]] = {
-    "cpu": {"attention": "xla", "dense": "flat", "dropout": "fused-threefry"},
-    "gpu": {"attention": "cudnn", "dense": "nd", "dropout": "jax"},
-    "tpu": {"attention": "xla", "dense": "nd", "dropout": "jax"},
+    "cpu": {"attention": "xla", "dense": "flat", "dropout": "fused-threefry", "local_attention": "blockwise"},
+    "gpu": {"attention": "cudnn", "dense": "nd", "dropout": "jax", "local_attention": "cudnn"},
+    "tpu": {"attention": "xla", "dense": "nd", "dropout": "jax", "local_attention": "blockwise"},
 }
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper with recent cuDNN; 128 holds on every supported GPU
@@ -70,10 +89,12 @@ class Kernels:
     attention: Attention = "xla"
     dense: Dense = "flat"
     dropout: Dropout = "fused-threefry"
+    local_attention: LocalAttention = "blockwise"
     note: str = dataclasses.field(default="", compare=False)  # why an override was not taken
 
     def describe(self) -> str:
-        text = f"attention {self.attention}, dense {self.dense}, dropout {self.dropout}"
+        text = (f"attention {self.attention}, dense {self.dense}, dropout {self.dropout}, "
+                f"local attention {self.local_attention}")
         return f"{text} ({self.note})" if self.note else text
 
 
@@ -129,4 +150,31 @@ def select(backend: str | None = None, *, dtype: str = "float32", head_dim: int 
                    f"--dtype {dtype}, cuDNN needs bfloat16" if dtype not in CUDNN_DTYPES else
                    f"head size {head_dim}, cuDNN needs a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}")
             note = f"{ENV} attention=cudnn not taken: {why}"
+    if choice["local_attention"] == "cudnn" and not (choice["attention"] == "cudnn"
+                                                     and cudnn_takes_two_sided_window()):
+        choice["local_attention"] = "blockwise"
     return Kernels(**choice, note=note)
+
+
+_TWO_SIDED: list[bool] = []  # the probe's answer, once per process
+
+
+def cudnn_takes_two_sided_window() -> bool:
+    """Whether the installed jax's cuDNN attention accepts a two-sided sliding window
+    (``local_window_size=(h, h)``) with per-row key lengths and no causal mask, asked of
+    its own argument checks (``jax.eval_shape``: nothing runs, any backend).  jax 0.10
+    refuses it ("cuDNN doesn't support right window"); an error of any other kind (no
+    cuDNN on this machine) also counts as no."""
+    if not _TWO_SIDED:
+        import jax
+        import jax.numpy as jnp
+
+        x = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+        try:
+            jax.eval_shape(lambda q: jax.nn.dot_product_attention(
+                q, q, q, key_value_seq_lengths=jnp.full((1,), 64, jnp.int32), local_window_size=(8, 8),
+                implementation="cudnn"), x)
+            _TWO_SIDED.append(True)
+        except Exception:  # noqa: BLE001 - refused, for whatever reason
+            _TWO_SIDED.append(False)
+    return _TWO_SIDED[0]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmtool.kernels import Kernels
+from mlmtool.models.local_attention import local_attention, worth_it
 
 # --------------------------------------------------------------------------- activations
 # Hugging Face activation names (transformers.activations.ACT2FN) we reproduce exactly.
@@ -202,65 +203,99 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
       key lengths for cuDNN (rows padded on the right); or
     * integer **segment ids** (document attention; 0 = padding, see :func:`document_segments`):
       a query attends only to the keys of its own segment (Krell et al. 2021,
-      arXiv:2107.02027), so documents packed in one row do not see each other.  The mask
-      goes to ``jax.nn.dot_product_attention`` as a dense [B, 1, L, L] boolean on every
+      arXiv:2107.02027), so documents packed in one row do not see each other.  The full
+      layers give ``jax.nn.dot_product_attention`` a dense [B, 1, L, L] boolean on every
       backend: jax's public entry point takes no segment ids, and its cuDNN path only
       per-row lengths (``mlmtool.kernels``), so cuDNN falls back to XLA here.
 
     ``local_window`` (sliding-window attention, e.g. ModernBERT's local layers) lets a query
     at i see the keys within ``local_window // 2`` positions of it (combined with either
-    mask).  ``local``, a traced bool scalar, says whether ``local_window`` applies, for one
-    program that runs layers of both kinds (a scan over them); None: it applies when given.
+    mask), in the form ``kernels.local_attention`` names (:func:`windowed_attention`: by
+    default blockwise, O(L * W)).  ``local``, a traced bool scalar, says whether
+    ``local_window`` applies, for one program that runs layers of both kinds (a scan over
+    them: ``lax.cond`` picks the form per layer); None: it applies when given.
     ``dropout`` (attention-probability dropout in training) spells attention out: neither
     fused entry point has dropout.
-
-    jax's cuDNN entry point has no two-sided window (it refuses a right window without a
-    causal mask), so with the cuDNN kernels the windowed layers take XLA's attention with
-    the window as a mask; the full layers keep cuDNN's.
 
     A family supports document attention (``Family.document_attention``) when its network
     takes ``segment_ids`` [B, L] and (1) passes them here as ``attention_mask`` in every
     layer, (2) computes its positions (absolute or rotary) with :func:`segment_positions`,
     so that each document starts at position 0 (RoBERTa: ``pad_token_id + 1``).
     """
+    if local_window is None:
+        return _full_attention(q, k, v, attention_mask, kernels, dropout)
+    half = local_window // 2
+    if local is None:
+        return windowed_attention(q, k, v, attention_mask, half=half, kernels=kernels, dropout=dropout)
+    if dropout is not None:  # one spelled-out form for both kinds (dropout is a module call: no cond around it)
+        return _spelled_out(q, k, v, _dense_mask(attention_mask, q.shape[1], half, local), dropout)
+    return jax.lax.cond(
+        local,
+        lambda q, k, v: windowed_attention(q, k, v, attention_mask, half=half, kernels=kernels),
+        lambda q, k, v: _full_attention(q, k, v, attention_mask, kernels, None),
+        q, k, v)
+
+
+def windowed_attention(q, k, v, attention_mask, *, half: int, kernels: Kernels, dropout: Callable | None = None):
+    """Sliding-window attention, |i - j| <= ``half``, in the form ``kernels.local_attention``
+    names: ``"blockwise"`` (``mlmtool.models.local_attention``: only the window's scores,
+    taken where it computes fewer than the dense form: more than one block, and the spans
+    shorter than L); ``"cudnn"`` (cuDNN's fused kernel with a two-sided window and per-row
+    key lengths, where the installed jax takes one: ``mlmtool.kernels``; segments and
+    dropout take the blockwise form); ``"dense"``: the [B, 1, L, L] masked form."""
     segments = jnp.issubdtype(attention_mask.dtype, jnp.integer)
-    if segments:
+    form = kernels.local_attention
+    if form == "cudnn" and (segments or dropout is not None):
+        form = "blockwise"
+    if form == "cudnn":
+        lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, local_window_size=(half, half),
+                                            implementation="cudnn")  # [B, L, N, D]
+    if form == "blockwise" and worth_it(q.shape[1], half):
+        return local_attention(q, k, v, attention_mask, half=half, dropout=dropout)
+    mask = _dense_mask(attention_mask, q.shape[1], half)
+    if dropout is not None:
+        return _spelled_out(q, k, v, mask, dropout)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
+
+
+def _dense_mask(attention_mask, length: int, half: int | None = None, local: jax.Array | None = None):
+    """The bool mask [B, 1, 1 or L, L] of the keys each query sees: the padding mask or the
+    segments, within ``half`` positions when given (always, or where the traced ``local`` is)."""
+    if jnp.issubdtype(attention_mask.dtype, jnp.integer):
         same = attention_mask[:, :, None] == attention_mask[:, None, :]  # [B, L, L]
         mask = (same & (attention_mask[:, None, :] != 0))[:, None]  # keys of the query's segment: [B, 1, L, L]
     else:
         mask = attention_mask[:, None, None, :]  # keys a query may attend to: [B, L] -> [B, 1, 1, L]
-    windowed = mask
-    if local_window is not None:
-        half = local_window // 2
-        pos = jnp.arange(q.shape[1])
-        near = jnp.abs(pos[:, None] - pos[None, :]) <= half  # [L, L]
-        if local is not None:
-            near = near | ~local  # a full-attention layer of the scan: every key
-        windowed = mask & near[None, None]  # [B, 1, L, L]
+    if half is None:
+        return mask
+    pos = jnp.arange(length)
+    near = jnp.abs(pos[:, None] - pos[None, :]) <= half  # [L, L]
+    if local is not None:
+        near = near | ~local  # a full-attention layer of the scan: every key
+    return mask & near[None, None]  # [B, 1, L, L]
+
+
+def _spelled_out(q, k, v, mask, dropout: Callable):
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores * q.shape[-1] ** -0.5  # [B, N, L, L]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1))  # float32 softmax
+    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
+
+
+def _full_attention(q, k, v, attention_mask, kernels: Kernels, dropout: Callable | None):
+    """Every key the mask allows: spelled out with dropout, else XLA's, or cuDNN's with per-row
+    key lengths (padding mask only)."""
+    segments = jnp.issubdtype(attention_mask.dtype, jnp.integer)
     if dropout is not None:
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * q.shape[-1] ** -0.5  # [B, N, L, L]
-        scores = jnp.where(windowed, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(scores, axis=-1))  # float32 softmax
-        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)  # [B, L, N, D]
-
-    def xla(mask, q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, L, N, D]
-
+        return _spelled_out(q, k, v, _dense_mask(attention_mask, q.shape[1]), dropout)
     if kernels.attention != "cudnn" or segments:  # cuDNN's mask is per-row lengths only
-        return xla(windowed, q, k, v)
-
-    def cudnn(q, k, v):
-        # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
-        lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")  # [B, L, N, D]
-
-    if local_window is None:
-        return cudnn(q, k, v)
-    if local is None:
-        return xla(windowed, q, k, v)
-    return jax.lax.cond(local, functools.partial(xla, windowed), cudnn, q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, mask=_dense_mask(attention_mask, q.shape[1]),
+                                            implementation="xla")  # [B, L, N, D]
+    # cuDNN flash attention; its PADDING mask: keys past each row's length are ignored.
+    lengths = jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)  # [B]
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
 def document_segments(input_ids, start_token_id: int, pad_token_id: int):
