@@ -25,8 +25,8 @@ Perturbations (a pronoun subject makes the agreement pairs unambiguous):
 
 Each set takes the first ``--per-set`` pairs (in corpus order, after ``--skip-documents``
 documents: use it to draw pairs from text a model was not trained on).  A sentence gives at
-most one pair per set.  The file states where each pair comes from (``source``: file and
-line).
+most one pair per set, and a sentence seen before gives none.  The file states where each
+pair comes from (``source``: file and line).
 """
 
 from __future__ import annotations
@@ -137,9 +137,13 @@ def sentences(paths: list[Path], skip_documents: int = 0):
 def make_pairs(paths: list[Path], per_set: int = 200, skip_documents: int = 0) -> list[dict]:
     """Up to ``per_set`` pairs per perturbation, in set order then corpus order."""
     found: dict[str, list[dict]] = {name: [] for name in SETS}
+    seen: set[str] = set()
     for sentence, source in sentences(paths, skip_documents):
         if all(len(v) >= per_set for v in found.values()):
             break
+        if sentence in seen:  # a repeated sentence would count twice
+            continue
+        seen.add(sentence)
         words = sentence.split()
         for name in SETS:
             if len(found[name]) >= per_set:
