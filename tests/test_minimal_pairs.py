@@ -235,3 +235,27 @@ def test_train_eval_minimal_pairs_scores_at_every_evaluation(trained, tmp_path):
     r = invoke("train", d, "--max-steps", 4, "--eval-minimal-pairs", tmp_path / "none.jsonl", "--no-resume",
                "--force")
     assert r.exit_code == 1 and "cannot read the minimal-pair file" in r.output
+
+
+# -- scripts/bench_quality.py (the probe's task; the fine-tuning itself is a benchmark) -------------
+
+
+def test_probe_task_is_balanced_held_out_and_deterministic():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_quality
+
+    if not (bench_quality.CORPORA / "en_austen.txt.xz").exists():
+        pytest.skip("../shared/corpora is not here")
+    train, test, labels = bench_quality.make_task("order", 20)
+    assert labels == 2 and len(train) == len(test) == 80
+    assert bench_quality.make_task("order", 20)[0] == train
+    assert 0.3 < np.mean([y for _, y in train]) < 0.7  # about half swapped
+    assert not {t for t, _ in train} & {t for t, _ in test}  # different documents
+    src_train, _, n = bench_quality.make_task("source", 20)
+    assert n == 4 and sorted({y for _, y in src_train}) == [0, 1, 2, 3]
+
+
+def test_bench_quality_refuses_a_directory_without_export(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "holds no export" in out.stderr
