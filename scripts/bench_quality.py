@@ -131,8 +131,11 @@ def finetune(model_dir: Path, train, test, num_labels: int, seed: int, random_in
         from transformers import DataCollatorWithPadding
 
         trainer = Trainer(model=model, args=args, train_dataset=Data(train), data_collator=DataCollatorWithPadding(tok))
-        trainer.train()
-        pred = trainer.predict(Data(test))
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its summary: stdout is the JSON lines
+            trainer.train()
+            pred = trainer.predict(Data(test))
     return float(np.mean(np.argmax(pred.predictions, axis=-1) == pred.label_ids))
 
 
