@@ -4,7 +4,8 @@ Every record ``train`` and ``eval`` append to ``metrics.jsonl`` also goes into a
 file as scalars (``eval``'s at the training step of the weights it scored), named as
 Hugging Face's Trainer names them: ``train/loss``, ``train/accuracy``,
 ``train/learning_rate``, ``train/grad_norm``, ``train/tokens_per_second``, ``train/epoch``,
-``train/tokens_seen`` and ``eval/loss``, ``eval/accuracy``, ``eval/perplexity``.
+``train/tokens_seen`` and ``eval/loss``, ``eval/accuracy``, ``eval/perplexity`` (and, from
+minimal pairs, ``eval/minimal_pairs_accuracy`` and ``minimal_pairs/<set>``).
 
 The events are encoded with tensorboardX's protobufs and CRC, but framed here (a TFRecord:
 length, masked CRC32C of the length, data, masked CRC32C of the data: :func:`_frame`) and
@@ -54,6 +55,9 @@ def scalars(record: dict) -> dict[str, float]:
         for key in TRAIN_TAGS:
             if isinstance(record.get(key), (int, float)):
                 out[f"train/{key}"] = float(record[key])
+    from mlmtool.minimal_pairs import tensorboard_scalars
+
+    out.update(tensorboard_scalars(record))  # eval/minimal_pairs_accuracy, minimal_pairs/<set>
     return out
 
 

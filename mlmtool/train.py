@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmtool import blocks, checkpoint, distributed as dist, sharding as sh
+from mlmtool import blocks, checkpoint, distributed as dist, minimal_pairs, sharding as sh
 from mlmtool.errors import TrainingError
 from mlmtool.evaluate import EVAL_MLM_PROBABILITY, evaluate, make_eval_fn, unigram_top_token
 from mlmtool.flops import peak_flops, training_flops_per_token
@@ -143,6 +143,8 @@ class Trainer:
         # always from the seed's Threefry key, so --prng-impl changes only the per-step draws).
         self.rng = jax.random.key(cfg.seed, impl=cfg.prng_impl)
         self._eval_step = None  # built on first use, then reused
+        self._judge = minimal_pairs.TrainingJudge(mdir, self.loaded, cfg.eval_minimal_pairs) \
+            if cfg.eval_minimal_pairs else None  # --eval-minimal-pairs: read and checked before any step
         self.tokens_offset = 0  # tokens of the stages before this run (mlmtool.stages)
         self.elapsed_before = 0.0  # --max-time: seconds this run trained before its resume
         self._clock_start: float | None = None
@@ -309,8 +311,9 @@ class Trainer:
                                                                                self.document_attention),
                                            objective=self.objective)
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
-        return evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
-                        per_device_batch_size=per_device, objective=self.objective)
+        results = evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
+                           per_device_batch_size=per_device, objective=self.objective)
+        return results if self._judge is None else {**results, **self._judge(params)}
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
             stop_requested=lambda: False, on_start=None, from_checkpoint: str | None = None,
@@ -486,4 +489,5 @@ def _format_eval(step: int, ev: dict) -> str:
     return (f"eval @ step {step:,}: loss {ev['eval_loss']:.4f} | accuracy {ev['eval_accuracy']:.4f} | "
             f"perplexity {ev['perplexity']:.2f} | {ev['eval_tokens']:,} predicted tokens "
             f"(unigram baseline accuracy {ev['eval_unigram_baseline_accuracy']:.4f})"
-            + (f" | replaced-token accuracy {ev['eval_rtd_accuracy']:.4f}" if "eval_rtd_accuracy" in ev else ""))
+            + (f" | replaced-token accuracy {ev['eval_rtd_accuracy']:.4f}" if "eval_rtd_accuracy" in ev else "")
+            + (f" | minimal pairs {ev['minimal_pairs_accuracy']:.4f}" if "minimal_pairs_accuracy" in ev else ""))

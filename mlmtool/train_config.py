@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0                               # the seed's training_seed
     logging_steps: int = 100
     eval_steps: int | None = None               # None: evaluate at the end only
+    eval_minimal_pairs: str | None = None       # a JSON-lines file of minimal pairs scored at each evaluation
     save_steps: int = 500
     save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,6 +30,13 @@ def eval_command(
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
     distributed_timeout: DistributedTimeoutOpt = None,
+    minimal_pairs: Annotated[Optional[list[str]], typer.Option(
+        "--minimal-pairs", help="Score these JSON-lines files of minimal pairs (BLiMP's format: sentence_good, "
+                                "sentence_bad, optional UID) by pseudo-log-likelihood instead of the masked-LM "
+                                "evaluation (repeatable; docs/judging.md).", show_default=False)] = None,
+    pll: Annotated[str, typer.Option(
+        "--pll", help="With --minimal-pairs: word-l2r (Kauf & Ivanova 2023: a scored token's word is masked to "
+                      "its right too) | token (Salazar et al. 2020).")] = "word-l2r",
 ) -> None:
     """Evaluate the trained model on the validation blocks; writes eval_results.json."""
     import json
@@ -55,6 +62,9 @@ def eval_command(
     except Exception as e:
         error = e
     agree(error=error)  # a host without DIR stops every process, not just itself
+    if minimal_pairs:
+        _minimal_pairs(mdir, minimal_pairs, checkpoint=checkpoint, pll=pll, dtype=dtype, json_out=json_out)
+        return
     from mlmtool.evaluate import run_eval
 
     results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size,
@@ -76,4 +86,25 @@ def eval_command(
     if "eval_rtd_accuracy" in results:  # ELECTRA: the numbers above are the generator's
         say(f"  discriminator: replaced-token accuracy {results['eval_rtd_accuracy']:.4f}, loss "
             f"{results['eval_rtd_loss']:.4f} ({results['eval_replaced_fraction']:.1%} of the tokens replaced)")
+    say(f"Wrote {mdir.eval_results_path}")
+
+
+def _minimal_pairs(mdir, files, *, checkpoint: str, pll: str, dtype: str, json_out: bool) -> None:
+    import json
+
+    from mlmtool.minimal_pairs import format_results, run_minimal_pairs
+    from mlmtool.progress import say
+    from mlmtool.sharding import is_main_process
+
+    results = run_minimal_pairs(mdir, files, checkpoint=checkpoint, pll=pll, dtype=dtype)
+    if not is_main_process():
+        return
+    if json_out:
+        typer.echo(json.dumps(results))
+        return
+    say(f"[bold]minimal pairs[/] ({results['checkpoint']}, PLL {pll}): accuracy per set")
+    from rich.markup import escape
+
+    for line in format_results(results):
+        say(escape(line))
     say(f"Wrote {mdir.eval_results_path}")

@@ -81,6 +81,10 @@ def train_command(
     logging_steps: Annotated[int, typer.Option(help="Log metrics every N steps.", rich_help_panel=SCHED)] = 100,
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).",
                                                       rich_help_panel=SCHED, show_default=False)] = None,
+    eval_minimal_pairs: Annotated[Optional[str], typer.Option(
+        "--eval-minimal-pairs", help="At every evaluation, also score this JSON-lines file of minimal pairs "
+                                     "(as 'eval --minimal-pairs'; docs/judging.md).",
+        rich_help_panel=SCHED, show_default=False)] = None,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).",
                                             rich_help_panel=SCHED)] = 500,
     save_total_limit: Annotated[Optional[int], typer.Option(help="Keep the N newest checkpoints.",
@@ -118,7 +122,8 @@ def train_command(
         mlm_probability=mlm_probability, mlm_probability_final=mlm_probability_final, masking=masking,
         document_attention=document_attention, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
         scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
-        eval_steps=eval_steps, save_steps=save_steps, save_total_limit=save_total_limit)
+        eval_steps=eval_steps, eval_minimal_pairs=eval_minimal_pairs, save_steps=save_steps,
+        save_total_limit=save_total_limit)
     cfg.validate_ranges()  # before jax loads
 
     from mlmtool.progress import TrainProgress, say
