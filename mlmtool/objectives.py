@@ -73,8 +73,9 @@ class MaskedLM:
         return {}
 
     def export(self, loaded, params, mdir) -> None:
-        """Write the trained model where transformers loads it (DIR/model.safetensors)."""
-        loaded.save_hf(params, mdir.weights_path)
+        """Write the trained model where transformers loads it (DIR/model.safetensors), with
+        the tensors the family carries untrained (BERT's imported pooler)."""
+        loaded.save_hf(params, mdir.weights_path, carry_from=mdir.carried_weights)
 
 
 def replace_masked(input_ids: jax.Array, positions: jax.Array, weights: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -160,7 +161,7 @@ class ReplacedTokenDetection(MaskedLM):
         from mlmtool.modeldir import TOKENIZER_FILES, atomic_write, atomic_write_json
 
         gen = mdir.generator
-        loaded.save_hf(params, mdir.weights_path)  # both files (mlmtool.hf_weights' parts)
+        loaded.save_hf(params, mdir.weights_path, carry_from=mdir.carried_weights)  # both files (hf_weights' parts)
         atomic_write_json(gen.config_path, loaded.family.generator_config(loaded.hf_config))
         for name in TOKENIZER_FILES:
             if (mdir.path / name).exists():
