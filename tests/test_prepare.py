@@ -46,6 +46,7 @@ def reference(model_dir: Path, docs: list[str], seq_len: int, pct: float,
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.encode_special_tokens = True  # corpus text is text: "<mask>" in a document is no special id
     pad = tok.token_to_id("<pad>")
     pad = tok.token_to_id("[PAD]") if pad is None else pad
     docs = [d for d in docs if d.strip()]
