@@ -45,12 +45,14 @@ def _full_dict(model_type: str, fields: dict) -> dict:
 def _hf_dict(model_type: str, fields: dict) -> dict:
     import copy
 
-    defaults = models.family_for(model_type).hf_defaults[model_type]
+    family = models.family_for(model_type)
+    defaults = {**dict.fromkeys(family.extra_config_keys), **family.hf_defaults[model_type]}
     fields = {k: v for k, v in fields.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
     if fields.get("dtype") == WEIGHTS_DTYPE:  # what mlmtool writes: no need for transformers to resolve it
         fields = {k: v for k, v in fields.items() if k != "dtype"}
     if all(k in defaults for k in fields) and all(fields.get(k, defaults[k]) == defaults[k] for k in _DERIVED):
-        return copy.deepcopy({**defaults, **fields})
+        extra = {k: fields[k] for k in family.extra_config_keys if k in fields}  # only where given
+        return copy.deepcopy({**family.hf_defaults[model_type], **fields, **extra})
     from transformers import AutoConfig  # unknown or derived fields: let transformers resolve them
 
     try:

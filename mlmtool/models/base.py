@@ -299,6 +299,9 @@ class Family:
     #: transformers_version): written out so init needs neither transformers nor torch;
     #: tests/test_families.py checks each against the installed transformers
     hf_defaults: dict[str, dict] = {}
+    #: config.json keys of the family's own beside transformers' fields (ELECTRA's nested
+    #: ``generator``): transformers keeps them as given, so presets need not ask it
+    extra_config_keys: tuple[str, ...] = ()
     #: model_type -> how its tokenizer is trained
     tokenizer: dict[str, TokenizerDefaults] = {}
     #: "module:Class" of the Flax network, imported only when a model is built

@@ -186,6 +186,7 @@ class ElectraFamily(Family):
         "electra-large-generator": "ELECTRA large's generator alone, as a masked-language model",
     }
     hf_defaults = {"electra": _HF_DEFAULTS}
+    extra_config_keys = ("generator",)
     tokenizer = {"electra": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS)}
     network = "mlmtool.models.electra_flax:Electra"
     head_modules = ("generator",)  # unused: matmul_parameters is ours (the head is inside the tower)
