@@ -156,12 +156,17 @@ class BlockStore:
         if sum(n for _, n in listed) != num_blocks:
             raise DataError(f"{data_dir / META} is damaged: its shards hold {sum(n for _, n in listed):,} "
                             f"{split} blocks, not {num_blocks:,}", _REDO)
-        parts = []
-        for name, n in listed:
+        named = [name for name, _ in listed] + ([files[split]] if split in files else [])
+        for name in named:  # every file meta.json names, read or not (files and the shards' ledger)
             if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
                 # meta.json names files in DIR/data only: never a path elsewhere (../, /etc/...)
                 raise DataError(f"{data_dir / META} names {name!r} for the {split} split, a path outside "
                                 f"{data_dir}", _REDO)
+        if shards and len(shards) == 1 and split in files and files[split] != listed[0][0]:
+            raise DataError(f"{data_dir / META} is damaged: its {split} file is {files[split]!r} but its one "
+                            f"shard's is {listed[0][0]!r}", _REDO)
+        parts = []
+        for name, n in listed:
             path = data_dir / name
             if not path.exists():
                 raise DataError(f"{path} is missing", _REDO)
