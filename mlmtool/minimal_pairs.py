@@ -18,7 +18,7 @@ the log-probability the model gives the original token there is summed over the 
 scored, the tokens of the same word to its right are masked too, so a word split into
 several pieces is not scored as if its later pieces gave the earlier ones away (the bias
 that made the original PLL favour multi-token words).  ``pll="token"`` is the original.
-Words are what :func:`mlmtool.models.base.word_boundaries` says (the table whole-word
+Words are what :func:`mlmtool.tokenizer_facts.word_boundaries` says (the table whole-word
 masking uses: a word is what whitespace separates, so with byte-level BPE a trailing
 ``.`` belongs to the word before it); special tokens are never scored.
 
@@ -114,7 +114,7 @@ def accuracy(pairs: Sequence[Pair], scorer: Scorer) -> dict:
 def word_ids(ids: Sequence[int], special: Sequence[bool], table: np.ndarray) -> list[int]:
     """The word number of each token (-1 for special tokens), from a word-boundary table
     (``STARTS_WORD`` / ``ENDS_WORD`` bits per id)."""
-    from mlmtool.models.base import ENDS_WORD, STARTS_WORD
+    from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD
 
     out, word, prev_ends = [], -1, True
     for tid, sp in zip(ids, special):
