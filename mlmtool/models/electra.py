@@ -200,6 +200,29 @@ class ElectraFamily(Family):
                       "--preset electra-small' writes)")
     generator_config = staticmethod(generator_config)
 
+    def fields_from_shapes(self, shapes: dict[str, tuple]) -> dict[str, int]:
+        """config.json's sizes from a tree of this family: the shared embeddings, then the
+        discriminator's tower (a pair's top-level fields are the discriminator's), else the
+        generator's; {} for another family's tree (no tower)."""
+        towers = [t for t in ("discriminator", "generator") if any(k.startswith(f"['{t}']") for k in shapes)]
+        if not towers:
+            return {}
+        layer = f"['{towers[0]}']['encoder']['layer']"
+        where = {"vocab_size": ("['embeddings']['word_embeddings']['embedding']", 0),
+                 "embedding_size": ("['embeddings']['word_embeddings']['embedding']", 1),
+                 "max_position_embeddings": ("['embeddings']['position_embeddings']['embedding']", 0),
+                 "type_vocab_size": ("['embeddings']['token_type_embeddings']['embedding']", 0),
+                 "hidden_size": (f"{layer}['0']['attention']['self']['query']['kernel']", 1),
+                 "intermediate_size": (f"{layer}['0']['intermediate']['dense']['kernel']", 1)}
+        out = {}
+        for field, (key, axis) in where.items():
+            shape = shapes.get(key)
+            if shape is None or len(shape) <= axis:
+                return {}
+            out[field] = shape[axis]
+        out[self.layers_key] = len({k[len(layer):].split("]")[0] for k in shapes if k.startswith(layer)})
+        return out
+
     def parse_config(self, d: dict) -> ElectraConfig:
         require_model_type(d, self.model_types)
         refuse(d, "tie_word_embeddings", (True,), "the generator's decoder is tied to the word embeddings")
@@ -310,7 +333,7 @@ class ElectraFamily(Family):
     def tiny_test_configs(self) -> dict[str, dict]:
         return {"electra": dict(model_type="electra", architectures=[MASKED_LM], vocab_size=96, embedding_size=16,
                                 hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                max_position_embeddings=40, type_vocab_size=2, hidden_dropout_prob=0.0,
                                 attention_probs_dropout_prob=0.0, hidden_act="gelu_new")}
 
 
