@@ -22,7 +22,12 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 PRESETS = {"roberta": "roberta-tiny", "bert": "bert-tiny", "xlm-roberta": "xlm-roberta-tiny",
-           "camembert": None, "modernbert": "modernbert-tiny", "distilbert": "distilbert-tiny"}
+           "camembert": None, "modernbert": "modernbert-tiny", "distilbert": "distilbert-tiny",
+           "roberta-prelayernorm": "roberta-prelayernorm-tiny", "electra": "electra-tiny"}
+#: model_types whose tokenizer loads as PreTrainedTokenizerFast (tokenizer.json as it is):
+#: ALBERT's and BigBird's classes rebuild a SentencePiece pipeline of their own (quote and
+#: accent normalizers) that a trained Unigram does not have, RoFormer's fast class needs jieba
+GENERIC = {"albert": "albert-tiny", "big_bird": "big-bird-tiny", "roformer": "roformer-tiny"}
 EXTRA = ["People of Paris said hello to the people.", "ﬁne Ｔｅｓｔ naïve Émile déjà vu!"] * 60
 PAIR = ("The people said hello.", "Déjà vu in Paris, said the MOTHER.")
 WORDS = ["The", "people", "of", "Paris", "said", "hello", "naïve"]
@@ -30,7 +35,22 @@ OFFSETS_TEXT = "Hello people of Paris, the people said."
 
 
 def test_every_model_type_is_covered():
-    assert set(PRESETS) == set(models.supported_model_types())
+    assert set(PRESETS) | set(GENERIC) == set(models.supported_model_types())
+
+
+@pytest.mark.parametrize("model_type", sorted(GENERIC))
+def test_the_others_load_their_tokenizer_json_as_it_is(model_type, tmp_path):
+    d = tmp_path / model_type
+    make_model_dir(d, GENERIC[model_type])
+    corpus = write_documents(tmp_path / "corpus.txt", make_documents(200) + EXTRA)
+    train_tokenizer(d, open_corpus([str(corpus)]), vocab_size=1000, min_frequency=1, show_progress=False)
+    from tokenizers import Tokenizer
+
+    assert models.family_for(model_type).tokenizer[model_type].hf_class == "PreTrainedTokenizerFast"
+    ours = _ours(d)
+    assert type(ours).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert ours(PAIR[0], PAIR[1])["input_ids"] == raw.encode(PAIR[0], PAIR[1]).ids
 
 
 def _config(d, model_type: str) -> None:

@@ -26,10 +26,8 @@ import dataclasses
 import math
 from mlmtool.errors import ConfigError
 from mlmtool.models.base import (
-    BERT_SPECIALS,
     Family,
     FamilyConfig,
-    TokenizerDefaults,
     WeightEntry,
     WeightTable,
     config_fields,
@@ -41,7 +39,7 @@ from mlmtool.models.base import (
     require_numbers,
     require_positive_ints,
 )
-from mlmtool.models.bert import ACTIVATION_NAMES, bert_layer_entries
+from mlmtool.models.bert import ACTIVATION_NAMES, BERT_TOKENIZER, bert_layer_entries
 
 MASKED_LM, PRE_TRAINING = "ElectraForMaskedLM", "ElectraForPreTraining"
 #: The generator's own fields (the rest it takes from the discriminator: the shared
@@ -187,7 +185,8 @@ class ElectraFamily(Family):
     }
     hf_defaults = {"electra": _HF_DEFAULTS}
     extra_config_keys = ("generator",)
-    tokenizer = {"electra": TokenizerDefaults("wordpiece", lowercase=True, specials=BERT_SPECIALS)}
+    #: BERT's WordPiece and class (transformers 5's ElectraTokenizer is BertTokenizer by another name)
+    tokenizer = {"electra": BERT_TOKENIZER}
     network = "mlmtool.models.electra_flax:Electra"
     head_modules = ("generator",)  # unused: matmul_parameters is ours (the head is inside the tower)
     architecture_keys = ("model_type", "vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
