@@ -18,7 +18,7 @@ def open_stores(mdir, config: dict, *, what: str = "train"):
     train_store = BlockStore.open(mdir.data_dir, "train")
     has_validation = meta.get("num_blocks", {}).get("validation", 0)
     val_store = BlockStore.open(mdir.data_dir, "validation") if has_validation else None
-    if train_store.vocab_size != config["vocab_size"]:
+    if train_store.vocab_size > config["vocab_size"]:  # smaller: a padded embedding matrix (prepare)
         raise DataError(
             f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
             f"vocab_size={config['vocab_size']}",
