@@ -178,7 +178,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     # tokenizer's size (vocab_size) and the model's (model_vocab_size).
     if tok.vocab_size > config["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
-                          f"is only {config['vocab_size']}",
+                          f"is {config['vocab_size']}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
     if tok.pad_token_id != config["pad_token_id"]:
         raise ConfigError(f"config.json pad_token_id {config['pad_token_id']} differs from the "
