@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -1006,6 +1007,30 @@ def test_a_vocabulary_far_below_the_one_asked_for_is_warned_about(prepared, corp
     assert "warning: the vocabulary has" in err and "of the 1,000 asked for: the sample is too small" in err, err
     assert "a larger --sample-bytes" in err, err
 
+
+def test_more_modernbert_layers_regenerate_layer_types(tmp_path):
+    """``--set num_hidden_layers=6`` on modernbert-tiny (4 layer_types) was refused; transformers
+    regenerates layer_types when it is not given, a global layer every 3rd."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "model"
+    r = invoke("init", d, "--preset", "modernbert-tiny", "--set", "num_hidden_layers=6")
+    assert r.exit_code == 0, r.output
+    config = json.loads((d / "config.json").read_text())
+    assert config["layer_types"] == transformers.ModernBertConfig(num_hidden_layers=6).layer_types
+    given = ["full_attention"] * 5  # given: kept, and checked against the layers
+    r = invoke("init", tmp_path / "other", "--preset", "modernbert-tiny", "--set", "num_hidden_layers=6",
+               "--set", f"layer_types={json.dumps(given)}")
+    assert "layer_types has 5 entries but num_hidden_layers is 6" in error_line(r)
+
+
+def test_a_sampled_tokenizer_says_how_much_of_the_corpus_it_read(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 300, "--force", "--sample-bytes", 1)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    documents = len(corpus.read_text().splitlines())
+    assert "on a sample of 1 document (" in out and f"of the corpus' {documents:,} documents" in out, out
+    assert not re.search(r"\b1 documents", out), out
 
 # == Issue 21, class 3: a padded embedding matrix (vocab_size > the tokenizer) is supported ========
 

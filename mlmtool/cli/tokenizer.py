@@ -103,11 +103,15 @@ def tokenizer_command(
 
     kind = KIND_NAMES[result["type"]]
     case = ", lowercased" if result["lowercase"] else ""
+    def documents(n: int) -> str:
+        return f"{n:,} document{'' if n == 1 else 's'}"
+
+    sample = result.get("sample")
+    read = (f"on a sample of {documents(sample['documents'])} ({human_bytes(sample['bytes'])}, seed {sample['seed']}) "
+            f"of the corpus' {documents(result['documents'])} ({human_bytes(result['bytes'])})" if sample
+            else f"on {documents(result['documents'])} ({human_bytes(result['bytes'])})")
     say(f"Trained a {kind} tokenizer{case}: vocab {result['vocab_size']:,} "
-        f"(asked {result['requested_vocab_size']:,}), {result['documents']:,} documents, "
-        f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s"
-        + (f", on a sample of {result['sample']['documents']:,} documents ({human_bytes(result['sample']['bytes'])}, "
-           f"seed {result['sample']['seed']})" if result.get("sample") else ""))
+        f"(asked {result['requested_vocab_size']:,}), {read} in {result['seconds']:.1f} s")
     padded = (f" (padded from the tokenizer's {result['vocab_size']:,} to a multiple of {pad_vocab_to_multiple_of})"
               if result["model_vocab_size"] != result["vocab_size"] else "")
     say(f"Wrote {', '.join(result['files'])}; config.json vocab_size = {result['model_vocab_size']}{padded}")
