@@ -825,6 +825,7 @@ def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, co
         (["train", d, "--mlm-probability", "1.5"], "--mlm-probability must be in (0, 1), got 1.5"),
         (["train", d, "--per-device-eval-batch-size", "0"], "--per-device-eval-batch-size must be positive, got 0"),
         (["tokenizer", d, str(corpus), "--seed", "-1", "--sample-documents", "10"], "--seed must be in [0, 2^32)"),
+        (["tokenizer", d, str(corpus), "--pad-vocab-to-multiple-of", "0"], "--pad-vocab-to-multiple-of must be in"),
         (["eval", d, "--mlm-probability", "0"], "--mlm-probability must be in (0, 1), got 0.0"),
         (["eval", d, "--per-device-eval-batch-size", "-2"], "--per-device-eval-batch-size must be positive"),
     ]
