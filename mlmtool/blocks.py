@@ -26,7 +26,10 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     pad_token_id, mask_token_id, cls_token_id, sep_token_id, unk_token_id,
     bos_token_id, eos_token_id special token ids (bos/eos null for WordPiece)
     special_token_ids          all special ids (sorted), as transformers' all_special_ids
-    vocab_size                 the tokenizer's size (len(tokenizer))
+    vocab_size                 the tokenizer's size (len(tokenizer)): every stored id is below it,
+                               and masking draws its random tokens below it
+    model_vocab_size           config.json's vocab_size when prepared (>= vocab_size: a padded
+                               embedding matrix; absent in stores made before it was recorded)
     validation_split_percentage, validation_rule
     fingerprint                the corpus inputs (see mlmtool.corpus)
     tokenizer_sha256           hash of the tokenizer.json the blocks were made with

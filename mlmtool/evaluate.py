@@ -305,7 +305,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         error = e
     dist.agree(error=error)
     step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
-                        vocab_size=config["vocab_size"], baseline_token=baseline_token, masking=masking,
+                        vocab_size=train_store.vocab_size, baseline_token=baseline_token, masking=masking,
                         word_boundaries=word_table, document_start_id=document_start_id(store, documents),
                         objective=objective)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size,

@@ -33,7 +33,10 @@ def exported_files(mdir: ModelDir) -> list[str]:
     """What OUT holds: config, tokenizer files (a vocabulary file ``init --from`` copied
     too), weights and the card."""
     extra = [name for name in TOKENIZER_EXTRA if (mdir.path / name).is_file()]
-    return [CONFIG, *TOKENIZER_FILES, *extra, WEIGHTS, CARD]
+    # transformers v5's save_pretrained writes no special_tokens_map.json (tokenizer_config.json
+    # holds the special tokens): a DIR made with init --from of such a PATH has none to export
+    tokenizer = [name for name in TOKENIZER_FILES if name != "special_tokens_map.json" or (mdir.path / name).is_file()]
+    return [CONFIG, *tokenizer, *extra, WEIGHTS, CARD]
 
 
 def check_destination(mdir: ModelDir, out: Path, force: bool) -> None:

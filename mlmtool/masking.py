@@ -113,6 +113,9 @@ def mask_tokens(
     ``max_predictions`` slots.  ``max_predictions=None`` keeps one slot per position
     (P = rows_per_group x L, nothing ever dropped), which is what evaluation uses.
     ``mlm_probability`` may be a traced scalar (a rate that changes over training).
+    ``vocab_size`` bounds the random replacement tokens: the tokenizer's size (the block
+    store's ``vocab_size``), not config.json's, which may be larger (a padded embedding
+    matrix, whose ids past the tokenizer never occur and must not be drawn).
     ``masking`` is a MODES name; whole-word and span masking need ``word_boundaries``
     (the uint8 [V] table of ``mlmtool.tokenizer_facts.word_boundaries``).
     """

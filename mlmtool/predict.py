@@ -25,11 +25,21 @@ def load_tokenizer(mdir):
 
 
 @functools.lru_cache(maxsize=4)
-def _probabilities_fn(family_config, network):
+def _probabilities_fn(family_config, network, tokenizer_size: int | None = None):
     """Jitted (params, ids, mask) -> softmax probabilities [B, L, V], one per model config, so
-    repeated calls (and texts padded to the same length) reuse the compiled function."""
+    repeated calls (and texts padded to the same length) reuse the compiled function.
+    ``tokenizer_size`` < V (a padded embedding matrix): the padding ids' logits are -inf, so
+    they get probability 0 and are never predicted (they decode to no token)."""
     model = network(family_config)
-    return jax.jit(lambda p, i, m: jax.nn.softmax(model.apply({"params": p}, i, attention_mask=m), axis=-1))
+
+    def probabilities(p, i, m):
+        logits = model.apply({"params": p}, i, attention_mask=m)  # [B, L, V]
+        if tokenizer_size is not None and tokenizer_size < logits.shape[-1]:
+            real = jnp.arange(logits.shape[-1]) < tokenizer_size  # [V]
+            logits = jnp.where(real, logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return jax.jit(probabilities)
 
 
 def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "latest") -> list:
@@ -62,7 +72,7 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
     enc = tok(texts, padding=True, pad_to_multiple_of=8, return_tensors="np")
     if enc["input_ids"].shape[1] > limit:  # the multiple of 8 overshot the limit
         enc = tok(texts, padding=True, return_tensors="np")
-    probs = np.asarray(_probabilities_fn(loaded.config, network_class(loaded.family))(
+    probs = np.asarray(_probabilities_fn(loaded.config, network_class(loaded.family), len(tok))(
         params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])))  # [B, L, V]
     if not np.isfinite(probs).all():
         from mlmtool.errors import CheckpointError

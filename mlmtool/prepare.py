@@ -172,7 +172,11 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             return _summary(meta, mdir.data_dir, "up to date", time.perf_counter() - started, None)
 
     tok = tokenizer_info(mdir)
-    if tok.vocab_size != config["vocab_size"]:
+    # vocab_size may exceed the tokenizer (a padded embedding matrix, as resize_token_embeddings(
+    # pad_to_multiple_of=64) writes or ModernBERT's 50,368): the ids past it never occur in the
+    # data, masking never draws them and predict never returns them.  The meta records the
+    # tokenizer's size (vocab_size) and the model's (model_vocab_size).
+    if tok.vocab_size > config["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                           f"is {config['vocab_size']}",
                           f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
@@ -356,6 +360,7 @@ def _block_meta(combined: dict, tok: TokenizerInfo, key: dict, args: dict, *, co
         "eos_token_id": tok.eos_token_id,
         "special_token_ids": list(tok.special_token_ids),
         "vocab_size": tok.vocab_size,
+        "model_vocab_size": key["config"]["vocab_size"],  # >= vocab_size: a padded embedding
         "validation_split_percentage": args["validation_split_percentage"],
         "validation_rule": VALIDATION_RULE,
         "fingerprint": key["inputs"],

@@ -139,6 +139,7 @@ def build_config(preset: str | None = None, *, overrides: list[str] = (), from_c
     fields = parse_overrides(list(overrides), base)
     if "model_type" in fields:
         raise ConfigError("--set model_type is not supported", "choose a preset of that model type instead")
+    fields = models.family_for(base["model_type"]).derived_overrides(base, fields)
     config = _full_dict(base["model_type"], {**base, **fields})
     validate(config)
     return config

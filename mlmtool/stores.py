@@ -18,11 +18,14 @@ def open_stores(mdir, config: dict, *, what: str = "train"):
     train_store = BlockStore.open(mdir.data_dir, "train")
     has_validation = meta.get("num_blocks", {}).get("validation", 0)
     val_store = BlockStore.open(mdir.data_dir, "validation") if has_validation else None
-    if train_store.vocab_size != config["vocab_size"]:
+    # The model's vocab_size the data was prepared for: the tokenizer's size or more (a padded
+    # embedding matrix); stores made before model_vocab_size was recorded required them equal.
+    prepared_for = meta.get("model_vocab_size", train_store.vocab_size)
+    if prepared_for != config["vocab_size"] or train_store.vocab_size > config["vocab_size"]:
         raise DataError(
-            f"the prepared data was made with a vocabulary of {train_store.vocab_size} but config.json says "
+            f"the prepared data was made with a vocabulary of {prepared_for} but config.json says "
             f"vocab_size={config['vocab_size']}",
-            f"put back vocab_size={train_store.vocab_size} in {mdir.config_path} if it was edited, or (a retrained "
+            f"put back vocab_size={prepared_for} in {mdir.config_path} if it was edited, or (a retrained "
             f"tokenizer) prepare the data again: '{mdir.prepare_command('--force')}'")
     check_tokenizer(mdir, meta)
     if train_store.seq_len > max_sequence_length(config):

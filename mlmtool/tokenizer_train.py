@@ -333,7 +333,8 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                     kind: str | None = None, vocab_size: int | None = None,
                     min_frequency: int = DEFAULT_MIN_FREQUENCY, lowercase: bool | None = None,
                     show_progress: bool = True, force: bool = False, sample_bytes: int | None = None,
-                    sample_documents: int | None = None, seed: int = 0) -> dict[str, Any]:
+                    sample_documents: int | None = None, seed: int = 0,
+                    pad_vocab_to_multiple_of: int = 1) -> dict[str, Any]:
     """Train, save into DIR, update config.json and the manifest; return a summary dict.
 
     ``kind``/``vocab_size``/``lowercase`` default to the model family's convention (e.g.
@@ -348,6 +349,11 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     ``sample_bytes``/``sample_documents``: train on a seeded uniform sample of the documents
     of about that many bytes (or that many documents) instead of the whole corpus
     (:mod:`mlmtool.corpus.sample`); the result and the manifest record it.
+
+    ``pad_vocab_to_multiple_of``: config.json's vocab_size (the embedding matrix) is the
+    tokenizer's size rounded up to a multiple of it (``model_vocab_size`` in the result); 1
+    keeps them equal.  The padding ids never occur in the data, masking never draws them and
+    predict never returns them.
     """
     mdir = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
     config = mdir.read_config()
@@ -371,6 +377,9 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if not 1 <= min_frequency < 2**32:
         raise ConfigError(f"--min-frequency must be in 1 .. 2^32-1, got {min_frequency}",
                           "use --min-frequency 2 (the default)")
+    if not 1 <= pad_vocab_to_multiple_of <= 1 << 16:
+        raise ConfigError(f"--pad-vocab-to-multiple-of must be in 1 .. 65536, got {pad_vocab_to_multiple_of}",
+                          "use e.g. --pad-vocab-to-multiple-of 64 (or 1: no padding)")
     if lowercase is None:  # the family's choice for its own algorithm; else uncased WordPiece only
         lowercase = defaults.lowercase if kind == defaults.algorithm else kind == "wordpiece"
     if sample_bytes is not None and sample_documents is not None:
@@ -392,7 +401,8 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
             remove_leftovers(mdir / name)
         return _train(mdir, corpus, config, kind=kind, specials=specials, config_ids=defaults.config_ids,
                       requested=requested, min_frequency=min_frequency, lowercase=lowercase,
-                      show_progress=show_progress, sample=sample, fields=defaults.tokenizer_config(kind, lowercase))
+                      show_progress=show_progress, sample=sample, fields=defaults.tokenizer_config(kind, lowercase),
+                      pad_to=pad_vocab_to_multiple_of)
 
 
 def _data_tokenizer(mdir: ModelDir) -> str | None:
@@ -405,7 +415,8 @@ def _data_tokenizer(mdir: ModelDir) -> str | None:
 
 def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials: SpecialTokens,
            config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
-           show_progress: bool, sample: Reservoir | None = None, fields: dict | None = None) -> dict[str, Any]:
+           show_progress: bool, sample: Reservoir | None = None, fields: dict | None = None,
+           pad_to: int = 1) -> dict[str, Any]:
     from mlmtool.presets import max_sequence_length
 
     tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
@@ -430,7 +441,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
     if kind == "bpe":  # as RobertaTokenizer rebuilds it (the trainer leaves None: the same tokenizer)
         tok.model.continuing_subword_prefix = tok.model.end_of_word_suffix = ""
 
-    config["vocab_size"] = real
+    config["vocab_size"] = -(-real // pad_to) * pad_to  # the embedding rows: padded up to a multiple
     for field, role in config_ids:  # the family's special ids in config.json
         config[field] = ids[specials.role(role)]
     max_len = max_sequence_length(config)
@@ -442,6 +453,7 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
         "type": kind,
         "vocab_size": real,
         "requested_vocab_size": requested,
+        "model_vocab_size": config["vocab_size"],
         "min_frequency": min_frequency,
         "lowercase": lowercase,
         "model_max_length": max_len,
@@ -464,6 +476,9 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
     args = {"type": kind, "vocab_size": requested, "min_frequency": min_frequency,
             "lowercase": lowercase, "text_column": corpus.text_column}
     outputs = {k: result[k] for k in ("vocab_size", "documents", "bytes", "tokenizer_sha256")}
+    if pad_to != 1:  # recorded only when asked for: earlier manifests stay as they were
+        args["pad_vocab_to_multiple_of"] = pad_to
+        outputs["model_vocab_size"] = config["vocab_size"]
     if sample is not None:  # what the tokenizer was trained on, and how to draw it again
         result["sample"] = sample.summary()
         args |= ({"sample_bytes": sample.max_bytes} if sample.max_bytes is not None

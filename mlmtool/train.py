@@ -94,7 +94,7 @@ class Trainer:
             raise TrainingError(f"the {family.name} family's network does not implement document attention",
                                 "drop --document-attention")
         self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
-                                vocab_size=self.config["vocab_size"], mlm_probability=cfg.mlm_probability,
+                                vocab_size=store.vocab_size, mlm_probability=cfg.mlm_probability,
                                 masking=cfg.masking, word_boundaries=self.word_boundaries)
         row_variance = None
         if cfg.masking != "token" and not cfg.max_predictions_per_seq:
@@ -305,7 +305,7 @@ class Trainer:
         if self._eval_step is None:
             self._eval_step = make_eval_fn(self.model, self.mesh, self.state_sharding.params, store=self.val_store,
                                            mlm_probability=EVAL_MLM_PROBABILITY,
-                                           vocab_size=self.config["vocab_size"],
+                                           vocab_size=self.train_store.vocab_size,
                                            baseline_token=unigram_top_token(self.train_store),
                                            document_start_id=document_start_id(self.val_store,
                                                                                self.document_attention),

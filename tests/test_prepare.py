@@ -400,9 +400,15 @@ def test_data_errors_leave_nothing(bpe_dir, tmp_path, docs, args, message):
 
 def test_config_must_agree_with_tokenizer(bpe_dir, corpus_file):
     config = json.loads((bpe_dir / "config.json").read_text())
-    (bpe_dir / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    (bpe_dir / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 8}))
     line = error_line(invoke("prepare", bpe_dir, corpus_file))
     assert "config.json's vocab_size" in line and "mlmtool tokenizer" in line
+    # a larger vocab_size is a padded embedding matrix (issue 21, class 3): accepted, and recorded
+    (bpe_dir / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    r = invoke("prepare", bpe_dir, corpus_file, "--force")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((bpe_dir / "data" / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["model_vocab_size"]) == (config["vocab_size"], config["vocab_size"] + 8)
     (bpe_dir / "config.json").write_text(json.dumps({**config, "pad_token_id": 0}))
     assert "pad_token_id 0 differs from the tokenizer's 1" in error_line(invoke("prepare", bpe_dir, corpus_file))
 

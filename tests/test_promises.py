@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -824,6 +825,7 @@ def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, co
         (["train", d, "--mlm-probability", "1.5"], "--mlm-probability must be in (0, 1), got 1.5"),
         (["train", d, "--per-device-eval-batch-size", "0"], "--per-device-eval-batch-size must be positive, got 0"),
         (["tokenizer", d, str(corpus), "--seed", "-1", "--sample-documents", "10"], "--seed must be in [0, 2^32)"),
+        (["tokenizer", d, str(corpus), "--pad-vocab-to-multiple-of", "0"], "--pad-vocab-to-multiple-of must be in"),
         (["eval", d, "--mlm-probability", "0"], "--mlm-probability must be in (0, 1), got 0.0"),
         (["eval", d, "--per-device-eval-batch-size", "-2"], "--per-device-eval-batch-size must be positive"),
     ]
@@ -1005,3 +1007,123 @@ def test_a_vocabulary_far_below_the_one_asked_for_is_warned_about(prepared, corp
     err = " ".join(r.stderr.split())
     assert "warning: the vocabulary has" in err and "of the 1,000 asked for: the sample is too small" in err, err
     assert "a larger --sample-bytes" in err, err
+
+
+def test_more_modernbert_layers_regenerate_layer_types(tmp_path):
+    """``--set num_hidden_layers=6`` on modernbert-tiny (4 layer_types) was refused; transformers
+    regenerates layer_types when it is not given, a global layer every 3rd."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "model"
+    r = invoke("init", d, "--preset", "modernbert-tiny", "--set", "num_hidden_layers=6")
+    assert r.exit_code == 0, r.output
+    config = json.loads((d / "config.json").read_text())
+    assert config["layer_types"] == transformers.ModernBertConfig(num_hidden_layers=6).layer_types
+    given = ["full_attention"] * 5  # given: kept, and checked against the layers
+    r = invoke("init", tmp_path / "other", "--preset", "modernbert-tiny", "--set", "num_hidden_layers=6",
+               "--set", f"layer_types={json.dumps(given)}")
+    assert "layer_types has 5 entries but num_hidden_layers is 6" in error_line(r)
+
+
+def test_a_sampled_tokenizer_says_how_much_of_the_corpus_it_read(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 300, "--force", "--sample-bytes", 1)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    documents = len(corpus.read_text().splitlines())
+    assert "on a sample of 1 document (" in out and f"of the corpus' {documents:,} documents" in out, out
+    assert not re.search(r"\b1 documents", out), out
+
+# == Issue 21, class 3: a padded embedding matrix (vocab_size > the tokenizer) is supported ========
+
+@pytest.fixture(scope="module")
+def padded_source(tmp_path_factory):
+    """A transformers ``save_pretrained`` RoBERTa whose embedding matrix (1024 rows) is larger than
+    its tokenizer, as ``resize_token_embeddings(pad_to_multiple_of=...)`` writes; the padding ids'
+    output bias is raised so that a predict that does not mask them would return them."""
+    torch = pytest.importorskip("torch")
+    from tests.pipeline import write_corpus
+    from tests.test_init_from import _hf_tokenizer, _torch_model
+
+    root = tmp_path_factory.mktemp("padded")
+    corpus = write_corpus(root / "corpus.txt", n_docs=300)
+    _, fast = _hf_tokenizer(corpus)
+    model = _torch_model(1024)
+    assert len(fast) < 1024
+    with torch.no_grad():
+        model.lm_head.bias[len(fast):] = 30.0
+    src = root / "hf-padded"
+    model.save_pretrained(src)
+    fast.save_pretrained(src)
+    return src, corpus, len(fast)
+
+
+@pytest.mark.slow
+def test_a_padded_hub_model_is_prepared_trained_evaluated_predicted_and_exported(padded_source, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    src, corpus, n = padded_source
+    d = tmp_path / "model"
+    for args in (("init", d, "--from", src),
+                 ("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10),
+                 ("train", d, "--max-steps", 3, "--per-device-train-batch-size", 8, "--save-steps", 3,
+                  "--eval-steps", 3, "--logging-steps", 1),
+                 ("eval", d)):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output, r.exception)
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["model_vocab_size"]) == (n, 1024)
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 1024
+    r = invoke("predict", d, "The king said good <mask> to a woman.", "--top-k", 20, "--json")
+    assert r.exit_code == 0, r.output
+    predictions = json.loads(r.stdout)
+    assert len(predictions) == 20 and all(p["token"] < n for p in predictions), predictions
+    out = tmp_path / "out"
+    r = invoke("export", d, out)
+    assert r.exit_code == 0, r.output
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.vocab_size == 1024 and len(transformers.AutoTokenizer.from_pretrained(str(out))) == n
+
+
+def test_masking_never_draws_a_padding_id():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mlmtool.masking import mask_tokens
+
+    ids = jnp.full((64, 128), 7, dtype=jnp.int32)
+    kw = dict(special_token_ids=(0, 1, 2), mask_token_id=4, mlm_probability=0.9)
+    key = jax.random.PRNGKey(0)
+    bounded = mask_tokens(key, ids, vocab_size=300, **kw).input_ids
+    assert int(bounded.max()) < 300
+    unbounded = mask_tokens(key, ids, vocab_size=1024, **kw).input_ids  # the bound is what keeps them out
+    assert int(unbounded.max()) >= 300
+    again = mask_tokens(key, ids, vocab_size=300, **kw)  # the same bound, the same draw
+    assert (np.asarray(again.input_ids) == np.asarray(bounded)).all()
+
+
+@pytest.mark.parametrize("value", ["0", "-64", str(2**17)])
+def test_pad_vocab_to_multiple_of_out_of_range_is_one_line(prepared, corpus, tmp_path, value):
+    d = copy(prepared, tmp_path)
+    before = snapshot(d)
+    refused(invoke("tokenizer", d, corpus, "--pad-vocab-to-multiple-of", value, "--force"), d, before,
+            f"--pad-vocab-to-multiple-of must be in 1 .. 65536, got {value}")
+
+
+@pytest.mark.slow
+def test_tokenizer_pads_the_vocabulary_to_a_multiple_and_the_pipeline_trains(prepared, corpus, tmp_path):
+    d = copy(prepared, tmp_path)
+    r = invoke("tokenizer", d, corpus, "--vocab-size", 300, "--pad-vocab-to-multiple-of", 64, "--force")
+    assert r.exit_code == 0, r.output
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    assert vocab % 64 == 0 and n <= vocab < n + 64, (vocab, n)
+    assert "padded from the tokenizer's" in " ".join(r.stdout.split()), r.stdout
+    for args in (("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10, "--force"),
+                 ("train", d, "--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 2,
+                  "--eval-steps", 2)):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output, r.exception)
+    assert json.loads((d / "data" / "meta.json").read_text())["model_vocab_size"] == vocab

@@ -8,7 +8,7 @@ import typer
 
 from mlmtool.cli import app
 from mlmtool.models import tokenizer_help
-from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
+from mlmtool.cli.options import (_checked, DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
                                  JsonOpt, ModelDirArg, SeedOpt, SplitOpt, StreamingOpt, TextColumnOpt)
 
 TOKENIZER = "Tokenizer"
@@ -39,6 +39,12 @@ def tokenizer_command(
     sample_documents: Annotated[Optional[int], typer.Option(
         "--sample-documents", min=1, help="Train on a uniform random sample of N documents (drawn with --seed).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
+    pad_vocab_to_multiple_of: Annotated[int, typer.Option(
+        "--pad-vocab-to-multiple-of", help="Round config.json's vocab_size (the embedding matrix) up to a multiple "
+        "of N, as resize_token_embeddings(pad_to_multiple_of=N) does (64 helps GPU/TPU matrix units); the ids past "
+        "the tokenizer are never drawn by masking nor predicted.",
+        callback=_checked("--pad-vocab-to-multiple-of", lambda v: 1 <= v <= 1 << 16, "in 1 .. 65536"),
+        rich_help_panel=TOKENIZER)] = 1,
     seed: SeedOpt = 0,
     text_column: TextColumnOpt = "text",
     dataset: DatasetOpt = None,
@@ -75,7 +81,8 @@ def tokenizer_command(
     result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
                              min_frequency=min_frequency, lowercase=lowercase,
                              show_progress=not json_out and not quiet(), force=force,
-                             sample_bytes=sample_bytes, sample_documents=sample_documents, seed=seed)
+                             sample_bytes=sample_bytes, sample_documents=sample_documents, seed=seed,
+                             pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
     if mdir.init_weights_path.exists():  # --force: the weights no longer fit the vocabulary
         mdir.init_weights_path.unlink()
         err_console.print(f"[bold yellow]warning:[/] removed {mdir.init_weights_path}: the new tokenizer "
@@ -96,9 +103,15 @@ def tokenizer_command(
 
     kind = KIND_NAMES[result["type"]]
     case = ", lowercased" if result["lowercase"] else ""
+    def documents(n: int) -> str:
+        return f"{n:,} document{'' if n == 1 else 's'}"
+
+    sample = result.get("sample")
+    read = (f"on a sample of {documents(sample['documents'])} ({human_bytes(sample['bytes'])}, seed {sample['seed']}) "
+            f"of the corpus' {documents(result['documents'])} ({human_bytes(result['bytes'])})" if sample
+            else f"on {documents(result['documents'])} ({human_bytes(result['bytes'])})")
     say(f"Trained a {kind} tokenizer{case}: vocab {result['vocab_size']:,} "
-        f"(asked {result['requested_vocab_size']:,}), {result['documents']:,} documents, "
-        f"{human_bytes(result['bytes'])} in {result['seconds']:.1f} s"
-        + (f", on a sample of {result['sample']['documents']:,} documents ({human_bytes(result['sample']['bytes'])}, "
-           f"seed {result['sample']['seed']})" if result.get("sample") else ""))
-    say(f"Wrote {', '.join(result['files'])}; config.json vocab_size = {result['vocab_size']}")
+        f"(asked {result['requested_vocab_size']:,}), {read} in {result['seconds']:.1f} s")
+    padded = (f" (padded from the tokenizer's {result['vocab_size']:,} to a multiple of {pad_vocab_to_multiple_of})"
+              if result["model_vocab_size"] != result["vocab_size"] else "")
+    say(f"Wrote {', '.join(result['files'])}; config.json vocab_size = {result['model_vocab_size']}{padded}")

@@ -350,6 +350,12 @@ class Family:
     def validate(self, hf: dict) -> None:
         self.parse_config(hf)
 
+    def derived_overrides(self, base: dict, fields: dict) -> dict:
+        """``init --set`` fields plus those the family derives from them when they are not
+        given, as transformers' config class does (ModernBERT's ``layer_types`` from
+        ``num_hidden_layers``)."""
+        return fields
+
     def max_sequence_length(self, hf: dict) -> int:
         return self.parse_config(hf).max_sequence_length
 

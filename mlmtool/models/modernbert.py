@@ -285,6 +285,19 @@ class ModernBertFamily(Family):
                          "intermediate_size", "hidden_activation", "layer_types", "rope_parameters",
                          "local_attention", "norm_eps", *BOOL_FIELDS, "classifier_activation")
 
+    def derived_overrides(self, base: dict, fields: dict) -> dict:
+        """A new ``num_hidden_layers`` (or ``global_attn_every_n_layers``) without ``layer_types``:
+        the pattern is regenerated, a global layer every n-th (transformers' ModernBertConfig
+        does the same when ``layer_types`` is not given)."""
+        if "layer_types" in fields or not {"num_hidden_layers", "global_attn_every_n_layers"} & set(fields):
+            return fields
+        merged = {**base, **fields}
+        every = merged.get("global_attn_every_n_layers", 3)
+        layers = merged.get("num_hidden_layers")
+        if not (is_int(layers) and is_int(every) and layers > 0 and every > 0):
+            return fields  # parse_config names the bad value
+        return {**fields, "layer_types": layer_types_every(layers, every)}
+
     def parse_config(self, d: dict) -> ModernBertConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored (hub
         configs carry leftovers such as position_embedding_type, which transformers ignores)."""
