@@ -66,10 +66,14 @@ def test_dry_run_changes_nothing_and_projects_the_run(tmp_path):
 
     cfg = TrainConfig(max_steps=60, per_device_train_batch_size=8, eval_steps=20, save_steps=20,
                       logging_steps=20)
+    import jax
+
+    jax.clear_caches()  # both the dry run and the real run compile cold (no program cached in this process)
     m = dry_run(Trainer(ModelDir(d), cfg), say=lambda *a: None)
     assert _snapshot(d) == before
     assert m["fits"] is True and m["tokens_per_s"] > 0 and m["evaluations"] == 3 and m["saves"] == 3
     trainer = Trainer(ModelDir(d), cfg)
+    jax.clear_caches()
     t0 = time.perf_counter()
     trainer.run(say=lambda *a: None)
     wall = time.perf_counter() - t0
