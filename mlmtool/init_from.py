@@ -25,6 +25,9 @@ from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, atomic_
 
 
 
+_TIED_ONLY = "mlmtool trains models whose MLM decoder is tied to the embeddings"
+
+
 def init_source(mdir: ModelDir) -> str | None:
     """The PATH recorded by ``init --from`` (None if DIR was not made that way)."""
     args = (mdir.read_manifest().get("init") or {}).get("args") or {}
@@ -99,7 +102,14 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
         raise ModelDirError(f"--from {src}: no config.json", "pass a Hugging Face model directory")
     if src.resolve() == mdir.path.resolve():
         raise ModelDirError("--from names DIR itself", "pass the directory of the model to start from")
-    config = presets.build_config(overrides=list(overrides), from_config=src / "config.json")
+    try:
+        config = presets.build_config(overrides=list(overrides), from_config=src / "config.json")
+    except ConfigError as e:
+        if e.message.startswith("config tie_word_embeddings="):  # "set it to True" alone would not do
+            hint = (f"{_TIED_ONLY}: --set tie_word_embeddings=true imports {src} if its decoder equals its "
+                    "embeddings (it is checked), else continue the model with transformers")
+            raise ConfigError(e.message, hint) from None
+        raise
     files = _weight_files(src)
     fingerprint = _fingerprint(files)
 
@@ -112,8 +122,8 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
             existing = None
     same_source = ((previous.get("args") or {}).get("from") == str(src.resolve())
                    and previous.get("inputs") == fingerprint)
-    if (existing == config and same_source and mdir.init_weights_path.exists()
-            and mdir.tokenizer_path.exists()):
+    if (not force and existing == config and same_source and mdir.init_weights_path.exists()
+            and mdir.tokenizer_path.exists()):  # --force copies again (a damaged tokenizer file, say)
         return {"config": config, "status": "unchanged", "source": str(src.resolve())}
     if existing is not None and existing != config and not force:
         raise ModelDirError(f"{mdir.config_path} already exists with a different config",
@@ -128,9 +138,13 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
         params = loaded.from_hf(source_state)
     except CheckpointError as e:
         with_set = " with --set" if overrides else ""
-        raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}",
-                              "only --set options that keep the parameter shapes (e.g. dropout) can be combined "
-                              "with --from") from None
+        if "untied" in e.message:
+            hint = f"{_TIED_ONLY}: continue this model with transformers"
+        elif overrides:
+            hint = "only --set options that keep the parameter shapes (e.g. dropout) can be combined with --from"
+        else:  # no --set to drop: the source itself is inconsistent
+            hint = f"{src / 'config.json'} does not describe the weights beside it: fix it, or save the model again"
+        raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}", hint) from None
     mdir.write_config(config)
     tokenizer_files = _copy_tokenizer(src, mdir)
     _check_tokenizer(mdir, config)

@@ -319,9 +319,33 @@ class ModelDir:
         if not self.config_path.exists():
             raise ModelDirError(f"no config.json in {self.path}",
                                 f"run 'mlmtool init {self.path}' first")
-        from mlmtool.presets import load_config_file
+        from mlmtool.errors import ConfigError
+        from mlmtool.presets import hint_in_dir, load_config_file
 
-        return load_config_file(self.config_path)
+        try:
+            return load_config_file(self.config_path)
+        except ConfigError as e:  # "fix it with --set ..." means init's --set; here config.json is written
+            raise ConfigError(e.message, hint_in_dir(e.hint, self.config_path, self._recreate_hint())) from None
+
+    def _recreate_hint(self) -> str:
+        """How to get config.json back when it is unreadable, by what DIR holds: a new one
+        from a preset would not match DIR's tokenizer or weights."""
+        args = (self.read_manifest().get("init") or {}).get("args") or {}
+        if args.get("from"):  # the config comes whole from the imported model
+            return f"recreate it with 'mlmtool init {self.path} --from {args['from']} --force'"
+        steps = self.checkpoint_steps()
+        if steps:
+            return (f"checkpoint step {steps[-1]} recorded it (the \"config\" of "
+                    f"{self.checkpoints_dir / str(steps[-1]) / 'meta' / 'metadata'})")
+        if self.weights_path.exists():
+            return f"{self.weights_path} was trained with it (no 'mlmtool init' makes it again)"
+        made = ([f"--from-config {args['from_config']}"] if args.get("from_config")
+                else [f"--preset {args['preset']}"] if args.get("preset") else [])
+        made += [f"--set {item}" for item in args.get("set") or [] if " " not in item and "'" not in item]
+        again = f"'mlmtool init {' '.join([str(self.path), *made])} --force'"
+        if self.tokenizer_path.exists():
+            return f"recreate it with {again}, then 'mlmtool tokenizer {self.path} FILE... --force'"
+        return f"recreate it with {again}"
 
     def write_config(self, config: dict) -> None:
         """config.json, with the ``transformers_version`` it was written for (the installed

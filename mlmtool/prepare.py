@@ -50,7 +50,7 @@ from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
 from mlmtool.modeldir import ModelDir, atomic_write_json, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
-from mlmtool.tokenizer_facts import TokenizerInfo, tokenizer_info
+from mlmtool.tokenizer_facts import TokenizerInfo, retrain_hint, tokenizer_info
 
 DEFAULT_MAX_SEQ_LENGTH = 128
 DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
@@ -146,8 +146,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if max_seq_length > limit:
         raise ConfigError(f"--max-seq-length {max_seq_length} exceeds the model's limit of {limit} "
                           f"positions (max_position_embeddings {config['max_position_embeddings']})",
-                          f"use --max-seq-length {limit} or less, or raise max_position_embeddings "
-                          "with 'mlmtool init DIR --set ... --force'")
+                          _positions_hint(mdir, config, max_seq_length, limit))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if num_proc is not None and not 1 <= num_proc <= 4 * cores:
         raise ConfigError(f"--num-proc {num_proc} is not in 1 .. {4 * cores} (4 x the {cores} CPU cores)",
@@ -179,11 +178,11 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     if tok.vocab_size > config["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                           f"is {config['vocab_size']}",
-                          f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
+                          retrain_hint(mdir, "the tokenizer", " (it updates config.json)"))
     if tok.pad_token_id != config["pad_token_id"]:
         raise ConfigError(f"config.json pad_token_id {config['pad_token_id']} differs from the "
                           f"tokenizer's {tok.pad_token_id}",
-                          f"retrain with 'mlmtool tokenizer {mdir} FILE...' (it updates config.json)")
+                          retrain_hint(mdir, "the tokenizer", " (it updates config.json)"))
     key["tokenizer_sha256"] = tok.sha256  # the same file, unless it changed meanwhile
     plain = shard_indices is None  # all shards: holds the directory's lock throughout, as before shards
     with mdir.lock("prepare", enabled=plain):
@@ -202,6 +201,31 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
                                   "tokens around each document, no token to predict (train and eval refuse them): "
                                   f"prepare again with --max-seq-length {frame + 1} or more (e.g. 128) and --force"]
     return result
+
+
+def _positions_hint(mdir: ModelDir, config: dict, max_seq_length: int, limit: int) -> str:
+    """How to prepare blocks longer than the model's positions, by what DIR holds: weights
+    whose position table cannot grow (imported by ``init --from`` or trained) leave only
+    shorter blocks; a rotary model's positions are no weights, so ``init --from`` again with
+    more of them works; a DIR with no weights yet gets its own config with more positions."""
+    from mlmtool.init_from import init_source
+    from mlmtool.presets import parameter_count
+
+    shorter = f"use --max-seq-length {limit} or less"
+    grown = config["max_position_embeddings"] + max_seq_length - limit
+    learned = parameter_count({**config, "max_position_embeddings": grown}) != parameter_count(config)
+    option = f"--set max_position_embeddings={grown} --force"
+    trained = mdir.trained_state()
+    if trained:
+        return f"{shorter} (the {' and '.join(trained)} in {mdir.path} were trained with these positions)"
+    if mdir.init_weights_path.exists():
+        source = init_source(mdir)
+        if learned or source is None:
+            return (f"{shorter}: the weights of {source or mdir.init_weights_path} have a table of "
+                    f"{config['max_position_embeddings']} positions that cannot grow")
+        return f"{shorter}, or import more positions with 'mlmtool init {mdir.path} --from {source} {option}'"
+    return (f"{shorter}, or give the model more positions with "
+            f"'mlmtool init {mdir.path} --from-config {mdir.config_path} {option}'")
 
 
 def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: dict, *,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 
 from mlmtool import models
@@ -66,8 +67,9 @@ def _hf_dict(model_type: str, fields: dict) -> dict:
     return json.loads(json.dumps(d))  # as config.json holds it (id2label's keys are strings)
 
 
-def load_config_file(path: Path) -> dict:
-    """Read a config.json into a full dict; raise ConfigError if it is unusable."""
+def load_config_file(path: Path, *, check: bool = True) -> dict:
+    """Read a config.json into a full dict; raise ConfigError if it is unusable (``check``:
+    also if :func:`validate` refuses it; ``init`` validates after its ``--set``, which may fix it)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -80,8 +82,38 @@ def load_config_file(path: Path) -> dict:
         raise ConfigError(f"{path} has no model_type",
                           "recreate it with 'mlmtool init DIR --force'")
     config = _full_dict(raw["model_type"], raw)
-    validate(config)
+    if check:
+        validate(config)
     return config
+
+
+def hint_in_dir(hint: str | None, config_path: Path, recreate: str | None = None) -> str | None:
+    """A config hint as it reads for a config.json already in a DIR, read by any command.
+
+    The checks name the fix as ``init --set`` (where configs are made), but outside ``init``
+    there is no ``--set``, and ``init DIR --set ... --force`` would rebuild config.json from
+    the default preset (dropping an ``init --from`` DIR's weights): editing the file works."""
+    if not hint:
+        return hint
+    path = str(config_path)
+    if recreate:  # the hints of an unreadable config.json (load_config_file, _hf_dict)
+        hint = hint.replace("recreate it with 'mlmtool init DIR --force'", recreate)
+        hint = hint.replace("fix config.json,", f"fix {path},")
+    hint = re.sub(r"\(--set (\w+(?:, \w+)+)\)", rf"in {path} (\1)", hint)  # check the sizes (--set a, b)
+    hint = re.sub(r" \(--set [^)]*\)", f" in {path}", hint)  # set K to V (--set K=V)
+
+    def fix(m: re.Match) -> str:
+        key, value = m["key"] or m["qkey"], m["value"] or m["qvalue"]
+        if value in ("N", "X"):
+            return f'fix "{key}" in {path}'
+        literal = value if re.fullmatch(r"-?[\d.]+(e-?\d+)?|true|false|null|\[.*\]", value) else json.dumps(value)
+        return f'set "{key}" to {literal} in {path}'
+
+    quoted, plain = r"'(?P<qkey>\w+)=(?P<qvalue>[^']*)'", r"(?P<key>\w+)=(?P<value>[^\s,)]+)"
+    hint = re.sub(rf"(?:fix it with |e\.g\. )?--set (?:{quoted}|{plain})", fix, hint)
+    hint = re.sub(r"(fix it )?with --set\b", lambda m: f"{m[1] or ''}in {path}", hint)
+    hint = hint.replace(", or let 'mlmtool tokenizer' set it", "")  # tokenizer reads config.json first
+    return hint
 
 
 def parse_overrides(items: list[str], base: dict) -> dict:
@@ -95,7 +127,8 @@ def parse_overrides(items: list[str], base: dict) -> dict:
             close = difflib.get_close_matches(key, list(base), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see config.json for the known keys"
             raise ConfigError(f"--set: unknown config key {key!r}", hint)
-        default = base[key]
+        # typed as the family's default (a --from-config file's wrong value is what --set fixes)
+        default = _family_default(base, key, base[key])
         try:
             if isinstance(default, bool):
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -116,6 +149,12 @@ def parse_overrides(items: list[str], base: dict) -> dict:
     return out
 
 
+def _family_default(base: dict, key: str, fallback):
+    family = models.family_for(base.get("model_type"))
+    value = family.hf_defaults.get(base.get("model_type"), {}).get(key)
+    return fallback if value is None else value
+
+
 def _closest(name: str, choices: list[str]) -> str | None:
     """difflib's closest match (ratio >= 0.6), the first listed on a tie: 'robert' is
     'roberta-base', the default, not the alphabetically last of the equally close presets."""
@@ -127,7 +166,7 @@ def _closest(name: str, choices: list[str]) -> str | None:
 def build_config(preset: str | None = None, *, overrides: list[str] = (), from_config: Path | None = None) -> dict:
     """The full config.json dict for a preset (or a config file), with ``--set`` overrides."""
     if from_config is not None:
-        base = load_config_file(from_config)
+        base = load_config_file(from_config, check=False)  # validated below, after --set
     else:
         name = preset or DEFAULT_PRESET
         presets = models.all_presets()

@@ -40,6 +40,25 @@ class TokenizerInfo:
 _NAME_DEFAULTS = {"<mask>": ROBERTA_SPECIALS.hf_kwargs(), "[MASK]": BERT_SPECIALS.hf_kwargs()}
 
 
+def retrain_hint(model_dir: ModelDir, what: str = "it", note: str = "") -> str:
+    """How to get a tokenizer that fits DIR again: retraining it, where that is allowed; on a
+    DIR whose weights belong to the tokenizer ('init --from' or trained), 'mlmtool tokenizer'
+    refuses without --force, so the hint says what works there."""
+    from mlmtool.init_from import init_source
+
+    source = init_source(model_dir) if model_dir.init_weights_path.exists() else None
+    if source is not None:
+        return (f"'mlmtool init {model_dir.path} --from {source} --force' copies the tokenizer and config.json "
+                "of the imported model again")
+    trained = model_dir.trained_state()
+    if trained or model_dir.init_weights_path.exists():
+        made = ", ".join(trained) or model_dir.init_weights_path.name
+        return (f"put back the tokenizer files and config.json that {made} in {model_dir.path} were made with; "
+                f"a new tokenizer makes them unusable ('mlmtool tokenizer {model_dir.path} FILE... --force', "
+                "then prepare --force and train --no-resume --force)")
+    return f"retrain {what} with 'mlmtool tokenizer {model_dir.path} FILE...'{note}"
+
+
 def _token_name(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -56,8 +75,7 @@ def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise DataError(f"cannot load {path} ({e})",
-                        f"retrain it with 'mlmtool tokenizer {model_dir} FILE...'") from None
+        raise DataError(f"cannot load {path} ({e})", retrain_hint(model_dir)) from None
     names: dict[str, Any] = {}
     cfg_path = model_dir / "tokenizer_config.json"
     if cfg_path.exists():
@@ -76,8 +94,7 @@ def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
                                "bos_token", "eos_token")}
     for key in ("pad_token", "mask_token"):
         if ids[key] is None:
-            raise DataError(f"the tokenizer in {model_dir} has no {key.replace('_', ' ')}",
-                            f"retrain it with 'mlmtool tokenizer {model_dir} FILE...'")
+            raise DataError(f"the tokenizer in {model_dir} has no {key.replace('_', ' ')}", retrain_hint(model_dir))
     special = {i for i in ids.values() if i is not None}
     for key in ("additional_special_tokens", "extra_special_tokens"):
         extra = names.get(key)

@@ -942,6 +942,178 @@ def test_a_hint_to_prepare_again_names_a_command_that_works(prepared, corpus, tm
     assert open_stores(mdir, mdir.read_config())[0].seq_len == 18
 
 
+def _no_weights(d: Path) -> Path:
+    for name in ("checkpoints", "tensorboard", "model.safetensors", "metrics.jsonl", "eval_results.json"):
+        p = d / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        p.unlink(missing_ok=True)
+    return d
+
+
+def test_the_positions_hint_is_one_that_works_in_each_state(trained, prepared, corpus, tmp_path):
+    """'raise max_position_embeddings with init DIR --set ... --force' rebuilt config.json from the
+    default preset (roberta-base) and deleted an imported DIR's weights; positions of imported or
+    trained weights cannot grow, a rotary model's can (they are no weights)."""
+    d = copy(prepared, tmp_path)  # no weights yet: its own config with more positions
+    line = error_line(invoke("prepare", d, corpus, "--max-seq-length", 100))
+    assert f"--from-config {d / 'config.json'} --set max_position_embeddings=102 --force" in line, line
+    hidden = json.loads((d / "config.json").read_text())["hidden_size"]
+    assert follow(line, corpus).exit_code == 0
+    assert json.loads((d / "config.json").read_text())["hidden_size"] == hidden  # not roberta-base's
+    r = invoke("prepare", d, corpus, "--max-seq-length", 100, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+
+    t = copy(trained, tmp_path, "trained")
+    line = error_line(invoke("prepare", t, corpus, "--max-seq-length", 100))
+    assert "use --max-seq-length 64 or less (the checkpoints up to step 20 and model.safetensors" in line, line
+    assert "'mlmtool init" not in line, line
+
+    imported = tmp_path / "imported"
+    assert invoke("init", imported, "--from", trained).exit_code == 0
+    line = error_line(invoke("prepare", imported, corpus, "--max-seq-length", 100))
+    assert f"use --max-seq-length 64 or less: the weights of {trained} have a table of 66 positions that cannot " \
+        "grow" in line and "'mlmtool init" not in line, line
+    r = invoke("prepare", imported, corpus, "--max-seq-length", 64, "--validation-split-percentage", 10)
+    assert r.exit_code == 0 and (imported / "init.safetensors").exists(), r.output
+
+
+def test_a_rotary_model_s_positions_are_imported_again_as_the_hint_says(corpus, tmp_path):
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.models import load_model
+
+    src = tmp_path / "src"  # a ModernBERT as save_pretrained writes it (rotary: no position weights)
+    sets = [x for s in ("hidden_size=32", "num_attention_heads=2", "intermediate_size=64",
+                        "max_position_embeddings=66") for x in ("--set", s)]
+    assert invoke("init", src, "--preset", "modernbert-tiny", *sets).exit_code == 0
+    assert invoke("tokenizer", src, corpus, "--vocab-size", 300).exit_code == 0
+    m = ModelDir(src)
+    loaded = load_model(m.read_config())
+    loaded.save_hf(loaded.init(3), m.weights_path)
+    d = tmp_path / "model"
+    assert invoke("init", d, "--from", src).exit_code == 0
+    line = error_line(invoke("prepare", d, corpus, "--max-seq-length", 100))
+    assert f"'mlmtool init {d} --from {src} --set max_position_embeddings=100 --force'" in line, line
+    assert follow(line, corpus).exit_code == 0
+    r = invoke("prepare", d, corpus, "--max-seq-length", 100, "--validation-split-percentage", 10)
+    assert r.exit_code == 0, r.output
+    assert (d / "init.safetensors").exists()
+
+
+@pytest.mark.parametrize("fields, phrase, fix", [
+    ({"hidden_dropout_prob": 2}, 'set "hidden_dropout_prob" to 0.1 in {config}', {"hidden_dropout_prob": 0.1}),
+    ({"hidden_act": 5}, 'set "hidden_act" to "gelu" in {config}', {"hidden_act": "gelu"}),
+    ({"num_attention_heads": 3}, "change one of them in {config}", {"num_attention_heads": 2}),
+    ({"pad_token_id": 100000}, "fix it in {config}", {"pad_token_id": 1}),
+    ({"num_hidden_layers": 5000}, 'fix "num_hidden_layers" in {config} (BERT-large has 24)',
+     {"num_hidden_layers": 2}),
+])
+def test_a_bad_config_json_is_fixed_where_it_is(trained, tmp_path, fields, phrase, fix):
+    """'fix it with --set ...' was printed by train, eval, predict, prepare: none has --set, and
+    'init DIR --set ... --force' would rebuild config.json from the default preset."""
+    d = copy(trained, tmp_path)
+    edit_config(d, **fields)
+    before = snapshot(d)
+    for args in (("train", d, "--max-steps", 21), ("eval", d), ("predict", d, "the <mask>"),
+                 ("export", d, tmp_path / "out"), ("prepare", d, trained.parent / "corpus.txt")):
+        line = refused(invoke(*args), d, before, phrase.format(config=d / "config.json"))
+        assert "--set" not in line and "'mlmtool tokenizer" not in line, line
+    edit_config(d, **fix)  # as the hint says
+    r = invoke("eval", d, "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_init_from_config_takes_the_set_its_hint_names(trained, tmp_path):
+    """The file was validated before --set applied, and --set was typed by the wrong value."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads((trained / "config.json").read_text()), "hidden_dropout_prob": 2}))
+    line = error_line(invoke("init", tmp_path / "m", "--from-config", bad))
+    assert "fix it with --set hidden_dropout_prob=0.1" in line, line
+    r = invoke("init", tmp_path / "m", "--from-config", bad, "--set", "hidden_dropout_prob=0.1")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+
+
+def _hub_copy(trained: Path, tmp: Path, name: str, decoder_offset: float | None, **config) -> Path:
+    """The trained model as save_pretrained writes it, with an lm_head.decoder.weight of its own."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp / name
+    src.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (trained / f).exists():
+            shutil.copy(trained / f, src / f)
+    weights = load_file(str(trained / "model.safetensors"))
+    if decoder_offset is not None:
+        weights["lm_head.decoder.weight"] = weights["roberta.embeddings.word_embeddings.weight"] + decoder_offset
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    edit_config(src, **config)
+    return src
+
+
+def test_an_untied_model_s_hints_name_what_works(trained, tmp_path):
+    untied = _hub_copy(trained, tmp_path, "untied", 1.0, tie_word_embeddings=False)
+    d = tmp_path / "model"
+    line = error_line(invoke("init", d, "--from", untied))
+    assert "tied to the embeddings: --set tie_word_embeddings=true imports" in line and "transformers" in line, line
+    line = error_line(invoke("init", d, "--from", untied, "--set", "tie_word_embeddings=true"))  # followed
+    assert "untied lm_head.decoder.weight" in line and "continue this model with transformers" in line, line
+    assert "only --set options" not in line and not d.exists(), line
+    # a decoder equal to the embeddings under an untied config: the --set the hint names works
+    equal = _hub_copy(trained, tmp_path, "equal", 0.0, tie_word_embeddings=False)
+    assert invoke("init", d, "--from", equal, "--set", "tie_word_embeddings=true").exit_code == 0
+    # untied weights under a tied config, no --set given: no hint about --set
+    wrong = _hub_copy(trained, tmp_path, "wrong", 1.0)
+    line = error_line(invoke("init", tmp_path / "other", "--from", wrong))
+    assert "--set" not in line and "continue this model with transformers" in line, line
+
+
+def test_a_broken_tokenizer_s_hint_works_where_tokenizer_refuses(trained, prepared, corpus, tmp_path):
+    """'retrain it with mlmtool tokenizer' on a DIR whose weights belong to the tokenizer, where
+    'mlmtool tokenizer' refuses."""
+    imported = tmp_path / "imported"
+    assert invoke("init", imported, "--from", trained).exit_code == 0
+    (imported / "tokenizer.json").write_text("{broken")
+    line = error_line(invoke("prepare", imported, corpus, "--max-seq-length", 32))
+    assert f"'mlmtool init {imported} --from {trained} --force'" in line, line
+    assert follow(line, corpus).exit_code == 0
+    r = invoke("prepare", imported, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10)
+    assert r.exit_code == 0 and (imported / "init.safetensors").exists(), r.output
+
+    t = copy(trained, tmp_path, "trained")
+    (t / "tokenizer.json").write_text("{broken")
+    line = error_line(invoke("prepare", t, corpus, "--max-seq-length", 32, "--force"))
+    assert "put back the tokenizer files and config.json that checkpoints up to step 20" in line, line
+    assert f"'mlmtool tokenizer {t} FILE... --force'" in line, line
+    error_line(invoke("tokenizer", t, corpus))  # what the old hint named: refused here
+
+    d = copy(prepared, tmp_path, "untrained")  # nothing trained: retraining, as told, works
+    (d / "tokenizer.json").write_text("{broken")
+    line = error_line(invoke("prepare", d, corpus, "--max-seq-length", 32, "--force"))
+    assert f"retrain it with 'mlmtool tokenizer {d} FILE...'" in line, line
+    r = invoke(*line.split("'mlmtool ")[1].split("'")[0].replace("FILE...", str(corpus)).split(), "--vocab-size", 300)
+    assert r.exit_code == 0, r.output
+    assert invoke("prepare", d, corpus, "--max-seq-length", 32, "--force").exit_code == 0
+
+
+def test_an_unreadable_config_json_s_hint_works(trained, prepared, corpus, tmp_path):
+    imported = tmp_path / "imported"
+    assert invoke("init", imported, "--from", trained).exit_code == 0
+    (imported / "config.json").write_text("{not json")
+    line = error_line(invoke("prepare", imported, corpus, "--max-seq-length", 32))
+    assert f"recreate it with 'mlmtool init {imported} --from {trained} --force'" in line, line
+    assert follow(line, corpus).exit_code == 0
+    assert invoke("prepare", imported, corpus, "--max-seq-length", 32).exit_code == 0
+    t = copy(trained, tmp_path, "trained")
+    (t / "config.json").write_text("{not json")
+    line = error_line(invoke("train", t, "--max-steps", 21))
+    assert f'checkpoint step 20 recorded it (the "config" of {t / "checkpoints" / "20" / "meta" / "metadata"})' \
+        in line and "'mlmtool init" not in line, line
+    recorded = json.loads((t / "checkpoints" / "20" / "meta" / "metadata").read_text())["config"]
+    (t / "config.json").write_text(json.dumps(recorded))  # as the hint says
+    assert invoke("eval", t, "--json").exit_code == 0
+
+
 # == Issue 21, class 4: corpus text that looks like a special token stays text =====================
 
 def test_literal_special_tokens_in_the_corpus_are_text(prepared, corpus, tmp_path):
