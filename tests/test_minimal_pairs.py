@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlmtool.minimal_pairs import Pair, accuracy, masked_rows, read_pairs, word_ids
-from tests.pipeline import invoke, trained_dir
+from tests.pipeline import invoke, prepared_dir, trained_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ["The king said good night to the queen.", "Sweet lady, my heart is true and fair."]
@@ -259,3 +259,135 @@ def test_bench_quality_refuses_a_directory_without_export(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "holds no export" in out.stderr
+
+
+# -- ELECTRA: the discriminator's score ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def electra(tmp_path_factory) -> Path:
+    """electra-tiny (the pair) on the test corpus, a few steps: DIR is ElectraForPreTraining."""
+    d = prepared_dir(tmp_path_factory.mktemp("electra"), preset="electra-tiny")
+    r = invoke("train", d, "--max-steps", 6, "--per-device-train-batch-size", 8, "--learning-rate", 5e-3,
+               "--warmup-steps", 1, "--logging-steps", 3, "--save-steps", 6)
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def reference_discriminator(mdir: Path, sentence: str) -> float:
+    """sum over non-special tokens of log sigmoid(-logit), transformers' ElectraForPreTraining on the export."""
+    import torch
+    from transformers import AutoTokenizer, ElectraForPreTraining
+
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    model = ElectraForPreTraining.from_pretrained(str(mdir)).eval()
+    enc = tok(sentence, return_special_tokens_mask=True)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].double()
+    keep = torch.tensor(enc["special_tokens_mask"]) == 0
+    return float(torch.nn.functional.logsigmoid(-logits)[keep].sum())
+
+
+def test_electra_discriminator_score_equals_transformers(electra):
+    from mlmtool.minimal_pairs import DiscriminatorScorer, scorer_for
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.models import load_model
+
+    mdir = ModelDir(electra)
+    loaded = load_model(mdir.read_config())
+    scorer = scorer_for(mdir, loaded, loaded.load_hf(mdir.weights_path), pll="token", batch_rows=2)  # 2 batches
+    assert isinstance(scorer, DiscriminatorScorer)  # not PLL: the discriminator has no MLM head
+    sentences = [*SENTENCES, "Good night, sweet lord.", "The man of war said the queen is fair."]
+    got = scorer.score(sentences)
+    want = [reference_discriminator(electra, s) for s in sentences]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert len(set(np.round(got, 3))) == len(got) and (got < 0).all()  # a real score, not a constant
+
+
+def test_eval_minimal_pairs_on_electra_scores_the_discriminator(electra, tmp_path):
+    d = Path(shutil.copytree(electra, tmp_path / "model"))
+    f = write_pairs(tmp_path / "p.jsonl", [{"sentence_good": SENTENCES[0], "sentence_bad": SENTENCES[1]},
+                                           {"sentence_good": SENTENCES[1], "sentence_bad": SENTENCES[0]}])
+    r = invoke("eval", d, "--minimal-pairs", f, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["scorer"] == "discriminator" and "pll" not in out
+    assert out["minimal_pairs_accuracy"] == 0.5 and out["minimal_pairs_ties"] == 0  # mirrored pairs: one right
+    r = invoke("eval", d, "--minimal-pairs", f)
+    assert r.exit_code == 0 and "discriminator" in r.output.splitlines()[0], r.output
+    too_long = write_pairs(tmp_path / "long.jsonl", [{"sentence_good": "the king " * 80, "sentence_bad": "a b"}])
+    r = invoke("eval", d, "--minimal-pairs", too_long)
+    assert r.exit_code == 1 and r.output.startswith("error:") and "max_position_embeddings" in r.output
+
+
+# -- a trained model beats a random one on a made set -------------------------------------------------
+
+NOUNS = [("house", "houses"), ("garden", "gardens"), ("letter", "letters"), ("horse", "horses"),
+         ("friend", "friends"), ("book", "books"), ("room", "rooms"), ("sister", "sisters"),
+         ("carriage", "carriages"), ("field", "fields")]
+CONSONANT_ADJ = ["quiet", "small", "good", "fine", "young", "new", "pretty", "long"]
+VOWEL_ADJ = ["old", "empty", "idle", "odd", "elegant", "amiable", "early", "ample"]
+PRONOUNS = {"sg": (["he", "she", "it"], ["is", "was", "has"]), "pl": (["we", "they", "you"], ["are", "were", "have"])}
+
+
+def grammar_documents(n: int, seed: int = 0) -> list[str]:
+    """Documents of sentences that keep the agreements make_minimal_pairs.py breaks: a pronoun
+    and its verb, this/these and the noun's number, a/an and the next word's first letter."""
+    import random
+
+    rng = random.Random(seed)
+
+    def noun_phrase():
+        sg, pl = rng.choice(NOUNS)
+        return rng.choice([f"a {rng.choice(CONSONANT_ADJ)} {sg}", f"an {rng.choice(VOWEL_ADJ)} {sg}",
+                           f"this {sg}", f"these {pl}"])
+
+    def sentence():
+        subjects, verbs = PRONOUNS[rng.choice(("sg", "pl"))]
+        s = f"{rng.choice(subjects)} {rng.choice(verbs)} {noun_phrase()} {rng.choice(['in', 'near', 'with', 'for'])} " \
+            f"{noun_phrase()}"
+        return s[0].upper() + s[1:] + "."
+
+    return [" ".join(sentence() for _ in range(rng.randint(3, 6))) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_trained_model_beats_random_on_made_pairs(tmp_path):
+    """Pre-training (2,000 small steps, seconds of compute) must lift the minimal-pair accuracy on
+    pairs made from held-out documents above the same network's random initialisation: measured
+    0.606 against 0.514 (360 pairs: 0.06 is 2.3 standard errors; random inits score 0.43-0.53).
+    It fails when training teaches nothing: a variant (another draw of the same grammar,
+    hidden_size=64 at this learning rate) stayed at the unigram loss and scored 0.49 against 0.48."""
+    import jax
+
+    from mlmtool.minimal_pairs import scorer_for
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.models import load_model
+
+    docs = grammar_documents(1200)
+    train_text, all_text = tmp_path / "train.txt", tmp_path / "all.txt"
+    train_text.write_text("\n".join(docs[:1000]) + "\n", encoding="utf-8")
+    all_text.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    d = tmp_path / "model"
+    sets = [a for s in ("hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2",
+                        "max_position_embeddings=66") for a in ("--set", s)]
+    for args in (("init", d, "--preset", "tiny", *sets),
+                 ("tokenizer", d, train_text, "--vocab-size", 600),  # every word one token: no length bias
+                 ("prepare", d, train_text, "--max-seq-length", 32, "--validation-split-percentage", 5),
+                 ("train", d, "--max-steps", 2000, "--per-device-train-batch-size", 16, "--learning-rate", 5e-3,
+                  "--warmup-steps", 10, "--logging-steps", 500, "--save-steps", 2000)):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output)
+    pairs_file = tmp_path / "pairs.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_minimal_pairs.py"), str(all_text), "-o",
+                          str(pairs_file), "--skip-documents", "1000", "--per-set", "60"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pairs = read_pairs([pairs_file])
+    assert len(pairs) == 360  # six sets of 60, none in the training text
+    mdir = ModelDir(d)
+    loaded = load_model(mdir.read_config())
+    trained = accuracy(pairs, scorer_for(mdir, loaded, loaded.load_hf(mdir.weights_path)))["minimal_pairs_accuracy"]
+    random = accuracy(pairs, scorer_for(mdir, loaded, loaded.init(jax.random.PRNGKey(0))))["minimal_pairs_accuracy"]
+    assert random < 0.55, random  # the baseline is near chance: a margin it cannot reach by itself
+    assert trained >= 0.57 and trained >= random + 0.06, (trained, random)

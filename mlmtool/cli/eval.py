@@ -32,7 +32,8 @@ def eval_command(
     distributed_timeout: DistributedTimeoutOpt = None,
     minimal_pairs: Annotated[Optional[list[str]], typer.Option(
         "--minimal-pairs", help="Score these JSON-lines files of minimal pairs (BLiMP's format: sentence_good, "
-                                "sentence_bad, optional UID) by pseudo-log-likelihood instead of the masked-LM "
+                                "sentence_bad, optional UID) by pseudo-log-likelihood (ELECTRA: by the "
+                                "discriminator) instead of the masked-LM "
                                 "evaluation (repeatable; docs/judging.md).", show_default=False)] = None,
     pll: Annotated[str, typer.Option(
         "--pll", help="With --minimal-pairs: word-l2r (Kauf & Ivanova 2023: a scored token's word is masked to "
@@ -102,7 +103,7 @@ def _minimal_pairs(mdir, files, *, checkpoint: str, pll: str, dtype: str, json_o
     if json_out:
         typer.echo(json.dumps(results))
         return
-    say(f"[bold]minimal pairs[/] ({results['checkpoint']}, PLL {pll}): accuracy per set")
+    say(f"[bold]minimal pairs[/] ({results['checkpoint']}, {results['scorer']}): accuracy per set")
     from rich.markup import escape
 
     for line in format_results(results):
