@@ -272,7 +272,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         loaded = load_model(config, dtype=dtype)
         objective = objective_for(loaded)
         mesh = sh.make_mesh(mesh_spec)
-        params_sharding = sh.state_shardings(mesh, loaded.abstract_params)
+        params_sharding = sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes)
         selected = select_checkpoint(mdir, checkpoint)
         # The training step the weights are from, for the TensorBoard event (the export is
         # written with the run's last checkpoint).  On every process: opening the

@@ -114,9 +114,11 @@ def build_model(hf_config: dict, cfg: TrainConfig):
     return load_model(hf_config, dtype=cfg.dtype, remat=cfg.gradient_checkpointing, scan_layers=cfg.scan_layers)
 
 
-def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
-    return TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract_state.params),
-                      opt_state=sh.state_shardings(mesh, abstract_state.opt_state))
+def state_shardings(mesh, abstract_state: TrainState, param_axes: dict) -> TrainState:
+    """The state's layout: params and optimizer state by the weight table's logical axes
+    (``LoadedModel.param_axes``, ``sharding.RULES``), the step replicated."""
+    return TrainState(step=sh.replicated(mesh), params=sh.state_shardings(mesh, abstract_state.params, param_axes),
+                      opt_state=sh.state_shardings(mesh, abstract_state.opt_state, param_axes))
 
 
 def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad_token_id: int,

@@ -123,7 +123,7 @@ class Trainer:
             return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params))
 
         abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-        self.state_sharding = state_shardings(self.mesh, abstract_state)
+        self.state_sharding = state_shardings(self.mesh, abstract_state, self.loaded.param_axes)
         self.abstract_state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
         self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
