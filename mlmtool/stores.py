@@ -84,5 +84,5 @@ def document_starts(store, document_attention: bool) -> bool:
         _NOTED.add(str(store.path.parent))
         say(f"Note: the blocks in {store.path.parent} record no document starts (prepared by an older mlmtool): "
             f"they are taken where the {store.meta.get('cls_token_id')} (<s>/[CLS]) id is; prepare again with "
-            "--force to record them")
+            "--force to record them", soft_wrap=True)
     return True

@@ -191,3 +191,19 @@ def test_missing_or_damaged_starts_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"train\.starts\.bin is missing.*--force"):
         BlockStore.open(d, "train")
     assert BlockStore.open(d, "validation").has_starts
+
+
+def test_a_store_without_the_record_is_noted_once(tmp_path, capsys):
+    from mlmtool.stores import document_starts
+
+    d = _store_with_starts(tmp_path)
+    assert document_starts(BlockStore.open(d, "train"), True) and not capsys.readouterr().out  # recorded: no word
+    assert not document_starts(BlockStore.open(d, "train"), False)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "document_starts"}))
+    train, validation = BlockStore.open(d, "train"), BlockStore.open(d, "validation")
+    assert document_starts(train, True) and document_starts(validation, True)
+    out = capsys.readouterr().out
+    assert out.count("record no document starts") == 1 and "--force" in out, out  # one line, once per store
+    (d / "meta.json").write_text(json.dumps({**meta, "line_by_line": True}))
+    assert not document_starts(BlockStore.open(d, "train"), True)  # one document per block: nothing to do
