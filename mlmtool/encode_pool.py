@@ -59,7 +59,7 @@ def _init_worker(job: Job, worker_process: bool = True) -> None:
     tok.no_padding()
     # Corpus text that looks like a special token ("<s>" in HTML, "<mask>" in ML papers) is
     # text: only the post-processor's framing makes special ids (a literal "<pad>" would be
-    # masked out as padding, a literal "<s>" start a new document under --document-attention).
+    # masked out as padding; document starts are recorded beside the blocks, not read off the ids).
     tok.encode_special_tokens = True
     encoder = PieceEncoder(tok)
     if not job.piece_cache:
