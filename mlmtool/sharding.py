@@ -124,7 +124,7 @@ def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh_shape: dict
         fits = [d for d, a in enumerate(axes) if _RULE[a] == mesh_axis and spec[d] is None and shape[d] % size == 0]
         if size > 1 and fits:
             spec[max(fits, key=lambda d: (shape[d], -d))] = mesh_axis
-    return P(*spec)
+    return P(*spec) if any(spec) else P()  # replicated: P(), as jax writes it
 
 
 def _dict_path(key_path) -> tuple[str, ...]:

@@ -101,7 +101,7 @@ def test_logical_spec_rules():
     assert not split(sh.logical_spec(("norm",), (768,), mesh))
     assert not split(sh.logical_spec(("types", "embed"), (2, 768), {"fsdp": 2})[:1])  # the rows never
     assert sh.logical_spec(("types", "embed"), (2, 768), {"fsdp": 2}) == P(None, "fsdp")
-    assert sh.logical_spec(("vocab", "embed"), (50264, 768), {"data": 8, "fsdp": 1}) == P(None, None)  # fsdp=1
+    assert sh.logical_spec(("vocab", "embed"), (50264, 768), {"data": 8, "fsdp": 1}) == P()  # fsdp=1: replicated
     assert sh.logical_spec((), (), mesh) == P()
 
 
