@@ -5,6 +5,10 @@ Layout::
     DIR/data/meta.json         what is stored (see below)
     DIR/data/train.bin         raw little-endian uint16 (vocab ≤ 65536) or uint32,
     DIR/data/validation.bin    row-major [num_blocks, seq_len]
+    DIR/data/train.starts.bin  where documents start, beside each split file (concatenated
+    DIR/data/validation.starts.bin  stores; meta.json's document_starts): packed bits
+                               [num_blocks, ceil(seq_len / 8)], bit i of a block set where a
+                               document's first token is (np.packbits, big-endian bit order)
 
 A store of ``prepare --num-shards N`` (N > 1, :mod:`mlmtool.shards`) holds one pair of files
 per shard instead (``train-00003-of-00008.bin``...), listed in shard order in meta.json's
@@ -20,6 +24,10 @@ per-example overhead; ``meta.json`` carries everything needed to read them::
     line_by_line               False: the documents' token stream concatenated and cut
                                into blocks (remainder dropped); True: one document per
                                block, truncated (keeping its last token) and padded
+    document_starts            true: the ``.starts.bin`` files record where each document
+                               starts (what --document-attention's segments are made of);
+                               absent in stores made before they were recorded (the starts
+                               are then derived from the ``<s>``/``[CLS]`` id, with a notice)
     splits                     ["train", "validation"]
     num_blocks / tokens /      per split: blocks stored; tokens the tokenizer produced;
     documents / dropped_tokens documents; tokens not stored (remainder, truncation)
@@ -80,6 +88,15 @@ def split_file(split: str) -> str:
     return f"{split}.bin"
 
 
+def starts_file(blocks_file: str) -> str:
+    """The document-starts file beside a split's (or a shard's) blocks file."""
+    return f"{blocks_file[:-len('.bin')] if blocks_file.endswith('.bin') else blocks_file}.starts.bin"
+
+
+def starts_row_bytes(seq_len: int) -> int:
+    return (int(seq_len) + 7) // 8
+
+
 def read_meta(data_dir: Path | str) -> dict:
     """``data_dir/meta.json`` (DataError if missing, unreadable or not a block store)."""
     path = Path(data_dir) / META
@@ -115,11 +132,17 @@ class BlockStore:
         self.special_token_ids = tuple(int(i) for i in meta["special_token_ids"])
         self.vocab_size = int(meta["vocab_size"])
         self.line_by_line = bool(meta.get("line_by_line"))  # one document per block (document attention: moot)
+        #: where documents start is recorded (prepare writes it); else derived from the cls id
+        self.has_starts = bool(meta.get("document_starts")) and not self.line_by_line
         self.dtype = _np_dtype(meta["dtype"])
         self._parts = []  # one memmap per shard file (mlmtool.shards), in shard order
+        self._start_parts = []  # and of its document starts (packed bits), when recorded
         for p, n in parts or [(self.path, self.num_blocks)]:
             if n:
                 self._parts.append(np.memmap(p, dtype=self.dtype, mode="r", shape=(n, self.seq_len)))
+                if self.has_starts:
+                    self._start_parts.append(np.memmap(p.with_name(starts_file(p.name)), dtype=np.uint8, mode="r",
+                                                       shape=(n, starts_row_bytes(self.seq_len))))
         self._starts = np.cumsum([0] + [len(a) for a in self._parts])  # first global block of each part
         if len(self._parts) == 1:
             self._data = self._parts[0]
@@ -178,6 +201,12 @@ class BlockStore:
             if actual != expected:
                 raise DataError(f"{path} is damaged: {actual:,} bytes, meta.json says {n:,} "
                                 f"blocks of {seq_len} {meta['dtype']} ({expected:,} bytes)", _REDO)
+            if meta.get("document_starts") and not meta.get("line_by_line"):
+                starts = path.with_name(starts_file(name))
+                size = starts.stat().st_size if starts.exists() else None
+                if size != n * starts_row_bytes(seq_len):
+                    raise DataError(f"{starts} is {'missing' if size is None else f'damaged: {size:,} bytes'}; "
+                                    f"meta.json says {n:,} blocks record their document starts", _REDO)
             parts.append((path, n))
         return cls(parts[0][0], meta, split, parts)
 
@@ -209,6 +238,25 @@ class BlockStore:
             out[order[sel]] = self._parts[k][sorted_idx[sel] - self._starts[k]]
         return out
 
+    def read_documents(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks at ``indices`` (as :meth:`read`) and bool ``[len(indices), seq_len]``: True
+        where a document starts.  From the record ``prepare`` writes; a store made before it
+        (``has_starts`` False) derives them from the ``<s>``/``[CLS]`` id, as older mlmtools did
+        on the device (a document of such a store that held a literal ``<s>`` encoded as that id
+        is split there)."""
+        ids = self.read(indices)
+        if not self.has_starts:
+            return ids, ids == int(self.meta["cls_token_id"])
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        packed = np.empty((idx.size, starts_row_bytes(self.seq_len)), dtype=np.uint8)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        part = np.searchsorted(self._starts, sorted_idx, side="right") - 1
+        for k in np.unique(part):
+            sel = part == k
+            packed[order[sel]] = self._start_parts[k][sorted_idx[sel] - self._starts[k]]
+        return ids, np.unpackbits(packed, axis=1, count=self.seq_len).astype(bool)
+
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Blocks ``start:stop`` as int32 ``[stop - start, seq_len]`` (clipped like a slice)."""
         if self._data is not None:
@@ -225,30 +273,49 @@ class SplitWriter:
     than ``seq_len`` tokens) is carried over, so time is linear and memory bounded.
     The final remainder is dropped by :meth:`close`.
     Line-by-line mode: :meth:`add_blocks` takes ready ``[n, seq_len]`` blocks.
+    With ``starts_path`` (concatenated mode), :meth:`add_stream` also takes the documents'
+    token counts and the blocks' document starts are written there (see the module doc).
     """
 
-    def __init__(self, path: Path, seq_len: int, dtype: np.dtype):
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, *, starts_path: Path | None = None):
         self.path = Path(path)
         self.seq_len = int(seq_len)
         self.dtype = np.dtype(dtype)
         self._file: BinaryIO = open(self.path, "wb", buffering=1 << 20)
         self._hash = hashlib.sha256()  # of the bytes written: the shard's digest (data fingerprint)
         self._rest = np.zeros(0, dtype=self.dtype)
+        self.starts_path = None if starts_path is None else Path(starts_path)
+        self._starts_file: BinaryIO | None = None if starts_path is None else open(starts_path, "wb",
+                                                                                   buffering=1 << 16)
+        self._rest_starts = np.zeros(0, dtype=bool)
         self.num_blocks = 0
         self.dropped_tokens = 0
 
-    def add_stream(self, tokens: np.ndarray) -> None:
+    def add_stream(self, tokens: np.ndarray, lengths=None) -> None:
+        """Append documents' tokens laid end to end; ``lengths`` (the tokens of each, in
+        order, summing to ``tokens.size``) where document starts are recorded."""
         tokens = np.asarray(tokens)
         if tokens.dtype != self.dtype:
             tokens = tokens.astype(self.dtype)
+        if self._starts_file is not None:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if lengths.sum() != tokens.size or (lengths <= 0).any():
+                raise ValueError(f"document lengths summing to {int(lengths.sum())} for {tokens.size} tokens")
+            starts = np.zeros(tokens.size, dtype=bool)
+            starts[np.cumsum(lengths) - lengths] = True
+            starts = np.concatenate([self._rest_starts, starts])
         if self._rest.size:
             tokens = np.concatenate([self._rest, tokens])
         n = tokens.size // self.seq_len
         cut = n * self.seq_len
         if n:
             self._write(tokens[:cut].tobytes())
+            if self._starts_file is not None:
+                self._starts_file.write(np.packbits(starts[:cut].reshape(n, self.seq_len), axis=1).tobytes())
             self.num_blocks += n
         self._rest = tokens[cut:].copy()
+        if self._starts_file is not None:
+            self._rest_starts = starts[cut:].copy()
 
     def add_blocks(self, blocks: np.ndarray) -> None:
         blocks = np.asarray(blocks)
@@ -276,15 +343,18 @@ class SplitWriter:
             return
         self.dropped_tokens += int(self._rest.size)
         self._rest = self._rest[:0]
-        self._file.flush()
         import os
 
-        os.fsync(self._file.fileno())
-        self._file.close()
+        for f in (self._file, self._starts_file):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        for f in (self._file, self._starts_file):
+            if f is not None and not f.closed:
+                f.close()
 
 
 def document_blocks(ids: list[list[int]], seq_len: int, pad: int, dtype: np.dtype) -> tuple[np.ndarray, int]:

@@ -71,7 +71,7 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
     accum = cfg.gradient_accumulation_steps
     loader = BatchLoader(trainer.train_store, accum=accum, micro_batch=plan.global_batch // accum, seed=cfg.seed,
                          steps_per_epoch=plan.steps_per_epoch, sharding=trainer.batch_sharding,
-                         start=0, stop=min(steps + 1, plan.steps_per_epoch))
+                         start=0, stop=min(steps + 1, plan.steps_per_epoch), documents=trainer.step_kwargs["documents"])
     try:
         batches = [b for _, b in loader]
     finally:
@@ -215,8 +215,10 @@ def _largest_batch(trainer, limit: int | None) -> tuple[int | None, dict[int, in
         step, batch_sh = jit_train_step(trainer.model, trainer.tx, trainer.schedule, trainer.mesh,
                                         trainer.state_sharding, **{**kw, "mask_kwargs": {
                                             **kw["mask_kwargs"], "max_predictions": slots, "rows_per_group": rows}})
-        batch = jax.ShapeDtypeStruct((cfg.gradient_accumulation_steps, b * plan.devices, plan.seq_len), jnp.int32,
-                                     sharding=batch_sh)
+        shape = (cfg.gradient_accumulation_steps, b * plan.devices, plan.seq_len)
+        batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+        if kw["documents"]:  # and where the documents start
+            batch = (batch, jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sh))
         try:
             return devmem.program_bytes(step.lower(trainer.abstract_state, batch, trainer.rng, *clock).compile())
         except Exception as e:

@@ -59,7 +59,7 @@ def _init_worker(job: Job, worker_process: bool = True) -> None:
     tok.no_padding()
     # Corpus text that looks like a special token ("<s>" in HTML, "<mask>" in ML papers) is
     # text: only the post-processor's framing makes special ids (a literal "<pad>" would be
-    # masked out as padding, a literal "<s>" start a new document under --document-attention).
+    # masked out as padding; document starts are recorded beside the blocks, not read off the ids).
     tok.encode_special_tokens = True
     encoder = PieceEncoder(tok)
     if not job.piece_cache:
@@ -101,10 +101,12 @@ def _encode_task(task: tuple[int, list[str], int]) -> tuple[int, int, dict[str, 
             ids = enc.encode_lists(split_docs)
             tokens = sum(map(len, ids))
             data, cut = blocks.document_blocks(ids, job.seq_len, job.pad_token_id, dtype)
+            lengths = None
         else:
-            data = enc.encode_flat(split_docs, dtype)
+            data, lengths = enc.encode_stream(split_docs, dtype)  # lengths: where documents start
             tokens, cut = int(data.size), 0
-        out[split] = {"data": data, "documents": len(split_docs), "tokens": tokens, "truncated": cut}
+        out[split] = {"data": data, "documents": len(split_docs), "tokens": tokens, "truncated": cut,
+                      "lengths": lengths}
     return progress, len(docs), out
 
 

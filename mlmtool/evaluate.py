@@ -29,21 +29,22 @@ EVAL_MLM_PROBABILITY = 0.15  # eval's rate whatever the training one, so runs wi
 MLM = MaskedLM()
 
 
-def eval_step(params: Any, input_ids: jax.Array, row_ids: jax.Array, *, model, pad_token_id: int,
-              mask_kwargs: dict, seed: int, baseline_token: int = -1, document_start_id: int | None = None,
+def eval_step(params: Any, batch, row_ids: jax.Array, *, model, pad_token_id: int,
+              mask_kwargs: dict, seed: int, baseline_token: int = -1, documents: bool = False,
               objective=MLM) -> dict:
-    """Sums for one batch: rows ``input_ids`` [B, L] with global row numbers ``row_ids`` [B].
+    """Sums for one batch: rows ``batch`` [B, L] (with ``documents``: the pair of them and
+    their document starts) with global row numbers ``row_ids`` [B].
 
     ``baseline_sum`` counts the predicted positions whose label is ``baseline_token`` (the
     most frequent training token): the accuracy of the unigram baseline on the same masks.
-    ``document_start_id``: document attention (``mlmtool.step.train_step``); ``objective``
+    ``documents``: document attention (``mlmtool.step.train_step``); ``objective``
     (``mlmtool.objectives``) the forward passes and their sums."""
+    input_ids, starts = batch if documents else (batch, None)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(row_ids)  # [B, 2]
     masked = mask_rows(keys, input_ids, **mask_kwargs)
-    documents = {} if document_start_id is None else {
-        "segment_ids": document_segments(input_ids, document_start_id, pad_token_id)}  # [B, L]
+    segments = {} if starts is None else {"segment_ids": document_segments(starts, input_ids, pad_token_id)}  # [B, L]
     sums = objective.eval_sums(model, params, masked, input_ids, keys, attention_mask=(input_ids != pad_token_id),
-                               documents=documents)
+                               documents=segments)
     baseline_sum = jnp.sum((masked.masked_labels == baseline_token) * masked.masked_weights)
     return {**sums, "denominator": jnp.sum(masked.masked_weights), "baseline_sum": baseline_sum}
 
@@ -63,22 +64,23 @@ def unigram_top_token(store, max_blocks: int = 20_000) -> int:
 
 def make_eval_fn(model, mesh, params_sharding, *, store, mlm_probability: float, vocab_size: int,
                  seed: int = EVAL_SEED, baseline_token: int = -1, masking: str = "token", word_boundaries=None,
-                 document_start_id: int | None = None, objective=MLM) -> Callable:
+                 documents: bool = False, objective=MLM) -> Callable:
     from mlmtool import sharding as sh
 
     mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                        vocab_size=vocab_size, mlm_probability=mlm_probability, max_predictions=None,
                        masking=masking, word_boundaries=word_boundaries)
     fn = partial(eval_step, model=model, pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, seed=seed,
-                 baseline_token=baseline_token, document_start_id=document_start_id, objective=objective)
+                 baseline_token=baseline_token, documents=documents, objective=objective)
     rows_sh = sh.batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(params_sharding, rows_sh, rows_sh), out_shardings=sh.replicated(mesh))
 
 
 def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size: int,
-             on_batch: Callable[[int], None] | None = None, objective=MLM) -> dict:
+             on_batch: Callable[[int], None] | None = None, objective=MLM, documents: bool = False) -> dict:
     """HF-named metrics over every block of ``store``; ``step`` comes from :func:`make_eval_fn`
-    (built once and reused, so repeated evaluations do not recompile)."""
+    (built once and reused, so repeated evaluations do not recompile; ``documents`` as it was
+    built with: the batches carry their document starts)."""
     from mlmtool import sharding as sh
 
     global_batch = per_device_batch_size * mesh.size
@@ -90,10 +92,14 @@ def evaluate(params: Any, *, step: Callable, mesh, store, per_device_batch_size:
         row_ids = np.arange(start, start + global_batch, dtype=np.int64)[my_rows]  # [local rows]
         valid = row_ids < n
         ids = np.full((len(row_ids), store.seq_len), store.pad_token_id, dtype=np.int32)  # padding rows
-        if valid.any():
+        starts = np.zeros(ids.shape, dtype=bool)
+        if valid.any() and documents:
+            ids[valid], starts[valid] = store.read_documents(row_ids[valid])
+        elif valid.any():
             ids[valid] = store.read(row_ids[valid])
-        out = step(params, sh.global_array(ids, rows_sh, (global_batch, store.seq_len)),
-                   sh.global_array(row_ids.astype(np.int32), rows_sh, (global_batch,)))
+        batch = jax.tree_util.tree_map(lambda x: sh.global_array(x, rows_sh, (global_batch, store.seq_len)),
+                                       (ids, starts) if documents else ids)
+        out = step(params, batch, sh.global_array(row_ids.astype(np.int32), rows_sh, (global_batch,)))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
         if on_batch is not None:
             on_batch(min(start + global_batch, n) - start)
@@ -260,7 +266,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     from mlmtool.models import load_model
     from mlmtool.modeldir import atomic_write_json
     from mlmtool.objectives import objective_for
-    from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
+    from mlmtool.stores import document_starts, open_stores, word_boundaries_for
 
     check_options(per_device_batch_size=1 if per_device_batch_size is None else per_device_batch_size,
                   mlm_probability=mlm_probability, dtype=dtype, masking=masking)
@@ -272,7 +278,7 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
         loaded = load_model(config, dtype=dtype)
         objective = objective_for(loaded)
         mesh = sh.make_mesh(mesh_spec)
-        params_sharding = sh.state_shardings(mesh, loaded.abstract_params)
+        params_sharding = sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes)
         selected = select_checkpoint(mdir, checkpoint)
         # The training step the weights are from, for the TensorBoard event (the export is
         # written with the run's last checkpoint).  On every process: opening the
@@ -306,10 +312,10 @@ def run_eval(mdir, *, checkpoint: str = "latest", per_device_batch_size: int | N
     dist.agree(error=error)
     step = make_eval_fn(loaded.module, mesh, params_sharding, store=store, mlm_probability=mlm_probability,
                         vocab_size=train_store.vocab_size, baseline_token=baseline_token, masking=masking,
-                        word_boundaries=word_table, document_start_id=document_start_id(store, documents),
+                        word_boundaries=word_table, documents=document_starts(store, documents),
                         objective=objective)
     results = evaluate(params, step=step, mesh=mesh, store=store, per_device_batch_size=per_device_batch_size,
-                       objective=objective)
+                       objective=objective, documents=document_starts(store, documents))
     results["checkpoint"] = source
     results.update(masking=masking, mlm_probability=mlm_probability, document_attention=documents,
                    data=mdir.data)  # the block store: report keeps each store's results apart

@@ -25,16 +25,19 @@ class BatchLoader:
     with ``e, p = divmod(s, steps_per_epoch)``: the position in the data is a function of
     the step, so resuming needs nothing but the step.  Each process reads only the rows
     its devices hold, and the global array is assembled from the processes' pieces.
+    With ``documents`` a batch is the pair (ids, document starts), both [A, B, L]
+    (``BlockStore.read_documents``, for document attention).
     """
 
     def __init__(self, store, *, accum: int, micro_batch: int, seed: int, steps_per_epoch: int,
-                 sharding, start: int, stop: int, prefetch: int = 2):
+                 sharding, start: int, stop: int, prefetch: int = 2, documents: bool = False):
         self.store = store
         self.accum = accum
         self.micro_batch = micro_batch
         self.seed = seed
         self.steps_per_epoch = steps_per_epoch
         self.sharding = sharding
+        self.documents = documents
         self.global_shape = (accum, micro_batch, store.seq_len)
         self.rows = sh.process_rows(sharding, self.global_shape, row_axis=1)
         self.start, self.stop = start, stop
@@ -44,22 +47,27 @@ class BatchLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def host_batch(self, step: int) -> np.ndarray:
+    def host_batch(self, step: int):
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = epoch_permutation(len(self.store), self.seed, epoch)
             self._perm_epoch = epoch
         per_step = self.accum * self.micro_batch
         idx = self._perm[pos * per_step:(pos + 1) * per_step].reshape(self.accum, self.micro_batch)  # [A, B]
-        local = idx[:, self.rows]  # [A, B_local]: only this process's rows
-        return self.store.read(local.reshape(-1)).reshape(self.accum, len(self.rows), self.store.seq_len)
+        local = idx[:, self.rows].reshape(-1)  # [A * B_local]: only this process's rows
+        shape = (self.accum, len(self.rows), self.store.seq_len)
+        if self.documents:
+            ids, starts = self.store.read_documents(local)
+            return ids.reshape(shape), starts.reshape(shape)
+        return self.store.read(local).reshape(shape)
 
     def _work(self) -> None:
         try:
             for step in range(self.start, self.stop):
                 if self._stop.is_set():
                     return
-                batch = sh.global_array(self.host_batch(step), self.sharding, self.global_shape)
+                batch = jax.tree_util.tree_map(lambda x: sh.global_array(x, self.sharding, self.global_shape),
+                                               self.host_batch(step))
                 while not self._stop.is_set():
                     try:
                         self._queue.put((step, batch), timeout=0.1)

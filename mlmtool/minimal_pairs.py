@@ -383,7 +383,8 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     selected = select_checkpoint(mdir, checkpoint)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
     scorer.params, source = load_params(mdir, loaded, "export" if selected is None else str(selected), mesh,
-                                        sh.state_shardings(mesh, loaded.abstract_params), config=config)
+                                        sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes),
+                                        config=config)
     results = {"checkpoint": source, "scorer": scorer.name,
                **({"pll": pll} if isinstance(scorer, PLLScorer) else {}), **accuracy(pairs, scorer),
                "minimal_pairs_files": [str(f) for f in files]}

@@ -192,13 +192,17 @@ class PieceEncoder:
         tokens, counts = self._encode(docs)
         return [a.tolist() for a in np.split(tokens, np.cumsum(counts)[:-1])]
 
-    def encode_flat(self, docs: list[str], dtype: np.dtype) -> np.ndarray:
-        """The documents' token ids, special tokens included, concatenated."""
+    def encode_stream(self, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(the documents' token ids, special tokens included, concatenated; int64 tokens of
+        each document): where each document starts in the stream, which ``prepare`` records
+        beside the blocks."""
         if not docs:
-            return np.zeros(0, dtype=dtype)
+            return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
         if not self.enabled:
-            return _concat(self._direct(docs), dtype)
-        return self._encode(docs)[0].astype(dtype)
+            ids = self._direct(docs)
+            return _concat(ids, dtype), np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens, counts = self._encode(docs)
+        return tokens.astype(dtype), np.asarray(counts, dtype=np.int64)
 
 
 def _concat(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:

@@ -58,8 +58,8 @@ def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "late
             raise DataError(f"no {mask} in {text!r}", f"put {mask} where the model should fill in a token")
     loaded = load_model(config)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-    params, source = load_params(mdir, loaded, checkpoint, mesh, sh.state_shardings(mesh, loaded.abstract_params),
-                                 config=config)
+    params, source = load_params(mdir, loaded, checkpoint, mesh,
+                                 sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes), config=config)
     limit = loaded.max_sequence_length
     for text, ids in zip(texts, tok(texts, verbose=False)["input_ids"]):
         if len(ids) > limit:  # a mask past the cut would get no prediction, silently

@@ -363,6 +363,7 @@ def _block_meta(combined: dict, tok: TokenizerInfo, key: dict, args: dict, *, co
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
         "seq_len": args["max_seq_length"],
         "line_by_line": args["line_by_line"],
+        "document_starts": combined["document_starts"] and not args["line_by_line"],
         "splits": list(blocks.SPLITS),
         "files": {s: blocks.split_file(s) for s in blocks.SPLITS} if len(combined["shards"]) == 1
         else combined["shards"][0]["files"],

@@ -20,6 +20,7 @@ Layout, in ``DIR/data`` (N = 1: ``train.bin`` / ``validation.bin``, the layout o
 stream)::
 
     train-00003-of-00008.bin, validation-00003-of-00008.bin   shard 3's blocks
+    train-00003-of-00008.starts.bin, ...                      where their documents start
     shard-00003-of-00008.json                                 shard 3's ledger entry
     meta.json                                                 the store, written last
 
@@ -201,6 +202,10 @@ def read_ledger(staging: Path, k: int, n: int, digest: str, seq_len: int, itemsi
             path = staging / entry["files"][split]
             if path.stat().st_size != int(entry["num_blocks"][split]) * seq_len * itemsize:
                 return None
+            starts = path.with_name(blocks.starts_file(path.name))  # where its documents start, if recorded
+            if entry.get("document_starts") and starts.stat().st_size != int(
+                    entry["num_blocks"][split]) * blocks.starts_row_bytes(seq_len):
+                return None
     except (OSError, KeyError, TypeError, ValueError):
         return None
     return entry
@@ -214,8 +219,11 @@ class _Shard:
     def __init__(self, staging: Path, k: int, n: int, job: Job, digest: str, release: Callable[[], None]):
         self.staging, self.k, self.n, self.digest, self.release = staging, k, n, digest, release
         dtype = np.dtype(job.dtype)
-        self.writers = {s: blocks.SplitWriter(staging / f".{shard_file(s, k, n)}.tmp", job.seq_len, dtype)
-                        for s in blocks.SPLITS}
+        self.starts = not job.line_by_line  # concatenated blocks record where documents start
+        self.writers = {s: blocks.SplitWriter(
+            staging / f".{shard_file(s, k, n)}.tmp", job.seq_len, dtype,
+            starts_path=staging / f".{blocks.starts_file(shard_file(s, k, n))}.tmp" if self.starts else None)
+            for s in blocks.SPLITS}
         self.counts = {s: {"documents": 0, "tokens": 0, "truncated": 0} for s in blocks.SPLITS}
         self.corpus: Corpus | None = None
 
@@ -229,7 +237,7 @@ class _Shard:
             if line_by_line:
                 self.writers[split].add_blocks(part["data"])
             else:
-                self.writers[split].add_stream(part["data"])
+                self.writers[split].add_stream(part["data"], part["lengths"])
         return tokens
 
     def commit(self) -> dict:
@@ -240,6 +248,8 @@ class _Shard:
         for split, w in self.writers.items():
             files[split] = shard_file(split, self.k, self.n)
             os.replace(w.path, self.staging / files[split])
+            if w.starts_path is not None:
+                os.replace(w.starts_path, self.staging / blocks.starts_file(files[split]))
         stats = self.corpus.stats if self.corpus is not None else None
         entry = {
             "index": self.k, "num_shards": self.n, "key_digest": self.digest, "files": files,
@@ -250,6 +260,7 @@ class _Shard:
                                for s in blocks.SPLITS},
             "remainder_dropped": {s: self.writers[s].dropped_tokens for s in blocks.SPLITS},
             "sha256": {s: w.sha256 for s, w in self.writers.items()},
+            "document_starts": self.starts,
             "bytes": stats.bytes if stats else 0,
             "skipped_lines": stats.skipped_lines if stats else {},
         }
@@ -261,6 +272,8 @@ class _Shard:
         for w in self.writers.values():
             w.abort()
             w.path.unlink(missing_ok=True)
+            if w.starts_path is not None:
+                w.starts_path.unlink(missing_ok=True)
         self.release()
 
 
@@ -370,6 +383,7 @@ def combine(entries: list[dict]) -> dict[str, Any]:
     out["skipped_lines"] = skipped
     out["shards"] = [{"files": e["files"], "num_blocks": e["num_blocks"], "sha256": e["sha256"],
                       "documents": e["documents"]} for e in entries]
+    out["document_starts"] = all(e.get("document_starts") for e in entries)  # every shard recorded them
     out["remainder_dropped"] = {s: sum(int(e.get("remainder_dropped", {}).get(s, 0)) for e in entries)
                                 for s in blocks.SPLITS}
     return out

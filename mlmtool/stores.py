@@ -67,10 +67,22 @@ def word_boundaries_for(mdir, vocab_size: int):
         raise ConfigError(f"{path}: {e.message}", e.hint) from None
 
 
-def document_start_id(store, document_attention: bool) -> int | None:
-    """The token that starts a document in ``store``'s blocks (``<s>`` / ``[CLS]``), which the
-    step derives segment ids from; None when document attention is off or changes nothing
-    (``--line-by-line`` blocks hold one document each)."""
+_NOTED: set[str] = set()  # the stores whose missing record was noted (once per run)
+
+
+def document_starts(store, document_attention: bool) -> bool:
+    """Whether the batches of ``store`` carry where their documents start (the step makes
+    document attention's segment ids of them): with document attention, unless the blocks hold
+    one document each (``--line-by-line``: it changes nothing).  A store made before ``prepare``
+    recorded the starts has them derived from the ``<s>``/``[CLS]`` id
+    (``BlockStore.read_documents``), which this says in one line."""
     if not document_attention or store.line_by_line:
-        return None
-    return int(store.meta["cls_token_id"])
+        return False
+    if not store.has_starts and str(store.path.parent) not in _NOTED:
+        from mlmtool.progress import say
+
+        _NOTED.add(str(store.path.parent))
+        say(f"Note: the blocks in {store.path.parent} record no document starts (prepared by an older mlmtool): "
+            f"they are taken where the {store.meta.get('cls_token_id')} (<s>/[CLS]) id is; prepare again with "
+            "--force to record them", soft_wrap=True)
+    return True

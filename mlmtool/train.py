@@ -30,7 +30,7 @@ from mlmtool.masking import row_count_variance
 from mlmtool.optim import make_optimizer, make_schedule
 from mlmtool.plan import max_mlm_probability, plan_training
 from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
-from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
+from mlmtool.stores import document_starts, open_stores, word_boundaries_for
 from mlmtool.train_config import TrainConfig
 
 STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
@@ -123,7 +123,7 @@ class Trainer:
             return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params))
 
         abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-        self.state_sharding = state_shardings(self.mesh, abstract_state)
+        self.state_sharding = state_shardings(self.mesh, abstract_state, self.loaded.param_axes)
         self.abstract_state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
         self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
@@ -134,8 +134,9 @@ class Trainer:
             rate_schedule = (cfg.mlm_probability_final, self.plan.total_steps)
         self.step_kwargs = dict(pad_token_id=store.pad_token_id, mask_kwargs=self.mask_kwargs,
                                 rate_schedule=rate_schedule, clock=cfg.max_time > 0,
-                                document_start_id=document_start_id(store, self.document_attention),
+                                documents=document_starts(store, self.document_attention),
                                 objective=self.objective)
+        self.eval_documents = self.val_store is not None and document_starts(self.val_store, self.document_attention)
         self.row_variance = row_variance  # what sized the prediction slots (mlmtool.dryrun re-sizes them)
         self._step, self.batch_sharding = jit_train_step(self.model, self.tx, self.schedule, self.mesh,
                                                          self.state_sharding, **self.step_kwargs)
@@ -307,12 +308,11 @@ class Trainer:
                                            mlm_probability=EVAL_MLM_PROBABILITY,
                                            vocab_size=self.train_store.vocab_size,
                                            baseline_token=unigram_top_token(self.train_store),
-                                           document_start_id=document_start_id(self.val_store,
-                                                                               self.document_attention),
+                                           documents=self.eval_documents,
                                            objective=self.objective)
         per_device = self.cfg.per_device_eval_batch_size or self.cfg.per_device_train_batch_size
         results = evaluate(params, step=self._eval_step, mesh=self.mesh, store=self.val_store,
-                           per_device_batch_size=per_device, objective=self.objective)
+                           per_device_batch_size=per_device, objective=self.objective, documents=self.eval_documents)
         return results if self._judge is None else {**results, **self._judge(params)}
 
     def run(self, *, resume: bool = True, force: bool = False, progress=None, say=print,
@@ -342,7 +342,8 @@ class Trainer:
         loader = BatchLoader(self.train_store, accum=cfg.gradient_accumulation_steps,
                              micro_batch=plan.global_batch // cfg.gradient_accumulation_steps, seed=cfg.seed,
                              steps_per_epoch=plan.steps_per_epoch, sharding=self.batch_sharding,
-                             start=start, stop=start if spent else plan.total_steps)
+                             start=start, stop=start if spent else plan.total_steps,
+                             documents=self.step_kwargs["documents"])
         self._clock_start = self._now()
         clock_elapsed = self.elapsed_before  # the elapsed time every process agrees on
         window: list[dict] = []

@@ -234,7 +234,7 @@ def time_config(run: dict, spec: dict, limit: int | None = None) -> dict:
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
     step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                           mask_kwargs=mask_kwargs)
     if run.get("compile_only"):  # abstract arguments: nothing is allocated

@@ -109,13 +109,15 @@ def build(variant: str, args, batches, table):
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
     step, batch_sh = jit_train_step(loaded.module, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                     mask_kwargs=mask_kwargs,
                                     rate_schedule=(final, 10_000) if final is not None else None,
-                                    document_start_id=BOS if variant == "documents" else None)
-    device_batches = [jax.device_put(b[None], batch_sh) for b in batches]
+                                    documents=variant == "documents")
+    # documents: their starts as prepare records them (a document starts at each <s> of these blocks)
+    device_batches = [jax.device_put((b[None], b[None] == BOS) if variant == "documents" else b[None], batch_sh)
+                      for b in batches]
     rng = jax.random.PRNGKey(0)
     compiled = step.lower(state, device_batches[0], rng).compile()
     box = {"state": state, "i": 0}

@@ -108,7 +108,7 @@ def jax_stepper(config: dict, batch_size: int, seq_len: int, batches, kernels: s
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
     step, batch_sh = jit_train_step(loaded.module, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                     mask_kwargs=mask_kwargs)

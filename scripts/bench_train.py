@@ -153,7 +153,7 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
         params = loaded.init(rng)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
     step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
                                           mask_kwargs=mask_kwargs)

@@ -120,3 +120,90 @@ def test_open_errors(tmp_path):
     (d / "meta.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(DataError, match="not an mlmtool block store"):
         BlockStore.open(d, "validation")
+
+
+# -- document starts, recorded beside the blocks --------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), max_size=30), seq_len=st.integers(1, 17),
+       chunk=st.integers(1, 5))
+def test_split_writer_records_where_documents_start(tmp_path_factory, lengths, seq_len, chunk):
+    tmp = tmp_path_factory.mktemp("s")
+    rng = np.random.default_rng(len(lengths) * 100 + seq_len)
+    docs = [rng.integers(0, 500, size=n).astype(np.uint16) for n in lengths]
+    w = SplitWriter(tmp / "train.bin", seq_len, np.dtype("<u2"), starts_path=tmp / "train.starts.bin")
+    for i in range(0, len(docs), chunk):  # several documents per call, as prepare's batches come
+        part = docs[i:i + chunk]
+        w.add_stream(np.concatenate(part), [len(d) for d in part])
+    w.close()
+    n = sum(lengths) // seq_len
+    want = np.zeros(sum(lengths), bool)
+    want[np.cumsum(lengths, dtype=np.int64) - np.asarray(lengths, dtype=np.int64)] = True
+    packed = np.fromfile(tmp / "train.starts.bin", np.uint8).reshape(n, blocks.starts_row_bytes(seq_len))
+    assert np.array_equal(np.unpackbits(packed, axis=1, count=seq_len).reshape(-1), want[:n * seq_len])
+
+
+def test_split_writer_refuses_lengths_that_do_not_add_up(tmp_path):
+    w = SplitWriter(tmp_path / "t.bin", 4, np.dtype("<u2"), starts_path=tmp_path / "t.starts.bin")
+    with pytest.raises(ValueError, match="lengths summing to 5 for 6 tokens"):
+        w.add_stream(np.arange(6), [2, 3])
+    with pytest.raises(ValueError):
+        w.add_stream(np.arange(2), [2, 0])  # a document of no tokens: no start to record
+    w.abort()
+
+
+def _store_with_starts(tmp_path, seq_len=6):
+    """Two documents laid end to end, the second with the cls id (0) inside its text."""
+    d = tmp_path / "data"
+    d.mkdir()
+    docs = [np.array([0, 7, 8, 2]), np.array([0, 9, 0, 9, 2]), np.array([0, 5, 2])]  # 12 tokens: 2 blocks
+    for split, file in (("train", "train.bin"), ("validation", "validation.bin")):
+        w = SplitWriter(d / file, seq_len, np.dtype("<u2"), starts_path=d / blocks.starts_file(file))
+        w.add_stream(np.concatenate(docs), [len(x) for x in docs])
+        w.close()
+    write_store(tmp_path, {}, seq_len, num_blocks={"train": 2, "validation": 2}, cls_token_id=0,
+                document_starts=True)
+    return d
+
+
+def test_block_store_reads_the_recorded_starts(tmp_path):
+    d = _store_with_starts(tmp_path)
+    store = BlockStore.open(d, "train")
+    assert store.has_starts
+    ids, starts = store.read_documents([1, 0, 1])
+    assert ids.tolist() == [[0, 9, 2, 0, 5, 2], [0, 7, 8, 2, 0, 9], [0, 9, 2, 0, 5, 2]]
+    # the 0 inside the second document (block 1's first token) starts nothing: only the record does
+    assert starts.tolist()[:2] == [[False, False, False, True, False, False], [True, False, False, False, True, False]]
+    assert np.array_equal(starts[2], starts[0])
+    # a store prepared before the record: the starts are the cls id's positions (as before)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "document_starts"}))
+    old = BlockStore.open(d, "train")
+    assert not old.has_starts and old.read_documents([1])[1].tolist() == [[True, False, False, True, False, False]]
+
+
+def test_missing_or_damaged_starts_are_refused(tmp_path):
+    d = _store_with_starts(tmp_path)
+    (d / "train.starts.bin").write_bytes(b"\0")
+    with pytest.raises(DataError, match=r"train\.starts\.bin is damaged: 1 bytes.*2 blocks.*--force"):
+        BlockStore.open(d, "train")
+    (d / "train.starts.bin").unlink()
+    with pytest.raises(DataError, match=r"train\.starts\.bin is missing.*--force"):
+        BlockStore.open(d, "train")
+    assert BlockStore.open(d, "validation").has_starts
+
+
+def test_a_store_without_the_record_is_noted_once(tmp_path, capsys):
+    from mlmtool.stores import document_starts
+
+    d = _store_with_starts(tmp_path)
+    assert document_starts(BlockStore.open(d, "train"), True) and not capsys.readouterr().out  # recorded: no word
+    assert not document_starts(BlockStore.open(d, "train"), False)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "document_starts"}))
+    train, validation = BlockStore.open(d, "train"), BlockStore.open(d, "validation")
+    assert document_starts(train, True) and document_starts(validation, True)
+    out = capsys.readouterr().out
+    assert out.count("record no document starts") == 1 and "--force" in out, out  # one line, once per store
+    (d / "meta.json").write_text(json.dumps({**meta, "line_by_line": True}))
+    assert not document_starts(BlockStore.open(d, "train"), True)  # one document per block: nothing to do

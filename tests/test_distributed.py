@@ -31,7 +31,8 @@ TIMEOUT = 300
 # Runs the CLI with test hooks around mlmtool.checkpoint.save (nothing of this is in the package):
 #   MLMTOOL_TEST_KILL_AT_SAVE=N  SIGKILL this process when the loop is about to save step N
 #                                (after every earlier checkpoint has been written);
-#   MLMTOOL_TEST_SHARDINGS=PATH  write the sharding of params and optimizer state there;
+#   MLMTOOL_TEST_SHARDINGS=PATH  write the sharding of params and optimizer state there (a "%p"
+#                                in PATH: the process index, each process its own file);
 #   MLMTOOL_TEST_SIGTERM_AT_SAVE=N:P  send SIGTERM to process P (only) at step N's save.
 # It also lets every process write the persistent compilation cache (JAX lets only process 0,
 # and the other processes' cache keys differ), so that later runs in this module compile nothing.
@@ -63,12 +64,13 @@ term_at = [int(x) for x in os.environ.get("MLMTOOL_TEST_SIGTERM_AT_SAVE", "-1:-1
 save = ckpt.save
 
 def hooked(mngr, step, params, opt_state, meta):
-    if shardings and not os.path.exists(shardings):
+    path = shardings.replace("%p", str(jax.process_index()))
+    if path and not os.path.exists(path):
         leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt_state": opt_state})[0]
         out = {jax.tree_util.keystr(k): {"spec": [str(a) for a in x.sharding.spec], "shape": list(x.shape),
                                          "shard": list(x.addressable_shards[0].data.shape)}
                for k, x in leaves if hasattr(x, "sharding")}
-        with open(shardings, "w") as f:
+        with open(path, "w") as f:
             json.dump(out, f)
     if [step, jax.process_index()] == term_at:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -206,17 +208,21 @@ def _assert_same_training(a: Path, b: Path, *, loss_tol: float = 1e-5, param_tol
 
 @pytest.fixture(scope="module")
 def runs(prepared, cache, tmp_path_factory) -> dict[str, tuple[Path, list]]:
-    """Three runs of the same training (global batch 16), started together to use both cores:
+    """Four runs of the same training (global batch 16), started together to use both cores:
     "one": 1 process x 4 devices (the reference), "two": 2 processes x 2 devices,
-    "fsdp": 1 process x 4 devices with --mesh data=2,fsdp=2 (and its shardings recorded)."""
+    "fsdp": 1 process x 4 devices with --mesh data=2,fsdp=2, "fsdp2": 2 processes x 2 devices
+    with --mesh data=1,fsdp=4, the parameters split over both processes' devices (the
+    shardings of the fsdp runs recorded)."""
     setups = {"one": dict(processes=1, devices=4), "two": dict(processes=2, devices=2),
-              "fsdp": dict(processes=1, devices=4, extra=("--mesh", "data=2,fsdp=2"))}
+              "fsdp": dict(processes=1, devices=4, extra=("--mesh", "data=2,fsdp=2")),
+              "fsdp2": dict(processes=2, devices=2, extra=("--mesh", "data=1,fsdp=4"))}
+    record = {"one": "shardings.json", "fsdp": "shardings.json", "fsdp2": "shardings-%p.json"}
     started = {}
     for name, setup in setups.items():
         d = _copy(prepared, tmp_path_factory.mktemp(name) / "m")
         started[name] = (d, Launch(("train", d, *TRAIN, *setup.get("extra", ())), processes=setup["processes"],
                                    devices=setup["devices"], cache=cache, log_dir=d.parent,
-                                   MLMTOOL_TEST_SHARDINGS=d.parent / "shardings.json" if name != "two" else ""))
+                                   MLMTOOL_TEST_SHARDINGS=d.parent / record[name] if name in record else ""))
     return {name: (d, run.wait()) for name, (d, run) in started.items()}
 
 
@@ -269,6 +275,28 @@ def test_fsdp_mesh_shards_params_and_matches_data_parallel(runs, one_process):
     assert mu and all(v["spec"][0] == "fsdp" for v in mu)
     # Plain data parallelism replicates everything.
     assert all(not any(v["spec"]) for v in json.loads((one_process.parent / "shardings.json").read_text()).values())
+
+
+def test_fsdp_across_two_processes_trains_like_one(runs, one_process):
+    """FSDP over 4 devices of 2 processes (each holds a quarter of every matrix, half of them on
+    each host): the same losses and weights as 1 process with plain data parallelism, within the
+    float32 reordering of the sums (1e-5, as the 1-process FSDP run)."""
+    d, results = runs["fsdp2"]
+    out0, out1 = _ok(results)
+    assert "Done: step 4" in out0 and "Done" not in out1
+    _assert_same_training(one_process, d, loss_tol=1e-5, param_tol=1e-5)
+    for process in (0, 1):
+        info = json.loads((d.parent / f"shardings-{process}.json").read_text())
+        params = {k: v for k, v in info.items() if k.startswith("['params']")}
+        assert params and len(params) == len([k for k in info if k.startswith("['params']")])
+        for k, v in params.items():
+            if len(v["shape"]) == 2:  # every matrix: a quarter on each device, split on one dimension
+                dim = v["spec"].index("fsdp")
+                assert v["shard"][dim] * 4 == v["shape"][dim] and v["shard"][1 - dim] == v["shape"][1 - dim], k
+            elif "LayerNorm" in k or "layer_norm" in k:
+                assert "fsdp" not in v["spec"] and v["shard"] == v["shape"], k  # norms replicated
+        moments = [v for k, v in info.items() if k.startswith("['opt_state']") and "word_embeddings" in k]
+        assert moments and all("fsdp" in v["spec"] for v in moments)
 
 
 def test_killed_two_process_run_resumes_exactly(prepared, two_processes, cache, tmp_path):

@@ -1,6 +1,6 @@
 """--document-attention: a packed block computes what each of its documents alone would, for
 every registered family that supports it (``Family.document_attention``); no gradient crosses
-a document boundary; segment ids and positions from the framing tokens."""
+a document boundary; segment ids and positions from the document starts ``prepare`` records."""
 
 from __future__ import annotations
 
@@ -24,17 +24,27 @@ def _framing(fields: dict) -> tuple[int, int, int]:
 
 
 def _packed_row(fields: dict, rng) -> tuple[np.ndarray, list[slice]]:
-    """A block as prepare packs it: the tail of a cut document, three framed documents, padding."""
+    """A block as prepare packs it: the tail of a cut document, three framed documents, padding
+    (the second holds a literal start id in its text, which is no boundary)."""
     start, end, pad = _framing(fields)
     vocab = fields.get("vocab_size")
     pieces, spans, at = [], [], 0
     for n, framed in ((4, False), (7, True), (11, True), (5, True)):
         doc = list(rng.integers(5, vocab, size=n))
         doc = [start, *doc[1:-1], end] if framed else doc
+        if n == 11:
+            doc[5] = start  # a literal <s>/[CLS] inside the text
         pieces += doc
         spans.append(slice(at, at + n))
         at += n
     return np.asarray(pieces + [pad] * 5, np.int32), spans
+
+
+def _starts(row: np.ndarray, docs: list[slice]) -> jnp.ndarray:
+    """[1, L] the recorded starts: each framed document's first token (not the cut tail's)."""
+    starts = np.zeros(row.shape, bool)
+    starts[[d.start for d in docs[1:]]] = True
+    return jnp.asarray(starts)[None]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -43,9 +53,9 @@ def test_packed_block_equals_each_document_alone(name):
     loaded = load_model(fields)
     params = loaded.init(0)
     row, docs = _packed_row(fields, np.random.default_rng(0))
-    start, _, pad = _framing(fields)
+    _, _, pad = _framing(fields)
     ids = jnp.asarray(row)[None]
-    segments = document_segments(ids, start, pad)
+    segments = document_segments(_starts(row, docs), ids, pad)
     packed = loaded.module.apply({"params": params}, ids, attention_mask=ids != pad, segment_ids=segments)
     # Each document alone in its own row, padded on the right (one batch, as predict runs them).
     alone_ids = np.full((len(docs), max(d.stop - d.start for d in docs)), pad, np.int32)
@@ -70,9 +80,9 @@ def test_no_gradient_crosses_a_document_boundary(family):
     loaded = load_model(fields)
     params = loaded.init(1)
     row, docs = _packed_row(fields, np.random.default_rng(1))
-    start, _, pad = _framing(fields)
+    _, _, pad = _framing(fields)
     ids = jnp.asarray(row)[None]
-    segments = document_segments(ids, start, pad)
+    segments = document_segments(_starts(row, docs), ids, pad)
     vocab = fields["vocab_size"]
 
     def logits(delta, deterministic):
@@ -102,9 +112,11 @@ def test_no_gradient_crosses_a_document_boundary(family):
             assert np.any(grad[inside] != 0.0)
 
 
-def test_segments_and_positions_from_the_framing():
+def test_segments_and_positions_from_the_recorded_starts():
     ids = jnp.asarray([[7, 8, 2, 0, 9, 9, 2, 0, 5, 1, 1],   # RoBERTa: a cut tail, two documents, padding
-                       [0, 5, 6, 2, 0, 7, 2, 1, 1, 1, 1]])
-    seg = document_segments(ids, start_token_id=0, pad_token_id=1)
-    assert seg.tolist() == [[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0], [2, 2, 2, 2, 3, 3, 3, 0, 0, 0, 0]]
-    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]]
+                       [0, 5, 6, 2, 0, 7, 2, 1, 1, 1, 1]])  # the second 0 of row 1: a literal <s> in the text
+    starts = jnp.asarray([[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
+                          [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    seg = document_segments(starts, ids, pad_token_id=1)
+    assert seg.tolist() == [[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0], [2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0]]
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]]

@@ -51,9 +51,10 @@ def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
             assert enc.enabled
             for _ in range(2):  # cold and warm cache
                 assert enc.encode_lists(docs) == want
-                flat = enc.encode_flat(docs, np.dtype("<u2"))
+                flat, lengths = enc.encode_stream(docs, np.dtype("<u2"))
                 assert flat.tolist() == [t for ids in want for t in ids]
-            assert enc.encode_lists([]) == [] and enc.encode_flat([], np.dtype("<u2")).size == 0
+                assert lengths.tolist() == [len(ids) for ids in want]
+            assert enc.encode_lists([]) == [] and enc.encode_stream([], np.dtype("<u2"))[0].size == 0
 
 
 def test_piece_encoder_refuses_other_pipelines(_bpe_dir):

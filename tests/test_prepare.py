@@ -504,3 +504,58 @@ def test_cli_pipeline_init_tokenizer_prepare(tmp_path, corpus_file):
     assert train.seq_len == 64 and len(train) == meta["num_blocks"]["train"] > 0
     assert train.read(np.array([0])).max() < config.vocab_size
     assert set(json.loads((d / "manifest.json").read_text())) >= {"init", "tokenizer", "prepare"}
+
+
+# -- document starts are recorded, not read off the ids ----------------------------------------
+
+@pytest.mark.parametrize("num_shards,piece_cache", [(1, True), (2, False)])
+def test_prepare_records_document_starts_whatever_the_text(bpe_dir, tmp_path, corpus_docs, num_shards, piece_cache):
+    """Documents whose text holds "<s>", "[CLS]" and "</s>": the block store records where each
+    document starts, and the batches' segment ids (--document-attention) follow the record."""
+    import jax
+    from tokenizers import Tokenizer
+
+    from mlmtool import sharding as sh
+    from mlmtool.loader import BatchLoader
+    from mlmtool.models.layers import document_segments
+
+    docs = [f"{d} <s> and [CLS] then </s>" if i % 3 == 0 else d for i, d in enumerate(corpus_docs[:120])]
+    corpus = write_documents(tmp_path / "c.txt", docs)
+    prepare(bpe_dir, open_corpus([corpus]), max_seq_length=16, validation_split_percentage=0, num_proc=1,
+            show_progress=False, batch_bytes=2048, num_shards=num_shards, piece_cache=piece_cache)
+    assert read_meta(bpe_dir / "data")["document_starts"] is True
+    store = BlockStore.open(bpe_dir / "data", "train")
+    assert store.has_starts
+    ids, starts = store.read_documents(np.arange(len(store)))
+    tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    if num_shards == 1:  # one stream: the starts are the documents' offsets in it
+        lengths = np.asarray([len(tok.encode(d).ids) for d in docs])
+        want = np.zeros(lengths.sum(), bool)
+        want[np.cumsum(lengths) - lengths] = True
+        assert np.array_equal(starts.reshape(-1), want[:starts.size])
+    cls = store.meta["cls_token_id"]
+    # every document starts once (but where a shard's dropped remainder held it), at its <s>
+    assert len(docs) - 2 * num_shards <= starts.sum() <= len(docs) and np.all(ids[starts] == cls)
+    # the literal "<s>" is text (issue 21 class 4), so the cls id appears nowhere else here
+    assert np.array_equal(ids == cls, starts)
+    # The loader's batches carry the record, and the segment ids step from it.
+    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
+    loader = BatchLoader(store, accum=1, micro_batch=4, seed=0, steps_per_epoch=len(store) // 4,
+                         sharding=sh.batch_sharding(mesh, leading_dims=1), start=0, stop=2, documents=True)
+    try:
+        for _, (batch_ids, batch_starts) in loader:
+            seg = np.asarray(document_segments(batch_starts[0], batch_ids[0], store.pad_token_id))
+            b_starts = np.asarray(batch_starts[0])
+            assert np.array_equal(np.diff(seg, axis=1) == 1, b_starts[:, 1:])
+            assert np.array_equal(seg[:, 0], 1 + b_starts[:, 0])
+    finally:
+        loader.close()
+
+
+def test_line_by_line_records_no_starts(bpe_dir, tmp_path, corpus_docs):
+    corpus = write_documents(tmp_path / "c.txt", corpus_docs[:50])
+    prepare(bpe_dir, open_corpus([corpus]), max_seq_length=16, line_by_line=True, validation_split_percentage=0,
+            num_proc=1, show_progress=False)
+    assert read_meta(bpe_dir / "data")["document_starts"] is False
+    assert not list((bpe_dir / "data").glob("*.starts.bin"))

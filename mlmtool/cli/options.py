@@ -79,8 +79,8 @@ MaskingOpt = Annotated[str, typer.Option(
                       "lengths of mean 3.8 words). The rate counts tokens in every mode.")]
 DocumentAttentionOpt = Annotated[Optional[bool], typer.Option(
     "--document-attention/--no-document-attention",
-    help="Tokens of a packed block attend only within their own document (from the <s>/[CLS] that starts "
-         "it), and positions restart at each document: a block computes what each document alone would. "
+    help="Tokens of a packed block attend only within their own document (where prepare recorded that "
+         "it starts), and positions restart at each document: a block computes what each document alone would. "
          f"Default: train, the model family's ({document_attention_help()}); eval, as the model "
          "was trained (the latest checkpoint's setting).", show_default=False)]
 DtypeOpt = Annotated[str, typer.Option(

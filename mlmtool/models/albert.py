@@ -195,25 +195,28 @@ class AlbertFamily(Family):
         """
         E, H, I, V = config.embedding_size, config.hidden_size, config.intermediate_size, config.vocab_size
         e: list[WeightEntry] = []
-        for name, rows in (("word_embeddings", V), ("position_embeddings", config.max_position_embeddings),
-                           ("token_type_embeddings", config.type_vocab_size)):
-            e.append(WeightEntry(("embeddings", name, "embedding"), f"albert.embeddings.{name}.weight", (rows, E)))
+        for name, rows, axis in (("word_embeddings", V, "vocab"),
+                                 ("position_embeddings", config.max_position_embeddings, "positions"),
+                                 ("token_type_embeddings", config.type_vocab_size, "types")):
+            e.append(WeightEntry(("embeddings", name, "embedding"), f"albert.embeddings.{name}.weight", (rows, E),
+                                 (axis, "embedding")))
         e += norm_entries(("embeddings", "LayerNorm"), "albert.embeddings.LayerNorm", E)
         e += dense_entries(("encoder", "embedding_hidden_mapping_in"), "albert.encoder.embedding_hidden_mapping_in",
-                           E, H)
+                           E, H, ("embedding", "embed"))
         for g in range(config.num_hidden_groups):
             for j in range(config.inner_group_num):
                 ours = ("encoder", "albert_layer_groups", str(g), "albert_layers", str(j))
                 hf = f"albert.encoder.albert_layer_groups.{g}.albert_layers.{j}"
                 for proj in ("query", "key", "value", "dense"):
-                    e += dense_entries((*ours, "attention", proj), f"{hf}.attention.{proj}", H, H)
+                    e += dense_entries((*ours, "attention", proj), f"{hf}.attention.{proj}", H, H,
+                                       ("heads", "embed") if proj == "dense" else ("embed", "heads"))
                 e += norm_entries((*ours, "attention", "LayerNorm"), f"{hf}.attention.LayerNorm", H)
-                e += dense_entries((*ours, "ffn"), f"{hf}.ffn", H, I)
-                e += dense_entries((*ours, "ffn_output"), f"{hf}.ffn_output", I, H)
+                e += dense_entries((*ours, "ffn"), f"{hf}.ffn", H, I, ("embed", "mlp"))
+                e += dense_entries((*ours, "ffn_output"), f"{hf}.ffn_output", I, H, ("mlp", "embed"))
                 e += norm_entries((*ours, "full_layer_layer_norm"), f"{hf}.full_layer_layer_norm", H)
-        e += dense_entries(("predictions", "dense"), "predictions.dense", H, E)
+        e += dense_entries(("predictions", "dense"), "predictions.dense", H, E, ("embed", "embedding"))
         e += norm_entries(("predictions", "LayerNorm"), "predictions.LayerNorm", E)
-        e.append(WeightEntry(("predictions", "bias"), "predictions.bias", (V,)))
+        e.append(WeightEntry(("predictions", "bias"), "predictions.bias", (V,), ("vocab",)))
         return WeightTable(
             entries=tuple(e),
             tied=(("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight"),

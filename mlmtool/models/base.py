@@ -122,6 +122,10 @@ class WeightEntry(NamedTuple):
     path: tuple[str, ...]       # key path in our params tree
     hf_key: str                 # transformers state_dict key
     shape: tuple[int, ...]      # our (Flax) shape
+    #: the logical name of each dimension ("vocab", "embed", "mlp", ...): ``sharding.RULES``
+    #: maps the names to mesh axes (MaxText's logical_axis_rules), so a family's layout over
+    #: the devices is a fact next to its key names, not a guess from the shape
+    axes: tuple[str, ...]
     transpose: bool = False     # Dense kernel [in, out] <-> torch.nn.Linear weight [out, in]
 
 
@@ -150,19 +154,21 @@ class WeightTable:
         return key
 
 
-def dense_entries(path: tuple[str, ...], hf: str, n_in: int, n_out: int, *, bias: bool = True) -> list[WeightEntry]:
-    """A Dense layer: kernel [in, out] (transposed to torch's [out, in]) and its bias."""
-    out = [WeightEntry((*path, "kernel"), f"{hf}.weight", (n_in, n_out), True)]
+def dense_entries(path: tuple[str, ...], hf: str, n_in: int, n_out: int, axes: tuple[str, str], *,
+                  bias: bool = True) -> list[WeightEntry]:
+    """A Dense layer: kernel [in, out] (transposed to torch's [out, in]) and its bias;
+    ``axes`` the logical names of (in, out), e.g. ("embed", "mlp")."""
+    out = [WeightEntry((*path, "kernel"), f"{hf}.weight", (n_in, n_out), tuple(axes), True)]
     if bias:
-        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (n_out,)))
+        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (n_out,), (axes[1],)))
     return out
 
 
 def norm_entries(path: tuple[str, ...], hf: str, size: int, *, bias: bool = True) -> list[WeightEntry]:
-    """A LayerNorm: Flax ``scale``/``bias`` = torch ``weight``/``bias``."""
-    out = [WeightEntry((*path, "scale"), f"{hf}.weight", (size,))]
+    """A LayerNorm: Flax ``scale``/``bias`` = torch ``weight``/``bias`` (logical axis "norm")."""
+    out = [WeightEntry((*path, "scale"), f"{hf}.weight", (size,), ("norm",))]
     if bias:
-        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (size,)))
+        out.append(WeightEntry((*path, "bias"), f"{hf}.bias", (size,), ("norm",)))
     return out
 
 

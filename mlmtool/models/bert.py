@@ -190,11 +190,12 @@ def bert_layer_entries(ours: tuple[str, ...], hf: str, H: int, I: int) -> list[W
     """
     e: list[WeightEntry] = []
     for proj in ("query", "key", "value"):
-        e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-    e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
+        e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H, ("embed", "heads"))
+    e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H,
+                       ("heads", "embed"))
     e += norm_entries((*ours, "attention", "output", "LayerNorm"), f"{hf}.attention.output.LayerNorm", H)
-    e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-    e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
+    e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I, ("embed", "mlp"))
+    e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H, ("mlp", "embed"))
     e += norm_entries((*ours, "output", "LayerNorm"), f"{hf}.output.LayerNorm", H)
     return e
 
@@ -298,17 +299,19 @@ class BertFamily(Family):
         variant = config.variant
         p = variant.prefix
         e: list[WeightEntry] = []
-        for name, rows in (("word_embeddings", V), ("position_embeddings", config.max_position_embeddings),
-                           ("token_type_embeddings", config.type_vocab_size)):
-            e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H)))
+        for name, rows, axis in (("word_embeddings", V, "vocab"),
+                                 ("position_embeddings", config.max_position_embeddings, "positions"),
+                                 ("token_type_embeddings", config.type_vocab_size, "types")):
+            e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H),
+                                 (axis, "embed")))
         e += norm_entries(("embeddings", "LayerNorm"), f"{p}.embeddings.LayerNorm", H)
         for i in range(config.num_hidden_layers):
             e += bert_layer_entries(("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}", H, I)
         head = ("lm_head.dense", "lm_head.layer_norm", "lm_head") if variant.roberta else \
             ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions")
-        e += dense_entries(("lm_head", "dense"), head[0], H, H)
+        e += dense_entries(("lm_head", "dense"), head[0], H, H, ("embed", "embed"))
         e += norm_entries(("lm_head", "layer_norm"), head[1], H)
-        e.append(WeightEntry(("lm_head", "bias"), f"{head[2]}.bias", (V,)))
+        e.append(WeightEntry(("lm_head", "bias"), f"{head[2]}.bias", (V,), ("vocab",)))
         return WeightTable(
             entries=tuple(e),
             tied=((f"{head[2]}.decoder.weight", f"{p}.embeddings.word_embeddings.weight"),

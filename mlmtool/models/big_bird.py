@@ -119,7 +119,8 @@ class BigBirdFamily(Family):
         pooler ``bert.pooler.{weight,bias}`` (BigBirdForMaskedLM has one; the MLM does not use it)."""
         bert = BertFamily.weight_table(self, config)
         H = config.hidden_size
-        return dataclasses.replace(bert, entries=(*bert.entries, *dense_entries(("pooler",), "bert.pooler", H, H)),
+        return dataclasses.replace(bert, entries=(*bert.entries, *dense_entries(("pooler",), "bert.pooler", H, H,
+                                                                                         ("embed", "embed"))),
                                    ignored=bert.ignored.replace(r"|^bert\.pooler\.", ""))
 
     def parameter_count(self, hf: dict) -> int:

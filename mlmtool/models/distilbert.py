@@ -151,22 +151,24 @@ class DistilBertFamily(Family):
         H, I, V = config.dim, config.hidden_dim, config.vocab_size
         e: list[WeightEntry] = [
             WeightEntry(("embeddings", "word_embeddings", "embedding"), "distilbert.embeddings.word_embeddings.weight",
-                        (V, H)),
+                        (V, H), ("vocab", "embed")),
             WeightEntry(("embeddings", "position_embeddings", "embedding"),
-                        "distilbert.embeddings.position_embeddings.weight", (config.max_position_embeddings, H)),
+                        "distilbert.embeddings.position_embeddings.weight", (config.max_position_embeddings, H),
+                        ("positions", "embed")),
             *norm_entries(("embeddings", "LayerNorm"), "distilbert.embeddings.LayerNorm", H),
         ]
         for i in range(config.n_layers):
             ours, hf = ("transformer", "layer", str(i)), f"distilbert.transformer.layer.{i}"
             for proj in ("q_lin", "k_lin", "v_lin", "out_lin"):
-                e += dense_entries((*ours, "attention", proj), f"{hf}.attention.{proj}", H, H)
+                e += dense_entries((*ours, "attention", proj), f"{hf}.attention.{proj}", H, H,
+                                   ("heads", "embed") if proj == "out_lin" else ("embed", "heads"))
             e += norm_entries((*ours, "sa_layer_norm"), f"{hf}.sa_layer_norm", H)
-            e += dense_entries((*ours, "ffn", "lin1"), f"{hf}.ffn.lin1", H, I)
-            e += dense_entries((*ours, "ffn", "lin2"), f"{hf}.ffn.lin2", I, H)
+            e += dense_entries((*ours, "ffn", "lin1"), f"{hf}.ffn.lin1", H, I, ("embed", "mlp"))
+            e += dense_entries((*ours, "ffn", "lin2"), f"{hf}.ffn.lin2", I, H, ("mlp", "embed"))
             e += norm_entries((*ours, "output_layer_norm"), f"{hf}.output_layer_norm", H)
-        e += dense_entries(("vocab_transform",), "vocab_transform", H, H)
+        e += dense_entries(("vocab_transform",), "vocab_transform", H, H, ("embed", "embed"))
         e += norm_entries(("vocab_layer_norm",), "vocab_layer_norm", H)
-        e.append(WeightEntry(("vocab_projector", "bias"), "vocab_projector.bias", (V,)))
+        e.append(WeightEntry(("vocab_projector", "bias"), "vocab_projector.bias", (V,), ("vocab",)))
         return WeightTable(entries=tuple(e),
                            tied=(("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),),
                            ignored=r"^distilbert\.embeddings\.position_ids$")

@@ -276,15 +276,18 @@ class ElectraFamily(Family):
             E, H = cfg.embedding_size, cfg.hidden_size
             if tower == "generator":
                 head = (tower, "generator_predictions")
-                e += dense_entries((*head, "dense"), f"{pre}generator_predictions.dense", H, E)
+                e += dense_entries((*head, "dense"), f"{pre}generator_predictions.dense", H, E,
+                                   ("embed", "embedding"))
                 e += norm_entries((*head, "LayerNorm"), f"{pre}generator_predictions.LayerNorm", E)
                 e.append(WeightEntry((tower, "generator_lm_head", "bias"), f"{pre}generator_lm_head.bias",
-                                     (cfg.vocab_size,)))
+                                     (cfg.vocab_size,), ("vocab",)))
                 tied.append((f"{pre}generator_lm_head.weight", f"{pre}electra.embeddings.word_embeddings.weight"))
             else:
                 head = (tower, "discriminator_predictions")
-                e += dense_entries((*head, "dense"), "discriminator_predictions.dense", H, H)
-                e += dense_entries((*head, "dense_prediction"), "discriminator_predictions.dense_prediction", H, 1)
+                e += dense_entries((*head, "dense"), "discriminator_predictions.dense", H, H,
+                                   ("embed", "embed"))
+                e += dense_entries((*head, "dense_prediction"), "discriminator_predictions.dense_prediction", H, 1,
+                                   ("embed", "classes"))
         return WeightTable(entries=tuple(e), tied=tuple(tied),
                            ignored=r"(^|/)electra\.embeddings\.(position_ids|token_type_ids)$",
                            renames=((r"(LayerNorm|layer_norm)\.gamma$", r"\1.weight"),
@@ -338,10 +341,11 @@ class ElectraFamily(Family):
 
 def _embedding_entries(config: ElectraConfig, pre: str) -> list[WeightEntry]:
     E = config.embedding_size
-    e = [WeightEntry(("embeddings", name, "embedding"), f"{pre}electra.embeddings.{name}.weight", (rows, E))
-         for name, rows in (("word_embeddings", config.vocab_size),
-                            ("position_embeddings", config.max_position_embeddings),
-                            ("token_type_embeddings", config.type_vocab_size))]
+    e = [WeightEntry(("embeddings", name, "embedding"), f"{pre}electra.embeddings.{name}.weight", (rows, E),
+                     (axis, "embedding"))
+         for name, rows, axis in (("word_embeddings", config.vocab_size, "vocab"),
+                                  ("position_embeddings", config.max_position_embeddings, "positions"),
+                                  ("token_type_embeddings", config.type_vocab_size, "types"))]
     return e + norm_entries(("embeddings", "LayerNorm"), f"{pre}electra.embeddings.LayerNorm", E)
 
 
@@ -349,7 +353,7 @@ def _tower_entries(cfg: ElectraConfig, ours: tuple[str, ...], p: str) -> list[We
     E, H, I = cfg.embedding_size, cfg.hidden_size, cfg.intermediate_size
     e: list[WeightEntry] = []
     if E != H:
-        e += dense_entries((*ours, "embeddings_project"), f"{p}.embeddings_project", E, H)
+        e += dense_entries((*ours, "embeddings_project"), f"{p}.embeddings_project", E, H, ("embedding", "embed"))
     for i in range(cfg.num_hidden_layers):
         e += bert_layer_entries((*ours, "encoder", "layer", str(i)), f"{p}.encoder.layer.{i}", H, I)
     return e

@@ -298,15 +298,14 @@ def _full_attention(q, k, v, attention_mask, kernels: Kernels, dropout: Callable
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
-def document_segments(input_ids, start_token_id: int, pad_token_id: int):
-    """int32 segment ids [B, L] of the documents packed in each row, from the framing
-    ``prepare`` writes (``<s> ... </s>`` / ``[CLS] ... [SEP]``): a document starts at each
-    ``start_token_id`` (the tokens before the first one, the end of a document cut by the
-    block boundary, are a segment too); padding is 0.  Derive them from the uncorrupted
-    ids: masking's random replacement may write a ``<s>``."""
-    ids = jnp.asarray(input_ids)
-    segments = jnp.cumsum(ids == start_token_id, axis=1, dtype=jnp.int32) + 1  # [B, L]
-    return jnp.where(ids == pad_token_id, 0, segments)
+def document_segments(document_starts, input_ids, pad_token_id: int):
+    """int32 segment ids [B, L] of the documents packed in each row: a new segment at each
+    True of ``document_starts`` [B, L] (where ``prepare`` recorded a document's first token:
+    ``BlockStore.read_documents``; the tokens before the first start, the end of a document cut
+    by the block boundary, are a segment too); padding is 0.  Boundaries are data, never read
+    off the token ids: a literal ``<s>`` in a document's text starts nothing."""
+    segments = jnp.cumsum(jnp.asarray(document_starts, jnp.int32), axis=1, dtype=jnp.int32) + 1  # [B, L]
+    return jnp.where(jnp.asarray(input_ids) == pad_token_id, 0, segments)
 
 
 def segment_positions(segment_ids):

@@ -81,6 +81,12 @@ class LoadedModel:
         """The parameter tree as ShapeDtypeStructs (nothing allocated)."""
         return jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))["params"]
 
+    @functools.cached_property
+    def param_axes(self) -> dict[tuple[str, ...], tuple[tuple[str, ...], tuple[int, ...]]]:
+        """Parameter path -> (logical axes, shape), from the family's weight table: what
+        ``sharding.state_shardings`` lays parameters and optimizer state out by."""
+        return {e.path: (e.axes, e.shape) for e in self.weight_table.entries}
+
     @property
     def parameter_count(self) -> int:
         return self.family.parameter_count(self.hf_config)

@@ -359,22 +359,23 @@ class ModernBertFamily(Family):
         H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
         nb, ab, mb = config.norm_bias, config.attention_bias, config.mlp_bias
         e: list[WeightEntry] = [WeightEntry(("model", "embeddings", "tok_embeddings", "embedding"),
-                                            "model.embeddings.tok_embeddings.weight", (V, H))]
+                                            "model.embeddings.tok_embeddings.weight", (V, H), ("vocab", "embed"))]
         e += norm_entries(("model", "embeddings", "norm"), "model.embeddings.norm", H, bias=nb)
         for i in range(config.num_hidden_layers):
             ours, hf = ("model", "layers", str(i)), f"model.layers.{i}"
             if i:
                 e += norm_entries((*ours, "attn_norm"), f"{hf}.attn_norm", H, bias=nb)
-            e += dense_entries((*ours, "attn", "Wqkv"), f"{hf}.attn.Wqkv", H, 3 * H, bias=ab)
-            e += dense_entries((*ours, "attn", "Wo"), f"{hf}.attn.Wo", H, H, bias=ab)
+            e += dense_entries((*ours, "attn", "Wqkv"), f"{hf}.attn.Wqkv", H, 3 * H, ("embed", "heads"), bias=ab)
+            e += dense_entries((*ours, "attn", "Wo"), f"{hf}.attn.Wo", H, H, ("heads", "embed"), bias=ab)
             e += norm_entries((*ours, "mlp_norm"), f"{hf}.mlp_norm", H, bias=nb)
-            e += dense_entries((*ours, "mlp", "Wi"), f"{hf}.mlp.Wi", H, 2 * I, bias=mb)
-            e += dense_entries((*ours, "mlp", "Wo"), f"{hf}.mlp.Wo", I, H, bias=mb)
+            e += dense_entries((*ours, "mlp", "Wi"), f"{hf}.mlp.Wi", H, 2 * I, ("embed", "mlp"), bias=mb)
+            e += dense_entries((*ours, "mlp", "Wo"), f"{hf}.mlp.Wo", I, H, ("mlp", "embed"), bias=mb)
         e += norm_entries(("model", "final_norm"), "model.final_norm", H, bias=nb)
-        e += dense_entries(("head", "dense"), "head.dense", H, H, bias=config.classifier_bias)
+        e += dense_entries(("head", "dense"), "head.dense", H, H, ("embed", "embed"),
+                           bias=config.classifier_bias)
         e += norm_entries(("head", "norm"), "head.norm", H, bias=nb)
         if config.decoder_bias:
-            e.append(WeightEntry(("decoder", "bias"), "decoder.bias", (V,)))
+            e.append(WeightEntry(("decoder", "bias"), "decoder.bias", (V,), ("vocab",)))
         return WeightTable(entries=tuple(e), tied=(("decoder.weight", "model.embeddings.tok_embeddings.weight"),))
 
     def parameter_count(self, hf: dict) -> int:

@@ -104,23 +104,27 @@ class RobertaPreLayerNormFamily(Family):
         H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
         p = VARIANT.prefix
         e: list[WeightEntry] = []
-        for name, rows in (("word_embeddings", V), ("position_embeddings", config.max_position_embeddings),
-                           ("token_type_embeddings", config.type_vocab_size)):
-            e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H)))
+        for name, rows, axis in (("word_embeddings", V, "vocab"),
+                                 ("position_embeddings", config.max_position_embeddings, "positions"),
+                                 ("token_type_embeddings", config.type_vocab_size, "types")):
+            e.append(WeightEntry(("embeddings", name, "embedding"), f"{p}.embeddings.{name}.weight", (rows, H),
+                                 (axis, "embed")))
         e += norm_entries(("embeddings", "LayerNorm"), f"{p}.embeddings.LayerNorm", H)
         for i in range(config.num_hidden_layers):
             ours, hf = ("encoder", "layer", str(i)), f"{p}.encoder.layer.{i}"
             e += norm_entries((*ours, "attention", "LayerNorm"), f"{hf}.attention.LayerNorm", H)
             for proj in ("query", "key", "value"):
-                e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H)
-            e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H)
+                e += dense_entries((*ours, "attention", "self", proj), f"{hf}.attention.self.{proj}", H, H,
+                                   ("embed", "heads"))
+            e += dense_entries((*ours, "attention", "output", "dense"), f"{hf}.attention.output.dense", H, H,
+                               ("heads", "embed"))
             e += norm_entries((*ours, "intermediate", "LayerNorm"), f"{hf}.intermediate.LayerNorm", H)
-            e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I)
-            e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H)
+            e += dense_entries((*ours, "intermediate", "dense"), f"{hf}.intermediate.dense", H, I, ("embed", "mlp"))
+            e += dense_entries((*ours, "output", "dense"), f"{hf}.output.dense", I, H, ("mlp", "embed"))
         e += norm_entries(("LayerNorm",), f"{p}.LayerNorm", H)
-        e += dense_entries(("lm_head", "dense"), "lm_head.dense", H, H)
+        e += dense_entries(("lm_head", "dense"), "lm_head.dense", H, H, ("embed", "embed"))
         e += norm_entries(("lm_head", "layer_norm"), "lm_head.layer_norm", H)
-        e.append(WeightEntry(("lm_head", "bias"), "lm_head.bias", (V,)))
+        e.append(WeightEntry(("lm_head", "bias"), "lm_head.bias", (V,), ("vocab",)))
         return WeightTable(
             entries=tuple(e),
             tied=(("lm_head.decoder.weight", f"{p}.embeddings.word_embeddings.weight"),

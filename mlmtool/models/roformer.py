@@ -164,20 +164,22 @@ class RoFormerFamily(Family):
         E, H, I, V = config.embedding_size, config.hidden_size, config.intermediate_size, config.vocab_size
         e: list[WeightEntry] = [
             WeightEntry(("embeddings", "word_embeddings", "embedding"), "roformer.embeddings.word_embeddings.weight",
-                        (V, E)),
+                        (V, E), ("vocab", "embedding")),
             WeightEntry(("embeddings", "token_type_embeddings", "embedding"),
-                        "roformer.embeddings.token_type_embeddings.weight", (config.type_vocab_size, E)),
+                        "roformer.embeddings.token_type_embeddings.weight", (config.type_vocab_size, E),
+                        ("types", "embedding")),
             *norm_entries(("embeddings", "LayerNorm"), "roformer.embeddings.LayerNorm", E),
         ]
         if config.projected:
-            e += dense_entries(("embeddings_project",), "roformer.embeddings_project", E, H)
+            e += dense_entries(("embeddings_project",), "roformer.embeddings_project", E, H, ("embedding", "embed"))
         e.append(WeightEntry(_EMBED_POSITIONS, "roformer.encoder.embed_positions.weight",
-                             (config.max_position_embeddings, config.head_dim)))
+                             (config.max_position_embeddings, config.head_dim), ("positions", "kv")))
         for i in range(config.num_hidden_layers):
             e += bert_layer_entries(("encoder", "layer", str(i)), f"roformer.encoder.layer.{i}", H, I)
-        e += dense_entries(("cls", "transform", "dense"), "cls.predictions.transform.dense", H, E)
+        e += dense_entries(("cls", "transform", "dense"), "cls.predictions.transform.dense", H, E,
+                           ("embed", "embedding"))
         e += norm_entries(("cls", "transform", "LayerNorm"), "cls.predictions.transform.LayerNorm", E)
-        e.append(WeightEntry(("cls", "bias"), "cls.predictions.bias", (V,)))
+        e.append(WeightEntry(("cls", "bias"), "cls.predictions.bias", (V,), ("vocab",)))
         return WeightTable(entries=tuple(e),
                            tied=(("cls.predictions.decoder.weight", "roformer.embeddings.word_embeddings.weight"),
                                  ("cls.predictions.decoder.bias", "cls.predictions.bias")))
