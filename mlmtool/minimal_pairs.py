@@ -37,9 +37,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from mlmtool.constants import PLL_MODES
 from mlmtool.errors import DataError
 
-PLL_MODES = ("word-l2r", "token")
 BATCH_ROWS = 128  # masked copies scored per device call (a fixed shape: one compilation per length bucket)
 BUCKET = 16       # rows are padded to a multiple of this many tokens
 
