@@ -6,8 +6,9 @@ program from disk instead.  Entries are keyed by the program, the devices and th
 versions, so a stale entry is never used.  jax caches only programs that took at least
 ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile.
 
-``MLMTOOL_COMPILATION_CACHE``: unset or ``1``: ``$XDG_CACHE_HOME/mlmtool/jax`` (default
-``~/.cache/mlmtool/jax``); a path: that folder; ``0``/``off``: no cache.  A cache folder the
+``MLMTOOL_COMPILATION_CACHE``: unset or on (``1``, ``true``, ...: the spellings of
+:mod:`mlmtool.env`): ``$XDG_CACHE_HOME/mlmtool/jax`` (default ``~/.cache/mlmtool/jax``);
+off (``0``, ``false``, ``no``, ``off``): no cache; anything else: that folder.  A cache folder the
 user gave jax itself (``JAX_COMPILATION_CACHE_DIR``) wins.
 
 A cache that cannot be read or written (a path under a regular file, a read-only or full
@@ -24,9 +25,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from mlmtool.env import parse_flag
+
 ENV = "MLMTOOL_COMPILATION_CACHE"
-_OFF = ("0", "off", "false", "no")
-_DEFAULT = ("", "1", "on", "true", "yes")
 
 
 def default_dir() -> Path:
@@ -47,11 +48,12 @@ def _setting(path: Path) -> str:
 def cache_dir() -> Path | None:
     """The folder the CLI caches compiled programs in, or None when the cache is off."""
     setting = os.environ.get(ENV, "").strip()
-    if setting.lower() in _OFF:
+    on = parse_flag(setting)  # the flags' spellings (mlmtool.env); anything else is a folder
+    if on is False:
         return None
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    return default_dir() if setting.lower() in _DEFAULT else Path(setting).expanduser()
+    return default_dir() if on or not setting else Path(setting).expanduser()
 
 
 # jax's own words (jax/_src/compiler.py) when a cache entry cannot be read or written

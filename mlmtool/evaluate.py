@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlmtool.constants import DTYPES, EVAL_MLM_PROBABILITY
 from mlmtool.masking import MODES, mask_rows
 from mlmtool.models.layers import document_segments
 from mlmtool.objectives import MaskedLM, mlm_sums  # noqa: F401 (mlm_sums: where it was)
 
 EVAL_SEED = 1234  # fixed, so evaluations are comparable across runs and checkpoints
-EVAL_MLM_PROBABILITY = 0.15  # eval's rate whatever the training one, so runs with other rates compare
 
 
 MLM = MaskedLM()
@@ -197,7 +197,7 @@ def check_options(*, per_device_batch_size: int, mlm_probability: float, dtype: 
     if per_device_batch_size < 1:
         raise ConfigError(f"--per-device-eval-batch-size must be positive, got {per_device_batch_size}",
                           "use e.g. 64")
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}", "use --dtype float32")
 
 

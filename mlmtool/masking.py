@@ -54,9 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlmtool.constants import MASKING_MODES as MODES
 from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD
-
-MODES = ("token", "whole-word", "span")
 
 # SpanBERT's span lengths, in words: geometric with p = 0.2, truncated to 1..10 (mean 3.80).
 SPAN_P, SPAN_MAX = 0.2, 10

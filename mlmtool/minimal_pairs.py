@@ -43,9 +43,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from mlmtool.constants import PLL_MODES, choice_error
 from mlmtool.errors import DataError
 
-PLL_MODES = ("word-l2r", "token")
 BATCH_ROWS = 128  # masked copies scored per device call (a fixed shape: one compilation per length bucket)
 BUCKET = 16       # rows are padded to a multiple of this many tokens
 
@@ -193,7 +193,7 @@ class PLLScorer(_Tokenized):
         from mlmtool.errors import ConfigError
 
         if pll not in PLL_MODES:
-            raise ConfigError(f"--pll must be one of {', '.join(PLL_MODES)}, got {pll!r}", "use --pll word-l2r")
+            raise ConfigError(choice_error("--pll", pll, PLL_MODES), "use --pll word-l2r")
         if pll == "word-l2r" and word_table is None:
             raise ConfigError("PLL-word-l2r needs the tokenizer's word boundaries", "use --pll token")
         self.module, self.params, self.tokenizer = module, params, tokenizer
@@ -374,7 +374,7 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     if pll not in PLL_MODES:
         from mlmtool.errors import ConfigError
 
-        raise ConfigError(f"--pll must be one of {', '.join(PLL_MODES)}, got {pll!r}", "use --pll word-l2r")
+        raise ConfigError(choice_error("--pll", pll, PLL_MODES), "use --pll word-l2r")
     pairs = read_pairs(files)
     config = mdir.read_config()
     loaded = load_model(config, dtype=dtype)

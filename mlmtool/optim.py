@@ -38,9 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("linear", "cosine", "constant", "wsd", "inverse_sqrt")
-DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adafactor", "lamb", "lion", "stable-adamw")
+from mlmtool.constants import DECAY_SHAPES, OPTIMIZERS, SCHEDULES  # noqa: F401 (its choices, declared there)
 
 
 def decay_mask(params: Any) -> Any:

@@ -45,15 +45,13 @@ import numpy as np
 
 from mlmtool import blocks, encode_pool, shards
 from mlmtool.blocks import VALIDATION_RULE
+from mlmtool.constants import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_VALIDATION_SPLIT_PERCENTAGE, EXECUTORS, choice_error
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
 from mlmtool.modeldir import ModelDir, atomic_write_json, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
 from mlmtool.tokenizer_facts import TokenizerInfo, retrain_hint, tokenizer_info
-
-DEFAULT_MAX_SEQ_LENGTH = 128
-DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -155,8 +153,8 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         raise ConfigError(f"--validation-split-percentage must be in [0, 100), got "
                           f"{validation_split_percentage}", "use e.g. 5 (or 0 for no validation)")
 
-    if executor not in ("local", "ray"):
-        raise ConfigError(f"--executor {executor!r} is not one of local, ray", "use --executor local or ray")
+    if executor not in EXECUTORS:
+        raise ConfigError(choice_error("--executor", executor, EXECUTORS), "use --executor local or ray")
     shard_indices = shards.check_indices(shard_indices, num_shards)
     if shard_indices is None and executor == "local":
         shard_indices = shards.process_share(num_shards)

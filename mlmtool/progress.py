@@ -12,17 +12,19 @@ import time
 
 from rich.console import Console
 
+from mlmtool import env
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
 def quiet() -> bool:
-    return os.environ.get("MLMTOOL_QUIET", "") not in ("", "0", "false")
+    return env.flag(env.QUIET)
 
 
 def set_quiet(value: bool) -> None:
     if value:
-        os.environ["MLMTOOL_QUIET"] = "1"
+        os.environ[env.QUIET] = "1"
 
 
 def say(*args, **kwargs) -> None:

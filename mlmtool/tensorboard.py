@@ -33,6 +33,8 @@ import struct
 import time
 from pathlib import Path
 
+from mlmtool import env
+
 DIRNAME = "tensorboard"
 
 TRAIN_TAGS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch", "tokens_seen",
@@ -41,7 +43,7 @@ EVAL_TAGS = {"eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy", "perple
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("MLMTOOL_TENSORBOARD", "1").lower() not in ("0", "false", "no", "off")
+    return env.flag(env.TENSORBOARD)
 
 
 def scalars(record: dict) -> dict[str, float]:

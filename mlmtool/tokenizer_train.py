@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlmtool import models
+from mlmtool.constants import DEFAULT_MIN_FREQUENCY
 from mlmtool.corpus import Corpus
 from mlmtool.corpus.sample import Reservoir
 from mlmtool.errors import ConfigError
@@ -48,7 +49,6 @@ from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
 KIND_NAMES = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "Unigram"}
-DEFAULT_MIN_FREQUENCY = 2
 #: WordPiece keeps at most this many distinct characters (rarer ones become [UNK]), as
 #: HF's BertWordPieceTokenizer.train does.
 WORDPIECE_LIMIT_ALPHABET = 1000

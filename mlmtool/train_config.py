@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from mlmtool.constants import (DECAY_SHAPES, DTYPES, MASKING_MODES, OPTIMIZERS, PRNG_IMPLS, REMAT_POLICIES, SCHEDULES,
+                               choice_error)
 from mlmtool.errors import TrainingError
-
-PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,6 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98                    # RoBERTa's (more stable than 0.999 at large batch)
     adam_epsilon: float = 1e-8
-    adafactor: bool = False                     # the old switch: the same as optimizer="adafactor"
     max_grad_norm: float = 1.0                  # HF Trainer's default; 0 disables clipping
     gradient_accumulation_steps: int = 1
     mlm_probability: float = 0.15               # BERT's 15% (at the first step, with mlm_probability_final)
@@ -54,30 +53,20 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 3            # keep the 3 newest checkpoints (None: all)
 
-    def __post_init__(self) -> None:
-        if self.adafactor:  # one field for the fact: --adafactor is --optimizer adafactor
-            object.__setattr__(self, "optimizer", "adafactor")
-            object.__setattr__(self, "adafactor", False)
-
     def validate(self) -> None:
         """Every option's range and choice, checked before any work."""
         self.validate_ranges()
-        from mlmtool.masking import MAX_SPAN_RATE, MODES
-        from mlmtool.models.layers import REMAT_POLICIES
-        from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
+        from mlmtool.masking import MAX_SPAN_RATE
 
         final = self.mlm_probability_final
+        choices = [("--masking", self.masking, MASKING_MODES), ("--lr-scheduler", self.lr_scheduler, SCHEDULES),
+                   ("--decay-shape", self.decay_shape, DECAY_SHAPES), ("--optimizer", self.optimizer, OPTIMIZERS),
+                   ("--dtype", self.dtype, DTYPES), ("--gradient-checkpointing", self.gradient_checkpointing,
+                                                     REMAT_POLICIES), ("--prng-impl", self.prng_impl, PRNG_IMPLS)]
         checks = [
-            (self.masking in MODES, f"--masking must be one of {', '.join(MODES)}"),
+            *((value in allowed, choice_error(option, value, allowed)) for option, value, allowed in choices),
             (self.masking != "span" or max(self.mlm_probability, final or 0.0) <= MAX_SPAN_RATE,
              f"span masking leaves at least one word between spans: its rate is at most {MAX_SPAN_RATE:.2f}"),
-            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
-            (self.decay_shape in DECAY_SHAPES, f"--decay-shape must be one of {', '.join(DECAY_SHAPES)}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
-            (self.gradient_checkpointing in REMAT_POLICIES,
-             f"--gradient-checkpointing must be one of {', '.join(REMAT_POLICIES)}"),
-            (self.prng_impl in PRNG_IMPLS, f"--prng-impl must be one of {', '.join(PRNG_IMPLS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -126,3 +126,170 @@ def test_orbax_is_quieted_by_the_command_line_not_by_importing_the_library():
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split("\n")[-2] == want
+
+
+# -- options declared once (issue 23, item 4) ------------------------------------------------------
+
+def _choices():
+    from mlmtool import constants
+    from mlmtool.models.base import ALGORITHMS
+
+    return [("train", "--lr-scheduler", constants.SCHEDULES), ("train", "--decay-shape", constants.DECAY_SHAPES),
+            ("train", "--optimizer", constants.OPTIMIZERS), ("train", "--masking", constants.MASKING_MODES),
+            ("train", "--gradient-checkpointing", constants.REMAT_POLICIES),
+            ("train", "--prng-impl", constants.PRNG_IMPLS), ("train", "--dtype", constants.DTYPES),
+            ("eval", "--masking", constants.MASKING_MODES), ("eval", "--dtype", constants.DTYPES),
+            ("eval", "--pll", constants.PLL_MODES), ("prepare", "--executor", constants.EXECUTORS),
+            ("tokenizer", "--type", ALGORITHMS)]
+
+
+@pytest.mark.parametrize("command, option, choices", _choices(), ids=lambda x: x if isinstance(x, str) else "")
+def test_choices_are_the_library_tuples(command, option, choices):
+    """Each choice option lists, takes and refuses exactly the library's tuple: listed in --help,
+    any member parsed as that plain string, anything else one error line (exit 1) before any work."""
+    wide = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+    assert "<" + "|".join(choices) + ">" in CliRunner().invoke(app, [command, "--help"], env=wide).stdout
+    param = option.lstrip("-").replace("-", "_")
+    for value in choices:
+        parsed = _params(command, ["DIR", option, value])["type_" if param == "type" else param]
+        assert parsed == value and type(parsed) is str
+    r = invoke(command, "DIR", option, "bogus")
+    want = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.stderr.strip().splitlines() == [f"error: {option} must be {want}, got 'bogus': fix the option and run "
+                                             "again"]
+
+
+def test_the_library_refuses_a_choice_in_the_same_words():
+    from mlmtool import constants
+    from mlmtool.errors import TrainingError
+    from mlmtool.models.layers import REMAT_POLICIES
+    from mlmtool.train_config import TrainConfig
+
+    assert tuple(REMAT_POLICIES) == constants.REMAT_POLICIES  # the networks' table, the option's names
+    with pytest.raises(TrainingError, match=r"^--optimizer must be one of adamw, adafactor, lamb, lion, stable-adamw, "
+                                            r"got 'sgd'"):
+        TrainConfig(optimizer="sgd").validate()
+    with pytest.raises(TrainingError, match=r"^--dtype must be float32 or bfloat16, got 'float16'"):
+        TrainConfig(dtype="float16").validate()
+
+
+class _Captured(Exception):
+    pass
+
+
+def _train_config(monkeypatch, *args):
+    """The TrainConfig ``mlmtool train DIR ARGS`` builds, and its stderr (the run stops there)."""
+    from mlmtool.train_config import TrainConfig
+
+    seen = []
+
+    def capture(cfg):
+        seen.append(cfg)
+        raise _Captured
+
+    monkeypatch.setattr(TrainConfig, "validate_ranges", capture)
+    r = invoke("train", "DIR", *args)
+    assert isinstance(r.exception, _Captured), r.output
+    return seen[0], r.stderr
+
+
+def test_adafactor_is_a_deprecated_alias_of_the_optimizer_option(monkeypatch):
+    from mlmtool.cli.train import _explicit
+
+    alias, stderr = _train_config(monkeypatch, "--adafactor")
+    assert alias == _train_config(monkeypatch, "--optimizer", "adafactor")[0] and alias.optimizer == "adafactor"
+    assert stderr.splitlines() == ["warning: --adafactor is deprecated and goes in the next release: use --optimizer "
+                                   "adafactor"]
+    assert _train_config(monkeypatch, "--adafactor", "--optimizer", "adafactor")[0] == alias
+    cfg, stderr = _train_config(monkeypatch, "--no-adafactor", "--optimizer", "lion")
+    assert cfg.optimizer == "lion" and "--no-adafactor is deprecated and changes nothing" in stderr
+    _, stderr = _train_config(monkeypatch)
+    assert stderr == ""  # no word without the option
+    cmd = get_command(app).commands["train"]
+    with cmd.make_context("train", ["DIR", "--adafactor"]) as ctx:  # a resume keeps it, as --optimizer adafactor
+        assert "optimizer" in _explicit(ctx, alias)
+    with cmd.make_context("train", ["DIR"]) as ctx:
+        assert "optimizer" not in _explicit(ctx, alias)
+
+
+def test_adafactor_beside_another_optimizer_is_refused(tmp_path):
+    r = invoke("train", tmp_path / "m", "--adafactor", "--optimizer", "adamw")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == ["error: --adafactor (the same as --optimizer adafactor) contradicts "
+                                             "--optimizer adamw: give only --optimizer"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_every_help_imports_nothing_heavy():
+    """--help (every command's) loads no jax, numpy, transformers: the choices and defaults it
+    shows come from mlmtool.constants and TrainConfig, which import nothing heavy."""
+    commands = ["", "init", "tokenizer", "prepare", "train", "eval", "predict", "report", "info", "export"]
+    code = ("import sys; from mlmtool.cli import app; from typer.testing import CliRunner\n"
+            f"for c in {commands!r}:\n"
+            "    r = CliRunner().invoke(app, [c, '--help'] if c else ['--help']); assert r.exit_code == 0, r.output\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'numpy', 'transformers', 'flax', "
+            "'optax', 'orbax', 'datasets', 'tokenizers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[]"
+
+
+def test_json_is_one_line(tmp_path):
+    r = invoke("init", tmp_path / "m", "--preset", "tiny", "--json")
+    assert r.exit_code == 0 and r.stdout.count("\n") == 1 and json.loads(r.stdout)["status"] == "written"
+
+
+# -- the MLMTOOL_* on/off variables, read one way (issue 23, item 10) ---------------------------------
+
+@pytest.mark.parametrize("name", ["MLMTOOL_QUIET", "MLMTOOL_DEBUG", "MLMTOOL_TENSORBOARD"])
+def test_env_flags_spellings(monkeypatch, name):
+    from mlmtool import env
+    from mlmtool.errors import ConfigError
+
+    for text in ("1", "true", "TRUE", "Yes", "on", " on "):
+        monkeypatch.setenv(name, text)
+        assert env.flag(name) is True, text
+    for text in ("0", "false", "False", "no", "OFF"):
+        monkeypatch.setenv(name, text)
+        assert env.flag(name) is False, text
+    for text in ("", "  "):
+        monkeypatch.setenv(name, text)
+        assert env.flag(name) is env.FLAGS[name]
+    monkeypatch.delenv(name)
+    assert env.flag(name) is env.FLAGS[name]
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ConfigError, match=rf"^{name}='maybe' is neither on nor off"):
+        env.flag(name)
+    assert env.flag(name, strict=False) is env.FLAGS[name]
+
+
+@pytest.mark.parametrize("name", ["MLMTOOL_QUIET", "MLMTOOL_DEBUG", "MLMTOOL_TENSORBOARD"])
+def test_an_unreadable_env_flag_is_one_error_line(monkeypatch, tmp_path, name):
+    monkeypatch.setenv(name, "2")
+    r = invoke("init", tmp_path / "m", "--preset", "tiny")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
+    assert r.stderr.strip().splitlines() == [f"error: {name}='2' is neither on nor off: set it to one of 1, true, "
+                                             "yes, on (on) or 0, false, no, off (off), or unset it"]
+    assert not (tmp_path / "m").exists()  # before any work
+
+
+def test_quiet_false_in_capitals_is_off(monkeypatch, tmp_path):
+    """MLMTOOL_QUIET=FALSE used to mean quiet (only '', '0' and 'false' were off)."""
+    monkeypatch.setenv("MLMTOOL_QUIET", "FALSE")
+    r = invoke("init", tmp_path / "m", "--preset", "tiny")
+    assert r.exit_code == 0 and "Wrote" in r.stdout
+
+
+def test_compilation_cache_takes_the_flag_spellings(monkeypatch, tmp_path):
+    from mlmtool import compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    for text in ("0", "no", "OFF", "False"):
+        monkeypatch.setenv("MLMTOOL_COMPILATION_CACHE", text)
+        assert compilation_cache.cache_dir() is None, text
+    for text in ("", "1", "Yes", "on", "TRUE"):
+        monkeypatch.setenv("MLMTOOL_COMPILATION_CACHE", text)
+        assert compilation_cache.cache_dir() == compilation_cache.default_dir(), text
+    monkeypatch.setenv("MLMTOOL_COMPILATION_CACHE", str(tmp_path / "cache"))
+    assert compilation_cache.cache_dir() == tmp_path / "cache"

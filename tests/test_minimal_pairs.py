@@ -166,7 +166,7 @@ def test_bad_minimal_pair_files_one_line_exit_1(trained, tmp_path, case, text, p
 def test_bad_pll_mode(trained, tmp_path):
     f = write_pairs(tmp_path / "p.jsonl", [{"sentence_good": "a", "sentence_bad": "b"}])
     r = invoke("eval", trained, "--minimal-pairs", f, "--pll", "sentence")
-    assert r.exit_code == 1 and "--pll must be one of" in r.output
+    assert r.exit_code == 1 and "--pll must be word-l2r or token, got 'sentence'" in r.output
 
 
 # -- scripts/make_minimal_pairs.py ----------------------------------------------------------------

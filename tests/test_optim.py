@@ -52,11 +52,6 @@ def test_inverse_sqrt():
     np.testing.assert_allclose(_lr(cfg, 1000, 10, [5, 10, 40, 160]), [LR / 2, LR, LR / 2, LR / 4], rtol=1e-6)
 
 
-def test_adafactor_switch_is_the_optimizer_option():
-    assert TrainConfig(adafactor=True).optimizer == "adafactor"
-    assert TrainConfig(adafactor=True).adafactor is False  # one field for the fact
-
-
 def test_decay_mask_is_two_or_more_dimensions():
     cfg = ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=100"]))
     flat = dict(jax.tree_util.tree_leaves_with_path(decay_mask(init_params(cfg, 0))))

@@ -828,6 +828,11 @@ def test_option_ranges_are_refused_before_jax_loads_in_every_command(trained, co
         (["tokenizer", d, str(corpus), "--pad-vocab-to-multiple-of", "0"], "--pad-vocab-to-multiple-of must be in"),
         (["eval", d, "--mlm-probability", "0"], "--mlm-probability must be in (0, 1), got 0.0"),
         (["eval", d, "--per-device-eval-batch-size", "-2"], "--per-device-eval-batch-size must be positive"),
+        # the choices too: parsed against the library's tuples (mlmtool.constants), not after jax loads
+        (["train", d, "--optimizer", "sgd"], "--optimizer must be one of adamw, adafactor, lamb, lion, stable-adamw"),
+        (["train", d, "--gradient-checkpointing", "all"], "--gradient-checkpointing must be one of none, dots, full"),
+        (["eval", d, "--dtype", "float16"], "--dtype must be float32 or bfloat16, got 'float16'"),
+        (["eval", d, "--pll", "l2r"], "--pll must be word-l2r or token, got 'l2r'"),
     ]
     out = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _NO_JAX], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=300)

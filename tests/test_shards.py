@@ -188,7 +188,7 @@ def test_bad_shard_options(bpe_dir, inputs):
     args = ("prepare", bpe_dir, *inputs)
     assert "--shard-index 4 is not in 0 .. 3" in error_line(invoke(*args, "--num-shards", 4, "--shard-index", 4))
     assert "--num-shards" in invoke(*args, "--num-shards", 0).output
-    assert "--executor 'spark'" in error_line(invoke(*args, "--executor", "spark"))
+    assert "--executor must be local or ray, got 'spark'" in error_line(invoke(*args, "--executor", "spark"))
     assert "not --dataset" in error_line(invoke("prepare", bpe_dir, "--dataset", "json", "--data-files",
                                                 inputs[2], "--num-shards", 2))
     assert "no prepared data" in error_line(invoke("prepare", bpe_dir, "--verify"))

@@ -114,7 +114,7 @@ def test_type_overrides_model_convention(tmp_path, corpus_file):
     config = json.loads((d / "config.json").read_text())
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 2, 3)
     r = invoke("tokenizer", d, corpus_file, "--type", "sentencepiece")
-    assert "unknown tokenizer type 'sentencepiece'" in one_error_line(r)
+    assert "--type must be one of bpe, wordpiece, unigram, got 'sentencepiece'" in one_error_line(r)
 
 
 def test_vocab_too_small(tmp_path, corpus_file):

@@ -15,11 +15,12 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from mlmtool import env
 from mlmtool.errors import MlmtoolError
 
 
 def debug() -> bool:
-    return os.environ.get("MLMTOOL_DEBUG", "") not in ("", "0", "false")
+    return env.flag(env.DEBUG, strict=False)  # an unreadable value is refused by the root callback
 
 
 def quiet_orbax() -> None:
@@ -139,12 +140,13 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Show the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", envvar="MLMTOOL_QUIET",
-                               help="Print only errors and requested results."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",  # MLMTOOL_QUIET is read by mlmtool.env, as every flag
+                               help="Print only errors and requested results (MLMTOOL_QUIET=1 does the same)."),
 ) -> None:
     from mlmtool import compilation_cache
     from mlmtool.progress import set_quiet
 
+    env.check_flags()  # MLMTOOL_DEBUG=maybe: one error line, not a guess
     set_quiet(quiet)
     compilation_cache.configure()
     quiet_orbax()

@@ -6,48 +6,43 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DtypeOpt,
-                                 JsonOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt, ModelDirArg, NumProcessesOpt,
-                                 PerDeviceEvalBatchOpt, ProcessIdOpt)
+from mlmtool.cli.options import (CheckpointOpt, DataOpt, Distributed, DocumentAttentionOpt, DtypeOpt, JsonOpt,
+                                 MaskingOpt, MlmProbabilityOpt, ModelDirArg, PerDeviceEvalBatchOpt, choice, emit,
+                                 option_groups)
 
 
 @app.command("eval")
+@option_groups
 def eval_command(
     model_dir: ModelDirArg,
-    checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | "
-                             "STEP | export (model.safetensors) | init (init.safetensors).")] = "latest",
+    checkpoint: CheckpointOpt = constants.LATEST,
     per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
-    mlm_probability: MlmProbabilityOpt = 0.15,
-    masking: MaskingOpt = "token",
+    mlm_probability: MlmProbabilityOpt = constants.EVAL_MLM_PROBABILITY,
+    masking: MaskingOpt = constants.MASKING_MODES[0],
     document_attention: DocumentAttentionOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = constants.DTYPES[0],
     data: DataOpt = None,
     json_out: JsonOpt = False,
-    mesh: MeshOpt = None,
-    coordinator_address: CoordinatorOpt = None,
-    num_processes: NumProcessesOpt = None,
-    process_id: ProcessIdOpt = None,
-    distributed_timeout: DistributedTimeoutOpt = None,
+    dist: Distributed = Distributed(),
     minimal_pairs: Annotated[Optional[list[str]], typer.Option(
         "--minimal-pairs", help="Score these JSON-lines files of minimal pairs (BLiMP's format: sentence_good, "
                                 "sentence_bad, optional UID) by pseudo-log-likelihood (ELECTRA: by the "
                                 "discriminator) instead of the masked-LM "
                                 "evaluation (repeatable; docs/judging.md).", show_default=False)] = None,
-    pll: Annotated[str, typer.Option(
-        "--pll", help="With --minimal-pairs: word-l2r (Kauf & Ivanova 2023: a scored token's word is masked to "
-                      "its right too) | token (Salazar et al. 2020).")] = "word-l2r",
+    pll: Annotated[str, choice(
+        "--pll", constants.PLL_MODES,
+        help="With --minimal-pairs: word-l2r (Kauf & Ivanova 2023: a scored token's word is masked to "
+             "its right too) | token (Salazar et al. 2020).")] = constants.PLL_MODES[0],
 ) -> None:
     """Evaluate the trained model on the validation blocks; writes eval_results.json."""
-    import json
-
     from mlmtool.modeldir import ModelDir
     from mlmtool.progress import say
-    from mlmtool.distributed import agree, initialize_distributed
+    from mlmtool.distributed import agree
     from mlmtool.sharding import is_main_process
 
-    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
+    dist.join()
     mdir = error = None
     try:
         mdir = ModelDir(model_dir)
@@ -69,12 +64,12 @@ def eval_command(
     from mlmtool.evaluate import run_eval
 
     results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size,
-                       mlm_probability=mlm_probability, dtype=dtype, mesh_spec=mesh, masking=masking,
+                       mlm_probability=mlm_probability, dtype=dtype, mesh_spec=dist.mesh, masking=masking,
                        document_attention=document_attention)
     if not is_main_process():  # process 0 reports for the whole run
         return
     if json_out:
-        typer.echo(json.dumps(results))
+        emit(results)
         return
     say(f"[bold]eval[/] ({results['checkpoint']}) on {results['eval_samples']:,} blocks of {mdir.data_dir.name}, "
         f"{results['eval_tokens']:,} predicted tokens ({masking} masking {mlm_probability:.0%}, document attention "
@@ -91,8 +86,6 @@ def eval_command(
 
 
 def _minimal_pairs(mdir, files, *, checkpoint: str, pll: str, dtype: str, json_out: bool) -> None:
-    import json
-
     from mlmtool.minimal_pairs import format_results, run_minimal_pairs
     from mlmtool.progress import say
     from mlmtool.sharding import is_main_process
@@ -101,7 +94,7 @@ def _minimal_pairs(mdir, files, *, checkpoint: str, pll: str, dtype: str, json_o
     if not is_main_process():
         return
     if json_out:
-        typer.echo(json.dumps(results))
+        emit(results)
         return
     say(f"[bold]minimal pairs[/] ({results['checkpoint']}, {results['scorer']}): accuracy per set")
     from rich.markup import escape

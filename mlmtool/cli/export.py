@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg
+from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg, emit
 
 HUB = "Hugging Face hub"
 
@@ -44,7 +44,7 @@ def export_command(
     from mlmtool.errors import ConfigError
     from mlmtool.export import export_model, hub_client, push_to_hub as push
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console, say
+    from mlmtool.progress import say
 
     if push_to_hub is None and (private or revision):
         raise ConfigError("--private and --revision go with --push-to-hub", "add --push-to-hub OWNER/NAME")
@@ -55,9 +55,7 @@ def export_command(
     if api is not None:
         result["pushed"] = push(api, out, push_to_hub, private=private, revision=revision)
     if json_out:
-        import json
-
-        console.print_json(json.dumps(result))
+        emit(result)
         return
     say(f"Wrote {result['out']} ({result['weights_from']}): {', '.join(result['files'])}")
     if "pushed" in result:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import typer
-
 from mlmtool.cli import app
-from mlmtool.cli.options import JsonOpt, ModelDirArg
+from mlmtool.cli.options import JsonOpt, ModelDirArg, emit
 
 
 @app.command("info")
@@ -22,9 +20,7 @@ def info_command(model_dir: ModelDirArg, json_out: JsonOpt = False) -> None:
 
     info = directory_info(ModelDir(model_dir))
     if json_out:
-        import json
-
-        typer.echo(json.dumps(info))
+        emit(info)
         return
     console.print(_table(info))
 

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg
+from mlmtool.cli.options import ForceOpt, JsonOpt, ModelDirArg, emit
+from mlmtool.presets import DEFAULT_PRESET
 
 
 def _complete_preset(incomplete: str) -> list[str]:
@@ -56,7 +57,7 @@ def _list_presets(value: bool) -> None:
 def init_command(
     model_dir: ModelDirArg,
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", "-p", help=_preset_help(), show_default="roberta-base",
+        "--preset", "-p", help=_preset_help(), show_default=DEFAULT_PRESET,
         autocompletion=_complete_preset)] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Override a config field: --set num_hidden_layers=6 (repeatable).",
@@ -78,7 +79,7 @@ def init_command(
     from mlmtool import presets
     from mlmtool.errors import ConfigError, ModelDirError
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console, say
+    from mlmtool.progress import say
 
     if from_model is not None:
         if preset is not None or from_config is not None:
@@ -121,9 +122,7 @@ def init_command(
     info = {**presets.summary(config), "parameters": presets.parameter_count(config),
             "config": str(mdir.config_path), "status": status}
     if json_out:
-        import json
-
-        console.print_json(json.dumps(info))
+        emit(info)
         return
     _print_summary(info, say)
 
@@ -151,7 +150,7 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     from mlmtool.init_from import init_from
     from mlmtool.modeldir import ModelDir
     from mlmtool.presets import parameter_count, summary
-    from mlmtool.progress import console, err_console, say
+    from mlmtool.progress import err_console, say
 
     existed = Path(model_dir).exists()
     mdir = ModelDir(model_dir, create=True)
@@ -175,9 +174,7 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
         err_console.print(f"[bold yellow]warning:[/] {mdir.path / name} was made with the earlier config or "
                           f"tokenizer: {redo[name]}", soft_wrap=True, highlight=False)
     if json_out:
-        import json
-
-        console.print_json(json.dumps(info))
+        emit(info)
         return
     _print_summary(info, say)
     if out["status"] == "written":

@@ -1,13 +1,43 @@
-"""Option aliases shared across commands (``typing.Annotated``, as the ``hf`` CLI does)."""
+"""Every option shared across commands, declared once: ``typing.Annotated`` aliases (as the
+``hf`` CLI does), choices and defaults taken from the library (:mod:`mlmtool.constants`),
+the option groups (:class:`Corpus`, :class:`Distributed`) and the one ``--json`` printer."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.models import document_attention_help
+
+
+def choice(option: str, choices: tuple[str, ...], **kwargs) -> typer.models.OptionInfo:
+    """A ``typer.Option`` taking one of ``choices`` (a library tuple): listed in --help as
+    ``<a|b|c>`` and completed by the shell, as Typer lists a ``Literal``; any other value is
+    refused by the parser with the library's one error line (exit 1), not a usage box."""
+    def parse(value):
+        if value not in choices:
+            from mlmtool.errors import ConfigError
+
+            raise ConfigError(constants.choice_error(option, value, choices), "fix the option and run again")
+        return value
+
+    return typer.Option(option, parser=parse, metavar="<" + "|".join(choices) + ">",
+                        autocompletion=lambda incomplete: [c for c in choices if c.startswith(incomplete)], **kwargs)
+
+
+def emit(result) -> None:
+    """The ``--json`` result of every command: one JSON value on one line of stdout (printed
+    under --quiet too: a requested result), non-ASCII text as it is."""
+    import json
+
+    typer.echo(json.dumps(result, ensure_ascii=False))
 
 ModelDirArg = Annotated[Path, typer.Argument(
     help="Model directory (created by 'mlmtool init', read and written by every command).",
@@ -19,7 +49,7 @@ FilesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Corpus files: .txt (one document per line), .jsonl/.json/.csv/.parquet (see "
          "--text-column), compressed .gz/.xz/.zst, directories (walked) or glob patterns; or "
          "a dataset saved with datasets' save_to_disk; fsspec URLs (s3://, gs://, hf://: pip install "
-         "'mlmtool[cloud]') are streamed.", show_default=False)]
+         "'mlmtool\\[cloud]') are streamed.", show_default=False)]
 TextColumnOpt = Annotated[str, typer.Option(
     "--text-column", envvar="MLMTOOL_TEXT_COLUMN",
     help="Column holding the text in .jsonl/.json/.csv/.parquet/datasets input.",
@@ -39,6 +69,30 @@ SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split to read.",
 StreamingOpt = Annotated[bool, typer.Option(
     "--streaming", help="Stream the --dataset instead of downloading (or converting) it whole.",
     rich_help_panel=CORPUS)]
+DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
+    "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
+    rich_help_panel=CORPUS, show_default=False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The corpus options of ``tokenizer`` and ``prepare`` (an option group, :func:`option_groups`)."""
+
+    text_column: TextColumnOpt = "text"
+    dataset: DatasetOpt = None
+    dataset_config: DatasetConfigOpt = None
+    split: SplitOpt = "train"
+    streaming: StreamingOpt = False
+    dataset_revision: DatasetRevisionOpt = None
+    data_files: DataFilesOpt = None
+
+    def open(self, files):
+        """FILE... (or --dataset) as a :class:`mlmtool.corpus.Corpus`."""
+        from mlmtool.corpus import open_corpus
+
+        return open_corpus(files, text_column=self.text_column, dataset=self.dataset,
+                           dataset_config=self.dataset_config, split=self.split, streaming=self.streaming,
+                           revision=self.dataset_revision, data_files=self.data_files)
 
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo / overwrite existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
@@ -63,6 +117,9 @@ DataOpt = Annotated[Optional[str], typer.Option(
     show_default=False)]
 MaxSeqLengthOpt = Annotated[int, typer.Option(
     "--max-seq-length", help="Tokens per block (the seed notebook's 128).")]
+CheckpointOpt = Annotated[str, typer.Option(
+    "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | "
+                         "STEP | export (model.safetensors) | init (init.safetensors).")]
 
 # -- training / evaluation ------------------------------------------------------------------
 DIST = "Distributed"
@@ -73,18 +130,19 @@ PerDeviceEvalBatchOpt = Annotated[Optional[int], typer.Option(
 MlmProbabilityOpt = Annotated[float, typer.Option(
     "--mlm-probability", help="Fraction of tokens chosen for prediction (BERT's 0.15).",
     callback=_checked("--mlm-probability", lambda v: 0.0 < v < 1.0, "in (0, 1)"))]
-MaskingOpt = Annotated[str, typer.Option(
-    "--masking", help="What is masked together: token (BERT's) | whole-word (every token of a chosen word; "
-                      "word starts from the tokenizer) | span (SpanBERT's runs of whole words, geometric "
-                      "lengths of mean 3.8 words). The rate counts tokens in every mode.")]
+MaskingOpt = Annotated[str, choice(
+    "--masking", constants.MASKING_MODES,
+    help="What is masked together: token (BERT's) | whole-word (every token of a chosen word; "
+         "word starts from the tokenizer) | span (SpanBERT's runs of whole words, geometric "
+         "lengths of mean 3.8 words). The rate counts tokens in every mode.")]
 DocumentAttentionOpt = Annotated[Optional[bool], typer.Option(
     "--document-attention/--no-document-attention",
     help="Tokens of a packed block attend only within their own document (where prepare recorded that "
          "it starts), and positions restart at each document: a block computes what each document alone would. "
          f"Default: train, the model family's ({document_attention_help()}); eval, as the model "
          "was trained (the latest checkpoint's setting).", show_default=False)]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", envvar="MLMTOOL_DTYPE",
+DtypeOpt = Annotated[str, choice(
+    "--dtype", constants.DTYPES, envvar="MLMTOOL_DTYPE",
     help="Computation dtype: float32 | bfloat16 (master weights stay float32).")]
 MeshOpt = Annotated[Optional[str], typer.Option(
     "--mesh", envvar="MLMTOOL_MESH",
@@ -103,6 +161,53 @@ DistributedTimeoutOpt = Annotated[Optional[int], typer.Option(
     "--distributed-timeout", envvar="MLMTOOL_DISTRIBUTED_TIMEOUT", min=1,
     help="Seconds to wait for every process to join before failing with an error (default: 300).",
     rich_help_panel=DIST, show_default=False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """The distributed options of ``train`` and ``eval`` (an option group, :func:`option_groups`)."""
+
+    mesh: MeshOpt = None
+    coordinator_address: CoordinatorOpt = None
+    num_processes: NumProcessesOpt = None
+    process_id: ProcessIdOpt = None
+    distributed_timeout: DistributedTimeoutOpt = None
+
+    def join(self) -> None:
+        """Start (or join) the multi-process run these options describe; alone, nothing to join."""
+        from mlmtool.distributed import initialize_distributed
+
+        initialize_distributed(self.coordinator_address, self.num_processes, self.process_id,
+                               timeout=self.distributed_timeout)
+
+
+GROUPS = (Corpus, Distributed)
+
+
+def option_groups(command):
+    """Lets ``command`` take an option group (:data:`GROUPS`) as one parameter: Typer sees the
+    group's options in that parameter's place, and the command gets them as one value.  A
+    group is declared once, in its dataclass, for every command that has it."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params, groups = [], {}
+    for p in inspect.signature(command).parameters.values():
+        kind = hints.get(p.name, p.annotation)
+        if kind in GROUPS:
+            groups[p.name] = kind
+            fields = typing.get_type_hints(kind, include_extras=True)
+            params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                         annotation=fields[f.name]) for f in dataclasses.fields(kind)]
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=kind))
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        for name, kind in groups.items():
+            kwargs[name] = kind(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(kind)})
+        return command(**kwargs)
+
+    run.__signature__ = inspect.Signature(params)
+    return run
 # -- train: measure before (--dry-run) and while (--profile-steps) -----------------------------
 PERF = "Memory and speed"
 DryRunOpt = Annotated[bool, typer.Option(
@@ -116,9 +221,6 @@ ProfileStepsOpt = Annotated[int, typer.Option(
     "--profile-steps", min=0, help="Trace N steps after the first with jax.profiler into DIR/profile/ and print "
                                    "where the device time goes (kernels by kind, idle share). 0: off.",
     rich_help_panel=PERF)]
-DatasetRevisionOpt = Annotated[Optional[str], typer.Option(
-    "--dataset-revision", help="Hub dataset revision (branch, tag or commit) to read.",
-    rich_help_panel=CORPUS, show_default=False)]
 PieceCacheOpt = Annotated[bool, typer.Option(
     "--piece-cache/--no-piece-cache",
     help="Encode through a cache of space-separated pieces (2-3x faster, the same blocks); "

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.cli import app
-from mlmtool.cli.options import JsonOpt, ModelDirArg
+from mlmtool.cli.options import CheckpointOpt, JsonOpt, ModelDirArg, emit
 
 
 @app.command("predict")
@@ -17,13 +18,10 @@ def predict_command(
         help="Texts with the mask token (<mask> or [MASK]); none or '-' reads one text per line from stdin.",
         show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Predictions per mask.")] = 5,
-    checkpoint: Annotated[str, typer.Option(
-        "--checkpoint", help="latest (newest checkpoint, else the export, else the weights of 'init --from') | "
-                             "STEP | export | init.")] = "latest",
+    checkpoint: CheckpointOpt = constants.LATEST,
     json_out: JsonOpt = False,
 ) -> None:
     """Fill in the masked tokens of TEXT, like transformers' fill-mask pipeline."""
-    import json
     import sys
 
     from mlmtool.modeldir import ModelDir
@@ -40,7 +38,7 @@ def predict_command(
 
     results = fill_mask(mdir, texts, top_k=top_k, checkpoint=checkpoint)
     if json_out:
-        typer.echo(json.dumps(results if len(texts) > 1 else results[0], ensure_ascii=False))
+        emit(results if len(texts) > 1 else results[0])
         return
     from rich.table import Table
 

@@ -6,20 +6,21 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.cli import app
-from mlmtool.cli.options import (DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
-                                 ForceOpt, JsonOpt, MaxSeqLengthOpt, ModelDirArg, NumProcOpt,
-                                 PieceCacheOpt, SplitOpt, StreamingOpt, TextColumnOpt)
+from mlmtool.cli.options import (Corpus, FilesArg, ForceOpt, JsonOpt, MaxSeqLengthOpt, ModelDirArg, NumProcOpt,
+                                 PieceCacheOpt, choice, emit, option_groups)
 
 BLOCKS = "Blocks"
 SHARDS = "Shards (corpora beyond one machine: docs/corpora.md)"
 
 
 @app.command("prepare")
+@option_groups
 def prepare_command(
     model_dir: ModelDirArg,
     files: FilesArg = None,
-    max_seq_length: MaxSeqLengthOpt = 128,
+    max_seq_length: MaxSeqLengthOpt = constants.DEFAULT_MAX_SEQ_LENGTH,
     line_by_line: Annotated[bool, typer.Option(
         "--line-by-line", help="One document per block (truncated, padded) instead of the "
                                "concatenated token stream cut into blocks.",
@@ -28,16 +29,10 @@ def prepare_command(
         "--validation-split-percentage",
         help="Percent of the documents held out for validation, spread evenly through the "
              "corpus (document i is held out when floor((i+1)p/100) > floor(ip/100)); 0 for none.",
-        rich_help_panel=BLOCKS)] = 5.0,
+        rich_help_panel=BLOCKS)] = constants.DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
     num_proc: NumProcOpt = None,
     piece_cache: PieceCacheOpt = True,
-    text_column: TextColumnOpt = "text",
-    dataset: DatasetOpt = None,
-    dataset_config: DatasetConfigOpt = None,
-    split: SplitOpt = "train",
-    streaming: StreamingOpt = False,
-    dataset_revision: DatasetRevisionOpt = None,
-    data_files: DataFilesOpt = None,
+    corpus_options: Corpus = Corpus(),
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Write block store NAME (DIR/data-NAME) beside the default DIR/data, e.g. seq128 and "
                        "seq512 for training in stages; 'train --data NAME' reads it.",
@@ -50,9 +45,10 @@ def prepare_command(
         "--shard-index", help="Prepare only shard I (repeatable): processes on any hosts fill one store together; "
                               "the one that finds every shard done finishes it (so does a later plain prepare).",
         rich_help_panel=SHARDS, show_default=False)] = None,
-    executor: Annotated[str, typer.Option(
-        "--executor", help="local: this process (and its --num-proc workers); ray: one Ray task per shard "
-                           "(pip install 'mlmtool[ray]').", rich_help_panel=SHARDS)] = "local",
+    executor: Annotated[str, choice(
+        "--executor", constants.EXECUTORS,
+        help="local: this process (and its --num-proc workers); ray: one Ray task per shard "
+             "(pip install 'mlmtool\\[ray]').", rich_help_panel=SHARDS)] = constants.EXECUTORS[0],
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="The Ray cluster to run on (default: start a local one).",
         rich_help_panel=SHARDS, show_default=False)] = None,
@@ -67,21 +63,18 @@ def prepare_command(
     Re-running with the same inputs, tokenizer and options does nothing ("up to date");
     --force redoes it.
     """
-    from mlmtool.corpus import open_corpus
     from mlmtool.modeldir import ModelDir
     from mlmtool.prepare import prepare
-    from mlmtool.progress import console, err_console, human_bytes, quiet, say
+    from mlmtool.progress import err_console, human_bytes, quiet, say
 
     mdir = ModelDir(model_dir).with_data(name)
-    if verify and not files and not dataset:
+    if verify and not files and not corpus_options.dataset:
         _verify(mdir, json_out)
         return
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first"
     mdir.require_tokenizer()
-    corpus = open_corpus(files, text_column=text_column, dataset=dataset,
-                         dataset_config=dataset_config, split=split, streaming=streaming,
-                         revision=dataset_revision, data_files=data_files)
+    corpus = corpus_options.open(files)
     result = prepare(mdir, corpus, max_seq_length=max_seq_length, line_by_line=line_by_line,
                      validation_split_percentage=validation_split_percentage,
                      num_proc=num_proc, force=force, show_progress=not json_out and not quiet(),
@@ -92,9 +85,7 @@ def prepare_command(
     for line in [*corpus.warnings(), *result.get("warnings", [])]:
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
-        import json
-
-        console.print_json(json.dumps(result))
+        emit(result)
         return
     if result["status"] == "shards written":
         say(f"Shards {', '.join(map(str, result['shards_here']))} of {result['num_shards']} written "
@@ -116,7 +107,7 @@ def prepare_command(
 
 
 def _verify(mdir, json_out: bool, quiet_out: bool = False) -> dict:
-    from mlmtool.progress import console, say
+    from mlmtool.progress import say
     from mlmtool.shards import verify
 
     mdir.require_data()
@@ -124,9 +115,7 @@ def _verify(mdir, json_out: bool, quiet_out: bool = False) -> dict:
     if quiet_out:
         return result
     if json_out:
-        import json
-
-        console.print_json(json.dumps(result))
+        emit(result)
     else:
         fp = result["fingerprint"] or {}
         say(f"Verified {result['shards']} shard{'s' if result['shards'] != 1 else ''} of {mdir.data_dir} against "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlmtool.cli import app
-from mlmtool.cli.options import JsonOpt, ModelDirArg
+from mlmtool.cli.options import JsonOpt, ModelDirArg, emit
 
 
 @app.command("report")
@@ -40,9 +40,7 @@ def report_command(
     if not no_plot:
         summary["figure"] = str(plot(mdir, output or mdir.path / "report.png"))
     if json_out:
-        import json
-
-        typer.echo(json.dumps(summary))
+        emit(summary)
         return
     console.print(_table(summary))
     if summary.get("unreadable_lines"):

@@ -6,20 +6,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.cli import app
+from mlmtool.cli.options import _checked, Corpus, FilesArg, JsonOpt, ModelDirArg, SeedOpt, choice, emit, option_groups
 from mlmtool.models import tokenizer_help
-from mlmtool.cli.options import (_checked, DataFilesOpt, DatasetConfigOpt, DatasetOpt, DatasetRevisionOpt, FilesArg,
-                                 JsonOpt, ModelDirArg, SeedOpt, SplitOpt, StreamingOpt, TextColumnOpt)
+from mlmtool.models.base import ALGORITHMS
 
 TOKENIZER = "Tokenizer"
 
 
 @app.command("tokenizer")
+@option_groups
 def tokenizer_command(
     model_dir: ModelDirArg,
     files: FilesArg = None,
-    type_: Annotated[Optional[str], typer.Option(
-        "--type", help="bpe (byte-level, as RoBERTa), wordpiece (as BERT) or unigram (SentencePiece's, as "
+    type_: Annotated[Optional[str], choice(
+        "--type", ALGORITHMS, help="bpe (byte-level, as RoBERTa), wordpiece (as BERT) or unigram (SentencePiece's, as "
                        f"XLM-R) (default: the model family's: {tokenizer_help()}).",
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
@@ -27,7 +29,7 @@ def tokenizer_command(
         rich_help_panel=TOKENIZER, show_default=False)] = None,
     min_frequency: Annotated[int, typer.Option(
         "--min-frequency", min=1, help="Least count for a merge / word piece to enter the vocabulary.",
-        rich_help_panel=TOKENIZER)] = 2,
+        rich_help_panel=TOKENIZER)] = constants.DEFAULT_MIN_FREQUENCY,
     lowercase: Annotated[Optional[bool], typer.Option(
         "--lowercase/--no-lowercase", help="Lowercase the text first (default: the model's "
         "convention: yes for wordpiece (uncased BERT), no for bpe).",
@@ -46,13 +48,7 @@ def tokenizer_command(
         callback=_checked("--pad-vocab-to-multiple-of", lambda v: 1 <= v <= 1 << 16, "in 1 .. 65536"),
         rich_help_panel=TOKENIZER)] = 1,
     seed: SeedOpt = 0,
-    text_column: TextColumnOpt = "text",
-    dataset: DatasetOpt = None,
-    dataset_config: DatasetConfigOpt = None,
-    split: SplitOpt = "train",
-    streaming: StreamingOpt = False,
-    dataset_revision: DatasetRevisionOpt = None,
-    data_files: DataFilesOpt = None,
+    corpus_options: Corpus = Corpus(),
     force: Annotated[bool, typer.Option(
         "--force", "-f", help="Replace the tokenizer even though trained weights (checkpoints, "
                               "model.safetensors, 'init --from' weights) belong to it: they become unusable "
@@ -64,9 +60,8 @@ def tokenizer_command(
     Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json (AutoTokenizer
     loads DIR), and sets config.json's vocab_size and special token ids to match.
     """
-    from mlmtool.corpus import open_corpus
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console, err_console, human_bytes, quiet, say
+    from mlmtool.progress import err_console, human_bytes, quiet, say
     from mlmtool.tokenizer_train import train_tokenizer
 
     mdir = ModelDir(model_dir)
@@ -75,9 +70,7 @@ def tokenizer_command(
     from mlmtool.tokenizer_train import check_replaceable
 
     check_replaceable(mdir, force)  # before reading any corpus
-    corpus = open_corpus(files, text_column=text_column, dataset=dataset,
-                         dataset_config=dataset_config, split=split, streaming=streaming,
-                         revision=dataset_revision, data_files=data_files)
+    corpus = corpus_options.open(files)
     result = train_tokenizer(mdir, corpus, kind=type_, vocab_size=vocab_size,
                              min_frequency=min_frequency, lowercase=lowercase,
                              show_progress=not json_out and not quiet(), force=force,
@@ -95,9 +88,7 @@ def tokenizer_command(
     for line in [*corpus.warnings(), *([] if json_out else result.get("warnings", []))]:  # --json: in the object
         err_console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if json_out:
-        import json
-
-        console.print_json(json.dumps(result))
+        emit(result)
         return
     from mlmtool.tokenizer_train import KIND_NAMES
 

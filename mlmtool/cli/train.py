@@ -3,92 +3,109 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Annotated, Optional
 
 import typer
 
+from mlmtool import constants
 from mlmtool.cli import app
-from mlmtool.cli.options import (CoordinatorOpt, DataOpt, DistributedTimeoutOpt, DocumentAttentionOpt, DryRunOpt,
-                                 DtypeOpt, FindMaxBatchOpt, ForceOpt, MaskingOpt, MeshOpt, MlmProbabilityOpt,
-                                 ModelDirArg, NumProcessesOpt, PerDeviceEvalBatchOpt, ProcessIdOpt, ProfileStepsOpt,
-                                 SeedOpt, parse_duration)
+from mlmtool.cli.options import (DataOpt, Distributed, DocumentAttentionOpt, DryRunOpt, DtypeOpt, FindMaxBatchOpt,
+                                 ForceOpt, MaskingOpt, MlmProbabilityOpt, ModelDirArg, PerDeviceEvalBatchOpt,
+                                 ProfileStepsOpt, SeedOpt, choice, option_groups, parse_duration)
+from mlmtool.train_config import TrainConfig
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
 PERF = "Memory and speed"
+D = TrainConfig()  # every default below is TrainConfig's: the library called from Python trains alike
+
 
 @app.command("train")
+@option_groups
 def train_command(
     ctx: typer.Context,
     model_dir: ModelDirArg,
     per_device_train_batch_size: Annotated[int, typer.Option(
-        envvar="MLMTOOL_PER_DEVICE_TRAIN_BATCH_SIZE", help="Sequences per device per step (the seed's 64).")] = 64,
-    per_device_eval_batch_size: PerDeviceEvalBatchOpt = None,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPT)] = 5e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPT)] = 0,
+        envvar="MLMTOOL_PER_DEVICE_TRAIN_BATCH_SIZE", help="Sequences per device per step (the seed's 64).")]
+    = D.per_device_train_batch_size,
+    per_device_eval_batch_size: PerDeviceEvalBatchOpt = D.per_device_eval_batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPT)] = D.learning_rate,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPT)] = D.warmup_steps,
     warmup_ratio: Annotated[float, typer.Option(help="Warm-up as a fraction of all steps (if --warmup-steps is 0).",
-                                                rich_help_panel=OPT)] = 0.0,
-    num_train_epochs: Annotated[float, typer.Option(help="Epochs over the training blocks (the seed's 10).")] = 10.0,
-    max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")] = -1,
+                                                rich_help_panel=OPT)] = D.warmup_ratio,
+    num_train_epochs: Annotated[float, typer.Option(help="Epochs over the training blocks (the seed's 10).")]
+    = D.num_train_epochs,
+    max_steps: Annotated[int, typer.Option(help="Total optimizer steps; overrides --num-train-epochs when > 0.")]
+    = D.max_steps,
     max_tokens: Annotated[int, typer.Option(
-        help="Train on this many tokens (rounded up to whole steps) instead of --num-train-epochs.")] = 0,
+        help="Train on this many tokens (rounded up to whole steps) instead of --num-train-epochs.")] = D.max_tokens,
     max_time: Annotated[float, typer.Option(
         parser=parse_duration, metavar="DURATION",
         help="A wall-clock budget (e.g. 90m, 2h30m, 3600): stop when it is spent; the learning-rate schedule "
              "follows the elapsed share of it (Cramming's); the steps (epochs, --max-steps) are an upper bound. "
-             "A resumed run continues the budget. 0: no budget.")] = 0.0,
-    lr_scheduler: Annotated[str, typer.Option(
+             "A resumed run continues the budget. 0: no budget.")] = D.max_time,
+    lr_scheduler: Annotated[str, choice(
+        "--lr-scheduler", constants.SCHEDULES,
         help="After warm-up: linear | cosine | constant | wsd (constant, then --decay-shape to 0 over the last "
-             "--decay-steps) | inverse_sqrt.", rich_help_panel=OPT)] = "linear",
+             "--decay-steps) | inverse_sqrt.", rich_help_panel=OPT)] = D.lr_scheduler,
     decay_steps: Annotated[int, typer.Option(help="wsd: steps of the final decay (0: --decay-ratio of the run).",
-                                             rich_help_panel=OPT)] = 0,
+                                             rich_help_panel=OPT)] = D.decay_steps,
     decay_ratio: Annotated[float, typer.Option(help="wsd: the share of the run that decays.",
-                                               rich_help_panel=OPT)] = 0.1,
-    decay_shape: Annotated[str, typer.Option(help="wsd: 1-sqrt | linear | cosine.", rich_help_panel=OPT)] = "1-sqrt",
-    optimizer: Annotated[str, typer.Option(
+                                               rich_help_panel=OPT)] = D.decay_ratio,
+    decay_shape: Annotated[str, choice("--decay-shape", constants.DECAY_SHAPES, help="wsd: the shape of the decay.",
+                                       rich_help_panel=OPT)] = D.decay_shape,
+    optimizer: Annotated[str, choice(
+        "--optimizer", constants.OPTIMIZERS,
         help="adamw | adafactor | lamb (large batches) | lion (3-10x lower --learning-rate) | stable-adamw "
-             "(AdamW with per-tensor update clipping, ModernBERT's).", rich_help_panel=OPT)] = "adamw",
+             "(AdamW with per-tensor update clipping, ModernBERT's).", rich_help_panel=OPT)] = D.optimizer,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (never on biases and norm scales).",
-                                                rich_help_panel=OPT)] = 0.01,
-    adam_beta1: Annotated[float, typer.Option(rich_help_panel=OPT)] = 0.9,
-    adam_beta2: Annotated[float, typer.Option(help="RoBERTa's 0.98.", rich_help_panel=OPT)] = 0.98,
-    adam_epsilon: Annotated[float, typer.Option(rich_help_panel=OPT)] = 1e-8,
-    adafactor: Annotated[bool, typer.Option(help="The same as --optimizer adafactor.", rich_help_panel=OPT)] = False,
+                                                rich_help_panel=OPT)] = D.weight_decay,
+    adam_beta1: Annotated[float, typer.Option(rich_help_panel=OPT)] = D.adam_beta1,
+    adam_beta2: Annotated[float, typer.Option(help="RoBERTa's 0.98.", rich_help_panel=OPT)] = D.adam_beta2,
+    adam_epsilon: Annotated[float, typer.Option(rich_help_panel=OPT)] = D.adam_epsilon,
+    adafactor: Annotated[bool, typer.Option(
+        help="Deprecated (removed in the next release): the same as --optimizer adafactor.",
+        rich_help_panel=OPT)] = False,
     max_grad_norm: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).",
-                                                 rich_help_panel=OPT)] = 1.0,
+                                                 rich_help_panel=OPT)] = D.max_grad_norm,
     gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.",
-                                                             rich_help_panel=OPT)] = 1,
-    mlm_probability: MlmProbabilityOpt = 0.15,
+                                                             rich_help_panel=OPT)] = D.gradient_accumulation_steps,
+    mlm_probability: MlmProbabilityOpt = D.mlm_probability,
     mlm_probability_final: Annotated[Optional[float], typer.Option(
         help="The rate at the last step: --mlm-probability changes linearly into it over training, by step "
-             "(e.g. 0.3 -> 0.15; default: constant).", show_default=False)] = None,
-    masking: MaskingOpt = "token",
-    document_attention: DocumentAttentionOpt = None,
-    data: DataOpt = None,
-    dtype: DtypeOpt = "float32",
-    gradient_checkpointing: Annotated[str, typer.Option(
+             "(e.g. 0.3 -> 0.15; default: constant).", show_default=False)] = D.mlm_probability_final,
+    masking: MaskingOpt = D.masking,
+    document_attention: DocumentAttentionOpt = D.document_attention,
+    data: DataOpt = D.data,
+    dtype: DtypeOpt = D.dtype,
+    gradient_checkpointing: Annotated[str, choice(
+        "--gradient-checkpointing", constants.REMAT_POLICIES,
         help="Recompute each layer's activations in the backward pass to save memory: none | dots (keep "
-             "matmul outputs) | full (keep only each layer's input).", rich_help_panel=PERF)] = "none",
+             "matmul outputs) | full (keep only each layer's input).", rich_help_panel=PERF)]
+    = D.gradient_checkpointing,
     scan_layers: Annotated[Optional[bool], typer.Option(
         "--scan-layers/--no-scan-layers", help="Run the layers as one loop, compiled once (default: with "
         "--gradient-checkpointing, where it is what saves the memory). Checkpoints and exports are the same "
         "either way.", rich_help_panel=PERF,
-        show_default=False)] = None,
-    prng_impl: Annotated[str, typer.Option(
-        help="Random generator for masking and dropout: threefry2x32 | rbg | unsafe_rbg (faster on "
-             "accelerators).", rich_help_panel=PERF)] = "threefry2x32",
-    seed: SeedOpt = 0,
-    logging_steps: Annotated[int, typer.Option(help="Log metrics every N steps.", rich_help_panel=SCHED)] = 100,
+        show_default=False)] = D.scan_layers,
+    prng_impl: Annotated[str, choice(
+        "--prng-impl", constants.PRNG_IMPLS,
+        help="Random generator for masking and dropout (rbg and unsafe_rbg are faster on accelerators).",
+        rich_help_panel=PERF)] = D.prng_impl,
+    seed: SeedOpt = D.seed,
+    logging_steps: Annotated[int, typer.Option(help="Log metrics every N steps.", rich_help_panel=SCHED)]
+    = D.logging_steps,
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: at the end).",
-                                                      rich_help_panel=SCHED, show_default=False)] = None,
+                                                      rich_help_panel=SCHED, show_default=False)] = D.eval_steps,
     eval_minimal_pairs: Annotated[Optional[str], typer.Option(
         "--eval-minimal-pairs", help="At every evaluation, also score this JSON-lines file of minimal pairs "
                                      "(as 'eval --minimal-pairs'; docs/judging.md).",
-        rich_help_panel=SCHED, show_default=False)] = None,
+        rich_help_panel=SCHED, show_default=False)] = D.eval_minimal_pairs,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).",
-                                            rich_help_panel=SCHED)] = 500,
+                                            rich_help_panel=SCHED)] = D.save_steps,
     save_total_limit: Annotated[Optional[int], typer.Option(help="Keep the N newest checkpoints.",
-                                                            rich_help_panel=SCHED)] = 3,
+                                                            rich_help_panel=SCHED)] = D.save_total_limit,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from the latest checkpoint in DIR if there is one.")] = True,
     from_checkpoint: Annotated[Optional[str], typer.Option(
@@ -98,38 +115,21 @@ def train_command(
     keep_optimizer_state: Annotated[bool, typer.Option(
         "--keep-optimizer-state", help="With --from-checkpoint: take its optimizer moments too.")] = False,
     force: ForceOpt = False,
-    mesh: MeshOpt = None,
-    coordinator_address: CoordinatorOpt = None,
-    num_processes: NumProcessesOpt = None,
-    process_id: ProcessIdOpt = None,
-    distributed_timeout: DistributedTimeoutOpt = None,
+    dist: Distributed = Distributed(),
     dry_run: DryRunOpt = False,
     find_max_batch: FindMaxBatchOpt = False,
     profile_steps: ProfileStepsOpt = 0,
 ) -> None:
     """Pre-train the model in DIR on its prepared data; checkpoints, resume, export to model.safetensors."""
-    from mlmtool.train_config import TrainConfig
-
-    cfg = TrainConfig(
-        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
-        learning_rate=learning_rate, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-        num_train_epochs=num_train_epochs, max_steps=max_steps, max_tokens=max_tokens, max_time=max_time,
-        lr_scheduler=lr_scheduler,
-        decay_steps=decay_steps,
-        decay_ratio=decay_ratio, decay_shape=decay_shape, optimizer=optimizer,
-        weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
-        adafactor=adafactor, max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
-        mlm_probability=mlm_probability, mlm_probability_final=mlm_probability_final, masking=masking,
-        document_attention=document_attention, data=data, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-        scan_layers=scan_layers, prng_impl=prng_impl, seed=seed, logging_steps=logging_steps,
-        eval_steps=eval_steps, eval_minimal_pairs=eval_minimal_pairs, save_steps=save_steps,
-        save_total_limit=save_total_limit)
+    # The options are TrainConfig's fields, one for one (same names), beside the run's own.
+    given = {**ctx.params, "optimizer": _optimizer(ctx, optimizer, adafactor)}
+    cfg = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     cfg.validate_ranges()  # before jax loads
 
     from mlmtool.progress import TrainProgress, say
-    from mlmtool.distributed import initialize_distributed
 
-    initialize_distributed(coordinator_address, num_processes, process_id, timeout=distributed_timeout)
+    dist.join()
+    mesh = dist.mesh
 
     from mlmtool import interrupt
     from mlmtool.sharding import is_main_process
@@ -225,15 +225,35 @@ def _explicit(ctx: typer.Context, cfg) -> set[str]:
     """The TrainConfig fields given on the command line or by environment variable."""
     import dataclasses
 
-    given = ("COMMANDLINE", "ENVIRONMENT")
-    names = {f.name for f in dataclasses.fields(cfg)
-             if getattr(ctx.get_parameter_source(f.name), "name", None) in given}
-    return names | ({"optimizer"} if "adafactor" in names else set())  # --adafactor is --optimizer adafactor
+    return {f.name for f in dataclasses.fields(cfg) if _given(ctx, f.name)} | (
+        {"optimizer"} if _given(ctx, "adafactor") else set())  # --adafactor is --optimizer adafactor
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _optimizer(ctx: typer.Context, optimizer: str, adafactor: bool) -> str:
+    """--optimizer, with the deprecated --adafactor (one more release) as its alias."""
+    if not _given(ctx, "adafactor"):
+        return optimizer
+    from mlmtool.progress import err_console
+
+    if not adafactor:
+        err_console.print("[bold yellow]warning:[/] --no-adafactor is deprecated and changes nothing: leave it out",
+                          soft_wrap=True, highlight=False)
+        return optimizer
+    if _given(ctx, "optimizer") and optimizer != "adafactor":
+        from mlmtool.errors import ConfigError
+
+        raise ConfigError(f"--adafactor (the same as --optimizer adafactor) contradicts --optimizer {optimizer}",
+                          "give only --optimizer")
+    err_console.print("[bold yellow]warning:[/] --adafactor is deprecated and goes in the next release: "
+                      "use --optimizer adafactor", soft_wrap=True, highlight=False)
+    return "adafactor"
 
 
 def _args(cfg, mesh) -> dict:
-    import dataclasses
-
     return {**dataclasses.asdict(cfg), "mesh": mesh}
 
 
