@@ -38,7 +38,7 @@ def default_dir() -> Path:
 def _setting(path: Path) -> str:
     """Where :func:`cache_dir`'s answer came from, as the user would write it."""
     own = os.environ.get(ENV, "").strip()
-    if own.lower() not in _DEFAULT and Path(own).expanduser() == path:
+    if parse_flag(own) is None and own and Path(own).expanduser() == path:
         return f"{ENV}={own}"
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") and path != default_dir():
         return f"JAX_COMPILATION_CACHE_DIR={path}"
