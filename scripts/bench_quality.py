@@ -1,24 +1,34 @@
 #!/usr/bin/env python
 """Judge exported models by what they can do: a fine-tuning probe and minimal pairs.
 
-    python scripts/bench_quality.py DIR... [--pairs FILE] [--random] [--task order|source] [--seeds 0,1,2]
+    python scripts/bench_quality.py DIR... [--pairs FILE] [--random] [--task source|order]
+        [--probe linear|finetune] [--seeds 0,1,2]
 
 For each model directory (an export: model.safetensors + tokenizer), one JSON line:
 
-* **probe**: transformers' ``AutoModelForSequenceClassification`` on the export, fine-tuned
-  with transformers' ``Trainer`` (PyTorch, CPU) on a task built from real sentences of the four
-  corpora in ``../shared/corpora`` (Austen, Brown, the King James Bible, the Linux kernel
-  docs), then its accuracy on held-out sentences, over three seeds (the seed draws the new
-  head, dropout and the data order; the examples are the same): ``probe_accuracy_mean``,
-  ``probe_accuracy_sd`` and each seed's.  The tasks (``--task``):
+* **probe**: a classifier on a task built from real sentences of the four corpora in
+  ``../shared/corpora`` (Austen, Brown, the King James Bible, the Linux kernel docs), then its
+  accuracy on held-out sentences, over three seeds: ``probe_accuracy_mean``,
+  ``probe_accuracy_sd`` and each seed's.  ``--probe``:
 
-  - ``order`` (default): is the sentence as written, or are two adjacent words swapped
-    (``scripts/make_minimal_pairs.py``'s swap, at a place the sentence's hash picks)?  Binary,
-    balanced; each sentence appears once, either way.  Nothing in a bag of tokens tells the
-    two apart, so a random encoder fine-tuned on a few hundred examples stays near 50%: the
-    score is what pre-training taught about word order.
-  - ``source``: which of the four corpora the sentence comes from (4 classes, balanced).  The
-    vocabulary gives much of it away, so it separates models less; kept as the easy check.
+  - ``linear`` (default): logistic regression on **frozen** features (each layer's hidden
+    states mean-pooled over the sentence, concatenated; SentEval's design); the seed draws
+    which half of the training sentences it sees (and, for ``--random``, the weights).  It
+    measures what the encoder's representations hold, deterministically and in seconds.
+  - ``finetune``: ``AutoModelForSequenceClassification`` fine-tuned with transformers'
+    ``Trainer`` (PyTorch, CPU); the seed draws the new head, dropout and the data order.  On
+    tiny, briefly trained models it is noisier than the effect it should show (seeds spread by
+    0.15, some collapse to one class; docs/benchmarks.md): its head reads the first token,
+    which masked-LM pre-training never trains.
+
+  The tasks (``--task``):
+
+  - ``source`` (default): which of the four corpora the sentence comes from (4 classes,
+    balanced).
+  - ``order``: is the sentence as written, or are two adjacent words swapped
+    (``scripts/make_minimal_pairs.py``'s swap, at a place the sentence's hash picks)?  Binary;
+    nothing in a bag of tokens tells the two apart, so it needs a model that knows word order
+    (the tiny 250-step models of docs/benchmarks.md score chance, trained or random).
 
   Train and test sentences come from different documents (the first 80% of each corpus's
   documents train, the rest test).
@@ -140,6 +150,57 @@ def finetune(model_dir: Path, train, test, num_labels: int, seed: int, random_in
     return float(np.mean(np.argmax(pred.predictions, axis=-1) == pred.label_ids))
 
 
+def features(model_dir: Path, examples, seed: int, random_init: bool):
+    """Frozen features: each layer's hidden states (the embeddings' included), mean-pooled over
+    the sentence's tokens, concatenated (SentEval's design; no weight is trained)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = (AutoModel.from_config(AutoConfig.from_pretrained(str(model_dir))) if random_init
+             else AutoModel.from_pretrained(str(model_dir))).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), 64):
+            batch = tok([t for t, _ in examples[i:i + 64]], truncation=True, max_length=64, padding=True,
+                        return_tensors="pt")
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.cat([(h * mask).sum(1) / mask.sum(1) for h in hidden], -1))
+    return torch.cat(out).double()
+
+
+def linear_probe(model_dir: Path, train, test, num_labels: int, seed: int, random_init: bool) -> float:
+    """Logistic regression (L-BFGS, L2 1e-2, standardised features) on frozen features of half
+    the training examples (the seed draws which half, and for ``--random`` the weights)."""
+    import numpy as np
+    import torch
+
+    keep = np.random.default_rng(seed).permutation(len(train))[:len(train) // 2]
+    sub = [train[i] for i in sorted(keep)]
+    x_train, x_test = features(model_dir, sub, seed, random_init), features(model_dir, test, seed, random_init)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    y_train = torch.tensor([y for _, y in sub])
+    w = torch.zeros(x_train.shape[1], num_labels, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x_train @ w + b, y_train) + 1e-2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = (x_test @ w + b).argmax(-1).numpy()
+    return float(np.mean(pred == np.array([y for _, y in test])))
+
+
 def pairs_accuracy(model_dir: Path, pairs_file: Path, random_init: bool) -> float:
     import jax
 
@@ -156,9 +217,13 @@ def pairs_accuracy(model_dir: Path, pairs_file: Path, random_init: bool) -> floa
 def judge(model_dir: Path, args, task_data, random_init: bool) -> dict:
     train, test, num_labels = task_data
     cpu = time.process_time()
-    accs = [finetune(model_dir, train, test, num_labels, seed, random_init, args.epochs, args.learning_rate)
-            for seed in args.seeds]
+    if args.probe == "linear":
+        accs = [linear_probe(model_dir, train, test, num_labels, seed, random_init) for seed in args.seeds]
+    else:
+        accs = [finetune(model_dir, train, test, num_labels, seed, random_init, args.epochs, args.learning_rate)
+                for seed in args.seeds]
     out = {"model": str(model_dir), "weights": "random" if random_init else "trained", "task": args.task,
+           "probe": args.probe,
            "train_examples": len(train), "test_examples": len(test), "seeds": args.seeds,
            "probe_accuracy": accs, "probe_accuracy_mean": statistics.mean(accs),
            "probe_accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -174,11 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", type=Path, help="exported model directories")
     p.add_argument("--pairs", type=Path, help="a minimal-pair file (scripts/make_minimal_pairs.py)")
     p.add_argument("--random", action="store_true", help="also score each network with random weights")
-    p.add_argument("--task", choices=("order", "source"), default="order")
+    p.add_argument("--task", choices=("source", "order"), default="source")
+    p.add_argument("--probe", choices=("linear", "finetune"), default="linear",
+                   help="logistic regression on frozen features (default), or fine-tuning with Trainer")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
     p.add_argument("--per-corpus", type=int, default=250, help="sentences per corpus, train and test each")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--epochs", type=float, default=3.0, help="--probe finetune only")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="--probe finetune only")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     for d in args.dirs:

@@ -12,7 +12,7 @@ generator's MLM, its minimal pairs are scored by the discriminator, ``mlmtool.mi
 Then for each: ``mlmtool eval`` (masked LM at 15%, where
 comparable: the tokenizers differ), the minimal-pair accuracy on pairs made from the held-out
 chapters (``scripts/make_minimal_pairs.py --skip-documents 240``), and, with ``--probe``, the
-fine-tuning probe of ``scripts/bench_quality.py``.  Training time is CPU seconds of the train
+linear probe of ``scripts/bench_quality.py`` (its default).  Training time is CPU seconds of the train
 process (``getrusage`` of the child), with ``/proc/loadavg`` beside it.  One JSON line per
 recipe on stdout and in WORKDIR/results.jsonl.  ``--stage train`` only pre-trains.
 """
@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--stage", choices=("train", "all"), default="all")
-    p.add_argument("--probe", action="store_true", help="also fine-tune the probe (scripts/bench_quality.py)")
+    p.add_argument("--probe", action="store_true", help="also run the linear probe (scripts/bench_quality.py)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     train_text, pairs = corpus_files(args.workdir)

@@ -23,10 +23,18 @@ Perturbations (a pronoun subject makes the agreement pairs unambiguous):
 * ``swap_adjacent``: two adjacent lower-case words (different, at a place chosen by the
   sentence's hash, not the first word) swapped.
 
-Each set takes the first ``--per-set`` pairs (in corpus order, after ``--skip-documents``
-documents: use it to draw pairs from text a model was not trained on).  A sentence gives at
-most one pair per set, and a sentence seen before gives none.  The file states where each
-pair comes from (``source``: file and line).
+**Each set is balanced between its two directions** (``change``: the word replaced and its
+replacement, e.g. ``is->are`` and ``are->is``): it holds as many pairs of one direction as of
+the other, the first ``--per-set``/2 of each in corpus order (after ``--skip-documents``
+documents: use it to draw pairs from text a model was not trained on), so a set is smaller
+than ``--per-set`` when one direction is rarer in the corpus.  Without this a set measured
+word frequency: real text says ``is`` far more often than ``are``, and a scorer that only
+prefers the more frequent word (a unigram model, a random network's bias) scored the share of
+``is->are`` pairs.  Balanced, such a scorer is right on one direction and wrong on the other:
+0.5 on every agreement and determiner set.  ``swap_adjacent`` keeps the same words in both
+sentences (a frequency-only scorer ties, which counts as wrong) and takes the first
+``--per-set``.  A sentence gives at most one pair per set, and a sentence seen before gives
+none.  The file states where each pair comes from (``source``: file and line).
 """
 
 from __future__ import annotations
@@ -134,28 +142,52 @@ def sentences(paths: list[Path], skip_documents: int = 0):
                     yield s, f"{path.name}:{line_no}"
 
 
+def change(good: list[str], bad: list[str]) -> str | None:
+    """The pair's direction, ``good->bad`` for the one word replaced (lower case); None for a swap."""
+    diff = [(g.lower(), b.lower()) for g, b in zip(good, bad) if g != b]
+    return f"{diff[0][0]}->{diff[0][1]}" if len(diff) == 1 else None
+
+
 def make_pairs(paths: list[Path], per_set: int = 200, skip_documents: int = 0) -> list[dict]:
-    """Up to ``per_set`` pairs per perturbation, in set order then corpus order."""
-    found: dict[str, list[dict]] = {name: [] for name in SETS}
+    """Per perturbation, up to ``per_set`` pairs, balanced between its two directions
+    (``per_set // 2`` of each; the adjacent swap: ``per_set``), in set order then corpus order."""
+    # (set, direction) -> pairs in corpus order; a direction is full at its quota
+    found: dict[tuple[str, str | None], list[tuple[int, dict]]] = {}
+    quota = {name: per_set if name == "swap_adjacent" else per_set // 2 for name in SETS}
+    directions = {name: 1 if name == "swap_adjacent" else 2 for name in SETS}
+
+    def full(name: str) -> bool:
+        got = [v for (n, _), v in found.items() if n == name]
+        return len(got) == directions[name] and all(len(v) >= quota[name] for v in got)
+
     seen: set[str] = set()
-    for sentence, source in sentences(paths, skip_documents):
-        if all(len(v) >= per_set for v in found.values()):
+    for order, (sentence, source) in enumerate(sentences(paths, skip_documents)):
+        if all(full(name) for name in SETS):
             break
         if sentence in seen:  # a repeated sentence would count twice
             continue
         seen.add(sentence)
         words = sentence.split()
         for name in SETS:
-            if len(found[name]) >= per_set:
-                continue
             bad = perturb(name, words, sentence)
-            if bad is not None and bad != words:
-                found[name].append({"sentence_good": sentence, "sentence_bad": " ".join(bad), "UID": name,
-                                    "field": "mlmtool", "linguistics_term": TERMS[name], "source": source})
+            if bad is None or bad == words:
+                continue
+            direction = change(words, bad) if name != "swap_adjacent" else None
+            got = found.setdefault((name, direction), [])
+            if len(got) < quota[name]:
+                pair = {"sentence_good": sentence, "sentence_bad": " ".join(bad), "UID": name, "field": "mlmtool",
+                        "linguistics_term": TERMS[name], "source": source}
+                if direction is not None:
+                    pair["change"] = direction
+                got.append((order, pair))
     out = []
     for name in SETS:
-        for i, pair in enumerate(found[name]):
-            out.append({**pair, "pair_id": i})
+        groups = [v for (n, _), v in sorted(found.items(), key=lambda kv: str(kv[0][1])) if n == name]
+        if name != "swap_adjacent":  # as many of each direction: the rarer one sets the size
+            n = min(len(v) for v in groups) if len(groups) == 2 else 0
+            groups = [v[:n] for v in groups]
+        chosen = sorted((item for v in groups for item in v), key=lambda item: item[0])
+        out.extend({**pair, "pair_id": i} for i, (_, pair) in enumerate(chosen))
     return out
 
 
@@ -163,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("corpus", nargs="+", type=Path, help="text files, one document per line (.txt/.xz/.gz)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the JSON-lines file to write")
-    parser.add_argument("--per-set", type=int, default=200, help="pairs per perturbation (default 200)")
+    parser.add_argument("--per-set", type=int, default=200,
+                        help="pairs per perturbation, half each direction (default 200)")
     parser.add_argument("--skip-documents", type=int, default=0,
                         help="skip the corpus's first N documents (e.g. the ones a model trained on)")
     args = parser.parse_args(argv)
-    if args.per_set < 1:
-        parser.error("--per-set must be positive")
+    if args.per_set < 2:
+        parser.error("--per-set must be at least 2 (one pair each direction)")
     for path in args.corpus:
         if not path.is_file():
             print(f"error: {path} is not a file", file=sys.stderr)

@@ -174,6 +174,7 @@ def test_bad_pll_mode(trained, tmp_path):
 CORPUS = """It was a fine day and he was happy to see an old friend. They were at the door.
 She has a horse and they have this small house near the river. These books are new, said Mr. Knightley to them.
 We are sure that it is an honour to dine with an earl. I have seen a cat in the garden today.
+He is an old man and she is kind to him.
 """
 
 
@@ -208,8 +209,38 @@ def test_make_minimal_pairs_is_deterministic_and_documented(tmp_path):
     assert by_set["determiner_a_an"][0]["sentence_bad"] == "It was an fine day and he was happy to see an old friend."
     assert any(p["sentence_good"] == "These books are new, said Mr. Knightley to them." for p in pairs)  # Mr. kept
     assert read_pairs([tmp_path / "a.jsonl"])  # the format eval reads
-    rc, _, one = make(tmp_path, "c.jsonl", "--per-set", 1)
-    assert rc == 0 and len(one.splitlines()) == 6
+    rc, _, two = make(tmp_path, "c.jsonl", "--per-set", 2)
+    assert rc == 0 and len(two.splitlines()) == 12  # one pair of each direction; two swaps
+    rc, err, _ = make(tmp_path, "d.jsonl", "--per-set", 1)  # cannot balance a set of one
+    assert rc == 2 and "at least 2" in err
+
+
+def test_made_sets_are_balanced_so_word_frequency_scores_half(tmp_path):
+    """Each agreement/determiner set holds as many pairs of one direction (is->are) as of the
+    other (are->is): a scorer that only prefers the corpus's more frequent word scores 0.5."""
+    import collections
+    import lzma
+
+    corpus = Path("/work/shared/corpora/en_austen.txt.xz")
+    corpus = corpus if corpus.exists() else ROOT.parent / "shared" / "corpora" / "en_austen.txt.xz"
+    if not corpus.exists():
+        pytest.skip("../shared/corpora is not here")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_minimal_pairs.py"), str(corpus), "-o",
+                          str(tmp_path / "p.jsonl"), "--per-set", "60"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    raw = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    with lzma.open(corpus, "rt", encoding="utf-8") as f:
+        freq = collections.Counter(w.lower() for w in f.read().split())
+    for name in ("agreement_is_are", "agreement_was_were", "agreement_has_have", "determiner_this_these",
+                 "determiner_a_an"):
+        pairs = [p for p in raw if p["UID"] == name]
+        directions = collections.Counter(p["change"] for p in pairs)
+        assert len(directions) == 2 and len(set(directions.values())) == 1, (name, directions)
+        assert len(pairs) == 60, (name, directions)  # Austen has 30 of each in her first documents
+        good, bad = zip(*(p["change"].split("->") for p in pairs))
+        assert np.mean([freq[g] > freq[b] for g, b in zip(good, bad)]) == 0.5, name  # frequency alone: chance
+        assert [p["pair_id"] for p in pairs] == list(range(60))
+    assert sum(p["UID"] == "swap_adjacent" for p in raw) == 60
 
 
 def test_make_minimal_pairs_bad_input(tmp_path):
@@ -355,7 +386,9 @@ def grammar_documents(n: int, seed: int = 0) -> list[str]:
 def test_trained_model_beats_random_on_made_pairs(tmp_path):
     """Pre-training (2,000 small steps, seconds of compute) must lift the minimal-pair accuracy on
     pairs made from held-out documents above the same network's random initialisation: measured
-    0.606 against 0.514 (360 pairs: 0.06 is 2.3 standard errors; random inits score 0.43-0.53).
+    0.606 against 0.514 (360 pairs: 0.06 is 2.3 standard errors; random inits score 0.43-0.53),
+    before the sets were balanced by direction; it still passes balanced (the grammar uses both
+    directions about equally: 30 of each per set here).
     It fails when training teaches nothing: a variant (another draw of the same grammar,
     hidden_size=64 at this learning rate) stayed at the unigram loss and scored 0.49 against 0.48."""
     import jax
