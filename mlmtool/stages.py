@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from mlmtool.atomic import fsync_directory
 from mlmtool.errors import TrainingError
 
 PENDING = ".next"  # DIR/stages/.next/checkpoints: a stage's step 0 while it is written
@@ -161,9 +162,7 @@ def _drop_pending(mdir) -> None:
 
 def _rename(src: Path, dst: Path) -> None:
     os.rename(src, dst)
-    from mlmtool.modeldir import _fsync_directory
-
-    _fsync_directory(dst.parent)
+    fsync_directory(dst.parent)
 
 
 def commit(mdir) -> Path | None | bool:

@@ -8,14 +8,23 @@ import pytest
 from mlmtool.modeldir import atomic_write_json
 
 
-def test_atomic_write_uses_umask_permissions_not_mkstemp_0600(tmp_path, monkeypatch):
-    import mlmtool.modeldir as md
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_uses_umask_permissions_not_mkstemp_0600(tmp_path, mask, mode):
+    """The umask in force when the file is written (read then, not at import)."""
+    from mlmtool.atomic import atomic_directory, umask
 
-    monkeypatch.setattr(md, "_UMASK", 0o022)
-    md.atomic_write_json(tmp_path / "config.json", {"a": 1})
-    assert (os.stat(tmp_path / "config.json").st_mode & 0o777) == 0o644
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        atomic_write_json(tmp_path / "config.json", {"a": 1})
+        with atomic_directory(tmp_path / "data"):
+            pass
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "config.json").st_mode & 0o777) == mode
+    assert (os.stat(tmp_path / "data").st_mode & 0o777) == 0o777 & ~mask  # mkdtemp makes 0700
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "data"]
 
 
 def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):

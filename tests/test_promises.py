@@ -185,12 +185,11 @@ def test_report_output_is_checked_before_any_work(trained, tmp_path):
 
 # == 6. Shared storage works ======================================================================
 
-def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, monkeypatch):
+def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, request):
     """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
-    import mlmtool.modeldir as md
     from tests.model_helpers import ModelConfig, load_safetensors, save_safetensors
 
-    monkeypatch.setattr(md, "_UMASK", 0o022)
+    request.addfinalizer(lambda old=os.umask(0o022): os.umask(old))  # read when each file is written
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     d = copy(prepared, tmp_path)
     assert invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10,
