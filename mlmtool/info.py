@@ -171,8 +171,6 @@ def next_step(info: dict) -> str:
 
 def directory_info(mdir: ModelDir) -> dict[str, Any]:
     """Everything ``mlmtool info`` shows, as a JSON-able dict (None for what is absent)."""
-    from mlmtool.init_from import init_source
-
     info: dict[str, Any] = {"path": str(mdir.path)}
     info["config"] = config_info(mdir)
     info["tokenizer"] = tokenizer_info(mdir)
@@ -187,7 +185,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["export"] = _file(mdir.weights_path)
     init = _file(mdir.init_weights_path)
     if init is not None:
-        init["from"] = init_source(mdir)
+        init["from"] = mdir.init_source()
     info["init_weights"] = init
     info["metrics"] = metrics_info(mdir)
     try:

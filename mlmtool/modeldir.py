@@ -29,15 +29,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 # The atomic writes live in mlmtool.atomic (below hf_weights, which writes weights with them);
 # the names are also importable from here, where most commands look for them.
-from mlmtool.atomic import atomic_directory, atomic_write, atomic_write_json, remove_leftovers  # noqa: F401
+from mlmtool.atomic import (atomic_directory, atomic_write, atomic_write_json,  # noqa: F401
+                            fsync_directory, remove_leftovers)
 from mlmtool.errors import ModelDirError
 from mlmtool.lock import LOCK_FILE, hold as _hold_lock
 from mlmtool.presets import load_config_file
@@ -64,6 +68,31 @@ _TRACKED_PACKAGES = (
     "mlmtool", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
     "transformers", "tokenizers", "datasets", "numpy",
 )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the tokenizer's identity in meta.json, read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_number(name: str) -> bool:
+    """A step or stage folder's name: ASCII digits only (``'²'.isdigit()`` is true, int() fails)."""
+    return name.isascii() and name.isdigit()
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the complete checkpoints in an orbax checkpoints ``folder`` (any run's,
+    an earlier stage's), oldest first, without importing orbax: orbax writes a step into
+    ``<step>.orbax-checkpoint-tmp-*`` and renames it to its number when it is complete.  The
+    one step lister (train, eval, stages, info, report)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if is_number(p.name) and p.is_dir())
 
 
 def package_versions() -> dict[str, str]:
@@ -200,12 +229,13 @@ class ModelDir:
         return self.path / MANIFEST
 
     def checkpoint_steps(self) -> list[int]:
-        """Steps of the complete checkpoints (orbax renames a step's folder to its number when
-        it is complete), without importing orbax."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir()
-                      if p.name.isascii() and p.name.isdigit() and p.is_dir())
+        """Steps of DIR's complete checkpoints (the current stage's; :func:`checkpoint_steps`)."""
+        return checkpoint_steps(self.checkpoints_dir)
+
+    def init_source(self) -> str | None:
+        """The PATH recorded by ``init --from`` (None if DIR was not made that way)."""
+        args = (self.read_manifest().get("init") or {}).get("args") or {}
+        return args.get("from")
 
     def trained_state(self) -> list[str]:
         """What training left in DIR (checkpoints, the export), in words; empty if nothing."""
@@ -227,6 +257,49 @@ class ModelDir:
         """config.json, with the ``transformers_version`` it was written for (the installed
         transformers, as ``save_pretrained`` records it; read back, it is dropped again)."""
         atomic_write_json(self.config_path, with_transformers_version(config))
+
+    # -- tokenizer -----------------------------------------------------------
+    @contextlib.contextmanager
+    def tokenizer_staging(self) -> Iterator[Path]:
+        """A fresh folder inside DIR (``.tokenizer.*.tmp``, so the renames stay on one file
+        system) to write a tokenizer's files into for :meth:`install_tokenizer`; removed after
+        (a killed run's is removed by the next ``tokenizer``, ``remove_leftovers``)."""
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=self.path))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def install_tokenizer(self, staged: Path, config: dict | None = None) -> list[Path]:
+        """Move the tokenizer files in ``staged`` (:meth:`tokenizer_staging`) into DIR: the one
+        way a tokenizer is installed (``tokenizer``, ``init --from``).  Each file is flushed to
+        disk first; then the old tokenizer.json goes, the tokenizer files of DIR that the new
+        set lacks go (an earlier tokenizer's ``vocab.txt`` would describe another tokenizer),
+        the files move in, and tokenizer.json last, after ``config`` (written as DIR's
+        config.json when given): tokenizer.json marks the stage done, so a kill at any moment
+        leaves either no tokenizer.json or a complete set that agrees with config.json."""
+        names = sorted((p.name for p in Path(staged).iterdir() if p.is_file()), key=lambda n: (n == TOKENIZER, n))
+        if TOKENIZER not in names:
+            raise ModelDirError(f"no {TOKENIZER} among the tokenizer files to install into {self.path}",
+                                "a tokenizer directory needs tokenizer.json")
+        for name in names:
+            fd = os.open(Path(staged) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.tokenizer_path.unlink(missing_ok=True)
+        for stale in (*TOKENIZER_FILES, *TOKENIZER_EXTRA):
+            if stale not in names:
+                (self.path / stale).unlink(missing_ok=True)
+        installed = []
+        for name in names:
+            if name == TOKENIZER and config is not None:
+                self.write_config(config)
+            os.replace(Path(staged) / name, self.path / name)
+            installed.append(self.path / name)
+        fsync_directory(self.path)
+        return installed
 
     def require_tokenizer(self) -> Path:
         if not self.tokenizer_path.exists():

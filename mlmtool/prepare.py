@@ -48,7 +48,7 @@ from mlmtool.blocks import VALIDATION_RULE
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir, atomic_write_json, remove_leftovers
+from mlmtool.modeldir import ModelDir, atomic_write_json, file_sha256, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
 from mlmtool.tokenizer_facts import TokenizerInfo, tokenizer_info
 
@@ -137,7 +137,6 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     config = mdir.read_config()  # without transformers when config.json is complete
 
     from mlmtool.presets import max_sequence_length
-    from mlmtool.tokenizer_train import file_sha256
 
     limit = max_sequence_length(config)
     if max_seq_length < 2:

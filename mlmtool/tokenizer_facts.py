@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir
+from mlmtool.modeldir import ModelDir, file_sha256
 from mlmtool.models.base import BERT_SPECIALS, ROBERTA_SPECIALS
 
 
@@ -49,8 +49,6 @@ def _token_name(value) -> str | None:
 def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
     """Special ids, size and hash of DIR's tokenizer (tokenizers only, no transformers)."""
     from tokenizers import Tokenizer
-
-    from mlmtool.tokenizer_train import file_sha256
 
     path = model_dir.require_tokenizer()
     try:

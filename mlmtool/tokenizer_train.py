@@ -30,11 +30,8 @@ special token ids are brought into agreement with it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,8 +39,8 @@ from typing import Any, Iterator
 from mlmtool import models
 from mlmtool.corpus import Corpus
 from mlmtool.corpus.sample import Reservoir
-from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, remove_leftovers
+from mlmtool.errors import ConfigError, ModelDirError
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, file_sha256, remove_leftovers
 from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
@@ -185,44 +182,14 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialT
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
                    config: dict | None = None, specials: SpecialTokens | None = None,
                    fields: dict | None = None) -> list[Path]:
-    """Write :func:`tokenizer_files` into a temporary directory (each file flushed to disk),
-    then rename each into DIR: the set is staged whole first, so a full disk or a kill while
-    writing leaves DIR as it was.
-
-    tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
-    DIR's config.json when given), and an old one is removed first: a run killed at any
-    moment leaves either no tokenizer.json or a complete set that agrees with config.json.
-    """
-    written: list[Path] = []
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
-    try:
+    """Write :func:`tokenizer_files` into a staging folder, then install the set into DIR
+    (``ModelDir.install_tokenizer``: staged whole first, tokenizer.json last after
+    ``config``), so a full disk or a kill while writing leaves DIR as it was or complete."""
+    with model_dir.tokenizer_staging() as tmp:
         for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials,
                                           fields=fields).items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        if model_dir.tokenizer_path.exists():
-            os.unlink(model_dir.tokenizer_path)
-        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
-            if name == "tokenizer.json" and config is not None:
-                model_dir.write_config(config)
-            os.replace(tmp / name, model_dir / name)
-            written.append(model_dir / name)
-        for stale in TOKENIZER_EXTRA:  # from another tool or kind
-            if (model_dir / stale).exists():
-                os.unlink(model_dir / stale)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            (tmp / name).write_text(text, encoding="utf-8")
+        return model_dir.install_tokenizer(tmp, config=config)
 
 
 #: Text per item handed to ``train_from_iterator``.  tokenizers buffers up to 256 items
@@ -308,14 +275,11 @@ def check_replaceable(mdir: ModelDir, force: bool) -> None:
     """Refuse (before reading any corpus) to retrain the tokenizer of a DIR whose trained or
     imported weights belong to it: a new vocabulary makes every checkpoint, the export and
     ``init --from``'s weights unusable."""
-    from mlmtool.errors import ModelDirError
-    from mlmtool.init_from import init_source
-
     if force:
         return
     if mdir.init_weights_path.exists():
         raise ModelDirError(
-            f"{mdir} continues the model {init_source(mdir) or mdir.init_weights_path} ('mlmtool init --from'), "
+            f"{mdir} continues the model {mdir.init_source() or mdir.init_weights_path} ('mlmtool init --from'), "
             "whose weights belong to its tokenizer",
             f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
             "and start from random weights")

@@ -49,3 +49,61 @@ def test_atomic_write_flushes_the_file_then_its_directory(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), fsync(fd))[1])
     atomic_write_json(tmp_path / "a.json", [1])
     assert synced == [False, True]
+
+
+# -- the tokenizer installer (tokenizer, init --from) -------------------------------------------
+
+def _old_tokenizer(tmp_path):
+    from mlmtool.modeldir import ModelDir
+
+    mdir = ModelDir(tmp_path / "m", create=True)
+    for name, text in {"tokenizer.json": "old", "special_tokens_map.json": "old", "vocab.txt": "old",
+                       "config.json": '{"old": true}'}.items():
+        (mdir.path / name).write_text(text)
+    return mdir
+
+
+def test_install_tokenizer_replaces_the_set_and_drops_what_the_new_one_lacks(tmp_path):
+    mdir = _old_tokenizer(tmp_path)
+    with mdir.tokenizer_staging() as tmp:
+        assert tmp.parent == mdir.path
+        for name in ("tokenizer.json", "tokenizer_config.json", "merges.txt"):
+            (tmp / name).write_text("new")
+        installed = mdir.install_tokenizer(tmp, config={"vocab_size": 7})
+    assert [p.name for p in installed] == ["merges.txt", "tokenizer_config.json", "tokenizer.json"]  # it last
+    assert sorted(p.name for p in mdir.path.iterdir()) == ["config.json", "merges.txt", "tokenizer.json",
+                                                          "tokenizer_config.json"]  # no stale vocab.txt, no .tmp
+    assert all((mdir.path / n).read_text() == "new" for n in ("tokenizer.json", "tokenizer_config.json"))
+    assert json.loads(mdir.config_path.read_text())["vocab_size"] == 7
+
+
+def test_install_tokenizer_killed_before_tokenizer_json_leaves_no_tokenizer_json(tmp_path, monkeypatch):
+    """tokenizer.json marks the stage done: a kill before its rename leaves none (the stage
+    reruns), never the old one beside the new config.json."""
+    mdir = _old_tokenizer(tmp_path)
+    replace = os.replace
+
+    def killed(src, dst):
+        if os.path.basename(dst) == "tokenizer.json":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt), mdir.tokenizer_staging() as tmp:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp / name).write_text("new")
+        mdir.install_tokenizer(tmp, config={"vocab_size": 7})
+    assert not mdir.tokenizer_path.exists()
+    assert not list(mdir.path.glob(".tokenizer.*"))
+
+
+def test_install_tokenizer_without_tokenizer_json_is_refused_with_dir_untouched(tmp_path):
+    from mlmtool.errors import ModelDirError
+
+    mdir = _old_tokenizer(tmp_path)
+    before = {p.name: p.read_text() for p in mdir.path.iterdir()}
+    with mdir.tokenizer_staging() as tmp:
+        (tmp / "vocab.txt").write_text("new")
+        with pytest.raises(ModelDirError, match="no tokenizer.json among the tokenizer files"):
+            mdir.install_tokenizer(tmp)
+    assert {p.name: p.read_text() for p in mdir.path.iterdir()} == before
