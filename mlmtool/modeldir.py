@@ -84,15 +84,28 @@ def is_number(name: str) -> bool:
     return name.isascii() and name.isdigit()
 
 
+def numbered_folders(folder: Path) -> list[int]:
+    """The numbers of ``folder``'s subfolders named by a number, ascending (other entries --
+    ``.DS_Store``, an NFS ``.nfs…`` file, a user's folder, a temporary one -- are skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if is_number(p.name) and p.is_dir())
+
+
 def checkpoint_steps(folder: Path) -> list[int]:
     """The steps of the complete checkpoints in an orbax checkpoints ``folder`` (any run's,
     an earlier stage's), oldest first, without importing orbax: orbax writes a step into
     ``<step>.orbax-checkpoint-tmp-*`` and renames it to its number when it is complete.  The
     one step lister (train, eval, stages, info, report)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if is_number(p.name) and p.is_dir())
+    return numbered_folders(folder)
+
+
+def checkpoint_meta(folder: Path, step: int) -> Any:
+    """The ``meta`` item of checkpoint ``step`` in ``folder`` (step, seed, data position, the
+    run's ``train_config`` and ``config``), read without orbax as the JSON file its JsonSave
+    writes (tested to equal ``checkpoint.restore_meta``); OSError or ValueError if unreadable."""
+    return json.loads((Path(folder) / str(step) / "meta" / "metadata").read_text(encoding="utf-8"))
 
 
 def package_versions() -> dict[str, str]:

@@ -107,3 +107,27 @@ def test_install_tokenizer_without_tokenizer_json_is_refused_with_dir_untouched(
         with pytest.raises(ModelDirError, match="no tokenizer.json among the tokenizer files"):
             mdir.install_tokenizer(tmp)
     assert {p.name: p.read_text() for p in mdir.path.iterdir()} == before
+
+
+def test_checkpoint_steps_and_meta_are_what_orbax_reads(tmp_path):
+    """The one step lister reads folder names (no orbax import for info, report, stages):
+    the same steps as orbax's own manager, an unfinished save and other entries left out."""
+    import jax.numpy as jnp
+
+    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_meta, checkpoint_steps
+
+    folder = tmp_path / "checkpoints"
+    with checkpoint.manager(folder, async_save=False) as mngr:
+        for step in (3, 10):
+            checkpoint.save(mngr, step, {"w": jnp.ones(2)}, {"m": jnp.zeros(2)}, {"step": step})
+        checkpoint.wait(mngr)
+    (folder / "20.orbax-checkpoint-tmp-123").mkdir()  # a save in flight (or killed)
+    (folder / "²").mkdir()  # isdigit() but not a number
+    (folder / "notes").mkdir()
+    (folder / "7").write_text("a file, not a step folder")
+    with checkpoint.manager(folder, read_only=True, async_save=False) as mngr:
+        assert checkpoint_steps(folder) == sorted(mngr.all_steps()) == [3, 10]
+    assert checkpoint_meta(folder, 10) == checkpoint.restore_meta(folder, 10) == {"step": 10}  # read without orbax
+    assert checkpoint.latest_step(folder) == 10
+    assert checkpoint_steps(tmp_path / "absent") == [] and checkpoint.latest_step(tmp_path / "absent") is None

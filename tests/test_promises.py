@@ -455,9 +455,9 @@ def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
     out = " ".join(r.output.split())
     assert "Resuming with the settings recorded at step 10: --per-device-train-batch-size 8" in out, out
     assert "--learning-rate 0.005" in out and "Resuming from checkpoint step 10 (of 20)" in out, out
-    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_steps
 
-    assert checkpoint.all_steps(d / "checkpoints") == [10, 20]
+    assert checkpoint_steps(d / "checkpoints") == [10, 20]
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["train"]["args"]["per_device_train_batch_size"] == 8
 
@@ -578,9 +578,9 @@ STAGE = ("--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 1
 
 
 def _steps(folder: Path) -> list[int]:
-    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_steps
 
-    return checkpoint.all_steps(folder)
+    return checkpoint_steps(folder)
 
 
 def _run_before_continues(d: Path) -> None:
