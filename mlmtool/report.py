@@ -24,9 +24,6 @@ from typing import Any
 from mlmtool.atomic import atomic_write
 from mlmtool.errors import DataError
 
-TRAIN_KEYS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second")
-EVAL_KEYS = ("eval_loss", "eval_accuracy", "perplexity")
-
 
 def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
     """(train records, eval records, unreadable lines) of a metrics.jsonl, restarts resolved.

@@ -33,8 +33,6 @@ import struct
 import time
 from pathlib import Path
 
-DIRNAME = "tensorboard"
-
 TRAIN_TAGS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch", "tokens_seen",
               "mlm_probability")
 EVAL_TAGS = {"eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy", "perplexity": "eval/perplexity"}
