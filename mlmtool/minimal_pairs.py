@@ -30,7 +30,6 @@ original (one forward pass, no masking), as BabyLM's ELECTRA baselines do.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -309,14 +308,3 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
         record = {"event": "eval", **results, **({} if step is None else {"step": step})}
         MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir.tensorboard_dir).write(record)
     return results
-
-
-def tensorboard_scalars(record: dict) -> dict[str, float]:
-    """The TensorBoard tags of a record's minimal-pair results (none when it has none)."""
-    out = {}
-    if isinstance(record.get("minimal_pairs_accuracy"), (int, float)) and not math.isnan(
-            record["minimal_pairs_accuracy"]):
-        out["eval/minimal_pairs_accuracy"] = float(record["minimal_pairs_accuracy"])
-        for name, s in (record.get("minimal_pairs") or {}).items():
-            out[f"minimal_pairs/{name}"] = float(s["accuracy"])
-    return out

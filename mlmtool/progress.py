@@ -7,10 +7,13 @@ logs stay readable.  ``MLMTOOL_QUIET=1`` (or ``--quiet``) silences both.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from rich.console import Console
+
+from mlmtool.tensorboard import TensorBoardWriter
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -135,15 +138,11 @@ class MetricsWriter:
         self.enabled = enabled
         self.tensorboard = None
         if enabled and tensorboard_dir is not None:
-            from mlmtool.tensorboard import TensorBoardWriter
-
             self.tensorboard = TensorBoardWriter(tensorboard_dir)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        import json
-
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self.tensorboard is not None:

@@ -1,9 +1,15 @@
-"""No import cycles among mlmtool's modules (module-level imports only).
+"""No import cycles among mlmtool's modules.
 
-A cycle held together by a function-local import works until someone hoists that import;
-this test reads every module's top-level ``import``/``from ... import`` statements with
-``ast`` (those under ``if TYPE_CHECKING:`` excluded: they never run) and fails naming the
-cycle.  Importing ``a.b.c`` also runs ``a/__init__`` and ``a/b/__init__``: those edges count.
+Every module's ``import``/``from ... import`` statements are read with ``ast`` (those under
+``if TYPE_CHECKING:`` excluded: they never run); importing ``a.b.c`` also runs
+``a/__init__`` and ``a/b/__init__``, so those edges count.  Two checks:
+
+* the module-level imports form no cycle (a cycle there is an ImportError or a half-built
+  module, depending on who is imported first);
+* nor would the function-local ones, were they hoisted: a local import only keeps a heavy
+  or optional dependency off a light path (jax off ``--help``, transformers, fsspec, ...),
+  never holds a cycle together.  The one exception is a package importing its own submodule
+  lazily (``mlmtool.models.load_model`` -> ``mlmtool.models.loaded``, which imports jax).
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _all_imports(tree: ast.Module):
+    """Every import node, function-local ones included, except those under TYPE_CHECKING."""
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+               for child in node.body for n in ast.walk(child)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skipped:
+            yield node
+
+
 def _top_level_imports(tree: ast.Module):
     """Import nodes that run when the module is imported: top level, and inside top-level
     ``if``/``try``/``with`` blocks (not functions or classes' methods, not TYPE_CHECKING)."""
@@ -59,13 +74,17 @@ def _with_parents(name: str, modules: dict) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules}
 
 
-def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """{module: the mlmtool modules its import runs}."""
+def import_graph(modules: dict[str, Path], *, local: bool = False) -> dict[str, set[str]]:
+    """{module: the mlmtool modules its import runs}; ``local``: also those its functions
+    import (except a package's own submodules)."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         edges: set[str] = set()
-        for node in _top_level_imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        top = list(_top_level_imports(tree))
+        nodes = top + [n for n in _all_imports(tree) if n not in top] if local else top
+        for node in nodes:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
@@ -79,7 +98,10 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 targets = [source] + [f"{source}.{alias.name}" for alias in node.names
                                       if f"{source}.{alias.name}" in modules]
             for target in targets:
-                edges |= _with_parents(target, modules)
+                found = _with_parents(target, modules)
+                if local and node not in top and is_package:  # a package's lazy submodule import
+                    found = {t for t in found if not t.startswith(name + ".")}
+                edges |= found
         edges.discard(name)
         graph[name] = edges - _with_parents(name, modules)  # a package's own parents are already running
     return graph
@@ -147,6 +169,12 @@ def test_no_import_cycle():
     assert not cycles, "import cycles (module-level imports):\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_no_local_import_holds_a_cycle_together():
+    cycles = find_cycles(import_graph(module_files(), local=True))
+    assert not cycles, ("cycles through function-local imports (move what they import lower down instead):\n"
+                        + "\n".join(" -> ".join(c) for c in cycles))
+
+
 # -- the detector itself -----------------------------------------------------------------
 
 
@@ -180,3 +208,21 @@ def test_detector_ignores_local_and_type_checking_imports(tmp_path):
     graph = import_graph(modules)
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == set()
     assert find_cycles(graph) == []
+    assert find_cycles(import_graph(modules, local=True)) == [["pkg.a", "pkg.b", "pkg.a"]]  # f's import counts
+
+
+@pytest.mark.parametrize("init, cycle", [
+    ("def load():\n    from pkg.models.loaded import x\n    return x\n", []),  # lazy: exempt
+    ("from pkg.models.loaded import x\n", [["pkg.models", "pkg.models.loaded", "pkg.weights", "pkg.models"]]),
+])
+def test_detector_exempts_only_a_packages_lazy_import_of_its_own_submodule(tmp_path, init, cycle):
+    """As mlmtool.models.load_model imports mlmtool.models.loaded, which imports hf_weights,
+    which imports mlmtool.models.base (and so mlmtool.models)."""
+    modules = _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/models/__init__.py": init,
+        "pkg/models/base.py": "",
+        "pkg/models/loaded.py": "from pkg import weights\nx = 1\n",
+        "pkg/weights.py": "from pkg.models.base import *\n",
+    })
+    assert find_cycles(import_graph(modules, local=True)) == cycle
