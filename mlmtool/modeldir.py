@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -109,8 +110,6 @@ def checkpoint_meta(folder: Path, step: int) -> Any:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for name in _TRACKED_PACKAGES:
         try:
@@ -122,8 +121,6 @@ def package_versions() -> dict[str, str]:
 
 def with_transformers_version(config: dict) -> dict:
     """``config`` with ``transformers_version``: the installed transformers' (no import)."""
-    from importlib import metadata
-
     try:
         return {**config, "transformers_version": metadata.version("transformers")}
     except metadata.PackageNotFoundError:

@@ -198,7 +198,7 @@ def begin(mdir, main: bool, save_step0: Callable[[Path], None], agree: Callable[
     """Start a stage atomically: ``save_step0(folder)`` writes its step 0 (every process, a
     collective) into ``stages/.next``, then :func:`commit` (process 0).  Returns where DIR's
     checkpoints went.  A failed save leaves DIR's checkpoints as they were and says so."""
-    from mlmtool import checkpoint
+    from mlmtool import checkpoint  # orbax (see check_source)
 
     pending, error = pending_dir(mdir), None
     try:

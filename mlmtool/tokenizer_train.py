@@ -30,6 +30,7 @@ special token ids are brought into agreement with it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -41,6 +42,8 @@ from mlmtool.corpus import Corpus
 from mlmtool.corpus.sample import Reservoir
 from mlmtool.errors import ConfigError, ModelDirError
 from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, file_sha256, remove_leftovers
+from mlmtool.presets import MAX_VOCAB_SIZE, max_sequence_length
+from mlmtool.progress import StageProgress, console, human_bytes, say
 from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
@@ -73,8 +76,6 @@ def nmt_nfkc_charsmap() -> bytes:
     Unicode spaces made spaces) as the charsmap of a ``Precompiled`` normalizer: what XLM-R's
     and CamemBERT's tokenizer.json hold, the one normalizer their transformers classes keep.
     Generated with sentencepiece by scripts/make_charsmap.py (240 kB, stored gzipped)."""
-    import gzip
-
     return gzip.decompress((Path(__file__).parent / "resources" / "nmt_nfkc.charsmap.gz").read_bytes())
 
 
@@ -206,8 +207,6 @@ class _ReadingProgress:
     """
 
     def __init__(self, corpus: Corpus, show: bool, sample: Reservoir | None = None):
-        from mlmtool.progress import StageProgress
-
         self.corpus = corpus
         self.show = show
         self.sample = sample  # None: the whole corpus goes to the trainer as it is read
@@ -241,8 +240,6 @@ class _ReadingProgress:
         """The sample, after the pass, in corpus order; the trainer counts it from memory."""
         documents = self.sample.take()
         if self.show:
-            from mlmtool.progress import human_bytes, say
-
             say(f"Sampled {self.sample.documents:,} of {self.sample.seen:,} documents "
                 f"({human_bytes(self.sample.bytes)}, seed {self.sample.seed})")
         self._start_status("Counting the sample, then computing the vocabulary (merges / word pieces)…")
@@ -251,8 +248,6 @@ class _ReadingProgress:
 
     def _start_status(self, text: str) -> None:
         if self.show:
-            from mlmtool.progress import console, say
-
             if console.is_terminal:
                 self._status = console.status(text)
                 self._status.start()
@@ -333,8 +328,6 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         what = f"the 256 byte symbols and {n} special tokens" if kind == "bpe" else "the special tokens"
         raise ConfigError(f"vocab size {requested} is too small for {what}",
                           f"use --vocab-size {minimum} or more")
-    from mlmtool.presets import MAX_VOCAB_SIZE
-
     if requested > MAX_VOCAB_SIZE:
         raise ConfigError(f"vocab size {requested:,} is beyond the {MAX_VOCAB_SIZE:,} token ids the block store holds",
                           "use e.g. --vocab-size 50265 (RoBERTa's)")
@@ -355,8 +348,6 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
               if sample_bytes is not None or sample_documents is not None else None)
 
     if show_progress:
-        from mlmtool.progress import say
-
         say(f"Training a {KIND_NAMES[kind]} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     check_replaceable(mdir, force)
@@ -381,8 +372,6 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
            config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
            show_progress: bool, sample: Reservoir | None = None, fields: dict | None = None,
            pad_to: int = 1) -> dict[str, Any]:
-    from mlmtool.presets import max_sequence_length
-
     tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency, specials=specials)
     reading = _ReadingProgress(corpus, show_progress, sample)

@@ -63,7 +63,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every option's range and choice, checked before any work."""
         self.validate_ranges()
-        from mlmtool.masking import MAX_SPAN_RATE, MODES
+        from mlmtool.masking import MAX_SPAN_RATE, MODES  # these import jax: validate_ranges runs before it
         from mlmtool.models.layers import REMAT_POLICIES
         from mlmtool.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
 
