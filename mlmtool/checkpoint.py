@@ -4,7 +4,11 @@ A checkpoint holds three items: ``params`` and ``opt_state`` (saved collectively
 process writing its own shards) and ``meta`` (JSON: step, seed, data position, the
 training arguments that fix the data order).  Evaluation restores ``params`` alone.  Orbax writes each step into
 a temporary folder and renames it when complete, so a kill during a save leaves the
-previous checkpoint as the latest readable one.
+previous checkpoint as the latest readable one (the steps are listed without orbax:
+``modeldir.checkpoint_steps``).
+
+Which weights eval, predict, export and ``eval --minimal-pairs`` read -- a step, the export or
+``init --from``'s -- is chosen here too (:func:`select_checkpoint`, :func:`load_params`).
 """
 
 from __future__ import annotations
