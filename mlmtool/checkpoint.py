@@ -4,7 +4,11 @@ A checkpoint holds three items: ``params`` and ``opt_state`` (saved collectively
 process writing its own shards) and ``meta`` (JSON: step, seed, data position, the
 training arguments that fix the data order).  Evaluation restores ``params`` alone.  Orbax writes each step into
 a temporary folder and renames it when complete, so a kill during a save leaves the
-previous checkpoint as the latest readable one.
+previous checkpoint as the latest readable one (the steps are listed without orbax:
+``modeldir.checkpoint_steps``).
+
+Which weights eval, predict, export and ``eval --minimal-pairs`` read -- a step, the export or
+``init --from``'s -- is chosen here too (:func:`select_checkpoint`, :func:`load_params`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
+from mlmtool import models
 from mlmtool.errors import CheckpointError, ConfigError
+from mlmtool.init_from import initial_params
+from mlmtool.modeldir import checkpoint_steps, numbered_folders
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -36,16 +44,9 @@ def manager(directory: Path, *, max_to_keep: int | None = None, read_only: bool 
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def all_steps(directory: Path) -> list[int]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    with manager(directory, read_only=True, async_save=False) as mngr:
-        return sorted(mngr.all_steps())
-
-
 def latest_step(directory: Path) -> int | None:
-    steps = all_steps(directory)
+    """The newest complete checkpoint in ``directory`` (``modeldir.checkpoint_steps``), None if none."""
+    steps = checkpoint_steps(directory)
     return steps[-1] if steps else None
 
 
@@ -82,7 +83,7 @@ def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) 
     directory = Path(str(mngr.directory))
     full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
     try:
-        kept = [s for s in all_steps(directory) if step is None or s < step]
+        kept = [s for s in checkpoint_steps(directory) if step is None or s < step]
     except Exception:
         kept = []
     where = f"checkpoint step {step}" if step is not None else "a checkpoint"
@@ -98,8 +99,6 @@ def save_error(mngr: ocp.CheckpointManager, e: BaseException, step: int | None) 
 def _architecture(config: dict) -> tuple[str, ...]:
     """config.json fields that make the model (not dropout): a checkpoint is read only under
     these (the family's ``architecture_keys``)."""
-    from mlmtool import models
-
     try:
         return models.family_for(config.get("model_type")).architecture_keys
     except Exception:  # an unknown model_type: compare what names it
@@ -107,8 +106,6 @@ def _architecture(config: dict) -> tuple[str, ...]:
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
-    import jax
-
     return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -125,9 +122,7 @@ def stored_shapes(directory: Path, step: int) -> dict[str, tuple] | None:
 def config_fields(shapes: dict[str, tuple]) -> dict[str, int]:
     """The config.json sizes that parameter shapes imply (vocab_size, hidden_size, ...), as the
     family whose parameter tree this is reads them (``Family.fields_from_shapes``)."""
-    from mlmtool.models import families
-
-    found = [family.fields_from_shapes(shapes) for family in families().values()]
+    found = [family.fields_from_shapes(shapes) for family in models.families().values()]
     return max(found, key=len, default={})
 
 
@@ -164,7 +159,7 @@ def check_fits(directory: Path, step: int, abstract_params: Any, config: dict | 
 
 
 def check_config(directory: Path, step: int, meta: dict, config: dict | None) -> None:
-    """ConfigError if the checkpoint's recorded config.json (written since issue 13) differs
+    """ConfigError if the checkpoint's recorded config.json (checkpoints of mlmtool 0.1 and later record it) differs
     from ``config`` in a field that makes the model, e.g. num_attention_heads (same shapes)."""
     recorded = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(recorded, dict) or config is None:
@@ -196,7 +191,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
 def damaged(directory: Path, step: int, e: BaseException) -> CheckpointError:
     """The error for an unreadable checkpoint: which step, and how to go on without it."""
     try:
-        earlier = [s for s in all_steps(directory) if s < step]
+        earlier = [s for s in checkpoint_steps(directory) if s < step]
     except Exception:
         earlier = []
     fallback = (f"delete {Path(directory) / str(step)} to resume from step {earlier[-1]} (the previous checkpoint)"
@@ -218,8 +213,6 @@ def restore_meta(directory: Path, step: int) -> dict:
 def remove_temporary(directory: Path) -> None:
     """Delete the temporary folders of unfinished saves (``<step>.orbax-checkpoint-tmp*``); on
     process 0 (the others share the directory)."""
-    import jax
-
     if jax.process_index() != 0 or not Path(directory).is_dir():
         return
     for p in Path(directory).glob("*.orbax-checkpoint-tmp*"):
@@ -228,3 +221,70 @@ def remove_temporary(directory: Path) -> None:
 
 def remove_all(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- which weights: eval, predict, export and eval --minimal-pairs select them the same way --------
+
+INIT = "init"  # --checkpoint init: the starting weights 'init --from' wrote (init.safetensors)
+
+
+def select_checkpoint(mdir, which: str) -> int | str | None:
+    """The checkpoint that ``which`` (``latest``, ``export``, ``init`` or a step number)
+    names: a step, None for the export (model.safetensors) or ``INIT`` for the weights
+    ``init --from`` wrote; CheckpointError if there is none.  ``latest`` falls back to the
+    export, then (before any training of an ``init --from`` directory) to those weights."""
+    if which == INIT:
+        if not mdir.init_weights_path.exists():
+            raise CheckpointError(f"{mdir.init_weights_path} does not exist",
+                                  f"it is written by 'mlmtool init {mdir} --from MODEL_DIR'")
+        return INIT
+    steps = mdir.checkpoint_steps()
+    if which == "export" or (which == "latest" and not steps):
+        if mdir.weights_path.exists():
+            return None
+        if which == "latest" and mdir.init_weights_path.exists():
+            return INIT
+        raise CheckpointError(f"no trained model in {mdir}", f"run 'mlmtool train {mdir}' first")
+    if which == "latest":
+        return steps[-1]
+    try:
+        step = int(which)
+    except ValueError:
+        raise CheckpointError(f"--checkpoint {which!r} is not latest, export, init or a step number",
+                              "e.g. --checkpoint latest") from None
+    if step not in steps:
+        stages = mdir.stages_dir
+        earlier = [f"stage {n}'s {stages / str(n) / 'checkpoints'} has steps "
+                   + ", ".join(map(str, checkpoint_steps(stages / str(n) / "checkpoints")))
+                   for n in numbered_folders(stages)]
+        raise CheckpointError(f"no checkpoint at step {step} in {mdir.checkpoints_dir} (the current stage)",
+                              f"available: {', '.join(map(str, steps)) or 'none'}"
+                              + (f"; eval reads the current stage only, not the earlier ones ({'; '.join(earlier)})"
+                                 if earlier else ""))
+    return step
+
+
+def weights_step(mdir, selected: int | str | None) -> int | None:
+    """The training step the weights :func:`select_checkpoint` chose are from, for the
+    metrics record and TensorBoard: the step, 0 for ``init``'s, the latest checkpoint's for
+    the export (written with the run's last checkpoint; None when DIR has none)."""
+    if isinstance(selected, int):
+        return selected
+    return 0 if selected == INIT else latest_step(mdir.checkpoints_dir)
+
+
+def load_params(mdir, loaded, which: str, mesh, params_sharding, config: dict | None = None) -> tuple[Any, str]:
+    """Parameters of ``loaded`` (a ``mlmtool.models.LoadedModel``) from a checkpoint
+    (``latest`` or a step number), the export or ``init``, laid out by ``params_sharding``;
+    and their source in words."""
+    step = select_checkpoint(mdir, which)
+    if step == INIT:
+        return jax.device_put(initial_params(mdir, loaded), params_sharding), "init (before training)"
+    if step is None:
+        params = loaded.load_hf(mdir.weights_path)
+        return jax.device_put(params, params_sharding), "export"
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      loaded.abstract_params, params_sharding)
+    with manager(mdir.checkpoints_dir, read_only=True, async_save=False) as mngr:
+        out = restore(mngr, step, abstract, config=config)
+    return out["params"], f"step {step}"

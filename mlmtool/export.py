@@ -82,7 +82,7 @@ def _write_weights(mdir: ModelDir, config: dict, checkpoint: str | None, target:
     import jax
     from jax.sharding import SingleDeviceSharding
 
-    from mlmtool.evaluate import load_params
+    from mlmtool.checkpoint import load_params
     from mlmtool.models import load_model
 
     loaded = load_model(config)
@@ -100,7 +100,6 @@ def export_model(model_dir: ModelDir | str | os.PathLike, out: str | os.PathLike
     hub repository id, else OUT's folder name).  Returns what was written."""
     from mlmtool import model_card
     from mlmtool.info import directory_info
-    from mlmtool.init_from import init_source
     from mlmtool.models import family_for
     from mlmtool.presets import parameter_count
     from mlmtool.report import summarize
@@ -136,7 +135,7 @@ def export_model(model_dir: ModelDir | str | os.PathLike, out: str | os.PathLike
         table = family.weight_table(family.parse_config(config))
         pooler = None
         if _carried_keys(tmp / WEIGHTS, table):
-            pooler = init_source(mdir) or f"the earlier {WEIGHTS} of DIR"
+            pooler = mdir.init_source() or f"the earlier {WEIGHTS} of DIR"
             pooler = Path(pooler).name if os.path.isabs(pooler) else pooler
         card = model_card.model_card(
             info=info, manifest=mdir.read_manifest(), summary=summary, mask_token=mask,

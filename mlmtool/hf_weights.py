@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mlmtool.atomic import atomic_write
 from mlmtool.errors import CheckpointError
 from mlmtool.models.base import WeightTable
 
@@ -170,14 +171,12 @@ def save_safetensors(params, table: WeightTable, path: str | os.PathLike, *, wha
     """Write the HF ``model.safetensors`` atomically; ``path`` is the file or its directory;
     ``carried``: tensors written beside the parameters as they are (:func:`carried_tensors`).
 
-    The file appears complete or not at all (``modeldir.atomic_write``: a temporary name in
+    The file appears complete or not at all (``atomic.atomic_write``: a temporary name in
     the same directory, flushed, renamed over ``path``, permissions from the umask).
     Returns the file's path.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
-
-    from mlmtool.modeldir import atomic_write
 
     path = Path(path)
     if path.is_dir():

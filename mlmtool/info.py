@@ -12,7 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlmtool.modeldir import ModelDir
+from mlmtool import models
+from mlmtool.lock import holder_alive
+from mlmtool.modeldir import ModelDir, checkpoint_steps
+from mlmtool.report import read_metrics
+from mlmtool.stages import PENDING, numbers
 
 
 def _read_json(path: Path) -> Any:
@@ -32,8 +36,6 @@ def config_info(mdir: ModelDir) -> dict | None:
     if not mdir.config_path.exists():
         return None
     try:
-        from mlmtool import models
-
         config = mdir.read_config()
         family = models.family_for(config["model_type"])
         return {"family": family.name, **family.summary(config), "parameters": family.parameter_count(config),
@@ -71,7 +73,7 @@ def tokenizer_info(mdir: ModelDir) -> dict | None:
 
 
 def data_fingerprint(meta: dict) -> dict | None:
-    from mlmtool.shards import fingerprint
+    from mlmtool.shards import fingerprint  # numpy and the tokenizing pool: only when DIR has data
 
     return fingerprint(meta)
 
@@ -109,7 +111,7 @@ def checkpoints_info(mdir: ModelDir, root: Path | None = None) -> dict | None:
     root = mdir.checkpoints_dir if root is None else root
     if not root.is_dir():
         return None
-    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
+    steps = checkpoint_steps(root)
     if not steps:
         return None
     out: dict[str, Any] = {"steps": steps, "latest": steps[-1], "bytes": _dir_bytes(root)}
@@ -135,8 +137,6 @@ def _file(path: Path) -> dict | None:
 def metrics_info(mdir: ModelDir) -> dict | None:
     if not mdir.metrics_path.exists():
         return None
-    from mlmtool.report import read_metrics
-
     train, evals, bad = read_metrics(mdir.metrics_path)
     out: dict[str, Any] = {"train_records": len(train), "eval_records": len(evals)}
     if train:
@@ -171,8 +171,6 @@ def next_step(info: dict) -> str:
 
 def directory_info(mdir: ModelDir) -> dict[str, Any]:
     """Everything ``mlmtool info`` shows, as a JSON-able dict (None for what is absent)."""
-    from mlmtool.init_from import init_source
-
     info: dict[str, Any] = {"path": str(mdir.path)}
     info["config"] = config_info(mdir)
     info["tokenizer"] = tokenizer_info(mdir)
@@ -180,14 +178,12 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["data_stores"] = {name: data_info(mdir.with_data(name)) for name in mdir.data_names()}  # prepare --name
     info["checkpoints"] = checkpoints_info(mdir)
     stages = mdir.stages_dir  # earlier stages (mlmtool.stages), oldest first
-    from mlmtool.stages import PENDING, numbers
-
     info["stages"] = [checkpoints_info(mdir, stages / str(n) / "checkpoints") for n in numbers(stages)]
     info["pending_stage"] = str(stages / PENDING) if (stages / PENDING).exists() else None
     info["export"] = _file(mdir.weights_path)
     init = _file(mdir.init_weights_path)
     if init is not None:
-        init["from"] = init_source(mdir)
+        init["from"] = mdir.init_source()
     info["init_weights"] = init
     info["metrics"] = metrics_info(mdir)
     try:
@@ -203,9 +199,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     try:
         holder = _read_json(lock) if lock.exists() else None
         if isinstance(holder, dict):
-            from mlmtool.lock import holder_alive as _alive
-
-            holder["alive"] = _alive(holder)
+            holder["alive"] = holder_alive(holder)
         info["lock"] = holder
     except Exception:
         info["lock"] = {"error": "unreadable"}

@@ -16,27 +16,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from mlmtool.errors import CheckpointError, ConfigError, ModelDirError
-from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, atomic_write
+from mlmtool import presets
+from mlmtool.errors import CheckpointError, ConfigError, DataError, ModelDirError
+from mlmtool.hf_weights import read_parts, safetensors_files, table_parts
+from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir
+from mlmtool.models import load_model
+from mlmtool.tokenizer_facts import tokenizer_info
 
 
 
 _TIED_ONLY = "mlmtool trains models whose MLM decoder is tied to the embeddings"
 
 
-def init_source(mdir: ModelDir) -> str | None:
-    """The PATH recorded by ``init --from`` (None if DIR was not made that way)."""
-    args = (mdir.read_manifest().get("init") or {}).get("args") or {}
-    return args.get("from")
-
-
 def _weight_files(src: Path) -> list[Path]:
-    from mlmtool.hf_weights import safetensors_files
-
     try:
         return safetensors_files(src)
     except CheckpointError:
@@ -55,45 +50,30 @@ def _fingerprint(files: list[Path]) -> list[dict]:
     return out
 
 
-def _copy_tokenizer(src: Path, mdir: ModelDir) -> list[str]:
-    """Copy PATH's tokenizer into DIR (converted to tokenizer.json by transformers if PATH
-    has only the vocab files); tokenizer.json goes last, as it marks the stage done."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=mdir.path))
+def _stage_tokenizer(src: Path, tmp: Path) -> None:
+    """PATH's tokenizer files into ``tmp`` (converted to tokenizer.json by transformers if
+    PATH has only the vocab files)."""
+    if (src / "tokenizer.json").is_file():
+        for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRA):  # the vocab files serve classes that rebuild from them
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        return
     try:
-        if (src / "tokenizer.json").is_file():
-            for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRA):  # the vocab files serve classes that rebuild from them
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-        else:
-            try:
-                from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # only for a PATH without tokenizer.json (slow to import)
 
-                AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
-            except Exception as e:
-                raise ModelDirError(f"cannot load the tokenizer of {src} ({e.__class__.__name__}: {e})",
-                                    "PATH must hold tokenizer.json, or vocab.json + merges.txt, or vocab.txt") from None
-            if not (tmp / "tokenizer.json").is_file():
-                raise ModelDirError(f"transformers wrote no tokenizer.json for the tokenizer of {src}",
-                                    "save a fast tokenizer into PATH first")
-        names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: n == "tokenizer.json")
-        for name in names:
-            atomic_write(mdir.path / name, lambda t, f=tmp / name: shutil.copyfile(f, t))
-        for stale in TOKENIZER_EXTRA:  # from an earlier tokenizer of DIR
-            if stale not in names and (mdir.path / stale).exists():
-                os.unlink(mdir.path / stale)
-        return names
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
+    except Exception as e:
+        raise ModelDirError(f"cannot load the tokenizer of {src} ({e.__class__.__name__}: {e})",
+                            "PATH must hold tokenizer.json, or vocab.json + merges.txt, or vocab.txt") from None
+    if not (tmp / "tokenizer.json").is_file():
+        raise ModelDirError(f"transformers wrote no tokenizer.json for the tokenizer of {src}",
+                            "save a fast tokenizer into PATH first")
 
 
 def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str] = (), force: bool = False,
               say: Callable = lambda *a, **k: None) -> dict[str, Any]:
     """Copy config and tokenizer of the model directory ``source`` into DIR and convert its
     weights to ``DIR/init.safetensors``.  Returns the config and a status."""
-    from mlmtool import presets
-    from mlmtool.models import load_model
-    from mlmtool.hf_weights import read_parts, table_parts
-
     src = Path(source)
     if not src.is_dir():
         raise ModelDirError(f"--from {src}: not a directory",
@@ -145,8 +125,9 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
         else:  # no --set to drop: the source itself is inconsistent
             hint = f"{src / 'config.json'} does not describe the weights beside it: fix it, or save the model again"
         raise CheckpointError(f"the weights in {src} do not fit its config{with_set}: {e.message}", hint) from None
-    mdir.write_config(config)
-    tokenizer_files = _copy_tokenizer(src, mdir)
+    with mdir.tokenizer_staging() as tmp:  # config.json is written with the tokenizer, just before tokenizer.json
+        _stage_tokenizer(src, tmp)
+        tokenizer_files = [p.name for p in mdir.install_tokenizer(tmp, config=config)]
     _check_tokenizer(mdir, config)
     table = loaded.weight_table  # what the family carries unchanged (BERT's pooler) goes along
     carried = {table.canonical(k): v for k, v in source_state.items()
@@ -160,9 +141,6 @@ def init_from(mdir: ModelDir, source: os.PathLike | str, *, overrides: list[str]
 
 
 def _check_tokenizer(mdir: ModelDir, config: dict) -> None:
-    from mlmtool.errors import DataError
-    from mlmtool.tokenizer_facts import tokenizer_info
-
     try:
         tok = tokenizer_info(mdir)
     except DataError as e:
@@ -214,6 +192,6 @@ def initial_params(mdir: ModelDir, loaded, say: Callable = lambda *a, **k: None)
         raise CheckpointError(f"{path} does not fit config.json: {e.message}",
                               f"config.json changed since 'mlmtool init {mdir.path} --from'; run it again "
                               f"(or delete {path} to train from random weights)") from None
-    source = init_source(mdir)
+    source = mdir.init_source()
     say(f"Starting from the weights in {path}" + (f" (from {source})" if source else ""))
     return params

@@ -36,7 +36,6 @@ Kao 2022 ("ELECTRA is a Zero-Shot Learner, Too"), who compare candidate words by
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -366,8 +365,7 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     import jax
 
     from mlmtool import checkpoint as ckpt, sharding as sh
-    from mlmtool.evaluate import INIT, load_params, select_checkpoint
-    from mlmtool.modeldir import atomic_write_json
+    from mlmtool.atomic import atomic_write_json
     from mlmtool.models import load_model
     from mlmtool.progress import MetricsWriter
 
@@ -380,29 +378,17 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     loaded = load_model(config, dtype=dtype)
     scorer = scorer_for(mdir, loaded, None, pll=pll, batch_rows=batch_rows)
     check_lengths(pairs, scorer)
-    selected = select_checkpoint(mdir, checkpoint)
+    selected = ckpt.select_checkpoint(mdir, checkpoint)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-    scorer.params, source = load_params(mdir, loaded, "export" if selected is None else str(selected), mesh,
-                                        sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes),
-                                        config=config)
+    scorer.params, source = ckpt.load_params(mdir, loaded, "export" if selected is None else str(selected), mesh,
+                                             sh.state_shardings(mesh, loaded.abstract_params, loaded.param_axes),
+                                             config=config)
     results = {"checkpoint": source, "scorer": scorer.name,
                **({"pll": pll} if isinstance(scorer, PLLScorer) else {}), **accuracy(pairs, scorer),
                "minimal_pairs_files": [str(f) for f in files]}
     if sh.is_main_process():
         atomic_write_json(mdir.eval_results_path, results)
-        step = (selected if isinstance(selected, int) else 0 if selected == INIT
-                else ckpt.latest_step(mdir.checkpoints_dir))
+        step = ckpt.weights_step(mdir, selected)
         record = {"event": "eval", **results, **({} if step is None else {"step": step})}
         MetricsWriter(mdir.metrics_path, tensorboard_dir=mdir.tensorboard_dir).write(record)
     return results
-
-
-def tensorboard_scalars(record: dict) -> dict[str, float]:
-    """The TensorBoard tags of a record's minimal-pair results (none when it has none)."""
-    out = {}
-    if isinstance(record.get("minimal_pairs_accuracy"), (int, float)) and not math.isnan(
-            record["minimal_pairs_accuracy"]):
-        out["eval/minimal_pairs_accuracy"] = float(record["minimal_pairs_accuracy"])
-        for name, s in (record.get("minimal_pairs") or {}).items():
-            out[f"minimal_pairs/{name}"] = float(s["accuracy"])
-    return out

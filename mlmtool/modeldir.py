@@ -29,16 +29,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from mlmtool.errors import ModelDirError
-from mlmtool.lock import hold as _hold_lock
+# The atomic writes live in mlmtool.atomic (below hf_weights, which writes weights with them);
+# the names are also importable from here, where most commands look for them.
+from mlmtool.atomic import (atomic_directory, atomic_write, atomic_write_json,  # noqa: F401
+                            fsync_directory, remove_leftovers)
+from mlmtool.errors import ConfigError, ModelDirError
+from mlmtool.lock import LOCK_FILE, hold as _hold_lock
+from mlmtool.presets import hint_in_dir, load_config_file
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -64,107 +71,45 @@ _TRACKED_PACKAGES = (
 )
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the tokenizer's identity in meta.json, read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-_UMASK = _current_umask()
+def is_number(name: str) -> bool:
+    """A step or stage folder's name: ASCII digits only (``'²'.isdigit()`` is true, int() fails)."""
+    return name.isascii() and name.isdigit()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same
-    directory, which is flushed to disk and renamed over ``path``; then the directory is
-    flushed too, so that the rename itself survives a crash (where the file system allows).
-
-    The one way every file artefact of a model directory is written (config, JSON, weights,
-    figures): a reader sees the old file or the complete new one, and the file gets the
-    permissions of the umask like any other (not mkstemp's 0600), so a directory shared
-    between users or hosts stays readable.  (A whole directory: :func:`atomic_directory`.)
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.close(fd)
-        fd = None
-        write(Path(tmp))  # a writer may replace the file (safetensors does): set the mode after it
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a model directory is shared like any file
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(tmp, path)
-    except BaseException:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
+def numbered_folders(folder: Path) -> list[int]:
+    """The numbers of ``folder``'s subfolders named by a number, ascending (other entries --
+    ``.DS_Store``, an NFS ``.nfs…`` file, a user's folder, a temporary one -- are skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if is_number(p.name) and p.is_dir())
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable; not possible everywhere (then skipped)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the complete checkpoints in an orbax checkpoints ``folder`` (any run's,
+    an earlier stage's), oldest first, without importing orbax: orbax writes a step into
+    ``<step>.orbax-checkpoint-tmp-*`` and renames it to its number when it is complete.  The
+    one step lister (train, eval, stages, info, report)."""
+    return numbered_folders(folder)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """:func:`atomic_write` of ``obj`` as indented JSON (UTF-8, a final newline)."""
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``final`` whole.
-
-    On any exception (or a kill) the temporary directory is removed (or left under a
-    ``.tmp`` name that no command reads), and ``final`` is untouched.
-    """
-    final = Path(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: other users and hosts read the block store
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_leftovers(final: Path) -> None:
-    """Delete what a killed :func:`atomic_directory` or :func:`atomic_write` for ``final``
-    left behind (its ``.tmp`` and ``.old`` folders, its ``.tmp`` file).  Call it only while
-    holding the directory's lock."""
-    final = Path(final)
-    for pattern in (f".{final.name}.*.tmp", f".{final.name}.old.*"):
-        for p in final.parent.glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_file() and pattern.endswith(".tmp"):
-                p.unlink(missing_ok=True)
+def checkpoint_meta(folder: Path, step: int) -> Any:
+    """The ``meta`` item of checkpoint ``step`` in ``folder`` (step, seed, data position, the
+    run's ``train_config`` and ``config``), read without orbax as the JSON file its JsonSave
+    writes (tested to equal ``checkpoint.restore_meta``); OSError or ValueError if unreadable."""
+    return json.loads((Path(folder) / str(step) / "meta" / "metadata").read_text(encoding="utf-8"))
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for name in _TRACKED_PACKAGES:
         try:
@@ -176,8 +121,6 @@ def package_versions() -> dict[str, str]:
 
 def with_transformers_version(config: dict) -> dict:
     """``config`` with ``transformers_version``: the installed transformers' (no import)."""
-    from importlib import metadata
-
     try:
         return {**config, "transformers_version": metadata.version("transformers")}
     except metadata.PackageNotFoundError:
@@ -285,8 +228,6 @@ class ModelDir:
 
     @property
     def lock_path(self) -> Path:
-        from mlmtool.lock import LOCK_FILE
-
         return self.path / LOCK_FILE
 
     @property
@@ -298,12 +239,13 @@ class ModelDir:
         return self.path / MANIFEST
 
     def checkpoint_steps(self) -> list[int]:
-        """Steps of the complete checkpoints (orbax renames a step's folder to its number when
-        it is complete), without importing orbax."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.checkpoints_dir.iterdir()
-                      if p.name.isascii() and p.name.isdigit() and p.is_dir())
+        """Steps of DIR's complete checkpoints (the current stage's; :func:`checkpoint_steps`)."""
+        return checkpoint_steps(self.checkpoints_dir)
+
+    def init_source(self) -> str | None:
+        """The PATH recorded by ``init --from`` (None if DIR was not made that way)."""
+        args = (self.read_manifest().get("init") or {}).get("args") or {}
+        return args.get("from")
 
     def trained_state(self) -> list[str]:
         """What training left in DIR (checkpoints, the export), in words; empty if nothing."""
@@ -319,9 +261,6 @@ class ModelDir:
         if not self.config_path.exists():
             raise ModelDirError(f"no config.json in {self.path}",
                                 f"run 'mlmtool init {self.path}' first")
-        from mlmtool.errors import ConfigError
-        from mlmtool.presets import hint_in_dir, load_config_file
-
         try:
             return load_config_file(self.config_path)
         except ConfigError as e:  # "fix it with --set ..." means init's --set; here config.json is written
@@ -351,6 +290,49 @@ class ModelDir:
         """config.json, with the ``transformers_version`` it was written for (the installed
         transformers, as ``save_pretrained`` records it; read back, it is dropped again)."""
         atomic_write_json(self.config_path, with_transformers_version(config))
+
+    # -- tokenizer -----------------------------------------------------------
+    @contextlib.contextmanager
+    def tokenizer_staging(self) -> Iterator[Path]:
+        """A fresh folder inside DIR (``.tokenizer.*.tmp``, so the renames stay on one file
+        system) to write a tokenizer's files into for :meth:`install_tokenizer`; removed after
+        (a killed run's is removed by the next ``tokenizer``, ``remove_leftovers``)."""
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=self.path))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def install_tokenizer(self, staged: Path, config: dict | None = None) -> list[Path]:
+        """Move the tokenizer files in ``staged`` (:meth:`tokenizer_staging`) into DIR: the one
+        way a tokenizer is installed (``tokenizer``, ``init --from``).  Each file is flushed to
+        disk first; then the old tokenizer.json goes, the tokenizer files of DIR that the new
+        set lacks go (an earlier tokenizer's ``vocab.txt`` would describe another tokenizer),
+        the files move in, and tokenizer.json last, after ``config`` (written as DIR's
+        config.json when given): tokenizer.json marks the stage done, so a kill at any moment
+        leaves either no tokenizer.json or a complete set that agrees with config.json."""
+        names = sorted((p.name for p in Path(staged).iterdir() if p.is_file()), key=lambda n: (n == TOKENIZER, n))
+        if TOKENIZER not in names:
+            raise ModelDirError(f"no {TOKENIZER} among the tokenizer files to install into {self.path}",
+                                "a tokenizer directory needs tokenizer.json")
+        for name in names:
+            fd = os.open(Path(staged) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.tokenizer_path.unlink(missing_ok=True)
+        for stale in (*TOKENIZER_FILES, *TOKENIZER_EXTRA):
+            if stale not in names:
+                (self.path / stale).unlink(missing_ok=True)
+        installed = []
+        for name in names:
+            if name == TOKENIZER and config is not None:
+                self.write_config(config)
+            os.replace(Path(staged) / name, self.path / name)
+            installed.append(self.path / name)
+        fsync_directory(self.path)
+        return installed
 
     def require_tokenizer(self) -> Path:
         if not self.tokenizer_path.exists():

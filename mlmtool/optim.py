@@ -32,19 +32,13 @@ parameters with fewer than two dimensions, as run_mlm_flax and nanoGPT exclude t
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mlmtool.constants import DECAY_SHAPES, OPTIMIZERS, SCHEDULES  # noqa: F401 (its choices, declared there)
-
-
-def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: tensors of two or more dimensions (matmul kernels and
-    embeddings), never biases or norm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -121,10 +115,10 @@ def scale_by_stable_adam(b1: float, b2: float, eps: float) -> optax.GradientTran
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg, schedule: optax.Schedule, decay_mask=decay_mask) -> optax.GradientTransformation:
+def make_optimizer(cfg, schedule: optax.Schedule, decay_mask: Callable[[Any], Any]) -> optax.GradientTransformation:
     """``cfg.optimizer`` with ``cfg``'s betas, epsilon and weight decay, after global-norm clipping;
     ``decay_mask`` (params -> tree of bools) is the family's no-weight-decay rule
-    (``LoadedModel.decay_mask``; default: nanoGPT's, two or more dimensions).
+    (``LoadedModel.decay_mask``, HF Trainer's: tested in tests/test_families.py).
 
     With a time budget (``cfg.max_time``) the learning rate is not a schedule of the
     optimizer's step count but a hyperparameter the training step sets from the elapsed

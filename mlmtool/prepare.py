@@ -49,7 +49,7 @@ from mlmtool.constants import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_VALIDATION_SPLIT_P
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
 from mlmtool.encode_pool import Job, encoded_batches, tasks
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir, atomic_write_json, remove_leftovers
+from mlmtool.modeldir import ModelDir, atomic_write_json, file_sha256, remove_leftovers
 from mlmtool.piece_encoder import PieceEncoder
 from mlmtool.tokenizer_facts import TokenizerInfo, retrain_hint, tokenizer_info
 
@@ -135,7 +135,6 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     config = mdir.read_config()  # without transformers when config.json is complete
 
     from mlmtool.presets import max_sequence_length
-    from mlmtool.tokenizer_train import file_sha256
 
     limit = max_sequence_length(config)
     if max_seq_length < 2:
@@ -206,7 +205,6 @@ def _positions_hint(mdir: ModelDir, config: dict, max_seq_length: int, limit: in
     whose position table cannot grow (imported by ``init --from`` or trained) leave only
     shorter blocks; a rotary model's positions are no weights, so ``init --from`` again with
     more of them works; a DIR with no weights yet gets its own config with more positions."""
-    from mlmtool.init_from import init_source
     from mlmtool.presets import parameter_count
 
     shorter = f"use --max-seq-length {limit} or less"
@@ -217,7 +215,7 @@ def _positions_hint(mdir: ModelDir, config: dict, max_seq_length: int, limit: in
     if trained:
         return f"{shorter} (the {' and '.join(trained)} in {mdir.path} were trained with these positions)"
     if mdir.init_weights_path.exists():
-        source = init_source(mdir)
+        source = mdir.init_source()
         if learned or source is None:
             return (f"{shorter}: the weights of {source or mdir.init_weights_path} have a table of "
                     f"{config['max_position_embeddings']} positions that cannot grow")

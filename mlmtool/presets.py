@@ -11,6 +11,7 @@ tokenizer's real size is written back into config.json.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
@@ -44,8 +45,6 @@ def _full_dict(model_type: str, fields: dict) -> dict:
 
 
 def _hf_dict(model_type: str, fields: dict) -> dict:
-    import copy
-
     family = models.family_for(model_type)
     defaults = {**dict.fromkeys(family.extra_config_keys), **family.hf_defaults[model_type]}
     fields = {k: v for k, v in fields.items() if k not in ("model_type", "transformers_version", "_name_or_path")}

@@ -7,12 +7,14 @@ logs stay readable.  ``MLMTOOL_QUIET=1`` (or ``--quiet``) silences both.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from rich.console import Console
 
 from mlmtool import env
+from mlmtool.tensorboard import TensorBoardWriter
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -137,15 +139,11 @@ class MetricsWriter:
         self.enabled = enabled
         self.tensorboard = None
         if enabled and tensorboard_dir is not None:
-            from mlmtool.tensorboard import TensorBoardWriter
-
             self.tensorboard = TensorBoardWriter(tensorboard_dir)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        import json
-
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self.tensorboard is not None:

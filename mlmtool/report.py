@@ -21,10 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mlmtool.atomic import atomic_write
 from mlmtool.errors import DataError
-
-TRAIN_KEYS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second")
-EVAL_KEYS = ("eval_loss", "eval_accuracy", "perplexity")
 
 
 def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
@@ -111,11 +109,9 @@ def _finite(values) -> list[float]:
 def trained_store(mdir) -> str | None:
     """The block store DIR's latest run trained on (``train --data``; None: DIR/data), from its
     latest checkpoint's metadata file (no orbax: report loads no jax)."""
-    from mlmtool.info import checkpoints_info
-
     try:
-        ck = checkpoints_info(mdir)
-        meta = json.loads((mdir.checkpoints_dir / str(ck["latest"]) / "meta" / "metadata").read_text()) if ck else {}
+        steps = mdir.checkpoint_steps()
+        meta = json.loads((mdir.checkpoints_dir / str(steps[-1]) / "meta" / "metadata").read_text()) if steps else {}
         data = (meta.get("train_config") or {}).get("data")
     except Exception:
         return None
@@ -246,7 +242,6 @@ def plot(mdir, output: os.PathLike | str, *, title: str | None = None, dpi: int 
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     fig.suptitle(title or f"mlmtool: {mdir.path.resolve().name}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    from mlmtool.modeldir import atomic_write
 
     try:
         atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))

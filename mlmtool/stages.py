@@ -31,22 +31,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from mlmtool.atomic import fsync_directory
 from mlmtool.errors import TrainingError
+from mlmtool.modeldir import checkpoint_steps, is_number, numbered_folders
 
 PENDING = ".next"  # DIR/stages/.next/checkpoints: a stage's step 0 while it is written
 
 
-def is_number(name: str) -> bool:
-    """A step or stage folder's name: ASCII digits only (``'²'.isdigit()`` is true, int() fails)."""
-    return name.isascii() and name.isdigit()
-
-
 def numbers(stages_dir: Path) -> list[int]:
-    """The numbered stages in ``stages_dir`` (other entries -- ``.DS_Store``, an NFS
-    ``.nfs…`` file, a user's folder, the pending stage -- are not stages), oldest first."""
-    if not stages_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in stages_dir.iterdir() if is_number(p.name) and p.is_dir())
+    """The numbered stages in ``stages_dir`` (the pending stage is not one), oldest first."""
+    return numbered_folders(stages_dir)
 
 
 def pending_dir(mdir) -> Path:
@@ -65,11 +59,9 @@ def resolve(source: str, mdir) -> tuple[Path, int, bool]:
     names: ``latest``, a step of DIR's own checkpoints, a step folder (``.../checkpoints/1000``),
     a checkpoints folder or a model directory (their latest step).  A path to DIR's own
     checkpoints is DIR's however it is spelled (``..``, a symlinked DIR)."""
-    from mlmtool import checkpoint
-
     own = mdir.checkpoints_dir
     if source == "latest" or is_number(source):
-        steps = checkpoint.all_steps(own)
+        steps = checkpoint_steps(own)
         if not steps:
             raise TrainingError(f"--from-checkpoint {source}: {own} holds no checkpoint",
                                 "train a first stage, or give the path of another run's checkpoint")
@@ -84,7 +76,7 @@ def resolve(source: str, mdir) -> tuple[Path, int, bool]:
         found = path.parent, int(path.name)
     else:
         for folder in (path / "checkpoints", path):
-            steps = checkpoint.all_steps(folder) if folder.is_dir() else []
+            steps = checkpoint_steps(folder) if folder.is_dir() else []
             if steps:
                 found = folder, steps[-1]
                 break
@@ -95,7 +87,7 @@ def resolve(source: str, mdir) -> tuple[Path, int, bool]:
     folder, step = found
     if _same(folder, own):
         return own, step, True
-    if step not in checkpoint.all_steps(folder):
+    if step not in checkpoint_steps(folder):
         raise TrainingError(f"--from-checkpoint {source}: {folder} has no complete checkpoint {step}",
                             "give a step that was saved completely (a folder named by its step)")
     return folder, step, False
@@ -105,7 +97,7 @@ def check_source(source: str, folder: Path, step: int, meta: dict, config: dict,
     """TrainingError naming the difference when checkpoint ``step`` in ``folder`` is not of DIR's
     model (another family, other config fields, other parameters): a stage continues the same
     network.  Called before anything moves: the message says DIR's checkpoints are untouched."""
-    from mlmtool import checkpoint
+    from mlmtool import checkpoint  # orbax: info reads this module's stage names without it
 
     what = None
     recorded = meta.get("config") if isinstance(meta, dict) else None
@@ -141,9 +133,7 @@ def check_source(source: str, folder: Path, step: int, meta: dict, config: dict,
 def next_archive(mdir) -> Path | None:
     """Where DIR's checkpoints go when a stage starts (``stages/<n>/checkpoints``), None if
     DIR has no complete checkpoint (nothing to keep)."""
-    from mlmtool import checkpoint
-
-    if not checkpoint.all_steps(mdir.checkpoints_dir):
+    if not checkpoint_steps(mdir.checkpoints_dir):
         return None
     stages = mdir.stages_dir
     used = [n for n in numbers(stages) if (stages / str(n) / "checkpoints").exists()]
@@ -161,9 +151,7 @@ def _drop_pending(mdir) -> None:
 
 def _rename(src: Path, dst: Path) -> None:
     os.rename(src, dst)
-    from mlmtool.modeldir import _fsync_directory
-
-    _fsync_directory(dst.parent)
+    fsync_directory(dst.parent)
 
 
 def commit(mdir) -> Path | None | bool:
@@ -171,12 +159,10 @@ def commit(mdir) -> Path | None | bool:
     checkpoints, then move step 0 into their place.  Returns where the stage before went (None
     if there was none), or False when nothing was pending (a half-written step 0 is deleted:
     that stage never started)."""
-    from mlmtool import checkpoint
-
     pending = pending_dir(mdir)
     if not pending.parent.exists():
         return False
-    if not (pending.is_dir() and checkpoint.all_steps(pending)):
+    if not (pending.is_dir() and checkpoint_steps(pending)):
         _drop_pending(mdir)
         return False
     own, moved = mdir.checkpoints_dir, None
@@ -195,12 +181,10 @@ def commit(mdir) -> Path | None | bool:
 def recover(mdir, say: Callable[[str], Any]) -> None:
     """At the start of ``train``: finish a stage start that was interrupted between its step 0
     and its renames, or delete its half-written step 0 (the run before is then DIR's run)."""
-    from mlmtool import checkpoint
-
     pending = pending_dir(mdir)
     if not pending.parent.exists():
         return
-    complete = pending.is_dir() and bool(checkpoint.all_steps(pending))
+    complete = pending.is_dir() and bool(checkpoint_steps(pending))
     moved = commit(mdir)
     if complete:
         say("Finished the start of the stage that was interrupted after its step 0"
@@ -214,7 +198,7 @@ def begin(mdir, main: bool, save_step0: Callable[[Path], None], agree: Callable[
     """Start a stage atomically: ``save_step0(folder)`` writes its step 0 (every process, a
     collective) into ``stages/.next``, then :func:`commit` (process 0).  Returns where DIR's
     checkpoints went.  A failed save leaves DIR's checkpoints as they were and says so."""
-    from mlmtool import checkpoint
+    from mlmtool import checkpoint  # orbax (see check_source)
 
     pending, error = pending_dir(mdir), None
     try:

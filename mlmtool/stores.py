@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlmtool.errors import DataError
+from mlmtool.modeldir import file_sha256
 
 
 def open_stores(mdir, config: dict, *, what: str = "train"):
@@ -40,13 +41,11 @@ def open_stores(mdir, config: dict, *, what: str = "train"):
 
 def check_tokenizer(mdir, meta: dict) -> None:
     """The export is a Hugging Face directory: its tokenizer.json must be the one the data was made with."""
-    import hashlib
-
     want = meta.get("tokenizer_sha256")
     path = mdir.tokenizer_path
     if not want or not path.exists():
         return
-    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+    if file_sha256(path) != want:
         raise DataError(f"{path} is not the tokenizer the data in {mdir.data_dir} was prepared with "
                         "(it was retrained, replaced or damaged)",
                         f"retrain it with 'mlmtool tokenizer {mdir} FILE...' if it is damaged, then run "

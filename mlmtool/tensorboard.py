@@ -27,6 +27,7 @@ shows the curves.  ``MLMTOOL_TENSORBOARD=0`` turns the event files off.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -34,8 +35,6 @@ import time
 from pathlib import Path
 
 from mlmtool import env
-
-DIRNAME = "tensorboard"
 
 TRAIN_TAGS = ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch", "tokens_seen",
               "mlm_probability")
@@ -57,9 +56,19 @@ def scalars(record: dict) -> dict[str, float]:
         for key in TRAIN_TAGS:
             if isinstance(record.get(key), (int, float)):
                 out[f"train/{key}"] = float(record[key])
-    from mlmtool.minimal_pairs import tensorboard_scalars
+    out.update(minimal_pairs_scalars(record))
+    return out
 
-    out.update(tensorboard_scalars(record))  # eval/minimal_pairs_accuracy, minimal_pairs/<set>
+
+def minimal_pairs_scalars(record: dict) -> dict[str, float]:
+    """The tags of a record's minimal-pair results (``mlmtool.minimal_pairs``):
+    ``eval/minimal_pairs_accuracy`` and ``minimal_pairs/<set>`` (none when it has none)."""
+    out = {}
+    if isinstance(record.get("minimal_pairs_accuracy"), (int, float)) and not math.isnan(
+            record["minimal_pairs_accuracy"]):
+        out["eval/minimal_pairs_accuracy"] = float(record["minimal_pairs_accuracy"])
+        for name, s in (record.get("minimal_pairs") or {}).items():
+            out[f"minimal_pairs/{name}"] = float(s["accuracy"])
     return out
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlmtool.errors import ConfigError, DataError
-from mlmtool.modeldir import ModelDir
+from mlmtool.modeldir import ModelDir, file_sha256
 from mlmtool.models.base import BERT_SPECIALS, ROBERTA_SPECIALS
 
 
@@ -44,9 +44,7 @@ def retrain_hint(model_dir: ModelDir, what: str = "it", note: str = "") -> str:
     """How to get a tokenizer that fits DIR again: retraining it, where that is allowed; on a
     DIR whose weights belong to the tokenizer ('init --from' or trained), 'mlmtool tokenizer'
     refuses without --force, so the hint says what works there."""
-    from mlmtool.init_from import init_source
-
-    source = init_source(model_dir) if model_dir.init_weights_path.exists() else None
+    source = model_dir.init_source() if model_dir.init_weights_path.exists() else None
     if source is not None:
         return (f"'mlmtool init {model_dir.path} --from {source} --force' copies the tokenizer and config.json "
                 "of the imported model again")
@@ -68,8 +66,6 @@ def _token_name(value) -> str | None:
 def tokenizer_info(model_dir: ModelDir) -> TokenizerInfo:
     """Special ids, size and hash of DIR's tokenizer (tokenizers only, no transformers)."""
     from tokenizers import Tokenizer
-
-    from mlmtool.tokenizer_train import file_sha256
 
     path = model_dir.require_tokenizer()
     try:

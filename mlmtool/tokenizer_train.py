@@ -30,11 +30,9 @@ special token ids are brought into agreement with it.
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,8 +41,10 @@ from mlmtool import models
 from mlmtool.constants import DEFAULT_MIN_FREQUENCY
 from mlmtool.corpus import Corpus
 from mlmtool.corpus.sample import Reservoir
-from mlmtool.errors import ConfigError
-from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir, remove_leftovers
+from mlmtool.errors import ConfigError, ModelDirError
+from mlmtool.modeldir import TOKENIZER_FILES, ModelDir, file_sha256, remove_leftovers
+from mlmtool.presets import MAX_VOCAB_SIZE, max_sequence_length
+from mlmtool.progress import StageProgress, console, human_bytes, say
 from mlmtool.models.base import ALGORITHM_SPECIALS, ALGORITHMS, SpecialTokens
 
 KINDS = ALGORITHMS
@@ -76,8 +76,6 @@ def nmt_nfkc_charsmap() -> bytes:
     Unicode spaces made spaces) as the charsmap of a ``Precompiled`` normalizer: what XLM-R's
     and CamemBERT's tokenizer.json hold, the one normalizer their transformers classes keep.
     Generated with sentencepiece by scripts/make_charsmap.py (240 kB, stored gzipped)."""
-    import gzip
-
     return gzip.decompress((Path(__file__).parent / "resources" / "nmt_nfkc.charsmap.gz").read_bytes())
 
 
@@ -185,44 +183,14 @@ def tokenizer_files(tok, kind: str, *, model_max_length: int, specials: SpecialT
 def save_tokenizer(tok, model_dir: ModelDir, kind: str, *, model_max_length: int,
                    config: dict | None = None, specials: SpecialTokens | None = None,
                    fields: dict | None = None) -> list[Path]:
-    """Write :func:`tokenizer_files` into a temporary directory (each file flushed to disk),
-    then rename each into DIR: the set is staged whole first, so a full disk or a kill while
-    writing leaves DIR as it was.
-
-    tokenizer.json marks the stage as done, so it goes last, after ``config`` (written as
-    DIR's config.json when given), and an old one is removed first: a run killed at any
-    moment leaves either no tokenizer.json or a complete set that agrees with config.json.
-    """
-    written: list[Path] = []
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=model_dir.path))
-    try:
+    """Write :func:`tokenizer_files` into a staging folder, then install the set into DIR
+    (``ModelDir.install_tokenizer``: staged whole first, tokenizer.json last after
+    ``config``), so a full disk or a kill while writing leaves DIR as it was or complete."""
+    with model_dir.tokenizer_staging() as tmp:
         for name, text in tokenizer_files(tok, kind, model_max_length=model_max_length, specials=specials,
                                           fields=fields).items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        if model_dir.tokenizer_path.exists():
-            os.unlink(model_dir.tokenizer_path)
-        for name in sorted(TOKENIZER_FILES, key=lambda n: n == "tokenizer.json"):
-            if name == "tokenizer.json" and config is not None:
-                model_dir.write_config(config)
-            os.replace(tmp / name, model_dir / name)
-            written.append(model_dir / name)
-        for stale in TOKENIZER_EXTRA:  # from another tool or kind
-            if (model_dir / stale).exists():
-                os.unlink(model_dir / stale)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            (tmp / name).write_text(text, encoding="utf-8")
+        return model_dir.install_tokenizer(tmp, config=config)
 
 
 #: Text per item handed to ``train_from_iterator``.  tokenizers buffers up to 256 items
@@ -239,8 +207,6 @@ class _ReadingProgress:
     """
 
     def __init__(self, corpus: Corpus, show: bool, sample: Reservoir | None = None):
-        from mlmtool.progress import StageProgress
-
         self.corpus = corpus
         self.show = show
         self.sample = sample  # None: the whole corpus goes to the trainer as it is read
@@ -274,8 +240,6 @@ class _ReadingProgress:
         """The sample, after the pass, in corpus order; the trainer counts it from memory."""
         documents = self.sample.take()
         if self.show:
-            from mlmtool.progress import human_bytes, say
-
             say(f"Sampled {self.sample.documents:,} of {self.sample.seen:,} documents "
                 f"({human_bytes(self.sample.bytes)}, seed {self.sample.seed})")
         self._start_status("Counting the sample, then computing the vocabulary (merges / word pieces)…")
@@ -284,8 +248,6 @@ class _ReadingProgress:
 
     def _start_status(self, text: str) -> None:
         if self.show:
-            from mlmtool.progress import console, say
-
             if console.is_terminal:
                 self._status = console.status(text)
                 self._status.start()
@@ -308,14 +270,11 @@ def check_replaceable(mdir: ModelDir, force: bool) -> None:
     """Refuse (before reading any corpus) to retrain the tokenizer of a DIR whose trained or
     imported weights belong to it: a new vocabulary makes every checkpoint, the export and
     ``init --from``'s weights unusable."""
-    from mlmtool.errors import ModelDirError
-    from mlmtool.init_from import init_source
-
     if force:
         return
     if mdir.init_weights_path.exists():
         raise ModelDirError(
-            f"{mdir} continues the model {init_source(mdir) or mdir.init_weights_path} ('mlmtool init --from'), "
+            f"{mdir} continues the model {mdir.init_source() or mdir.init_weights_path} ('mlmtool init --from'), "
             "whose weights belong to its tokenizer",
             f"skip this step: run 'mlmtool prepare {mdir} FILE...'; or pass --force to train a new tokenizer "
             "and start from random weights")
@@ -369,8 +328,6 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
         what = f"the 256 byte symbols and {n} special tokens" if kind == "bpe" else "the special tokens"
         raise ConfigError(f"vocab size {requested} is too small for {what}",
                           f"use --vocab-size {minimum} or more")
-    from mlmtool.presets import MAX_VOCAB_SIZE
-
     if requested > MAX_VOCAB_SIZE:
         raise ConfigError(f"vocab size {requested:,} is beyond the {MAX_VOCAB_SIZE:,} token ids the block store holds",
                           "use e.g. --vocab-size 50265 (RoBERTa's)")
@@ -391,8 +348,6 @@ def train_tokenizer(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
               if sample_bytes is not None or sample_documents is not None else None)
 
     if show_progress:
-        from mlmtool.progress import say
-
         say(f"Training a {KIND_NAMES[kind]} tokenizer "
             f"(vocab {requested:,}) on {corpus.describe()}")
     check_replaceable(mdir, force)
@@ -417,8 +372,6 @@ def _train(mdir: ModelDir, corpus: Corpus, config: dict, *, kind: str, specials:
            config_ids: tuple[tuple[str, str], ...], requested: int, min_frequency: int, lowercase: bool,
            show_progress: bool, sample: Reservoir | None = None, fields: dict | None = None,
            pad_to: int = 1) -> dict[str, Any]:
-    from mlmtool.presets import max_sequence_length
-
     tok = build_tokenizer(kind, lowercase=lowercase, specials=specials)
     trainer = build_trainer(kind, vocab_size=requested, min_frequency=min_frequency, specials=specials)
     reading = _ReadingProgress(corpus, show_progress, sample)

@@ -31,7 +31,7 @@ from mlmtool.optim import make_optimizer, make_schedule
 from mlmtool.plan import max_mlm_probability, plan_training
 from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
 from mlmtool.stores import document_starts, open_stores, word_boundaries_for
-from mlmtool.train_config import TrainConfig
+from mlmtool.train_config import TrainConfig, document_attention_for
 
 STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
 
@@ -88,11 +88,7 @@ class Trainer:
         family = self.loaded.family
         self.word_boundaries = word_boundaries_for(mdir, self.config["vocab_size"]) if cfg.masking != "token" \
             else None
-        self.document_attention = family.document_attention_default if cfg.document_attention is None \
-            else cfg.document_attention
-        if self.document_attention and not family.document_attention:
-            raise TrainingError(f"the {family.name} family's network does not implement document attention",
-                                "drop --document-attention")
+        self.document_attention = document_attention_for(family, cfg.document_attention)
         self.mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
                                 vocab_size=store.vocab_size, mlm_probability=cfg.mlm_probability,
                                 masking=cfg.masking, word_boundaries=self.word_boundaries)

@@ -8,7 +8,8 @@ import math
 
 from mlmtool.constants import (DECAY_SHAPES, DTYPES, MASKING_MODES, OPTIMIZERS, PRNG_IMPLS, REMAT_POLICIES, SCHEDULES,
                                choice_error)
-from mlmtool.errors import TrainingError
+from mlmtool.errors import ConfigError, TrainingError
+from mlmtool.modeldir import checkpoint_meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +79,10 @@ class TrainConfig:
         finite = math.isfinite
         final = self.mlm_probability_final
         checks = [
-            (self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
+            (self.per_device_train_batch_size > 0,
+             f"--per-device-train-batch-size must be positive, got {self.per_device_train_batch_size}"),
             (self.per_device_eval_batch_size is None or self.per_device_eval_batch_size > 0,
-             "--per-device-eval-batch-size must be positive"),
+             f"--per-device-eval-batch-size must be positive, got {self.per_device_eval_batch_size}"),
             (0 < self.learning_rate < math.inf, f"--learning-rate must be a positive number, got {self.learning_rate}"),
             (0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}"),
             (0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}"),
@@ -93,8 +95,8 @@ class TrainConfig:
             (0 <= self.max_time < math.inf, f"--max-time must be a finite duration >= 0, got {self.max_time}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
-            (0.0 < self.mlm_probability < 1.0, "--mlm-probability must be in (0, 1)"),
-            (final is None or 0.0 < final < 1.0, "--mlm-probability-final must be in (0, 1)"),
+            (0.0 < self.mlm_probability < 1.0, f"--mlm-probability must be in (0, 1), got {self.mlm_probability}"),
+            (final is None or 0.0 < final < 1.0, f"--mlm-probability-final must be in (0, 1), got {final}"),
             (self.decay_steps >= 0, "--decay-steps must not be negative"),
             (0.0 < self.decay_ratio <= 1.0, "--decay-ratio must be in (0, 1]"),
             (self.logging_steps > 0, "--logging-steps must be positive"),
@@ -114,21 +116,53 @@ class TrainConfig:
                 raise TrainingError(message, "fix the option and run again")
 
 
+def recorded_train_config(mdir) -> tuple[dict, int | None]:
+    """The training settings recorded in DIR's latest checkpoint (``train_config`` in its
+    metadata) and that checkpoint's step: what a plain ``train DIR`` resumes with
+    (:func:`resume_settings`) and what ``eval`` scores the model as (:func:`document_attention_for`,
+    its batch size).  ({}, None) without a readable checkpoint (a damaged one is reported where
+    it is restored, with the way on); ({}, step) when it records none.  Without orbax."""
+    steps = mdir.checkpoint_steps()
+    if not steps:
+        return {}, None
+    try:
+        recorded = checkpoint_meta(mdir.checkpoints_dir, steps[-1]).get("train_config")
+    except (OSError, ValueError, AttributeError):
+        return {}, None
+    return (recorded if isinstance(recorded, dict) else {}), steps[-1]
+
+
+def document_attention_for(family, requested: bool | None, recorded: bool | None = None) -> bool:
+    """Whether a run attends within each packed document only: ``requested`` (the option)
+    when given, else ``recorded`` (eval: as DIR's latest training run did), else the family's
+    default; ConfigError if the family's network has none.
+
+    Train and eval decide it here.  A model trained with it has only ever seen one document
+    at a time: scoring its packed validation blocks with cross-document attention would
+    measure something it was not trained for (and inference, one document per row, never
+    does); a model trained across documents is scored as it was trained."""
+    choice = requested if requested is not None else recorded
+    on = family.document_attention_default if choice is None else bool(choice)
+    if on and not family.document_attention:
+        raise ConfigError(f"the {family.name} family's network does not implement document attention",
+                          "drop --document-attention")
+    return on
+
+
+def check_eval_options(*, per_device_eval_batch_size: int | None, mlm_probability: float, dtype: str,
+                       masking: str) -> None:
+    """eval's options, before any work, by :meth:`TrainConfig.validate`: the same checks and
+    messages as train's (a loss over no predicted token would read as perfect)."""
+    TrainConfig(per_device_eval_batch_size=per_device_eval_batch_size, mlm_probability=mlm_probability,
+                dtype=dtype, masking=masking).validate()
+
+
 def resume_settings(mdir, cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict, int | None]:
     """The settings a plain ``mlmtool train DIR`` resumes with: those recorded in the latest
-    checkpoint (``train_config``), except the options given now (``explicit``), which win --
-    the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
+    checkpoint (:func:`recorded_train_config`), except the options given now (``explicit``),
+    which win -- the ones that fix the data order must still match (:meth:`Trainer.initial_state`).
     Returns the config, the settings taken from the checkpoint and its step."""
-    from mlmtool import checkpoint
-
-    try:
-        latest = checkpoint.latest_step(mdir.checkpoints_dir)
-        meta = checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}
-        recorded = meta.get("train_config")
-    except Exception:  # a damaged checkpoint is reported where it is restored, with the way on
-        return cfg, {}, None
-    if not isinstance(recorded, dict):
-        return cfg, {}, latest
+    recorded, latest = recorded_train_config(mdir)
     names = {f.name for f in dataclasses.fields(cfg)}
     taken = {k: v for k, v in recorded.items() if k in names and k not in explicit and v != getattr(cfg, k)}
     return dataclasses.replace(cfg, **taken), taken, latest
@@ -143,15 +177,6 @@ def resume_changes(mdir, cfg: TrainConfig, explicit: set[str]) -> dict:
     checkpoint's and change what is computed (``--masking``, ``--scan-layers``,
     ``--document-attention``, the learning rate, ...): the resumed run then differs from an
     uninterrupted one, which ``train`` says."""
-    from mlmtool import checkpoint
-
-    try:
-        latest = checkpoint.latest_step(mdir.checkpoints_dir)
-        recorded = (checkpoint.restore_meta(mdir.checkpoints_dir, latest) if latest is not None else {}) \
-            .get("train_config")
-    except Exception:
-        return {}
-    if not isinstance(recorded, dict):
-        return {}
+    recorded, _ = recorded_train_config(mdir)
     return {k: (recorded[k], getattr(cfg, k)) for k in sorted(explicit)
             if k in recorded and k not in BOOKKEEPING and recorded[k] != getattr(cfg, k)}

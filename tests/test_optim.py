@@ -1,5 +1,5 @@
 """Schedules and optimizers (mlmtool.optim): values against their formulas, every optimizer
-trains, weight decay only on tensors of two or more dimensions."""
+trains (with the family's weight-decay rule, which tests/test_families.py checks against HF's)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from tests.model_helpers import MaskedLM, ModelConfig, init_params
-from mlmtool.optim import OPTIMIZERS, decay_length, decay_mask, make_optimizer, make_schedule
+from mlmtool.models import load_model
+from mlmtool.optim import OPTIMIZERS, decay_length, make_optimizer, make_schedule
 from mlmtool.presets import build_config
 from mlmtool.train_config import TrainConfig
 
@@ -52,25 +53,17 @@ def test_inverse_sqrt():
     np.testing.assert_allclose(_lr(cfg, 1000, 10, [5, 10, 40, 160]), [LR / 2, LR, LR / 2, LR / 4], rtol=1e-6)
 
 
-def test_decay_mask_is_two_or_more_dimensions():
-    cfg = ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=100"]))
-    flat = dict(jax.tree_util.tree_leaves_with_path(decay_mask(init_params(cfg, 0))))
-    names = {"/".join(k.key for k in path): v for path, v in flat.items()}
-    assert names["embeddings/word_embeddings/embedding"] and names["lm_head/dense/kernel"]
-    assert not names["lm_head/bias"] and not names["embeddings/LayerNorm/scale"]
-    assert not any(v for k, v in names.items() if k.endswith(("bias", "scale")))
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains(optimizer):
     """A tiny MLM on one fixed batch: 15 steps bring the loss down."""
-    mcfg = ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"]))
+    config = build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"])
+    mcfg = ModelConfig.from_dict(config)
     model = MaskedLM(mcfg)
     # Lion's sign updates want a smaller rate; LAMB's and Adafactor's steps are relative to
     # the weights' norm (small at initialisation) and want a larger one.
     lr = {"lion": 3e-4, "lamb": 3e-2, "adafactor": 3e-2}.get(optimizer, 3e-3)
     cfg = TrainConfig(optimizer=optimizer, learning_rate=lr, weight_decay=0.01)
-    tx = make_optimizer(cfg, optax.constant_schedule(lr))
+    tx = make_optimizer(cfg, optax.constant_schedule(lr), load_model(config).decay_mask)
     params = init_params(mcfg, 0)
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 64, (8, 16)), jnp.int32)
 

@@ -185,12 +185,11 @@ def test_report_output_is_checked_before_any_work(trained, tmp_path):
 
 # == 6. Shared storage works ======================================================================
 
-def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, monkeypatch):
+def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, request):
     """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
-    import mlmtool.modeldir as md
     from tests.model_helpers import ModelConfig, load_safetensors, save_safetensors
 
-    monkeypatch.setattr(md, "_UMASK", 0o022)
+    request.addfinalizer(lambda old=os.umask(0o022): os.umask(old))  # read when each file is written
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     d = copy(prepared, tmp_path)
     assert invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10,
@@ -456,9 +455,9 @@ def test_plain_train_resumes_with_the_recorded_settings(trained, tmp_path):
     out = " ".join(r.output.split())
     assert "Resuming with the settings recorded at step 10: --per-device-train-batch-size 8" in out, out
     assert "--learning-rate 0.005" in out and "Resuming from checkpoint step 10 (of 20)" in out, out
-    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_steps
 
-    assert checkpoint.all_steps(d / "checkpoints") == [10, 20]
+    assert checkpoint_steps(d / "checkpoints") == [10, 20]
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["train"]["args"]["per_device_train_batch_size"] == 8
 
@@ -579,9 +578,9 @@ STAGE = ("--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 1
 
 
 def _steps(folder: Path) -> list[int]:
-    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_steps
 
-    return checkpoint.all_steps(folder)
+    return checkpoint_steps(folder)
 
 
 def _run_before_continues(d: Path) -> None:

@@ -145,9 +145,9 @@ class Steps:
 
 
 def complete_steps(d: Path) -> list[int]:
-    from mlmtool import checkpoint
+    from mlmtool.modeldir import checkpoint_steps
 
-    return checkpoint.all_steps(d / "checkpoints")
+    return checkpoint_steps(d / "checkpoints")
 
 
 def _copy(src: Path, dst: Path) -> Path:

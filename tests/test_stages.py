@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlmtool import checkpoint
-from mlmtool.modeldir import ModelDir
+from mlmtool.modeldir import ModelDir, checkpoint_steps
 from mlmtool.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
@@ -54,8 +54,8 @@ def test_a_second_stage_continues_the_first(after_stage1, tmp_path):
     assert out["start_step"] == 0 and out["final_step"] == 4
     assert any("New stage from step 6 of the run before" in s and "stages/1/checkpoints" in s for s in said), said
     # The stage before is kept; the new one starts with its weights, saved at step 0.
-    assert checkpoint.all_steps(d / "stages" / "1" / "checkpoints") == [3, 6]
-    assert checkpoint.all_steps(d / "checkpoints") == [0, 2, 4]
+    assert checkpoint_steps(d / "stages" / "1" / "checkpoints") == [3, 6]
+    assert checkpoint_steps(d / "checkpoints") == [0, 2, 4]
     first = _restore(d / "stages" / "1" / "checkpoints", 6, trainer, opt_state=True)
     start = _restore(d / "checkpoints", 0, trainer, opt_state=True)
     assert _equal(start["params"], first["params"])
@@ -110,7 +110,7 @@ def test_from_checkpoint_mistakes_are_one_line(after_stage1, tmp_path):
     r = invoke("train", d, "--max-steps", 2, "--from-checkpoint", "latest", "--keep-optimizer-state",
                "--optimizer", "lion")
     assert r.exit_code == 1 and "holds the state of --optimizer adamw" in r.output, r.output
-    assert checkpoint.all_steps(d / "checkpoints") == [3, 6] and not (d / "stages").exists()  # untouched
+    assert checkpoint_steps(d / "checkpoints") == [3, 6] and not (d / "stages").exists()  # untouched
 
 
 def test_block_stores_side_by_side(after_stage1, tmp_path):

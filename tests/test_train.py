@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlmtool.optim import decay_mask, make_schedule
+from mlmtool.optim import make_schedule
 from mlmtool.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
@@ -167,17 +167,6 @@ def test_two_devices_match_one_device(prepared, tmp_path):
     pa, pb = _params(tmp_path / "one"), _params(tmp_path / "two")
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
-
-
-def test_decay_mask_excludes_bias_and_layernorm():
-    vec, mat = np.zeros(4), np.zeros((4, 4))  # the rule is by dimensions: biases and norm scales are vectors
-    params = {"embeddings": {"LayerNorm": {"scale": vec, "bias": vec}, "word_embeddings": {"embedding": mat}},
-              "lm_head": {"bias": vec, "layer_norm": {"scale": vec, "bias": vec},
-                          "dense": {"kernel": mat, "bias": vec}}}
-    m = decay_mask(params)
-    assert m["embeddings"]["word_embeddings"]["embedding"] and m["lm_head"]["dense"]["kernel"]
-    assert not m["embeddings"]["LayerNorm"]["scale"] and not m["embeddings"]["LayerNorm"]["bias"]
-    assert not m["lm_head"]["bias"] and not m["lm_head"]["dense"]["bias"] and not m["lm_head"]["layer_norm"]["scale"]
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])

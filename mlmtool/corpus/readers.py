@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
+from mlmtool.corpus.remote import open_url
 from mlmtool.corpus.sources import Source
 from mlmtool.corpus.streams import SNIFF_BYTES, Opened, lines
 from mlmtool.errors import DataError
@@ -251,8 +252,6 @@ def read_parquet(corpus: Corpus, src: Source, batch_bytes: int, batch_documents:
         raise DataError("parquet input needs pyarrow", "pip install pyarrow") from None
     try:
         if src.url is not None:
-            from mlmtool.corpus.remote import open_url
-
             pf = pq.ParquetFile(open_url(src.url))
         else:
             pf = pq.ParquetFile(src.path)

@@ -1,17 +1,17 @@
 """Corpus inputs on object storage: any fsspec URL (``s3://``, ``gs://``, ``hf://``, ...).
 
 A URL names a file, a "directory" (a prefix: every usable file under it, sorted) or a glob;
-each becomes a :class:`~mlmtool.corpus.sources.Source` with ``url`` set, its size, and its
-ETag (or modification time) for the fingerprint.  Files are streamed through fsspec's
-buffered reader (:func:`open_url`), never copied whole to local disk.  ``s3fs`` / ``gcsfs``
-come with ``pip install 'mlmtool[cloud]'``; ``hf://`` with ``huggingface_hub``.  S3 endpoints
-other than AWS' (MinIO, moto, R2) come from ``AWS_ENDPOINT_URL`` as boto reads it.
-"""
+each becomes a :class:`RemoteFile` (its URL, format, size, and ETag or modification time for
+the fingerprint), which :mod:`~mlmtool.corpus.sources` turns into a ``Source`` with ``url``
+set.  Files are streamed through fsspec's buffered reader (:func:`open_url`), never copied
+whole to local disk.  ``s3fs`` / ``gcsfs`` come with ``pip install 'mlmtool[cloud]'``;
+``hf://`` with ``huggingface_hub``.  S3 endpoints other than AWS' (MinIO, moto, R2) come
+from ``AWS_ENDPOINT_URL`` as boto reads it.  Imports no corpus module (sources imports it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from mlmtool.errors import DataError
 
@@ -44,10 +44,18 @@ def _version(info: dict) -> str | None:
     return None
 
 
-def expand_url(url: str, split_suffix: Callable) -> list:
-    """The sources a URL names (a file, a prefix or a glob), in sorted order."""
-    from mlmtool.corpus.sources import SUPPORTED_HELP, Source
+class RemoteFile(NamedTuple):
+    path: Path              # the path inside the file system (the URL without its protocol)
+    format: str
+    compression: str | None
+    size: int
+    url: str
+    version: str | None     # ETag, else the modification time
 
+
+def expand_url(url: str, split_suffix: Callable, supported: str) -> list[RemoteFile]:
+    """The files a URL names (a file, a prefix or a glob), in sorted order; ``split_suffix``
+    tells a path's (format, compression), ``supported`` names the usable kinds for errors."""
     fs, path = _filesystem(url)
     proto = _protocol(url)
     try:
@@ -58,7 +66,7 @@ def expand_url(url: str, split_suffix: Callable) -> list:
         elif fs.isdir(path):
             paths = sorted(p for p in fs.find(path) if split_suffix(Path(p))[0] is not None)
             if not paths:
-                raise DataError(f"{url} has no usable files", f"put {SUPPORTED_HELP} files under it")
+                raise DataError(f"{url} has no usable files", f"put {supported} files under it")
         elif fs.exists(path):
             paths = [path]
         else:
@@ -76,10 +84,9 @@ def expand_url(url: str, split_suffix: Callable) -> list:
         fmt, compression = split_suffix(Path(p))
         full = p if "://" in p else f"{proto}://{p}"
         if fmt is None:
-            raise DataError(f"unsupported input file type: {full}", f"pass {SUPPORTED_HELP} files")
+            raise DataError(f"unsupported input file type: {full}", f"pass {supported} files")
         info = fs.info(p)
-        out.append(Source(Path(p), fmt, compression, int(info.get("size") or 0), 0, url=full,
-                          version=_version(info)))
+        out.append(RemoteFile(Path(p), fmt, compression, int(info.get("size") or 0), full, _version(info)))
     return out
 
 

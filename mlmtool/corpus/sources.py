@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from mlmtool.corpus.remote import expand_url
 from mlmtool.corpus.streams import sniff, zstd
 from mlmtool.errors import DataError
 
@@ -200,9 +201,8 @@ def _walk(directory: Path) -> list[Source]:
 
 def _expand(arg: str) -> list[Source]:
     if "://" in arg:
-        from mlmtool.corpus.remote import expand_url
-
-        return [_checked(src) for src in expand_url(arg, _split_suffix)]
+        return [_checked(Source(f.path, f.format, f.compression, f.size, 0, url=f.url, version=f.version))
+                for f in expand_url(arg, _split_suffix, SUPPORTED_HELP)]
     path = Path(arg)
     if path.exists():
         if path.is_dir():

@@ -13,6 +13,7 @@ import gzip
 import lzma
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from mlmtool.corpus.remote import open_url
 from mlmtool.errors import DataError
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ class Opened:
 
     def __init__(self, src: Source):
         if src.url is not None:
-            from mlmtool.corpus.remote import open_url
-
             self.raw = open_url(src.url)
         else:
             self.raw = open(src.path, "rb")

@@ -73,14 +73,6 @@ class AlbertConfig(FamilyConfig):
         return self.num_hidden_layers * self.inner_group_num
 
     @property
-    def num_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
     def decoder_width(self) -> int:
         return self.embedding_size
 

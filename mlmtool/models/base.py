@@ -203,12 +203,6 @@ def require_numbers(config: dict, keys, *, positive: tuple[str, ...] = (), proba
             raise ConfigError(f"config {key} must be in [0, 1)", f"fix it with --set {key}=0.1")
 
 
-def require_choice(config: dict, key: str, choices, default: Any) -> None:
-    value = config.get(key, default)
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"config {key} {value!r} is not supported", f"use one of: {', '.join(choices)}")
-
-
 def refuse(config: dict, key: str, allowed, why: str) -> None:
     """Refuse a config feature the network does not implement, naming the field."""
     if key in config and config[key] not in allowed:
@@ -223,9 +217,11 @@ class FamilyConfig(abc.ABC):
     """What generic code reads of a family's parsed config (``Family.parse_config``): train,
     eval, predict, FLOPs, presets, the layer stack and the network base
     (``mlmtool.models.network``) use only these names.  A family's config is a frozen
-    dataclass subclassing this one with Hugging Face ``config.json`` field names; the four
-    fields below are dataclass fields (or properties, where the family spells them otherwise),
-    the abstract properties are the family's mapping of its own fields onto the rest.
+    dataclass subclassing this one with Hugging Face ``config.json`` field names; the
+    fields below are dataclass fields (or properties, where the family spells them otherwise).
+    The properties map HF's usual names onto what generic code reads; a family whose
+    fields mean something else (ALBERT's shared layers, DistilBERT's ``n_layers``, RoBERTa's
+    position offset) overrides them.
     """
 
     model_type: str          # config.json's model_type
@@ -233,16 +229,18 @@ class FamilyConfig(abc.ABC):
     hidden_size: int         # width of the encoder's residual stream
     pad_token_id: int
     max_position_embeddings: int  # named in the error for a too long input
+    num_hidden_layers: int   # HF's names, read by the default properties below
+    num_attention_heads: int
 
     @property
-    @abc.abstractmethod
     def num_layers(self) -> int:
         """Encoder layers (what remat/scan iterate over)."""
+        return self.num_hidden_layers
 
     @property
-    @abc.abstractmethod
     def num_heads(self) -> int:
         """Attention heads per layer."""
+        return self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
@@ -250,9 +248,9 @@ class FamilyConfig(abc.ABC):
         return self.hidden_size // self.num_heads
 
     @property
-    @abc.abstractmethod
     def max_sequence_length(self) -> int:
-        """The longest input the network accepts."""
+        """The longest input the network accepts (the position table's size)."""
+        return self.max_position_embeddings
 
     @property
     def decoder_width(self) -> int:
@@ -303,7 +301,7 @@ class Family:
     preset_aliases: dict[str, str] = {}
     #: model_type -> ``AutoConfig.for_model(model_type).to_dict()`` of transformers 5 (without
     #: transformers_version): written out so init needs neither transformers nor torch;
-    #: tests/test_families.py checks each against the installed transformers
+    #: tests/test_presets.py checks each against the installed transformers
     hf_defaults: dict[str, dict] = {}
     #: config.json keys of the family's own beside transformers' fields (ELECTRA's nested
     #: ``generator``): transformers keeps them as given, so presets need not ask it

@@ -86,14 +86,6 @@ class BertConfig(FamilyConfig):
         return VARIANTS[self.model_type]
 
     @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
     def max_sequence_length(self) -> int:
         """The longest input the position table allows (RoBERTa loses pad_token_id + 1 slots)."""
         return self.max_position_embeddings - (self.pad_token_id + 1 if self.variant.roberta else 0)
@@ -101,11 +93,6 @@ class BertConfig(FamilyConfig):
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
         return FAMILY.parse_config(d)
-
-
-def _max_sequence_length(model_type: str, max_position_embeddings: int, pad_token_id: int) -> int:
-    offset = pad_token_id + 1 if VARIANTS[model_type].roberta else 0
-    return max_position_embeddings - offset
 
 
 def check_fields(d: dict, *, roberta: bool) -> None:
@@ -271,9 +258,6 @@ class BertFamily(Family):
         refuse(d, "is_decoder", (False,), "this is a bidirectional encoder")
         refuse(d, "add_cross_attention", (False,), "no cross-attention in an encoder")
         return BertConfig(**config_fields(BertConfig, d))
-
-    def max_sequence_length(self, hf: dict) -> int:
-        return _max_sequence_length(hf["model_type"], hf["max_position_embeddings"], hf.get("pad_token_id", 0))
 
     def weight_table(self, config: BertConfig) -> WeightTable:
         """Every parameter: our path, the HF key, our shape, whether to transpose.

@@ -111,9 +111,6 @@ class BigBirdFamily(Family):
         refuse(d, "add_cross_attention", (False,), "no cross-attention in an encoder")
         return BigBirdConfig(**config_fields(BigBirdConfig, d))
 
-    def max_sequence_length(self, hf: dict) -> int:
-        return hf["max_position_embeddings"]
-
     def weight_table(self, config: BigBirdConfig) -> WeightTable:
         """BERT's keys (``bert.*``, ``cls.predictions.*``: ``BertFamily.weight_table``) and the
         pooler ``bert.pooler.{weight,bias}`` (BigBirdForMaskedLM has one; the MLM does not use it)."""

@@ -70,10 +70,6 @@ class DistilBertConfig(FamilyConfig):
     def num_heads(self) -> int:
         return self.n_heads
 
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
 
 def _check(d: dict) -> None:
     require_positive_ints(d, ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"))

@@ -73,18 +73,6 @@ class ElectraConfig(FamilyConfig):
     generator: "ElectraConfig | None" = None  # PRE_TRAINING with a generator: the pair
 
     @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
     def decoder_width(self) -> int:
         return self.embedding_size
 

@@ -100,18 +100,6 @@ class ModernBertConfig(FamilyConfig):
     classifier_activation: str = "gelu"
 
     @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
     def sliding_window(self) -> int:
         """Keys at most this far from the query on either side, in the sliding layers."""
         return self.local_attention // 2
@@ -274,8 +262,8 @@ class ModernBertFamily(Family):
     network = "mlmtool.models.modernbert_flax:MaskedLM"
     head_modules = ("head", "decoder")
     document_attention = True  # segment_ids: attention inside each document, RoPE from 0 in each
-    # ModernBERT's recipe trains with it; off by default here until the demo's recipe, measured
-    # without it, is measured with it (the session note of 2026-11-30)
+    # ModernBERT's recipe trains with it; off by default here until the demo's recipe (measured
+    # without it, docs/benchmarks.md's demo table) is measured with it: that row decides the default
     document_attention_default = False
     shape_fields = (("vocab_size", ("model", "embeddings", "tok_embeddings", "embedding"), 0),
                     ("hidden_size", ("model", "embeddings", "tok_embeddings", "embedding"), 1),
@@ -396,8 +384,7 @@ class ModernBertFamily(Family):
         # Warner et al. 2024, section 2.2: 30% masking, sequences of 1024 before the context
         # extension, a trapezoidal (warm-up, stable, 1-sqrt decay) schedule, no dropout
         # (config.json's defaults), AdamW-style betas (0.9, 0.98) (train's defaults).
-        return ("ModernBERT recipe: prepare --max-seq-length 1024; train --mlm-probability 0.3 --lr-scheduler wsd; "
-                "eval --mlm-probability 0.15")
+        return "ModernBERT recipe: prepare --max-seq-length 1024; train --mlm-probability 0.3 --lr-scheduler wsd"
 
     def tiny_test_configs(self) -> dict[str, dict]:
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,

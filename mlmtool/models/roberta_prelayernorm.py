@@ -88,9 +88,6 @@ class RobertaPreLayerNormFamily(Family):
         refuse(d, "add_cross_attention", (False,), "no cross-attention in an encoder")
         return RobertaPreLayerNormConfig(**config_fields(RobertaPreLayerNormConfig, d))
 
-    def max_sequence_length(self, hf: dict) -> int:
-        return hf["max_position_embeddings"] - hf.get("pad_token_id", 1) - 1
-
     def weight_table(self, config: RobertaPreLayerNormConfig) -> WeightTable:
         """transformers v5 ``RobertaPreLayerNormForMaskedLM`` keys (``P`` = roberta_prelayernorm)::
 

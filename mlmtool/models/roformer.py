@@ -68,18 +68,6 @@ class RoFormerConfig(FamilyConfig):
                               "rotary embeddings rotate pairs of dimensions", "change one of them with --set")
 
     @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
     def decoder_width(self) -> int:
         return self.embedding_size
 
