@@ -131,7 +131,7 @@ def test_resume_is_bit_identical(prepared, tmp_path, execution):
     said = []
     trainer = Trainer(ModelDir(b), cfg)
     assert str(jax.random.key_impl(trainer.rng)) == cfg.prng_impl
-    assert trainer.model.remat == cfg.gradient_checkpointing
+    assert trainer.model.module.remat == cfg.gradient_checkpointing
     out = trainer.run(say=said.append)
     assert out["start_step"] == 7 and out["final_step"] == 10
     assert any("Resuming from checkpoint step 7" in s for s in said)
@@ -192,7 +192,7 @@ def test_schedule_warmup_then_decay(kind):
 
 def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
     # Pretend the device has a known 16-bit peak of 1 GFLOP/s: the log then carries the MFU.
-    monkeypatch.setattr("mlmtool.train.peak_flops", lambda kind, dtype: 1e9)
+    monkeypatch.setattr("mlmtool.plan.peak_flops", lambda kind, dtype: 1e9)
     d = _copy(prepared, tmp_path / "ga")
     r = invoke("train", d, "--max-steps", 3, "--per-device-train-batch-size", 4, "--gradient-accumulation-steps", 2,
                "--logging-steps", 1, "--save-steps", 10)
@@ -252,14 +252,17 @@ def test_cli_defaults_are_train_config_defaults():
 
 def _timed(trainer: Trainer, seconds_per_step: float = 1.0) -> Trainer:
     """A fake clock for --max-time: each step takes ``seconds_per_step``, whatever the machine."""
+    import dataclasses
+
     clock = {"t": 0.0}
-    step = trainer._step
+    step = trainer.training.step
 
     def timed_step(*args):
         clock["t"] += seconds_per_step
         return step(*args)
 
-    trainer._step, trainer._now = timed_step, lambda: clock["t"]
+    trainer.training = dataclasses.replace(trainer.training, step=timed_step)
+    trainer.budget.now = lambda: clock["t"]
     return trainer
 
 
