@@ -21,6 +21,9 @@ import math
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+
 from mlmtool.errors import TrainingError
 
 STOP_CHECK_EVERY = 10  # multi-process: steps between agreeing on a stop request (a host sync)
@@ -82,8 +85,6 @@ class TimeBudget:
         """The step's extra argument: () without a budget, else the schedule's position."""
         if not self.on:
             return ()
-        import jax.numpy as jnp
-
         return (jnp.float32(min(self.agreed / self.seconds, 1.0) * total_steps),)
 
     def after_step(self, done: int) -> bool:
@@ -186,8 +187,6 @@ class MetricsLog:
 
     def first_step(self, metrics: dict) -> float:
         """Wait for the run's first step; its seconds (compilation) leave the throughput."""
-        import jax
-
         jax.block_until_ready(metrics)
         seconds = self.clock() - self.t0
         self.t0, self.steps = self.clock(), 0
@@ -210,8 +209,6 @@ class MetricsLog:
         checkpoint's step, named when the window diverged."""
         if not self.window or not self.due(tick):
             return None
-        import jax
-
         got = jax.device_get(self.window)
         check_window(got, tick.done, last_good, **self.hints)
         record = window_record(got, tick.done, self.clock() - self.t0, self.steps, self.plan, self.objective,

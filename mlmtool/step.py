@@ -104,7 +104,7 @@ def train_step(state: TrainState, input_ids: jax.Array, rng: jax.Array, clock: j
         **denominators,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step if clock is None else clock),
-        # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
+        # False once the weights hold inf/nan: checked before every checkpoint (periodic.check_window)
         "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
     }
     if rate is not None:

@@ -5,8 +5,9 @@ Follows the recipe of RoBERTa (Liu et al. 2019, arXiv:1907.11692) as HF's
 notebook use it: dynamic masking (a fresh mask every step, on the device), AdamW with
 beta2 = 0.98 and weight decay (off biases and norms), linear warm-up then linear decay.
 The pieces: ``train_config`` (the settings), ``plan`` (the numbers), ``step`` (the pure,
-jitted step), ``loader`` (the batches), ``stores`` (the data's checks); here the Trainer sets
-them up, restores or initialises the state, runs, evaluates, checkpoints and exports.
+jitted step and ``build_training``, the set-up), ``loader`` (the batches), ``stores`` (the
+data's checks), ``periodic`` (the loop's actions: log, stop, eval, save, time budget); here
+the Trainer restores or initialises the state, runs the loop, evaluates and exports.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from mlmtool import blocks, checkpoint, distributed as dist, minimal_pairs, shar
 from mlmtool.errors import TrainingError
 from mlmtool.evaluate import EVAL_MLM_PROBABILITY, evaluate, make_eval_fn, unigram_top_token
 from mlmtool.loader import BatchLoader
-from mlmtool.progress import MetricsWriter
 from mlmtool.periodic import MetricsLog, PeriodicEval, PeriodicSave, Report, StopRequest, Tick, TimeBudget
+from mlmtool.progress import MetricsWriter
 from mlmtool.step import TrainState, build_model, build_training
 from mlmtool.stores import document_start_id, open_stores, word_boundaries_for
 from mlmtool.train_config import TrainConfig
