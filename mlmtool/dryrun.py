@@ -55,7 +55,7 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
 
     from mlmtool.loader import BatchLoader
 
-    cfg, plan = trainer.cfg, trainer.plan
+    cfg, plan, training = trainer.train_config, trainer.plan, trainer.training
     if steps < 1:
         raise TrainingError(f"--dry-run times {steps} steps", "time at least 1")
     done = 0
@@ -65,13 +65,14 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
     out: dict = {"total_steps": plan.total_steps, "start_step": done, "tokens_per_step": plan.tokens_per_step}
 
     t0 = time.perf_counter()
-    state = trainer._init_state(jax.random.PRNGKey(cfg.seed))
+    state = training.init_state(jax.random.PRNGKey(cfg.seed))
     jax.block_until_ready(state)
     out["init_s"] = time.perf_counter() - t0
     accum = cfg.gradient_accumulation_steps
     loader = BatchLoader(trainer.train_store, accum=accum, micro_batch=plan.global_batch // accum, seed=cfg.seed,
-                         steps_per_epoch=plan.steps_per_epoch, sharding=trainer.batch_sharding,
-                         start=0, stop=min(steps + 1, plan.steps_per_epoch), documents=trainer.step_kwargs["documents"])
+                         steps_per_epoch=plan.steps_per_epoch, sharding=training.batch_sharding,
+                         start=0, stop=min(steps + 1, plan.steps_per_epoch),
+                         documents=training.step_kwargs["documents"])
     try:
         batches = [b for _, b in loader]
     finally:
@@ -81,7 +82,7 @@ def dry_run(trainer, *, steps: int = 5, resume: bool = True, new_stage: bool = F
     out.update(memory_limit_bytes=limit, memory_limit_from=limit_from)
     try:
         t0 = time.perf_counter()
-        compiled = trainer._step.lower(state, batches[0], trainer.rng, *clock).compile()
+        compiled = training.step.lower(state, batches[0], trainer.rng, *clock).compile()
         out["compile_s"] = time.perf_counter() - t0
         out["program_memory_bytes"] = devmem.program_bytes(compiled)
         t0 = time.perf_counter()
@@ -128,7 +129,7 @@ def _evaluation(trainer, params) -> dict:
     store = trainer.val_store
     if store is None:
         return {}
-    per_device = trainer.cfg.per_device_eval_batch_size or trainer.cfg.per_device_train_batch_size
+    per_device = trainer.train_config.per_device_eval_batch_size or trainer.train_config.per_device_train_batch_size
     global_batch = per_device * trainer.mesh.size
     n_batches = math.ceil(len(store) / global_batch)
     full = trainer.val_store
@@ -169,7 +170,7 @@ def _save_and_export(trainer, state) -> dict:
         t0 = time.perf_counter()
         params = jax.device_get(state.params) if jax.process_count() == 1 else None
         if params is not None:
-            trainer.loaded.save_hf(params, tmp / "model.safetensors")
+            trainer.model.save_hf(params, tmp / "model.safetensors")
         export_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,26 +202,22 @@ def _largest_batch(trainer, limit: int | None) -> tuple[int | None, dict[int, in
     import jax.numpy as jnp
 
     from mlmtool.plan import prediction_layout
-    from mlmtool.step import jit_train_step
 
     if limit is None:
         return None, {}
-    cfg, plan = trainer.cfg, trainer.plan
-    kw = trainer.step_kwargs
+    cfg, plan, training = trainer.train_config, trainer.plan, trainer.training
     clock = (jnp.float32(0.0),) if cfg.max_time > 0 else ()
 
     def need_at(b: int) -> int | None:
         slots, rows = prediction_layout(dataclasses.replace(cfg, per_device_train_batch_size=b), plan.seq_len,
-                                        trainer.row_variance)
-        step, batch_sh = jit_train_step(trainer.model, trainer.tx, trainer.schedule, trainer.mesh,
-                                        trainer.state_sharding, **{**kw, "mask_kwargs": {
-                                            **kw["mask_kwargs"], "max_predictions": slots, "rows_per_group": rows}})
+                                        training.row_variance)
+        step, batch_sh = training.step_with_slots(slots, rows)
         shape = (cfg.gradient_accumulation_steps, b * plan.devices, plan.seq_len)
         batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-        if kw["documents"]:  # and where the documents start
+        if training.step_kwargs["documents"]:  # and where the documents start
             batch = (batch, jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sh))
         try:
-            return devmem.program_bytes(step.lower(trainer.abstract_state, batch, trainer.rng, *clock).compile())
+            return devmem.program_bytes(step.lower(training.abstract_state, batch, trainer.rng, *clock).compile())
         except Exception as e:
             if _is_oom(e):
                 return None

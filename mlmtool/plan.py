@@ -7,10 +7,12 @@ import dataclasses
 import math
 
 from mlmtool.errors import TrainingError
+from mlmtool.flops import peak_flops, training_flops_per_token
 from mlmtool.masking import default_max_predictions
 from mlmtool.train_config import TrainConfig
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """The numbers that matter, printed before training starts."""
 
@@ -59,8 +61,14 @@ def prediction_layout(cfg: TrainConfig, seq_len: int, row_variance: float | None
 
 
 def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n_devices: int,
-                  parameters: int = 0, mesh: dict | None = None, platform: str = "cpu",
-                  processes: int = 1, row_variance: float | None = None) -> Plan:
+                  parameters: int = 0, mesh: dict | None = None, platform: str = "cpu", processes: int = 1,
+                  row_variance: float | None = None, device_kind: str = "", kernels: str = "",
+                  hf_config: dict | None = None, document_attention: bool = False,
+                  line_by_line: bool = False) -> Plan:
+    """The run's plan, every field at once.  ``row_variance``: what sizes whole-word and span
+    slots (``prediction_layout``); ``hf_config`` (config.json): the FLOPs per token, and with
+    ``device_kind`` the peak the MFU is logged against; ``kernels`` (``describe_execution``),
+    ``document_attention`` and ``line_by_line`` (the blocks') are what the plan prints."""
     micro = cfg.per_device_train_batch_size * n_devices
     global_batch = micro * cfg.gradient_accumulation_steps
     steps_per_epoch = n_train // global_batch
@@ -82,11 +90,38 @@ def plan_training(cfg: TrainConfig, *, n_train: int, n_val: int, seq_len: int, n
                             "lower --num-train-epochs or --max-tokens, or set --max-steps")
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
     slots, rows_per_group = prediction_layout(cfg, seq_len, row_variance)
+    flops = 0.0
+    if hf_config is not None:  # the MLM head runs on the prediction slots only
+        flops = training_flops_per_token(hf_config, seq_len, slots / (rows_per_group * seq_len))["executed"]
     return Plan(parameters=parameters, devices=n_devices, processes=processes, mesh=mesh or {"data": n_devices},
                 per_device_batch=cfg.per_device_train_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
                 seq_len=seq_len, tokens_per_step=global_batch * seq_len, train_blocks=n_train,
                 validation_blocks=n_val, steps_per_epoch=steps_per_epoch, total_steps=total,
                 epochs=total / steps_per_epoch, warmup_steps=warmup, prediction_slots=slots,
-                rows_per_group=rows_per_group,
-                dtype=cfg.dtype, platform=platform, max_time=cfg.max_time)
+                rows_per_group=rows_per_group, dtype=cfg.dtype, platform=platform, device_kind=device_kind,
+                kernels=kernels, masking=describe_masking(cfg, slots, rows_per_group, document_attention, line_by_line),
+                flops_per_token=flops, peak_flops=peak_flops(device_kind, cfg.dtype),
+                max_time=cfg.max_time)
+
+
+def describe_execution(module) -> str:
+    """The plan's kernels line: ``mlmtool.kernels``' choices, gradient checkpointing, scanned layers."""
+    text = module.kernels.describe()
+    if module.remat != "none":
+        text += f"; gradient checkpointing {module.remat}"
+    scanned = module.remat != "none" if module.scan_layers is None else module.scan_layers
+    return text + ("; layers scanned" if scanned else "")
+
+
+def describe_masking(cfg: TrainConfig, slots: int, rows_per_group: int, document_attention: bool,
+                     line_by_line: bool) -> str:
+    """The plan's masking line: mode, rate(s), prediction slots and document attention."""
+    rate = f"{cfg.mlm_probability:.0%}"
+    if cfg.mlm_probability_final is not None and cfg.mlm_probability_final != cfg.mlm_probability:
+        rate += f" -> {cfg.mlm_probability_final:.0%} (linear by step)"
+    documents = "on" if document_attention else "off"
+    if document_attention and line_by_line:
+        documents += " (one document per --line-by-line block: nothing to separate)"
+    return (f"{cfg.masking} {rate}, {slots:,} prediction slots per {rows_per_group} "
+            f"row{'s' if rows_per_group > 1 else ''}; document attention {documents}")

@@ -2,24 +2,31 @@
 state and loss *sums* with their denominator (the predicted tokens of the whole global
 batch, so the loss is a token-weighted mean, not a mean of per-device means), as google/flax
 ``examples/lm1b``; its randomness is ``fold_in(rng, step)``, so a resumed run repeats
-exactly what an uninterrupted one does.  ``build_model``/``state_shardings``/``jit_train_step``
-are what the Trainer and the benchmarks share.
+exactly what an uninterrupted one does.  ``build_training`` sets a run up in one pass (the
+plan, then the optimizer, the sharded state and the jitted step): what the Trainer and the
+benchmarks share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+import numpy as np
+
 from mlmtool import sharding as sh
-from mlmtool.masking import mask_tokens, masking_rate
+from mlmtool.masking import mask_tokens, masking_rate, row_count_variance
 from mlmtool.models.layers import document_segments
-from mlmtool.objectives import MaskedLM
+from mlmtool.objectives import MaskedLM, objective_for
+from mlmtool.optim import make_optimizer, make_schedule
+from mlmtool.plan import Plan, describe_execution, max_mlm_probability, plan_training
+from mlmtool.stores import document_starts
 from mlmtool.train_config import TrainConfig
 
 MLM = MaskedLM()
@@ -100,7 +107,7 @@ def train_step(state: TrainState, batch, rng: jax.Array, clock: jax.Array | None
         **denominators,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step if clock is None else clock),
-        # False once the weights hold inf/nan: checked before every checkpoint (see _flush)
+        # False once the weights hold inf/nan: checked before every checkpoint (periodic.check_window)
         "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])),
     }
     if rate is not None:
@@ -140,3 +147,90 @@ def jit_train_step(model, tx, schedule, mesh, state_sharding: TrainState, *, pad
     step = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
                    donate_argnums=(0,))
     return step, batch_sharding
+
+
+# -- the set-up ----------------------------------------------------------------------------
+
+VARIANCE_SAMPLE = 1024  # blocks the whole-word and span slots are sized on (a fixed, even sample)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Everything a run's steps need, built once by ``build_training``."""
+
+    plan: Plan
+    schedule: Callable                # step (or the budget's clock) -> learning rate
+    tx: Any                           # the optax optimizer
+    state_sharding: TrainState        # NamedShardings of the state
+    abstract_state: TrainState        # shapes, dtypes and shardings: what a checkpoint restores into
+    init_state: Callable              # jitted rng -> a fresh, sharded TrainState
+    step: Callable                    # jitted (state, batch [A, B, L], rng[, clock]) -> (state, metrics)
+    batch_sharding: Any
+    mask_kwargs: dict                 # masking.mask_tokens' settings, the plan's slots included
+    objective: Any                    # mlmtool.objectives: MLM, or ELECTRA's replaced-token detection
+    row_variance: float | None        # what sized the whole-word/span slots (None: token masking)
+    step_kwargs: dict                 # jit_train_step's arguments: to jit the step at another batch
+
+    def state_at(self, step: int, params, opt_state=None) -> TrainState:
+        """The state at ``step`` of ``params`` (placed on ``state_sharding.params``) and
+        ``opt_state`` (None: a fresh one, ``tx.init``)."""
+        if opt_state is None:
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+        return TrainState(step=jax.device_put(jnp.int32(step), self.state_sharding.step), params=params,
+                          opt_state=opt_state)
+
+    def step_with_slots(self, max_predictions: int, rows_per_group: int):
+        """(step, batch sharding) jitted as ``step`` with another prediction layout (the slots of
+        another batch size: ``train --find-max-batch``)."""
+        mask_kwargs = {**self.mask_kwargs, "max_predictions": max_predictions, "rows_per_group": rows_per_group}
+        return jit_train_step(**{**self.step_kwargs, "mask_kwargs": mask_kwargs})
+
+
+def build_training(loaded, cfg: TrainConfig, store, mesh, *, n_val: int = 0, word_boundaries=None,
+                   document_attention: bool = False) -> Training:
+    """Set up ``cfg``'s run of ``loaded`` (a ``mlmtool.models.LoadedModel``) on ``store`` (its
+    training blocks: a ``BlockStore``, or anything with its ``seq_len``, ids, ``line_by_line``,
+    ``meta``, ``len`` and ``read``) over ``mesh``.  ``n_val``: validation blocks (for the plan);
+    ``word_boundaries``: the tokenizer's word-start table (whole-word and span masking);
+    ``document_attention``: segment ids from the blocks' document starts."""
+    mask_kwargs = dict(special_token_ids=tuple(store.special_token_ids), mask_token_id=store.mask_token_id,
+                       vocab_size=store.vocab_size, mlm_probability=cfg.mlm_probability,
+                       masking=cfg.masking, word_boundaries=word_boundaries)
+    row_variance = None
+    if cfg.masking != "token" and not cfg.max_predictions_per_seq:
+        # Whole words and spans: slots from the spread measured on a fixed sample of the data.
+        n = len(store)
+        sample = np.unique(np.linspace(0, n - 1, num=min(n, VARIANCE_SAMPLE)).astype(np.int64))
+        row_variance = row_count_variance(store.read(sample),
+                                          {**mask_kwargs, "mlm_probability": max_mlm_probability(cfg)})
+    devs = sh.device_summary()
+    plan = plan_training(cfg, n_train=len(store), n_val=n_val, seq_len=store.seq_len, n_devices=mesh.size,
+                         parameters=loaded.parameter_count, mesh=dict(mesh.shape), platform=devs["platform"],
+                         processes=devs["processes"], row_variance=row_variance, device_kind=devs["device_kind"],
+                         kernels=describe_execution(loaded.module), hf_config=loaded.hf_config,
+                         document_attention=document_attention, line_by_line=store.line_by_line)
+    mask_kwargs.update(max_predictions=plan.prediction_slots, rows_per_group=plan.rows_per_group)
+    schedule = make_schedule(cfg, plan.total_steps, plan.warmup_steps)
+    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
+
+    def init_state(rng):
+        params = loaded.init(rng)
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+
+    shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    state_sharding = state_shardings(mesh, shapes, loaded.param_axes)
+    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            shapes, state_sharding)
+    rate_schedule = None
+    if cfg.mlm_probability_final is not None and cfg.mlm_probability_final != cfg.mlm_probability:
+        rate_schedule = (cfg.mlm_probability_final, plan.total_steps)
+    objective = objective_for(loaded)
+    step_kwargs = dict(model=loaded.module, tx=tx, schedule=schedule, mesh=mesh, state_sharding=state_sharding,
+                       pad_token_id=store.pad_token_id, mask_kwargs=mask_kwargs, rate_schedule=rate_schedule,
+                       clock=cfg.max_time > 0, documents=document_starts(store, document_attention),
+                       objective=objective)
+    step, batch_sharding = jit_train_step(**step_kwargs)
+    return Training(plan=plan, schedule=schedule, tx=tx, state_sharding=state_sharding,
+                    abstract_state=abstract_state, init_state=jax.jit(init_state, out_shardings=state_sharding),
+                    step=step, batch_sharding=batch_sharding, mask_kwargs=mask_kwargs, objective=objective,
+                    row_variance=row_variance, step_kwargs=step_kwargs)

@@ -7,8 +7,8 @@ real step, beside transformers + torch.compile on the same batches.
 
 For each model (``roberta-base`` at sequence length 128, the seed's, batches 256 and 1024;
 ``modernbert-base`` at 1024, its sliding and global layers, batches 16 and 32) it times
-``step.jit_train_step`` (what ``mlmtool train`` runs: on-device masking, forward, backward,
-clipping, AdamW, donated state) on random rows that start with ``<s>`` and end with ``</s>``,
+the step ``step.build_training`` sets up (what ``mlmtool train`` runs: on-device masking,
+forward, backward, clipping, AdamW, donated state) on random rows that start with ``<s>`` and end with ``</s>``,
 at each batch size (ascending).  A batch that the programs compiled before predict cannot fit
 is skipped without compiling (``mlmtool.devmem``); one that compiles over the memory is not
 run.  Per configuration: median step time over ``--steps`` fully synchronised steps after
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench_common import median, print_json, si  # noqa: E402
-from bench_train import MASK, PAD, SPECIALS, random_batches  # noqa: E402
+from bench_train import build_bench_training, random_batches  # noqa: E402
 
 # model -> (preset, sequence length, batch sizes): the seed's roberta-base at 128; ModernBERT at
 # 1024 (its rows are 8x longer: a batch of 16 is 128 of roberta's in tokens).
@@ -211,40 +211,22 @@ def measured_matmul(n: int, dtype: str) -> dict:
 
 def time_config(run: dict, spec: dict, limit: int | None = None) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from mlmtool import devmem, sharding as sh
-    from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.plan import prediction_layout
-    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
+    from mlmtool import devmem
     from mlmtool.train_config import TrainConfig
 
     config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
     cfg = TrainConfig(per_device_train_batch_size=batch, dtype=spec["dtype"], max_steps=10_000, **run.get("train", {}))
-    loaded = build_model(config, cfg)
-    model = loaded.module
-    schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
-    slots, rows_per_group = prediction_layout(cfg, seq_len)
-    mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=config["vocab_size"],
-                       mlm_probability=cfg.mlm_probability, max_predictions=slots, rows_per_group=rows_per_group)
-    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-
-    def init_state(rng):
-        params = loaded.init(rng)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
-
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
-    step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
-                                          mask_kwargs=mask_kwargs)
+    rows = random_batches(spec["n_batches"], batch, seq_len, vocab=token_range(config))
+    # Trainer's set-up and jit (step.build_training) on a 1-device mesh
+    loaded, training = build_bench_training(config, cfg, rows, vocab_size=config["vocab_size"])
+    model, step, plan = loaded.module, training.step, training.plan
     if run.get("compile_only"):  # abstract arguments: nothing is allocated
-        state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                       jax.eval_shape(init_state, jax.random.PRNGKey(0)), state_sh)
+        state = training.abstract_state
     else:
-        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
+        state = training.init_state(jax.random.PRNGKey(0))
     rng = jax.random.key(0, impl=cfg.prng_impl)
-    batches = [jax.device_put(b[None], batch_sh)
-               for b in random_batches(spec["n_batches"], batch, seq_len, vocab=token_range(config))]
+    batches = [jax.device_put(b[None], training.batch_sharding) for b in rows]
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0], rng).compile()
@@ -283,7 +265,8 @@ def time_config(run: dict, spec: dict, limit: int | None = None) -> dict:
             "tokens_per_s": batch * seq_len / sec, "sequences_per_s": batch / sec,
             "compile_s": compile_s, "program_memory_bytes": program_bytes,
             "peak_memory_bytes": stats.get("peak_bytes_in_use"), "memory_limit_bytes": stats.get("bytes_limit"),
-            "head_fraction": slots / (rows_per_group * seq_len), "kernels_used": model.kernels.describe(),
+            "head_fraction": plan.prediction_slots / (plan.rows_per_group * seq_len),
+            "kernels_used": model.kernels.describe(),
             "loss_last": loss, **profile}
 
 

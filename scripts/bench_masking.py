@@ -4,8 +4,8 @@
     python scripts/bench_masking.py --preset small --rounds 7 --variants token,documents
     python scripts/bench_masking.py --hlo-out /tmp/off.hlo  # also write the off step's optimised HLO
 
-Each variant is the project's real ``train_step`` jitted as ``Trainer`` jits it
-(``step.jit_train_step``, 1-device mesh, donated state), on the same random blocks: documents
+Each variant is the project's real ``train_step`` set up and jitted as ``Trainer`` does it
+(``step.build_training``, 1-device mesh, donated state), on the same random blocks: documents
 of 20-120 tokens framed ``<s> ... </s>`` and packed end to end, as ``prepare`` writes them
 (vocabulary 8192, 60% of the pieces starting a word).  Variants:
 
@@ -34,10 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench_common import OtherLoad, format_machine, machine_info, median, print_json  # noqa: E402
+from bench_train import BOS, EOS, SPECIALS, VOCAB, build_bench_training, compiled_stepper  # noqa: E402
 
-BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
-SPECIALS = (BOS, PAD, EOS, UNK, MASK)
-VOCAB = 8192
 VARIANTS = ("token", "documents", "whole-word", "span", "schedule")
 
 
@@ -76,15 +74,7 @@ def program_text(compiled) -> str:
 
 
 def build(variant: str, args, batches, table):
-    import jax
-    import jax.numpy as jnp
-
-    from mlmtool import sharding as sh
-    from mlmtool.masking import row_count_variance
-    from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.plan import prediction_layout
     from mlmtool.presets import build_config
-    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
     from mlmtool.train_config import TrainConfig
 
     masking = variant if variant in ("whole-word", "span") else "token"
@@ -92,42 +82,11 @@ def build(variant: str, args, batches, table):
     cfg = TrainConfig(per_device_train_batch_size=args.batch_size, max_steps=10_000, masking=masking,
                       mlm_probability=0.15, mlm_probability_final=final)
     config = build_config(args.preset, overrides=[f"vocab_size={VOCAB}"])
-    loaded = build_model(config, cfg)
-    schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
-    mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
-                       mlm_probability=cfg.mlm_probability, masking=masking,
-                       word_boundaries=table if masking != "token" else None)
-    variance = None
-    if masking != "token":
-        variance = row_count_variance(batches[0], {**mask_kwargs, "mlm_probability": 0.15})
-    slots, rows = prediction_layout(cfg, args.seq_len, variance)
-    mask_kwargs.update(max_predictions=slots, rows_per_group=rows)
-    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-
-    def init_state(rng):
-        params = loaded.init(rng)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
-
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    step, batch_sh = jit_train_step(loaded.module, tx, schedule, mesh, state_sh, pad_token_id=PAD,
-                                    mask_kwargs=mask_kwargs,
-                                    rate_schedule=(final, 10_000) if final is not None else None,
-                                    documents=variant == "documents")
-    # documents: their starts as prepare records them (a document starts at each <s> of these blocks)
-    device_batches = [jax.device_put((b[None], b[None] == BOS) if variant == "documents" else b[None], batch_sh)
-                      for b in batches]
-    rng = jax.random.PRNGKey(0)
-    compiled = step.lower(state, device_batches[0], rng).compile()
-    box = {"state": state, "i": 0}
-
-    def one_step():
-        box["state"], metrics = compiled(box["state"], device_batches[box["i"] % len(device_batches)], rng)
-        jax.block_until_ready((box["state"], metrics))
-        box["i"] += 1
-
-    return one_step, compiled, slots
+    # Trainer's set-up (step.build_training): whole-word and span slots from the blocks' measured spread
+    _, training = build_bench_training(config, cfg, batches, word_boundaries=table if masking != "token" else None,
+                                       document_attention=variant == "documents")
+    one_step, compiled, _, _ = compiled_stepper(training, batches)
+    return one_step, compiled, training.plan.prediction_slots
 
 
 def main(argv=None) -> None:

@@ -38,11 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench_common import machine_info, median, print_json  # noqa: E402
-from bench_train import random_batches, timed_steps, torch_mlm_mask  # noqa: E402
-
-BOS, PAD, EOS, MASK = 0, 1, 2, 4  # bench_train's token layout (random_batches); no padding in the rows
-SPECIALS = (0, 1, 2, 3, 4)
-VOCAB = 8192
+from bench_train import (VOCAB, build_bench_training, compiled_stepper, random_batches, timed_steps,  # noqa: E402
+                         torch_mlm_mask)
 PEERS = ("eager", "compile")
 
 
@@ -81,48 +78,18 @@ def loadavg() -> str:
 
 # -- ours ----------------------------------------------------------------------------------
 
-def jax_stepper(config: dict, batch_size: int, seq_len: int, batches, kernels: str):
+def jax_stepper(config: dict, batch_size: int, batches, kernels: str):
     """Trainer's compiled step for ``config`` with MLMTOOL_KERNELS=``kernels``; returns
     (one_step, compile_s, last loss getter)."""
     import jax
-    import jax.numpy as jnp
 
-    from mlmtool import sharding as sh
     from mlmtool.kernels import ENV
-    from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.plan import prediction_layout
-    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
     from mlmtool.train_config import TrainConfig
 
     os.environ[ENV] = kernels  # read when the model is built
     cfg = TrainConfig(per_device_train_batch_size=batch_size, max_steps=10_000)
-    loaded = build_model(config, cfg)
-    schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
-    slots, rows_per_group = prediction_layout(cfg, seq_len)
-    mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
-                       mlm_probability=cfg.mlm_probability, max_predictions=slots, rows_per_group=rows_per_group)
-    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
-
-    def init_state(rng):
-        params = loaded.init(rng)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
-
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    step, batch_sh = jit_train_step(loaded.module, tx, schedule, mesh, state_sh, pad_token_id=PAD,
-                                    mask_kwargs=mask_kwargs)
-    rng = jax.random.PRNGKey(0)
-    device_batches = [jax.device_put(b[None], batch_sh) for b in batches]
-    t0 = time.perf_counter()
-    compiled = step.lower(state, device_batches[0], rng).compile()
-    compile_s = time.perf_counter() - t0
-    box = {"state": state, "i": 0, "metrics": None}
-
-    def one_step():
-        box["state"], box["metrics"] = compiled(box["state"], device_batches[box["i"] % len(device_batches)], rng)
-        jax.block_until_ready((box["state"], box["metrics"]))
-        box["i"] += 1
+    _, training = build_bench_training(config, cfg, batches)  # Trainer's set-up (step.build_training)
+    one_step, compiled, compile_s, box = compiled_stepper(training, batches)
 
     def loss():
         m = jax.device_get(box["metrics"])
@@ -227,7 +194,7 @@ def bench_length(args, config: dict, seq_len: int, threads: int) -> dict:
     runners = {}
     for variant in args.variants.split(";"):
         name = "ours" + (f"[{variant}]" if variant else "")
-        one_step, compile_s, loss = jax_stepper(config, args.batch_size, seq_len, batches, variant)
+        one_step, compile_s, loss = jax_stepper(config, args.batch_size, batches, variant)
         timed_steps(one_step, args.warmup, 0)
         sides[name] = {"compile_s": compile_s, "wall": [], "cpu": []}
         runners[name] = ("jax", one_step, loss)

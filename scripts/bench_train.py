@@ -6,8 +6,8 @@
 
 For each preset (vocabulary 8192) it times the project's real ``train_step`` (on-device
 masking, forward, backward, global-norm clipping and AdamW with the ``TrainConfig``
-defaults), jitted with the same shardings and state donation as ``Trainer`` on a 1-device
-mesh, on random token rows that start with ``<s>`` and end with ``</s>`` (no padding).
+defaults), set up by ``Trainer``'s ``step.build_training`` (the same plan, shardings and
+state donation) on a 1-device mesh, on random token rows that start with ``<s>`` and end with ``</s>`` (no padding).
 Every timed step is fully synchronised (``block_until_ready`` on the new state and the
 metrics); the figure is the median over ``--steps`` steps after compilation and warm-up.
 
@@ -123,51 +123,61 @@ def flops_per_step(config: dict, batch: int, seq_len: int, head_rows: int) -> di
 
 # -- ours ----------------------------------------------------------------------------------
 
-def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
+class ArrayStore:
+    """Rows in memory with what ``step.build_training`` reads of a ``BlockStore``: the
+    presets' special ids (RoBERTa's), ``<s>`` starting each document."""
+
+    def __init__(self, batches, vocab_size: int = VOCAB):
+        import numpy as np
+
+        self.rows = np.concatenate(batches)
+        self.seq_len = self.rows.shape[1]
+        self.pad_token_id, self.mask_token_id, self.special_token_ids = PAD, MASK, SPECIALS
+        self.vocab_size, self.line_by_line, self.meta = vocab_size, False, {"cls_token_id": BOS}
+        self.has_starts = True  # documents start at each <s> (read_documents), as prepare records them
+
+    def read_documents(self, indices):
+        """Rows and where their documents start (a ``BlockStore``'s record)."""
+        rows = self.rows[indices]
+        return rows, rows == BOS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices):
+        return self.rows[indices]
+
+
+def build_bench_training(config: dict, cfg, batches, *, vocab_size: int = VOCAB, word_boundaries=None,
+                         document_attention: bool = False):
+    """(LoadedModel, step.Training) of ``config`` as ``Trainer`` builds them, on ``batches``
+    (int32 [rows, seq_len] arrays) over a 1-device mesh."""
     import jax
-    import jax.numpy as jnp
 
     from mlmtool import sharding as sh
-    from mlmtool.optim import make_optimizer, make_schedule
-    from mlmtool.plan import prediction_layout
-    from mlmtool.step import TrainState, build_model, jit_train_step, state_shardings
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.step import build_model, build_training
 
-    config = model_config(preset)
-    cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
     loaded = build_model(config, cfg)
-    model = loaded.module
-    schedule = make_schedule(cfg, 10_000, 0)
-    tx = make_optimizer(cfg, schedule, loaded.decay_mask)
-    # The masking settings Trainer uses.
-    mask_kwargs = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB,
-                       mlm_probability=cfg.mlm_probability)
-    slots, rows_per_group = prediction_layout(cfg, args.seq_len)  # Trainer's: a device's rows share slots
-    mask_kwargs.update(max_predictions=slots, rows_per_group=rows_per_group)
-    head_rows = args.batch_size // rows_per_group * slots
-
-    # Exactly Trainer's jit (step.jit_train_step) on a 1-device mesh.
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
+    training = build_training(loaded, cfg, ArrayStore(batches, vocab_size), mesh, word_boundaries=word_boundaries,
+                              document_attention=document_attention)
+    return loaded, training
 
-    def init_state(rng):
-        params = loaded.init(rng)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-    state_sh = state_shardings(mesh, jax.eval_shape(init_state, jax.random.PRNGKey(0)), loaded.param_axes)
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    step, batch_sh = jit_train_step(model, tx, schedule, mesh, state_sh, pad_token_id=PAD,
-                                          mask_kwargs=mask_kwargs)
-    rng = jax.random.PRNGKey(0)
-    device_batches = [jax.device_put(b[None], batch_sh) for b in batches]
+def compiled_stepper(training, batches, rng=None):
+    """``training``'s step compiled for ``batches`` from a fresh state, and ``one_step()``,
+    which runs it once on the next batch, fully synchronised: (one_step, compiled, compile
+    seconds, box); ``box["metrics"]`` holds the last step's metrics."""
+    import jax
 
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    state = training.init_state(jax.random.PRNGKey(0))
+    documents = training.step_kwargs["documents"]  # the batches carry their document starts (ids == <s>)
+    device_batches = [jax.device_put((b[None], b[None] == BOS) if documents else b[None], training.batch_sharding)
+                      for b in batches]
     t0 = time.perf_counter()
-    compiled = step.lower(state, device_batches[0], rng).compile()
+    compiled = training.step.lower(state, device_batches[0], rng).compile()
     compile_s = time.perf_counter() - t0
-    try:
-        xla_flops = float(compiled.cost_analysis().get("flops", float("nan")))
-    except Exception:  # cost analysis is best-effort across jax versions
-        xla_flops = float("nan")
-
     box = {"state": state, "i": 0, "metrics": None}
 
     def one_step():
@@ -175,13 +185,32 @@ def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
         jax.block_until_ready((box["state"], box["metrics"]))
         box["i"] += 1
 
+    return one_step, compiled, compile_s, box
+
+
+def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
+    import jax
+
+    from mlmtool.train_config import TrainConfig
+
+    cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
+    # Exactly Trainer's set-up and jit (step.build_training) on a 1-device mesh.
+    _, training = build_bench_training(model_config(preset), cfg, batches)
+    plan = training.plan
+    head_rows = args.batch_size // plan.rows_per_group * plan.prediction_slots
+    one_step, compiled, compile_s, box = compiled_stepper(training, batches)
+    try:
+        xla_flops = float(compiled.cost_analysis().get("flops", float("nan")))
+    except Exception:  # cost analysis is best-effort across jax versions
+        xla_flops = float("nan")
+
     wall, cpu = timed_steps(one_step, args.warmup, args.steps)
     m = jax.device_get(box["metrics"])
     if args.profile:
         print_profile(f"{args.profile}/{preset}", compiled, one_step)
     return {**summarise(wall, cpu, args.batch_size * args.seq_len), "compile_s": compile_s, "xla_flops": xla_flops,
-            "head_rows": head_rows, "prediction_slots": mask_kwargs["max_predictions"],
-            "rows_per_group": rows_per_group,
+            "head_rows": head_rows, "prediction_slots": plan.prediction_slots,
+            "rows_per_group": plan.rows_per_group,
             "loss_last": float(m["loss_sum"]) / max(float(m["denominator"]), 1.0)}
 
 

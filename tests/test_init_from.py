@@ -135,7 +135,7 @@ def test_train_starts_from_the_weights(source, tmp_path):
     np.testing.assert_array_equal(kernel, theirs["roberta.encoder.layer.0.attention.self.query.weight"].T)
     # The loaded model is the PyTorch model: same logits on prepared blocks.
     ids = BlockStore.open(d / "data", "validation").read(np.arange(4)).astype(np.int32)
-    ours = trainer.model.apply({"params": state.params}, jnp.asarray(ids), attention_mask=jnp.asarray(ids != 1))
+    ours = trainer.model.module.apply({"params": state.params}, jnp.asarray(ids), attention_mask=jnp.asarray(ids != 1))
     with torch.no_grad():
         want = model(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(ids != 1).long()).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4)

@@ -603,7 +603,7 @@ def other_model(prepared, tmp_path_factory) -> Path:
     d = Path(shutil.copytree(prepared, tmp_path_factory.mktemp("other") / "model"))
     edit_config(d, intermediate_size=48)
     t = Trainer(ModelDir(d), TrainConfig(max_steps=1, per_device_train_batch_size=8))
-    state = t._init_state(jax.random.PRNGKey(0))
+    state = t.training.init_state(jax.random.PRNGKey(0))
     with checkpoint.manager(d / "checkpoints", async_save=False) as mngr:
         checkpoint.save(mngr, 5, state.params, state.opt_state, t._meta(5))
         checkpoint.wait(mngr)

@@ -37,19 +37,19 @@ TRAIN = ["--max-steps", "12", "--per-device-train-batch-size", "8", "--learning-
          "--warmup-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--save-total-limit", "3"]
 
 # `mlmtool` in a subprocess, with two test hooks: MLMTOOL_TEST_PACE sleeps that many seconds
-# per step (numerics untouched, so that a signal lands mid-run), MLMTOOL_TEST_KILL_IN_SAVE
+# per step, in the training log's action (numerics untouched, so that a signal lands mid-run), MLMTOOL_TEST_KILL_IN_SAVE
 # SIGKILLs the process as soon as the first checkpoint write of the run is in flight.
 _MLMTOOL = r"""
 import os, signal, sys, time
 pace = float(os.environ.get("MLMTOOL_TEST_PACE") or 0)
 if pace or os.environ.get("MLMTOOL_TEST_KILL_IN_SAVE"):
-    from mlmtool import checkpoint, train
+    from mlmtool import checkpoint, periodic
     if pace:
-        flush = train.Trainer._flush
+        log = periodic.MetricsLog.__call__
         def paced(self, *a, **k):
             time.sleep(pace)
-            return flush(self, *a, **k)
-        train.Trainer._flush = paced
+            return log(self, *a, **k)
+        periodic.MetricsLog.__call__ = paced
     if os.environ.get("MLMTOOL_TEST_KILL_IN_SAVE"):
         save = checkpoint.save
         def save_then_die(mngr, step, *a, **k):

@@ -38,8 +38,8 @@ def _losses(d: Path) -> list[dict]:
 
 def _restore(folder: Path, step: int, trainer: Trainer, opt_state: bool = False) -> dict:
     with checkpoint.manager(folder, read_only=True, async_save=False) as mngr:
-        return checkpoint.restore(mngr, step, trainer.abstract_state.params,
-                                  trainer.abstract_state.opt_state if opt_state else None)
+        return checkpoint.restore(mngr, step, trainer.training.abstract_state.params,
+                                  trainer.training.abstract_state.opt_state if opt_state else None)
 
 
 def _equal(a, b) -> bool:

@@ -131,7 +131,7 @@ def test_resume_is_bit_identical(prepared, tmp_path, execution):
     said = []
     trainer = Trainer(ModelDir(b), cfg)
     assert str(jax.random.key_impl(trainer.rng)) == cfg.prng_impl
-    assert trainer.model.remat == cfg.gradient_checkpointing
+    assert trainer.model.module.remat == cfg.gradient_checkpointing
     out = trainer.run(say=said.append)
     assert out["start_step"] == 7 and out["final_step"] == 10
     assert any("Resuming from checkpoint step 7" in s for s in said)
@@ -181,7 +181,7 @@ def test_schedule_warmup_then_decay(kind):
 
 def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
     # Pretend the device has a known 16-bit peak of 1 GFLOP/s: the log then carries the MFU.
-    monkeypatch.setattr("mlmtool.train.peak_flops", lambda kind, dtype: 1e9)
+    monkeypatch.setattr("mlmtool.plan.peak_flops", lambda kind, dtype: 1e9)
     d = _copy(prepared, tmp_path / "ga")
     r = invoke("train", d, "--max-steps", 3, "--per-device-train-batch-size", 4, "--gradient-accumulation-steps", 2,
                "--logging-steps", 1, "--save-steps", 10)
@@ -241,14 +241,17 @@ def test_cli_defaults_are_train_config_defaults():
 
 def _timed(trainer: Trainer, seconds_per_step: float = 1.0) -> Trainer:
     """A fake clock for --max-time: each step takes ``seconds_per_step``, whatever the machine."""
+    import dataclasses
+
     clock = {"t": 0.0}
-    step = trainer._step
+    step = trainer.training.step
 
     def timed_step(*args):
         clock["t"] += seconds_per_step
         return step(*args)
 
-    trainer._step, trainer._now = timed_step, lambda: clock["t"]
+    trainer.training = dataclasses.replace(trainer.training, step=timed_step)
+    trainer.budget.now = lambda: clock["t"]
     return trainer
 
 
@@ -282,3 +285,65 @@ def test_max_time_stops_on_budget_follows_the_clock_and_resumes(prepared, tmp_pa
     # the budget spent, a plain resume has nothing left to do
     again = _timed(Trainer(ModelDir(cut), cfg)).run(say=lambda *a: None)
     assert again["final_step"] == 6
+
+
+class _Rows:
+    """Blocks in memory with what step.build_training reads of a BlockStore."""
+
+    seq_len, pad_token_id, mask_token_id, special_token_ids, vocab_size = 32, 1, 4, (0, 1, 2, 3, 4), 512
+    meta = {"cls_token_id": 0}
+    has_starts = True  # as prepare records them
+
+    def __init__(self, line_by_line: bool = False):
+        rng = np.random.default_rng(0)
+        self.rows = rng.integers(5, self.vocab_size, (64, self.seq_len)).astype(np.int32)
+        self.rows[:, 0], self.rows[::3, 17] = 0, 0  # <s> starts each block, and a few documents inside
+        self.line_by_line = line_by_line
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices):
+        return self.rows[indices]
+
+
+def test_build_training_sets_the_run_up_in_one_pass():
+    """step.build_training: the plan whole at once (its printed lines and FLOPs included), the
+    masking settings sized by it (whole-word slots from the blocks' measured spread), the
+    rate schedule, document starts and the state's shapes and shardings (nothing compiled)."""
+    from mlmtool import sharding as sh
+    from mlmtool.flops import training_flops_per_token
+    from mlmtool.plan import describe_execution, prediction_layout
+    from mlmtool.presets import build_config
+    from mlmtool.step import build_model, build_training
+
+    config = build_config("tiny", overrides=["vocab_size=512"])
+    table = np.where(np.random.default_rng(1).random(512) < 0.6, 1, 0).astype(np.uint8)
+    table[:5] = 3
+    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=20, warmup_steps=2, masking="whole-word",
+                      mlm_probability=0.2, mlm_probability_final=0.1)
+    loaded = build_model(config, cfg)
+    mesh = sh.make_mesh(None, devices=jax.devices()[:1])
+    t = build_training(loaded, cfg, _Rows(), mesh, n_val=3, word_boundaries=table, document_attention=True)
+    plan = t.plan
+    assert (plan.train_blocks, plan.validation_blocks, plan.total_steps, plan.warmup_steps) == (64, 3, 20, 2)
+    assert t.row_variance and (plan.prediction_slots, plan.rows_per_group) == prediction_layout(cfg, 32, t.row_variance)
+    assert (t.mask_kwargs["max_predictions"], t.mask_kwargs["rows_per_group"]) == (plan.prediction_slots, 8)
+    assert t.mask_kwargs["word_boundaries"] is table and t.mask_kwargs["mlm_probability"] == 0.2
+    assert plan.masking.startswith(f"whole-word 20% -> 10% (linear by step), {plan.prediction_slots} prediction slots "
+                                   "per 8 rows") and plan.masking.endswith("document attention on")
+    assert plan.kernels == describe_execution(loaded.module) and plan.parameters == loaded.parameter_count
+    share = plan.prediction_slots / (8 * 32)
+    assert plan.flops_per_token == training_flops_per_token(config, 32, share)["executed"] > 0
+    assert t.step_kwargs["rate_schedule"] == (0.1, 20) and t.step_kwargs["documents"] is True
+    assert not t.step_kwargs["clock"] and t.objective.name == "mlm"
+    assert float(t.schedule(2)) == pytest.approx(cfg.learning_rate)  # warm-up over the plan's 2 steps
+    leaves = jax.tree_util.tree_leaves(t.abstract_state)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
+    # --line-by-line blocks hold one document each: document attention changes nothing; token
+    # masking with a time budget: no measured spread, the step takes the budget's clock.
+    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=20, max_time=60.0)
+    t = build_training(loaded, cfg, _Rows(line_by_line=True), mesh, document_attention=True)
+    assert t.row_variance is None and t.step_kwargs["documents"] is False and t.step_kwargs["clock"]
+    assert t.plan.masking.endswith("document attention on (one document per --line-by-line block: nothing to separate)")
+    assert t.step_kwargs["rate_schedule"] is None and t.plan.max_time == 60.0
