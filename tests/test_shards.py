@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mlmtool import shards
+from mlmtool import shard_plan, shards
 from mlmtool.blocks import BlockStore, validation_mask
 from mlmtool.cli import app
 from mlmtool.corpus import open_corpus
@@ -85,7 +85,7 @@ def reference(bpe_dir, inputs) -> tuple[Path, dict]:
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 50])
 def test_cut_gives_every_line_to_the_shard_its_start_falls_in(inputs, n):
     corpus = open_corpus([str(p) for p in inputs])
-    pieces = shards.cut(corpus.sources, n)
+    pieces = shard_plan.cut(corpus.sources, n)
     total = sum(s.size for s in corpus.sources)
     bounds = [k * total // n for k in range(n + 1)]
     expected: list[list[str]] = [[] for _ in range(n)]
@@ -119,19 +119,19 @@ def open_corpus_of(pieces, corpus):
 
 
 def test_phase_spreads_validation_over_small_shards():
-    assert [shards.phase(k, 4, 5.0) for k in range(4)] == [0, 5, 10, 15]
-    assert shards.phase(3, 1, 5.0) == 0 and shards.phase(2, 4, 0.0) == 0
+    assert [shard_plan.phase(k, 4, 5.0) for k in range(4)] == [0, 5, 10, 15]
+    assert shard_plan.phase(3, 1, 5.0) == 0 and shard_plan.phase(2, 4, 0.0) == 0
     # 4 shards of 10 documents at 5 %: 2 held out in all (one stream of 40 holds 2), not 0
-    assert sum(int(validation_mask(shards.phase(k, 4, 5.0), 10, 5.0).sum()) for k in range(4)) == 2
+    assert sum(int(validation_mask(shard_plan.phase(k, 4, 5.0), 10, 5.0).sum()) for k in range(4)) == 2
 
 
 def test_process_share_from_the_environment():
-    assert shards.process_share(5, {}) is None
-    assert shards.process_share(5, {"MLMTOOL_NUM_PROCESSES": "2", "MLMTOOL_PROCESS_ID": "1"}) == [1, 3]
-    assert shards.process_share(4, {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}) == [0, 3]
-    assert shards.process_share(4, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "6",
+    assert shard_plan.process_share(5, {}) is None
+    assert shard_plan.process_share(5, {"MLMTOOL_NUM_PROCESSES": "2", "MLMTOOL_PROCESS_ID": "1"}) == [1, 3]
+    assert shard_plan.process_share(4, {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}) == [0, 3]
+    assert shard_plan.process_share(4, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "6",
                                     "SLURM_ARRAY_TASK_MIN": "5"}) == [1, 3]
-    assert shards.process_share(6, {"TPU_WORKER_HOSTNAMES": "a,b,c", "TPU_WORKER_ID": "2"}) == [2, 5]
+    assert shard_plan.process_share(6, {"TPU_WORKER_HOSTNAMES": "a,b,c", "TPU_WORKER_ID": "2"}) == [2, 5]
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -144,9 +144,9 @@ def test_sharded_store_is_each_shard_packed_on_its_own(reference, inputs):
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     corpus = open_corpus([str(p) for p in inputs])
     want = {"train": [], "validation": []}
-    for k, pieces in enumerate(shards.cut(corpus.sources, N)):
+    for k, pieces in enumerate(shard_plan.cut(corpus.sources, N)):
         docs = [x for b in open_corpus_of(pieces, corpus).batches(allow_empty=True) for x in b.documents]
-        val = validation_mask(shards.phase(k, N, 5.0), len(docs), 5.0)
+        val = validation_mask(shard_plan.phase(k, N, 5.0), len(docs), 5.0)
         for split, keep in (("train", ~val), ("validation", val)):
             flat = [t for doc, v in zip(docs, keep) if v for t in tok.encode(doc).ids]
             want[split].append(np.array(flat[:len(flat) // 16 * 16]).reshape(-1, 16))
@@ -225,7 +225,7 @@ def test_killed_prepare_resumes_and_redoes_only_the_half_written_shard(reference
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from mlmtool import shards
+from mlmtool import shard_plan, shards
 add = shards._Shard.add
 def dying(self, out, line_by_line):
     r = add(self, out, line_by_line)
