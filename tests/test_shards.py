@@ -414,3 +414,44 @@ def test_two_process_train_reads_only_its_rows_of_a_sharded_store(tmp_path):
         epoch, pos = divmod(step, steps_per_epoch)
         want = epoch_permutation(n, 7, epoch)[pos * global_batch:(pos + 1) * global_batch]
         assert sorted(a + b) == sorted(want.tolist())  # together: the step's global batch
+
+
+# -- a resumed run on a sharded store ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resumed_train_on_a_sharded_store_is_bit_identical(tmp_path):
+    """prepare --num-shards 4, then a run stopped in its first epoch and resumed into its second
+    ends with the weights of the uninterrupted run (the loader's positions across the shard
+    files and the epoch's permutation are restored, not re-derived from the stop)."""
+    from mlmtool.hf_weights import read_safetensors
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.train import Trainer
+    from mlmtool.train_config import TrainConfig
+    from tests.pipeline import invoke as cli, prepared_dir
+
+    d = prepared_dir(tmp_path, n_docs=120)
+    r = cli("prepare", d, tmp_path / "corpus.txt", "--max-seq-length", 32, "--validation-split-percentage", 10,
+            "--num-shards", N, "--force")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    assert len(meta["shards"]) == N and all(sh["num_blocks"]["train"] > 0 for sh in meta["shards"])
+    steps_per_epoch = len(BlockStore.open(d / "data", "train")) // 8
+    assert 3 <= steps_per_epoch <= 40, steps_per_epoch
+    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=steps_per_epoch + 3, learning_rate=1e-3,
+                      warmup_steps=2, logging_steps=2, save_steps=2, save_total_limit=2)
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(d, tmp_path / name))
+
+    a, b = copy("a"), copy("b")
+    Trainer(ModelDir(a), cfg).run(say=lambda *x: None)
+    calls = iter(range(10_000))
+    stop_at = steps_per_epoch - 2  # stops (and saves) in the first epoch
+    out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None, stop_requested=lambda: next(calls) == stop_at)
+    assert out["stopped_early"] and out["final_step"] == stop_at + 1 < steps_per_epoch
+    out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None)
+    assert out["start_step"] == stop_at + 1 and out["final_step"] == steps_per_epoch + 3
+    pa, pb = read_safetensors(a / "model.safetensors"), read_safetensors(b / "model.safetensors")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
