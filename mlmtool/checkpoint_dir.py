@@ -15,7 +15,8 @@ URLs (``s3://``, ``gs://``, ...) are refused, not half-supported: orbax-checkpoi
 version tested) writes the arrays through TensorStore with a spec it builds for ``gs://``
 alone; an ``s3://bucket/run`` path is normalised to ``s3:/bucket/run`` and given to the
 ``file`` driver, and the first save fails with "Checkpoint path should be absolute" after
-``etils.epath`` has already written the step's metadata to the bucket.  ``gs://`` would take
+``etils.epath`` has already written the step's metadata to the bucket (and a local folder
+``s3:/bucket/...`` in the working directory).  ``gs://`` would take
 orbax's GCS driver, but mlmtool's own checkpoint code (listing steps, removing unfinished
 saves, ``--force``) works on local paths, and no GCS server could be run here to test it.
 """

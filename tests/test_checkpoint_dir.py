@@ -136,9 +136,11 @@ def test_bad_checkpoint_dirs_are_refused_before_anything_is_written(fresh, tmp_p
     assert "already leads to" in refused("--checkpoint-dir", tmp_path / "other")
 
 
-def test_orbax_still_cannot_write_s3(s3_server, tmp_path):  # noqa: F811 - the fixture
+def test_orbax_still_cannot_write_s3(s3_server, tmp_path, monkeypatch):  # noqa: F811 - the fixture
     """The reason s3:// is refused, checked: when orbax learns to write s3://, this fails and
-    --checkpoint-dir can take URLs."""
+    --checkpoint-dir can take URLs.  (It also leaves a local folder ``s3:/bucket/...`` in the
+    working directory: run here in a temporary one.)"""
+    monkeypatch.chdir(tmp_path)
     import boto3
     import jax.numpy as jnp
     from etils import epath
@@ -151,3 +153,4 @@ def test_orbax_still_cannot_write_s3(s3_server, tmp_path):  # noqa: F811 - the f
         with pytest.raises(ValueError, match="Checkpoint path should be absolute"):
             mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": jnp.arange(4.0)}),
                                                  meta=ocp.args.JsonSave({"step": 1})))
+    assert (tmp_path / "s3:" / "bucket" / "run" / "checkpoints").is_dir()  # the s3:// path taken as a local one
