@@ -90,9 +90,9 @@ def train_command(
     save_total_limit: Annotated[Optional[int], typer.Option(help="Keep the N newest checkpoints.",
                                                             rich_help_panel=SCHED)] = 3,
     checkpoint_dir: Annotated[Optional[str], typer.Option(
-        "--checkpoint-dir", help="Keep the checkpoints in PATH (another disk, a shared or mounted file system), "
-        "DIR/checkpoints becoming a link to it that every later command follows. Not a URL: mount an s3:// or "
-        "gs:// bucket and give the mount's path (docs/corpora.md).", rich_help_panel=SCHED,
+        "--checkpoint-dir", metavar="PATH", help="Keep the checkpoints in PATH (another disk, a shared or mounted "
+        "file system), DIR/checkpoints becoming a link to it that every later command follows. Not a URL: mount an "
+        "s3:// or gs:// bucket and give the mount's path (docs/corpora.md).", rich_help_panel=SCHED,
         show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from the latest checkpoint in DIR if there is one.")] = True,
