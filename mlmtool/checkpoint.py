@@ -220,7 +220,21 @@ def remove_temporary(directory: Path) -> None:
 
 
 def remove_all(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    """Delete every checkpoint in ``directory``; a link made by ``--checkpoint-dir``
+    (:mod:`mlmtool.checkpoint_dir`) stays, its target emptied but for its owner record."""
+    directory = Path(directory)
+    if not directory.is_symlink():
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    from mlmtool.checkpoint_dir import OWNER
+
+    for p in directory.iterdir():
+        if p.name == OWNER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 # -- which weights: eval, predict, export and eval --minimal-pairs select them the same way --------

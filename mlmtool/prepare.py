@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from mlmtool import blocks, encode_pool, shards
+from mlmtool import blocks, encode_pool, shard_plan, shards
 from mlmtool.blocks import VALIDATION_RULE
 from mlmtool.constants import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_VALIDATION_SPLIT_PERCENTAGE, EXECUTORS, choice_error
 from mlmtool.corpus import DEFAULT_BATCH_BYTES, Corpus
@@ -124,7 +124,7 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
     depends only on the inputs and N); ``shard_indices``: prepare only those (several
     processes fill one store; the one that finds every shard done finishes it); None takes
     this process's share when the environment names several processes
-    (:func:`mlmtool.shards.process_share`), else all.  ``executor="ray"`` runs the shards as
+    (:func:`mlmtool.shard_plan.process_share`), else all.  ``executor="ray"`` runs the shards as
     Ray tasks (``ray_address``: a running cluster; None starts a local one).
     """
     started = time.perf_counter()
@@ -154,9 +154,9 @@ def prepare(model_dir: ModelDir | str | os.PathLike, corpus: Corpus, *,
 
     if executor not in EXECUTORS:
         raise ConfigError(choice_error("--executor", executor, EXECUTORS), "use --executor local or ray")
-    shard_indices = shards.check_indices(shard_indices, num_shards)
+    shard_indices = shard_plan.check_indices(shard_indices, num_shards)
     if shard_indices is None and executor == "local":
-        shard_indices = shards.process_share(num_shards)
+        shard_indices = shard_plan.process_share(num_shards)
     args = {"max_seq_length": max_seq_length, "line_by_line": line_by_line,
             "validation_split_percentage": float(validation_split_percentage)}
     if num_shards > 1:  # one shard is the store of one stream, as before shards: its key is unchanged
@@ -248,7 +248,7 @@ def _build(mdir: ModelDir, corpus: Corpus, tok: TokenizerInfo, key: dict, args: 
         shards.discard_if_empty(staging, num_shards)
         return _summary(blocks.read_meta(mdir.data_dir), mdir.data_dir, "up to date",
                         time.perf_counter() - started, None)
-    pieces = shards.cut(corpus.sources, num_shards) if corpus.hub is None else [[]]
+    pieces = shard_plan.cut(corpus.sources, num_shards) if corpus.hub is None else [[]]
     indices = list(range(num_shards)) if shard_indices is None else shard_indices
     if force and not plain:  # --force --shard-index I: redo those shards (a plain --force redoes all, above)
         for k in indices:

@@ -172,7 +172,7 @@ def commit(mdir) -> Path | None | bool:
             moved.parent.mkdir(parents=True, exist_ok=True)
             _rename(own, moved)
         else:  # no complete checkpoint: only the temporary folders of unfinished saves
-            shutil.rmtree(own)
+            own.unlink() if own.is_symlink() else shutil.rmtree(own)  # a link: --checkpoint-dir's
     _rename(pending, own)
     _drop_pending(mdir)
     return moved

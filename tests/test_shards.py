@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mlmtool import shards
+from mlmtool import shard_plan, shards
 from mlmtool.blocks import BlockStore, validation_mask
 from mlmtool.cli import app
 from mlmtool.corpus import open_corpus
@@ -85,7 +85,7 @@ def reference(bpe_dir, inputs) -> tuple[Path, dict]:
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 50])
 def test_cut_gives_every_line_to_the_shard_its_start_falls_in(inputs, n):
     corpus = open_corpus([str(p) for p in inputs])
-    pieces = shards.cut(corpus.sources, n)
+    pieces = shard_plan.cut(corpus.sources, n)
     total = sum(s.size for s in corpus.sources)
     bounds = [k * total // n for k in range(n + 1)]
     expected: list[list[str]] = [[] for _ in range(n)]
@@ -119,19 +119,19 @@ def open_corpus_of(pieces, corpus):
 
 
 def test_phase_spreads_validation_over_small_shards():
-    assert [shards.phase(k, 4, 5.0) for k in range(4)] == [0, 5, 10, 15]
-    assert shards.phase(3, 1, 5.0) == 0 and shards.phase(2, 4, 0.0) == 0
+    assert [shard_plan.phase(k, 4, 5.0) for k in range(4)] == [0, 5, 10, 15]
+    assert shard_plan.phase(3, 1, 5.0) == 0 and shard_plan.phase(2, 4, 0.0) == 0
     # 4 shards of 10 documents at 5 %: 2 held out in all (one stream of 40 holds 2), not 0
-    assert sum(int(validation_mask(shards.phase(k, 4, 5.0), 10, 5.0).sum()) for k in range(4)) == 2
+    assert sum(int(validation_mask(shard_plan.phase(k, 4, 5.0), 10, 5.0).sum()) for k in range(4)) == 2
 
 
 def test_process_share_from_the_environment():
-    assert shards.process_share(5, {}) is None
-    assert shards.process_share(5, {"MLMTOOL_NUM_PROCESSES": "2", "MLMTOOL_PROCESS_ID": "1"}) == [1, 3]
-    assert shards.process_share(4, {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}) == [0, 3]
-    assert shards.process_share(4, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "6",
+    assert shard_plan.process_share(5, {}) is None
+    assert shard_plan.process_share(5, {"MLMTOOL_NUM_PROCESSES": "2", "MLMTOOL_PROCESS_ID": "1"}) == [1, 3]
+    assert shard_plan.process_share(4, {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}) == [0, 3]
+    assert shard_plan.process_share(4, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "6",
                                     "SLURM_ARRAY_TASK_MIN": "5"}) == [1, 3]
-    assert shards.process_share(6, {"TPU_WORKER_HOSTNAMES": "a,b,c", "TPU_WORKER_ID": "2"}) == [2, 5]
+    assert shard_plan.process_share(6, {"TPU_WORKER_HOSTNAMES": "a,b,c", "TPU_WORKER_ID": "2"}) == [2, 5]
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -144,9 +144,9 @@ def test_sharded_store_is_each_shard_packed_on_its_own(reference, inputs):
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     corpus = open_corpus([str(p) for p in inputs])
     want = {"train": [], "validation": []}
-    for k, pieces in enumerate(shards.cut(corpus.sources, N)):
+    for k, pieces in enumerate(shard_plan.cut(corpus.sources, N)):
         docs = [x for b in open_corpus_of(pieces, corpus).batches(allow_empty=True) for x in b.documents]
-        val = validation_mask(shards.phase(k, N, 5.0), len(docs), 5.0)
+        val = validation_mask(shard_plan.phase(k, N, 5.0), len(docs), 5.0)
         for split, keep in (("train", ~val), ("validation", val)):
             flat = [t for doc, v in zip(docs, keep) if v for t in tok.encode(doc).ids]
             want[split].append(np.array(flat[:len(flat) // 16 * 16]).reshape(-1, 16))
@@ -225,7 +225,7 @@ def test_killed_prepare_resumes_and_redoes_only_the_half_written_shard(reference
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from mlmtool import shards
+from mlmtool import shard_plan, shards
 add = shards._Shard.add
 def dying(self, out, line_by_line):
     r = add(self, out, line_by_line)
@@ -414,3 +414,44 @@ def test_two_process_train_reads_only_its_rows_of_a_sharded_store(tmp_path):
         epoch, pos = divmod(step, steps_per_epoch)
         want = epoch_permutation(n, 7, epoch)[pos * global_batch:(pos + 1) * global_batch]
         assert sorted(a + b) == sorted(want.tolist())  # together: the step's global batch
+
+
+# -- a resumed run on a sharded store ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resumed_train_on_a_sharded_store_is_bit_identical(tmp_path):
+    """prepare --num-shards 4, then a run stopped in its first epoch and resumed into its second
+    ends with the weights of the uninterrupted run (the loader's positions across the shard
+    files and the epoch's permutation are restored, not re-derived from the stop)."""
+    from mlmtool.hf_weights import read_safetensors
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.train import Trainer
+    from mlmtool.train_config import TrainConfig
+    from tests.pipeline import invoke as cli, prepared_dir
+
+    d = prepared_dir(tmp_path, n_docs=120)
+    r = cli("prepare", d, tmp_path / "corpus.txt", "--max-seq-length", 32, "--validation-split-percentage", 10,
+            "--num-shards", N, "--force")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    assert len(meta["shards"]) == N and all(sh["num_blocks"]["train"] > 0 for sh in meta["shards"])
+    steps_per_epoch = len(BlockStore.open(d / "data", "train")) // 8
+    assert 3 <= steps_per_epoch <= 40, steps_per_epoch
+    cfg = TrainConfig(per_device_train_batch_size=8, max_steps=steps_per_epoch + 3, learning_rate=1e-3,
+                      warmup_steps=2, logging_steps=2, save_steps=2, save_total_limit=2)
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(d, tmp_path / name))
+
+    a, b = copy("a"), copy("b")
+    Trainer(ModelDir(a), cfg).run(say=lambda *x: None)
+    calls = iter(range(10_000))
+    stop_at = steps_per_epoch - 2  # stops (and saves) in the first epoch
+    out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None, stop_requested=lambda: next(calls) == stop_at)
+    assert out["stopped_early"] and out["final_step"] == stop_at + 1 < steps_per_epoch
+    out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None)
+    assert out["start_step"] == stop_at + 1 and out["final_step"] == steps_per_epoch + 3
+    pa, pb = read_safetensors(a / "model.safetensors"), read_safetensors(b / "model.safetensors")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)

@@ -106,6 +106,11 @@ def train_command(
                                             rich_help_panel=SCHED)] = D.save_steps,
     save_total_limit: Annotated[Optional[int], typer.Option(help="Keep the N newest checkpoints.",
                                                             rich_help_panel=SCHED)] = D.save_total_limit,
+    checkpoint_dir: Annotated[Optional[str], typer.Option(
+        "--checkpoint-dir", metavar="PATH", help="Keep the checkpoints in PATH (another disk, a shared or mounted "
+        "file system), DIR/checkpoints becoming a link to it that every later command follows. Not a URL: mount an "
+        "s3:// or gs:// bucket and give the mount's path (docs/corpora.md).", rich_help_panel=SCHED,
+        show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from the latest checkpoint in DIR if there is one.")] = True,
     from_checkpoint: Annotated[Optional[str], typer.Option(
@@ -125,6 +130,10 @@ def train_command(
     given = {**ctx.params, "optimizer": _optimizer(ctx, optimizer, adafactor)}
     cfg = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     cfg.validate_ranges()  # before jax loads
+    from mlmtool import checkpoint_dir as ckpt_place
+
+    if checkpoint_dir is not None:
+        ckpt_place.refuse_url(checkpoint_dir)  # on every process, before jax loads
 
     from mlmtool.progress import TrainProgress, say
 
@@ -138,6 +147,13 @@ def train_command(
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
     with _locked(model_dir, main and not dry_run) as mdir:  # a dry run writes nothing in DIR
+        if checkpoint_dir is not None and from_checkpoint is not None:
+            from mlmtool.errors import ConfigError
+
+            raise ConfigError("--checkpoint-dir goes with a run's first stage, not --from-checkpoint",
+                              "give --checkpoint-dir on the first train; a new stage keeps DIR/checkpoints")
+        if main:  # DIR/checkpoints -> PATH (made here), or a link made before that must still lead somewhere
+            ckpt_place.place(mdir.checkpoints_dir, checkpoint_dir, create=not dry_run)
         if keep_optimizer_state and from_checkpoint is None:
             from mlmtool.errors import TrainingError
 
