@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.model_helpers import MaskedLM, ModelConfig, init_params
+from mlmtool.models import load_model
 from mlmtool.optim import OPTIMIZERS, decay_length, decay_mask, make_optimizer, make_schedule
 from mlmtool.presets import build_config
 from mlmtool.train_config import TrainConfig
@@ -58,8 +58,8 @@ def test_adafactor_switch_is_the_optimizer_option():
 
 
 def test_decay_mask_is_two_or_more_dimensions():
-    cfg = ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=100"]))
-    flat = dict(jax.tree_util.tree_leaves_with_path(decay_mask(init_params(cfg, 0))))
+    params = load_model(build_config("tiny", overrides=["vocab_size=100"])).init(0)
+    flat = dict(jax.tree_util.tree_leaves_with_path(decay_mask(params)))
     names = {"/".join(k.key for k in path): v for path, v in flat.items()}
     assert names["embeddings/word_embeddings/embedding"] and names["lm_head/dense/kernel"]
     assert not names["lm_head/bias"] and not names["embeddings/LayerNorm/scale"]
@@ -69,14 +69,14 @@ def test_decay_mask_is_two_or_more_dimensions():
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains(optimizer):
     """A tiny MLM on one fixed batch: 15 steps bring the loss down."""
-    mcfg = ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"]))
-    model = MaskedLM(mcfg)
+    loaded = load_model(build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"]))
+    model = loaded.module
     # Lion's sign updates want a smaller rate; LAMB's and Adafactor's steps are relative to
     # the weights' norm (small at initialisation) and want a larger one.
     lr = {"lion": 3e-4, "lamb": 3e-2, "adafactor": 3e-2}.get(optimizer, 3e-3)
     cfg = TrainConfig(optimizer=optimizer, learning_rate=lr, weight_decay=0.01)
     tx = make_optimizer(cfg, optax.constant_schedule(lr))
-    params = init_params(mcfg, 0)
+    params = loaded.init(0)
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 64, (8, 16)), jnp.int32)
 
     def loss_fn(p):
