@@ -41,9 +41,23 @@ demo: install
 	$(BIN)/mlmtool predict $(MODEL) "To be, or not to [MASK], that is the question." \
 	    "O Romeo, Romeo, wherefore art thou [MASK]?" "Friends, Romans, countrymen, lend me your [MASK]."
 
+# Two pytest workers (pytest-xdist), each test file on one of them (--dist loadfile): a file's
+# module-scoped fixtures (trained and prepared directories) are built once, and the tests that
+# share a port, a lock, a Ray cluster or a moto server run one after the other.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# What CI runs: lint, the types of the model seam (pyright, [tool.pyright] in pyproject.toml),
+# then every test.
 test: install-test
 	$(BIN)/ruff check mlmtool tests scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(PYTEST)
+
+# The developer's loop: lint and every test not marked slow (no subprocess, no training, no
+# torch model).
+test-fast: install-test
+	$(BIN)/ruff check mlmtool tests scripts
+	$(PYTEST) -m "not slow"
 
 bench: install-test
 	$(BIN)/python scripts/bench_train.py
