@@ -100,9 +100,25 @@ def _random_params(name: str):
     return perturbed(load_model(CASES[name][1]).init(0))
 
 
+def _name(fields: dict) -> str:
+    return next(name for name, (_, f) in CASES.items() if f is fields)
+
+
 def random_params(fields: dict):
     """perturbed(init(0)) of a CASES entry, built once per session (init compiles)."""
-    return _random_params(next(name for name, (_, f) in CASES.items() if f is fields))
+    return _random_params(_name(fields))
+
+
+@functools.cache
+def _full_logits(name: str) -> np.ndarray:
+    loaded = load_model(CASES[name][1])
+    return ours(loaded, _random_params(name), padded_batch(loaded, left=False))
+
+
+def full_logits(fields: dict) -> np.ndarray:
+    """Float32 logits of ``random_params`` on the right-padded ``padded_batch``, once per session
+    (the unjitted network runs op by op: seconds on a loaded CPU)."""
+    return _full_logits(_name(fields))
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -271,7 +287,7 @@ def test_masked_positions_gather_before_head(case):
     loaded = load_model(fields)
     params = random_params(fields)
     ids, mask = padded_batch(loaded, left=False)
-    full = ours(loaded, params, (ids, mask))
+    full = full_logits(fields)
     positions = np.array([[0, 3, 15], [1, 2, 10], [4, 0, 0]], dtype=np.int32)
     gathered = np.asarray(loaded.module.apply({"params": params}, ids, mask, masked_positions=positions))
     assert gathered.shape == (3, 3, loaded.config.vocab_size) and gathered.dtype == np.float32
@@ -289,9 +305,9 @@ def test_bfloat16_compute_close_to_float32(case):
     loaded, half = load_model(fields), load_model(fields, dtype="bfloat16")
     params = random_params(fields)
     batch = padded_batch(loaded, left=False)
-    fp32, bf16 = ours(loaded, params, batch), ours(half, params, batch)
+    fp32, bf16 = full_logits(fields), ours(half, params, batch)
     assert bf16.dtype == np.float32  # logits always float32
-    variables = half.module.init(jax.random.PRNGKey(0), batch[0])  # master weights stay float32
+    variables = jax.eval_shape(half.module.init, jax.random.PRNGKey(0), batch[0])  # master weights stay float32
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
     diff = float(np.abs(bf16 - fp32)[batch[1] == 1].max())
     assert 0 < diff < BF16_REL_TOL * float(np.abs(fp32).max()), diff
@@ -306,8 +322,8 @@ def test_padding_changes_nothing_at_the_real_tokens(case):
     ids, mask = padded_batch(loaded, left=False)
     alone = ours(loaded, params, (ids[2:, :5], mask[2:, :5]))  # row 2 has 5 real tokens
     junk = np.where(mask == 1, ids, np.random.default_rng(1).integers(5, loaded.config.vocab_size, ids.shape))
-    for padding in (ids, junk.astype(np.int32)):
-        np.testing.assert_allclose(ours(loaded, params, (padding, mask))[2, :5], alone[0], atol=1e-5)
+    for padded in (full_logits(fields), ours(loaded, params, (junk.astype(np.int32), mask))):  # pad ids, others
+        np.testing.assert_allclose(padded[2, :5], alone[0], atol=1e-5)
 
 
 def test_a_sequence_longer_than_the_model_is_refused(case):
@@ -316,6 +332,7 @@ def test_a_sequence_longer_than_the_model_is_refused(case):
     n = loaded.max_sequence_length
     assert n == family.max_sequence_length(fields)
     params = random_params(fields)
-    assert loaded.module.apply({"params": params}, np.full((1, n), 7, np.int32)).shape == (1, n, fields["vocab_size"])
+    longest = jax.eval_shape(lambda p: loaded.module.apply({"params": p}, np.full((1, n), 7, np.int32)), params)
+    assert longest.shape == (1, n, fields["vocab_size"])
     with pytest.raises(ConfigError, match=f"sequence length {n + 1} exceeds the model's maximum {n}"):
         loaded.module.apply({"params": params}, np.full((1, n + 1), 7, np.int32))
