@@ -442,11 +442,12 @@ CASES = [
 _QUIET = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-# the cases over a trained directory train it first: slow
+# the cases over a trained directory train it first, disk-full-checkpoint trains to its first save: slow
 _TRAINED = [_QUIET, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_TRAINED if c.needs == "trained" else [])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_TRAINED if c.needs == "trained" else
+                                               [pytest.mark.slow] if c.id == "disk-full-checkpoint" else [])
                                   for c in CASES])
 def test_bad_input(case: Case, request, tmp_path, monkeypatch):
     env = {"monkeypatch": monkeypatch}
