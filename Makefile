@@ -46,9 +46,23 @@ demo: install
 	$(BIN)/python scripts/make_minimal_pairs.py $(DEMO)/heldout.txt -o $(DEMO)/pairs_heldout.jsonl --per-set 100
 	$(BIN)/mlmtool eval $(MODEL) --minimal-pairs $(DEMO)/pairs_heldout.jsonl
 
+# Two pytest workers (pytest-xdist), each test file on one of them (--dist loadfile): a file's
+# module-scoped fixtures (trained and prepared directories) are built once, and the tests that
+# share a port, a lock, a Ray cluster or a moto server run one after the other.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# What CI runs: lint, the types of the model seam (pyright, [tool.pyright] in pyproject.toml),
+# then every test.
 test: install-test
 	$(BIN)/ruff check mlmtool tests scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(PYTEST)
+
+# The developer's loop: lint and every test not marked slow (no subprocess, no training, no
+# torch model).
+test-fast: install-test
+	$(BIN)/ruff check mlmtool tests scripts
+	$(PYTEST) -m "not slow"
 
 bench: install-test
 	$(BIN)/python scripts/bench_train.py

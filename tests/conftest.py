@@ -19,8 +19,9 @@ os.environ["MLMTOOL_COMPILATION_CACHE"] = "0"
 # directly (checkpoint saves that fail on purpose): no orbax chatter in their output.
 quiet_orbax()
 
-# -- corpus, tokenizer and prepare tests (test_corpus_*, test_tokenizer, test_prepare, test_piece_encoder) --
+# -- the generated corpora of every test --------------------------------------------------------
 
+#: The corpus, tokenizer and prepare tests' words (test_corpus_*, test_tokenizer, test_prepare, test_piece_encoder).
 CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with for on at by "
                 "from house garden letter morning evening walk dance ball sister brother mother "
                 "father friend family marriage fortune estate visit conversation opinion "
@@ -28,21 +29,32 @@ CORPUS_WORDS = ("the a of and to in is was he she it they we you that this with 
                 "elegant amiable certainly perhaps never always quite very much little great "
                 "kernel driver device memory interrupt buffer register module config").split()
 
+#: The pipeline tests' words (tests/pipeline.py: init -> ... -> train -> predict "the king [MASK] good night").
+WORDS = ("the king queen said good night to a man woman of this that and love war peace time day "
+         "come go see hear speak my lord lady sir sweet fair true false heart mind eye hand death life "
+         "house world heaven earth father mother son daughter friend enemy honour name word").split()
+
 #: Words that trip tokenizers up: accents, scripts, odd whitespace, specials' text, control characters.
 TRICKY_WORDS = ["Émile", "naïve", "日本語", "x" * 30, "  ", "\t", "\u00a0", "\u3000", "\u200b", "\x1c",
                 "don't", "'s", "<mask>", "<s>", "</s>", "[MASK]", "ΟΔΟΣ", "a\u0301", "\u0301", "😀", "3.14",
                 "--", "(x)", "straße", "\r", "\x00", "\ufffd", "İ"]
 
 
-def make_documents(n_docs: int = 300, seed: int = 0, min_words: int = 3,
-                   max_words: int = 40) -> list[str]:
-    """English-like documents (one line each) from a word list, fixed seed."""
+def make_documents(n_docs: int = 300, seed: int = 0, min_words: int = 3, max_words: int = 40, *,
+                   words: tuple[str, ...] | list[str] = CORPUS_WORDS, phrases: int = 0) -> list[str]:
+    """English-like documents (one line each) from ``words``, fixed seed: ``min_words`` to
+    ``max_words`` random words and an ending; or, with ``phrases`` > 0, 2 to 8 sentences drawn
+    from that many fixed phrases of 3 to 6 words (structure a few training steps learn)."""
     rng = random.Random(seed)
+    if phrases:
+        pool = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 6))) for _ in range(phrases)]
+        return [". ".join(rng.choice(pool).capitalize() for _ in range(rng.randint(2, 8))) + "."
+                for _ in range(n_docs)]
     docs = []
     for _ in range(n_docs):
-        words = [rng.choice(CORPUS_WORDS) for _ in range(rng.randint(min_words, max_words))]
-        words[0] = words[0].capitalize()
-        docs.append(" ".join(words) + rng.choice([".", "!", "?", ", Mr. Darcy said."]))
+        doc = [rng.choice(words) for _ in range(rng.randint(min_words, max_words))]
+        doc[0] = doc[0].capitalize()
+        docs.append(" ".join(doc) + rng.choice([".", "!", "?", ", Mr. Darcy said."]))
     return docs
 
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from mlmtool.cli import app
+from tests.conftest import WORDS, make_documents, write_documents
 
-WORDS = ("the king queen said good night to a man woman of this that and love war peace time day "
-         "come go see hear speak my lord lady sir sweet fair true false heart mind eye hand death life "
-         "house world heaven earth father mother son daughter friend enemy honour name word").split()
+__all__ = ["WORDS", "invoke", "prepared_dir", "trained_dir", "write_corpus"]
 
 
 def write_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
-    """English-like text with learnable structure (fixed phrases), one document per line."""
-    rng = random.Random(seed)
-    phrases = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) for _ in range(40)]
-    lines = []
-    for _ in range(n_docs):
-        doc = ". ".join(rng.choice(phrases).capitalize() for _ in range(rng.randint(2, 8)))
-        lines.append(doc + ".")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    """English-like text with learnable structure (40 fixed phrases of WORDS), one document per line."""
+    return write_documents(path, make_documents(n_docs, seed, words=WORDS, phrases=40))
 
 
 def invoke(*args: str, input: str | None = None):

@@ -444,7 +444,12 @@ CASES = [
 _QUIET = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[_QUIET] if c.needs == "trained" else [])
+# the cases over a trained directory train it first, disk-full-checkpoint trains to its first save: slow
+_TRAINED = [_QUIET, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_TRAINED if c.needs == "trained" else
+                                               [pytest.mark.slow] if c.id == "disk-full-checkpoint" else [])
                                   for c in CASES])
 def test_bad_input(case: Case, request, tmp_path, monkeypatch):
     env = {"monkeypatch": monkeypatch}
@@ -484,6 +489,7 @@ def test_bad_input(case: Case, request, tmp_path, monkeypatch):
         assert not list((watched / "checkpoints").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
                     reason="running as root: chmod does not stop root from writing (see the read-only-* cases, "
                            "which simulate EROFS)")
@@ -504,6 +510,7 @@ def test_read_only_directory_for_real(prepared, tmp_path):
     assert snapshot(d) == before
 
 
+@pytest.mark.slow
 def test_some_lines_not_utf8_are_skipped_with_a_count(prepared, tmp_path):
     d = Path(shutil.copytree(prepared, tmp_path / "model"))
     corpus = tmp_path / "mixed.txt"

@@ -31,6 +31,7 @@ def _complete(words: str, cword: int) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MLMTOOL.exists(), reason="mlmtool console script not installed in this environment")
 def test_shell_completion():
     # --show-completion detects the shell from the process tree (not possible under every test
@@ -76,6 +77,7 @@ def test_environment_variables(monkeypatch):
     assert r.exit_code == 2 and "--num-proc" in r.output  # a usage error (min=1), as for the option
 
 
+@pytest.mark.slow
 def test_environment_variable_reaches_the_run(tmp_path, monkeypatch):
     d = tmp_path / "m"
     assert invoke("init", d, "--preset", "tiny").exit_code == 0
@@ -112,6 +114,7 @@ def test_quiet_keeps_results_and_errors(tmp_path, corpus_file, monkeypatch):
     assert json.loads(r.stdout)["status"] == "unchanged"
 
 
+@pytest.mark.slow
 def test_orbax_is_quieted_by_the_command_line_not_by_importing_the_library():
     """Importing mlmtool.checkpoint leaves absl's verbosity and sys.unraisablehook alone; the
     CLI's root callback sets them (orbax errors only with MLMTOOL_DEBUG)."""

@@ -35,6 +35,7 @@ def test_jax_own_setting_wins(monkeypatch, tmp_path):
     assert compilation_cache.cache_dir() == tmp_path / "jax-own"
 
 
+@pytest.mark.slow
 def test_configure_before_jax_is_imported(tmp_path):
     code = ("import sys; from mlmtool import compilation_cache as c; c.configure(); "
             "assert 'jax' not in sys.modules; import jax; print(jax.config.jax_compilation_cache_dir)")
@@ -61,6 +62,7 @@ def _entries(cache: Path, program: str) -> set[str]:
     return {p.name for p in cache.iterdir() if p.name.startswith(f"jit_{program}-")}
 
 
+@pytest.mark.slow
 def test_resume_and_eval_load_the_compiled_programs(tmp_path):
     d = prepared_dir(tmp_path)
     cache = tmp_path / "cache"

@@ -210,6 +210,7 @@ def test_all_lines_undecodable(tmp_path):
         read_all(open_corpus([bad]))
 
 
+@pytest.mark.slow
 def test_no_jax_or_transformers_import():
     code = ("import sys, mlmtool.corpus, mlmtool.blocks, mlmtool.prepare, mlmtool.tokenizer_train;"
             "bad = [m for m in ('jax', 'transformers', 'torch', 'datasets') if m in sys.modules];"

@@ -21,6 +21,8 @@ import pytest
 
 from tests.pipeline import prepared_dir
 
+pytestmark = pytest.mark.slow  # multi-process trainings
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # Global batch 16 = 4 per device x 4 devices, whether 1 process x 4 devices or 2 x 2.

@@ -20,6 +20,8 @@ from mlmtool.tokenizer_train import train_tokenizer
 from tests.conftest import make_documents, write_documents
 from tests.pipeline import invoke, trained_dir
 
+pytestmark = pytest.mark.slow  # exports of trained directories loaded in torch
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -7,7 +7,12 @@
   mismatched key, of the family's architecture, with the same logits;
 * the jax-free parameter count equals ``eval_shape`` and torch's;
 * the no-weight-decay rule equals HF Trainer's ``get_decay_parameter_names``;
-* ``mlmtool predict`` equals ``pipeline("fill-mask")`` on the export.
+* ``mlmtool predict`` equals ``pipeline("fill-mask")`` on the export;
+* config.json written by ``init --config`` reads back, through transformers' ``AutoConfig``,
+  as the same config;
+* logits at ``masked_positions`` are the full logits gathered there; bfloat16 computation is
+  close to float32 with float32 master weights; the padding of a row changes nothing at its
+  real tokens; an input one token longer than the model is refused.
 
 A new family gets all of this by being registered; its own test file holds only what is
 peculiar to it.
@@ -15,13 +20,16 @@ peculiar to it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlmtool.errors import ConfigError
 from mlmtool.models import families, load_model
 from mlmtool.presets import load_config_file
 
@@ -87,11 +95,38 @@ def perturbed(params, scale: float = 0.1):
                                                   for x, k in zip(leaves, keys)])
 
 
+@functools.cache
+def _random_params(name: str):
+    return perturbed(load_model(CASES[name][1]).init(0))
+
+
+def _name(fields: dict) -> str:
+    return next(name for name, (_, f) in CASES.items() if f is fields)
+
+
+def random_params(fields: dict):
+    """perturbed(init(0)) of a CASES entry, built once per session (init compiles)."""
+    return _random_params(_name(fields))
+
+
+@functools.cache
+def _full_logits(name: str) -> np.ndarray:
+    loaded = load_model(CASES[name][1])
+    return ours(loaded, _random_params(name), padded_batch(loaded, left=False))
+
+
+def full_logits(fields: dict) -> np.ndarray:
+    """Float32 logits of ``random_params`` on the right-padded ``padded_batch``, once per session
+    (the unjitted network runs op by op: seconds on a loaded CPU)."""
+    return _full_logits(_name(fields))
+
+
 @pytest.fixture(params=sorted(CASES))
 def case(request):
     return CASES[request.param]
 
 
+@pytest.mark.slow
 def test_transformers_checkpoint_loads_with_identical_logits(case, tmp_path):
     _, fields = case
     model = hf_model(fields)
@@ -100,10 +135,11 @@ def test_transformers_checkpoint_loads_with_identical_logits(case, tmp_path):
     assert_parity(loaded, loaded.load_hf(tmp_path), model)
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers(case, tmp_path):
     family, fields = case
     loaded = load_model(fields)
-    params = perturbed(loaded.init(0))
+    params = random_params(fields)
     (tmp_path / "config.json").write_text(json.dumps(fields))
     loaded.save_hf(params, tmp_path)
     model, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
@@ -116,6 +152,7 @@ def test_export_loads_in_transformers(case, tmp_path):
                                                     jax.tree_util.tree_leaves(back)))
 
 
+@pytest.mark.slow
 def test_parameter_count(case):
     family, fields = case
     loaded = load_model(fields)
@@ -124,6 +161,7 @@ def test_parameter_count(case):
     assert family.parameter_count(fields) == sum(p.numel() for p in hf_model(fields).parameters())
 
 
+@pytest.mark.slow
 def test_no_weight_decay_rule_is_hf_trainers(case):
     """The family's rule, over our parameter tree, names exactly the tensors HF Trainer decays."""
     _, fields = case
@@ -170,6 +208,7 @@ def family_tokenizer(family, fields: dict, path):
                       **{field: ids[specials.role(role)] for field, role in defaults.config_ids}}
 
 
+@pytest.mark.slow
 def test_init_from_a_directory_transformers_wrote(case, tmp_path):
     """``init DIR --from PATH`` of a transformers ``save_pretrained`` directory: DIR's initial
     weights are PATH's, exactly."""
@@ -188,6 +227,7 @@ def test_init_from_a_directory_transformers_wrote(case, tmp_path):
     assert_parity(loaded, ours, model)
 
 
+@pytest.mark.slow
 def test_predict_equals_the_fill_mask_pipeline(case, tmp_path):
     """An export with a tokenizer of the family's conventions: ``mlmtool predict`` gives the
     pipeline's tokens and scores."""
@@ -223,3 +263,76 @@ def test_a_checkpoints_shapes_name_the_config_fields(case):
     found = config_fields(shapes)
     assert found == family.fields_from_shapes(shapes) and "vocab_size" in found
     assert all(found[k] == fields[k] for k in found), (found, fields)
+
+
+def test_config_json_reads_back_through_transformers(case, tmp_path):
+    """``init --config FILE``'s config.json: transformers' AutoConfig reads it as the family's
+    model_type, and its fields parse (ours and theirs) to the config they came from."""
+    from mlmtool.modeldir import ModelDir
+    from mlmtool.presets import build_config
+
+    family, fields = case
+    (tmp_path / "in.json").write_text(json.dumps(fields))
+    mdir = ModelDir(tmp_path / "m", create=True)
+    mdir.write_config(build_config(from_config=tmp_path / "in.json"))
+    theirs = transformers.AutoConfig.from_pretrained(mdir.path)
+    assert theirs.model_type == fields["model_type"]
+    want = family.parse_config(fields)
+    assert family.parse_config(theirs.to_dict()) == want == family.parse_config(mdir.read_config())
+
+
+def test_masked_positions_gather_before_head(case):
+    """Logits at ``masked_positions`` [G, P] are the full logits gathered there (float32)."""
+    _, fields = case
+    loaded = load_model(fields)
+    params = random_params(fields)
+    ids, mask = padded_batch(loaded, left=False)
+    full = full_logits(fields)
+    positions = np.array([[0, 3, 15], [1, 2, 10], [4, 0, 0]], dtype=np.int32)
+    gathered = np.asarray(loaded.module.apply({"params": params}, ids, mask, masked_positions=positions))
+    assert gathered.shape == (3, 3, loaded.config.vocab_size) and gathered.dtype == np.float32
+    np.testing.assert_allclose(gathered, np.take_along_axis(full, positions[:, :, None], axis=1), atol=1e-5, rtol=0)
+
+
+# bfloat16 keeps 8 mantissa bits (a relative error of 2^-9 per rounding).  Measured max |delta|
+# at the real tokens over the largest |logit| (~1.5-2.5): 0.5% (modernbert) to 1.6% (albert);
+# the bound leaves headroom and still catches a wrong op (which moves logits by O(1)).
+BF16_REL_TOL = 0.04
+
+
+def test_bfloat16_compute_close_to_float32(case):
+    _, fields = case
+    loaded, half = load_model(fields), load_model(fields, dtype="bfloat16")
+    params = random_params(fields)
+    batch = padded_batch(loaded, left=False)
+    fp32, bf16 = full_logits(fields), ours(half, params, batch)
+    assert bf16.dtype == np.float32  # logits always float32
+    variables = jax.eval_shape(half.module.init, jax.random.PRNGKey(0), batch[0])  # master weights stay float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    diff = float(np.abs(bf16 - fp32)[batch[1] == 1].max())
+    assert 0 < diff < BF16_REL_TOL * float(np.abs(fp32).max()), diff
+
+
+def test_padding_changes_nothing_at_the_real_tokens(case):
+    """A right-padded row's logits at its real tokens: those of the row alone, whatever ids
+    sit in its padding."""
+    _, fields = case
+    loaded = load_model(fields)
+    params = random_params(fields)
+    ids, mask = padded_batch(loaded, left=False)
+    alone = ours(loaded, params, (ids[2:, :5], mask[2:, :5]))  # row 2 has 5 real tokens
+    junk = np.where(mask == 1, ids, np.random.default_rng(1).integers(5, loaded.config.vocab_size, ids.shape))
+    for padded in (full_logits(fields), ours(loaded, params, (junk.astype(np.int32), mask))):  # pad ids, others
+        np.testing.assert_allclose(padded[2, :5], alone[0], atol=1e-5)
+
+
+def test_a_sequence_longer_than_the_model_is_refused(case):
+    family, fields = case
+    loaded = load_model(fields)
+    n = loaded.max_sequence_length
+    assert n == family.max_sequence_length(fields)
+    params = random_params(fields)
+    longest = jax.eval_shape(lambda p: loaded.module.apply({"params": p}, np.full((1, n), 7, np.int32)), params)
+    assert longest.shape == (1, n, fields["vocab_size"])
+    with pytest.raises(ConfigError, match=f"sequence length {n + 1} exceeds the model's maximum {n}"):
+        loaded.module.apply({"params": params}, np.full((1, n + 1), 7, np.int32))

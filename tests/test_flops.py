@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlmtool.flops import matmul_parameters, peak_flops, training_flops_per_token
-from tests.model_helpers import ModelConfig, count_params
+from mlmtool.models import family_for
 from mlmtool.presets import build_config
 
 
@@ -25,7 +25,7 @@ def test_flop_parameters_are_the_model_without_its_lookup_tables(preset):
     config = build_config(preset)
     encoder, head = matmul_parameters(config)
     lookups = (config["max_position_embeddings"] + config["type_vocab_size"]) * config["hidden_size"]
-    assert encoder + head == count_params(ModelConfig.from_dict(config)) - lookups
+    assert encoder + head == family_for(config["model_type"]).parameter_count(config) - lookups
 
 
 def test_flops_per_token():

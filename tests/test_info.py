@@ -55,6 +55,7 @@ def test_info_wordpiece(wordpiece_dir):
     assert tok["type"] == "WordPiece" and tok["lowercase"] and "[MASK]" in tok["special_tokens"]
 
 
+@pytest.mark.slow
 def test_info_trained(trained):
     info = _info(trained)
     data = info["data"]
@@ -74,6 +75,7 @@ def test_info_trained(trained):
         assert text in r.stdout, text
 
 
+@pytest.mark.slow
 def test_info_damaged_and_stale_lock(tmp_path, trained):
     d = Path(shutil.copytree(trained, tmp_path / "m"))
     (d / "data" / "meta.json").write_text("{not json")

@@ -99,6 +99,7 @@ def test_init_from_copies_config_tokenizer_and_weights(source, tmp_path):
     assert r.exit_code == 1 and "init --from" in r.stderr and "--force" in r.stderr
 
 
+@pytest.mark.slow
 def test_train_starts_from_the_weights(source, tmp_path):
     """prepare -> the initial state is PATH's weights (logits equal torch's) -> train runs from it."""
     import jax

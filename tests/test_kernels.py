@@ -11,7 +11,7 @@ import pytest
 from mlmtool import kernels
 from mlmtool.errors import ConfigError
 from mlmtool.kernels import Kernels, select
-from tests.model_helpers import MaskedLM, ModelConfig, init_params
+from mlmtool.models import family_for, load_model
 from mlmtool.presets import build_config
 
 # -- selection -------------------------------------------------------------------------------
@@ -56,17 +56,19 @@ def test_the_model_selects_for_the_running_backend(monkeypatch):
         seen.update(kw, backend=backend)
         return Kernels()
 
-    monkeypatch.setattr("mlmtool.models.network.select_kernels", spy)  # where MaskedLMBase selects
     cfg = _config()
-    MaskedLM(cfg, dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-    assert seen == {"backend": None, "dtype": "bfloat16", "head_dim": cfg.head_dim}
+    head_dim = family_for(cfg["model_type"]).parse_config(cfg).head_dim
+    monkeypatch.setattr("mlmtool.models.network.select_kernels", spy)  # where the network's kernels are chosen
+    load_model(cfg, dtype="bfloat16").module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    assert seen == {"backend": None, "dtype": "bfloat16", "head_dim": head_dim}
 
 
 # -- every path computes the same function -----------------------------------------------------
 
 
-def _config(*overrides: str) -> ModelConfig:
-    return ModelConfig.from_dict(build_config("tiny", overrides=["vocab_size=300", *overrides]))
+def _config(*overrides: str) -> dict:
+    """config.json fields of the 'tiny' preset (vocabulary 300)."""
+    return build_config("tiny", overrides=["vocab_size=300", *overrides])
 
 
 def _batch(seed: int = 0, batch: int = 4, length: int = 24):
@@ -81,14 +83,14 @@ def _batch(seed: int = 0, batch: int = 4, length: int = 24):
 ALL_CPU_KERNELS = [Kernels("xla", dense, dropout) for dense in ("flat", "nd") for dropout in ("fused-threefry", "jax")]
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.1)])
 def test_every_kernel_gives_the_same_logits(dtype, tol):
     cfg = _config()
-    params = init_params(cfg, 0)
+    params = load_model(cfg).init(0)
     ids, mask = _batch()
-    reference = MaskedLM(cfg).apply({"params": params}, ids, mask)  # float32, CPU kernels
+    reference = load_model(cfg).module.apply({"params": params}, ids, mask)  # float32, CPU kernels
     for k in ALL_CPU_KERNELS:
-        out = MaskedLM(cfg, dtype=dtype, kernels=k).apply({"params": params}, ids, mask)
+        out = load_model(cfg, dtype=dtype, kernels=k).module.apply({"params": params}, ids, mask)
         assert float(jnp.max(jnp.abs(out - reference))) <= tol, k
 
 
@@ -112,12 +114,12 @@ def _loss(model, params, ids, mask, key):
 @pytest.mark.parametrize("scan,policies", [(False, ("none", "full")), (True, ("none", "dots", "full"))])
 def test_gradient_checkpointing_changes_memory_not_results(scan, policies):
     cfg = _config("num_hidden_layers=4")
-    params = init_params(cfg, 0)
+    params = load_model(cfg).init(0)
     ids, mask = _batch(batch=8, length=64)
     key = jax.random.PRNGKey(1)
     grads, temp = {}, {}
     for remat in policies:
-        model = MaskedLM(cfg, remat=remat, scan_layers=scan)
+        model = load_model(cfg, remat=remat, scan_layers=scan).module
         fn = jax.jit(jax.value_and_grad(lambda p, i, m, k: _loss(model, p, i, m, k)))
         temp[remat] = fn.lower(params, ids, mask, key).compile().memory_analysis().temp_size_in_bytes
         grads[remat] = fn(params, ids, mask, key)
@@ -131,22 +133,22 @@ def test_gradient_checkpointing_changes_memory_not_results(scan, policies):
 
 def test_scanned_layers_compute_the_unrolled_network():
     cfg = _config("num_hidden_layers=3")
-    params = init_params(cfg, 0)
+    params = load_model(cfg).init(0)
     ids, mask = _batch()
-    unrolled = MaskedLM(cfg, scan_layers=False).apply({"params": params}, ids, mask)
-    scanned = MaskedLM(cfg, scan_layers=True).apply({"params": params}, ids, mask)
+    unrolled = load_model(cfg, scan_layers=False).module.apply({"params": params}, ids, mask)
+    scanned = load_model(cfg, scan_layers=True).module.apply({"params": params}, ids, mask)
     np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
     # the parameter tree is the unrolled one whatever the setting (checkpoints, export)
-    tree = jax.eval_shape(lambda: MaskedLM(cfg, scan_layers=True).init(jax.random.PRNGKey(0), ids))["params"]
+    tree = jax.eval_shape(lambda: load_model(cfg, scan_layers=True).module.init(jax.random.PRNGKey(0), ids))["params"]
     assert sorted(tree["encoder"]["layer"]) == ["0", "1", "2"]
     # training: the gradient is finite and the scan is what gradient checkpointing defaults to
-    g = jax.grad(lambda p: _loss(MaskedLM(cfg, remat="full"), p, ids, mask, jax.random.PRNGKey(2)))(params)
+    g = jax.grad(lambda p: _loss(load_model(cfg, remat="full").module, p, ids, mask, jax.random.PRNGKey(2)))(params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g))
 
 
 def test_unknown_remat_policy_is_refused():
     with pytest.raises(ConfigError, match="checkpointing policy"):
-        MaskedLM(_config(), remat="some").init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+        load_model(_config(), remat="some").module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
 
 
 def _nvidia_gpu() -> bool:
@@ -157,9 +159,9 @@ def _nvidia_gpu() -> bool:
 def test_cudnn_attention_matches_xla_on_the_gpu():
     """bf16, right-padded rows, forward and gradient: cuDNN's fused kernel against XLA's."""
     cfg = _config("hidden_size=256", "num_attention_heads=4", "attention_probs_dropout_prob=0.0")
-    params = init_params(cfg, 0)
+    params = load_model(cfg).init(0)
     ids, mask = _batch(length=64)
-    models = {a: MaskedLM(cfg, dtype=jnp.bfloat16, kernels=Kernels(a, "nd", "jax")) for a in ("cudnn", "xla")}
+    models = {a: load_model(cfg, dtype="bfloat16", kernels=Kernels(a, "nd", "jax")).module for a in ("cudnn", "xla")}
     logits = {a: m.apply({"params": params}, ids, mask) for a, m in models.items()}
     rel = float(jnp.linalg.norm(logits["cudnn"] - logits["xla"]) / jnp.linalg.norm(logits["xla"]))
     assert rel < 2e-2, rel

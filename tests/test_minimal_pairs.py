@@ -64,6 +64,7 @@ def trained(tmp_path_factory) -> Path:
     return trained_dir(tmp_path_factory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pll", ["token", "word-l2r"])
 def test_pll_equals_transformers_one_mask_at_a_time(trained, pll):
     from mlmtool.minimal_pairs import pll_scorer
@@ -118,6 +119,7 @@ def test_set_names_uid_else_file_name(tmp_path):
     assert [p.set_name for p in read_pairs([f])] == ["agr", "mine"]
 
 
+@pytest.mark.slow
 def test_eval_minimal_pairs_writes_results_metrics_and_tensorboard(trained, tmp_path):
     from tests.tb_events import read_scalars
 
@@ -149,6 +151,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,text,problem", BAD, ids=[c[0] for c in BAD])
 def test_bad_minimal_pair_files_one_line_exit_1(trained, tmp_path, case, text, problem):
     f = tmp_path / "p.jsonl"
@@ -163,6 +166,7 @@ def test_bad_minimal_pair_files_one_line_exit_1(trained, tmp_path, case, text, p
     assert before == after
 
 
+@pytest.mark.slow
 def test_bad_pll_mode(trained, tmp_path):
     f = write_pairs(tmp_path / "p.jsonl", [{"sentence_good": "a", "sentence_bad": "b"}])
     r = invoke("eval", trained, "--minimal-pairs", f, "--pll", "sentence")
@@ -243,6 +247,7 @@ def test_made_sets_are_balanced_so_word_frequency_scores_half(tmp_path):
     assert sum(p["UID"] == "swap_adjacent" for p in raw) == 60
 
 
+@pytest.mark.slow
 def test_make_minimal_pairs_bad_input(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_minimal_pairs.py"), str(tmp_path / "none.txt"),
                           "-o", str(tmp_path / "o.jsonl")], capture_output=True, text=True)
@@ -286,6 +291,7 @@ def test_probe_task_is_balanced_held_out_and_deterministic():
     assert n == 4 and sorted({y for _, y in src_train}) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_bench_quality_refuses_a_directory_without_export(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), str(tmp_path)],
                          capture_output=True, text=True)

@@ -11,6 +11,8 @@ import pytest
 from tests.pipeline import invoke
 from tests.test_predict import _same
 
+pytestmark = pytest.mark.slow  # a training end to end
+
 # Hangul syllables with no spaces inside words: where Unigram (SentencePiece) segments words
 # that a whitespace pre-tokenizer would keep whole.
 NOUNS = "학교 친구 선생님 어머니 아버지 사과 바다 하늘 도서관 시장 음식 영화 노래 기차 공원".split()

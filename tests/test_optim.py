@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from tests.model_helpers import MaskedLM, ModelConfig, init_params
 from mlmtool.models import load_model
 from mlmtool.optim import OPTIMIZERS, decay_length, make_optimizer, make_schedule
 from mlmtool.presets import build_config
@@ -56,15 +55,14 @@ def test_inverse_sqrt():
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains(optimizer):
     """A tiny MLM on one fixed batch: 15 steps bring the loss down."""
-    config = build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"])
-    mcfg = ModelConfig.from_dict(config)
-    model = MaskedLM(mcfg)
+    loaded = load_model(build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"]))
+    model = loaded.module
     # Lion's sign updates want a smaller rate; LAMB's and Adafactor's steps are relative to
     # the weights' norm (small at initialisation) and want a larger one.
     lr = {"lion": 3e-4, "lamb": 3e-2, "adafactor": 3e-2}.get(optimizer, 3e-3)
     cfg = TrainConfig(optimizer=optimizer, learning_rate=lr, weight_decay=0.01)
-    tx = make_optimizer(cfg, optax.constant_schedule(lr), load_model(config).decay_mask)
-    params = init_params(mcfg, 0)
+    tx = make_optimizer(cfg, optax.constant_schedule(lr), loaded.decay_mask)
+    params = loaded.init(0)
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 64, (8, 16)), jnp.int32)
 
     def loss_fn(p):

@@ -9,6 +9,8 @@ import pytest
 
 from tests.pipeline import invoke, trained_dir, write_corpus
 
+pytestmark = pytest.mark.slow  # a trained directory against the fill-mask pipeline
+
 TEXTS = ["The king <mask> good night.", "Come <mask> my lord, sweet lady.", "<mask> love war peace",
          "the <mask> said to the <mask> of this house"]
 
@@ -106,7 +108,7 @@ def test_predict_bert_wordpiece_matches_hf_pipeline(tmp_path):
     import jax
 
     from mlmtool.modeldir import ModelDir
-    from tests.model_helpers import ModelConfig, init_params, save_safetensors
+    from mlmtool.models import load_model
 
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=200)
     d = tmp_path / "bert"
@@ -117,8 +119,8 @@ def test_predict_bert_wordpiece_matches_hf_pipeline(tmp_path):
     assert invoke("init", d, "--preset", "bert-tiny", *sets).exit_code == 0
     r = invoke("tokenizer", d, corpus, "--vocab-size", 200)
     assert r.exit_code == 0, r.output
-    mcfg = ModelConfig.from_dict(ModelDir(d).read_config())
-    save_safetensors(jax.device_get(init_params(mcfg, 3)), mcfg, d / "model.safetensors")
+    loaded = load_model(ModelDir(d).read_config())
+    loaded.save_hf(jax.device_get(loaded.init(3)), d / "model.safetensors")
     texts = ["the king [MASK] good night.", "[MASK] my lord", "the [MASK] said to the [MASK] of this"]
     r = invoke("predict", d, *texts, "--json", "-k", 5)
     assert r.exit_code == 0, r.output

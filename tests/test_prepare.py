@@ -128,6 +128,7 @@ _file_words = st.sampled_from(CORPUS_WORDS + [t for t in TRICKY_WORDS if t not i
 _doc = st.lists(_file_words, min_size=0, max_size=60).map(" ".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=st.lists(_doc, min_size=1, max_size=40), seq_len=st.integers(2, 40),
        pct=st.sampled_from([0.0, 5.0, 12.5, 50.0, 99.0]), line_by_line=st.booleans(),
@@ -171,6 +172,7 @@ print(json.dumps({"files": files, "meta": {k: v for k, v in meta.items() if k no
 """
 
 
+@pytest.mark.slow
 def test_independent_of_num_proc_and_batch_size(bpe_dir, tmp_path):
     # In a fresh interpreter: forking worker processes is only done without JAX loaded,
     # and other tests in this process may have imported it.
@@ -326,6 +328,7 @@ def test_json_output(bpe_dir, corpus_file):
     assert again["status"] == "up to date" and again["num_blocks"] == meta["num_blocks"]
 
 
+@pytest.mark.slow
 def test_up_to_date_path_imports_neither_transformers_nor_jax(bpe_dir, corpus_file):
     assert invoke("prepare", bpe_dir, corpus_file).exit_code == 0
     code = f"""
@@ -480,6 +483,7 @@ def test_formats_give_the_same_blocks(bpe_dir, tmp_path, corpus_docs):
 
 # -- the whole pipeline through the CLI -------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_pipeline_init_tokenizer_prepare(tmp_path, corpus_file):
     d = tmp_path / "model"
     r = invoke("init", d, "--preset", "tiny", "--set", "vocab_size=400")

@@ -69,6 +69,7 @@ def test_our_config_json_reloads_unchanged(tmp_path):
     assert load_config_file(path) == config
 
 
+@pytest.mark.slow
 def test_init_imports_neither_transformers_nor_jax(tmp_path):
     """... and config.json records the architecture, dtype and transformers version as
     save_pretrained does."""
@@ -100,6 +101,7 @@ def test_every_config_names_its_architecture(tmp_path, model_type):
     assert build_config(from_config=path)["architectures"] == want
 
 
+@pytest.mark.slow
 def test_list_presets_is_a_table_of_the_registry():
     """``init --list-presets`` (no DIR needed): every family's presets, from the registry, with
     their layers, hidden, heads, parameters and positions; jax and transformers stay unloaded."""

@@ -27,7 +27,8 @@ from tests.pipeline import TRAINED_ARGS, invoke, trained_dir
 from tests.test_bad_input import snapshot
 
 # A failed orbax restore leaves coroutines that pytest reports when they are collected.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# end to end, over module-scoped trained directories: slow (make test-fast leaves them out)
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"), pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
@@ -187,7 +188,7 @@ def test_report_output_is_checked_before_any_work(trained, tmp_path):
 
 def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp_path, request):
     """model.safetensors, init.safetensors and data/ were 0600/0700 whatever the umask."""
-    from tests.model_helpers import ModelConfig, load_safetensors, save_safetensors
+    from mlmtool.models import load_model
 
     request.addfinalizer(lambda old=os.umask(0o022): os.umask(old))  # read when each file is written
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
@@ -197,8 +198,8 @@ def test_weights_and_block_store_honour_the_umask(trained, prepared, corpus, tmp
     assert mode(d / "data") == 0o755
     assert all(mode(p) == 0o644 for p in (d / "data").iterdir())
     # train's export, as train writes it
-    mcfg = ModelConfig.from_dict(json.loads((trained / "config.json").read_text()))
-    save_safetensors(load_safetensors(trained / "model.safetensors", mcfg), mcfg, d / "model.safetensors")
+    loaded = load_model(json.loads((trained / "config.json").read_text()))
+    loaded.save_hf(loaded.load_hf(trained / "model.safetensors"), d / "model.safetensors")
     assert mode(d / "model.safetensors") == 0o644
     # init --from converts the weights into init.safetensors with the same helper
     r = invoke("init", tmp_path / "cont", "--from", d)

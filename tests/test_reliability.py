@@ -30,6 +30,8 @@ import pytest
 
 from tests.pipeline import WORDS, invoke, prepared_dir
 
+pytestmark = pytest.mark.slow  # trainings killed and resumed in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
        "PYTHONUNBUFFERED": "1", "MLMTOOL_DEBUG": ""}
@@ -375,13 +377,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(prepare
     import numpy as np
 
     from mlmtool import checkpoint
-    from tests.model_helpers import ModelConfig, init_params
     from mlmtool.modeldir import ModelDir
+    from mlmtool.models import load_model
 
-    mcfg = ModelConfig.from_dict(ModelDir(d).read_config())
+    loaded = load_model(ModelDir(d).read_config())
     on_cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu),
-                                      jax.eval_shape(lambda k: init_params(mcfg, k), jax.random.PRNGKey(0)))
+                                      loaded.abstract_params)
     with checkpoint.manager(d / "checkpoints", read_only=True, async_save=False) as mngr:
         out = checkpoint.restore(mngr, bad - 1, abstract)
     assert out["meta"]["step"] == bad - 1

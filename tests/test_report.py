@@ -27,6 +27,7 @@ def _records(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_report_cli_png_and_summary(trained, tmp_path):
     d = Path(shutil.copytree(trained, tmp_path / "m", ignore=shutil.ignore_patterns("checkpoints")))
     r = invoke("report", d)
@@ -116,6 +117,7 @@ def test_read_metrics_stages_follow_each_other(tmp_path):
     assert "10 in 2 stages" in r.stdout and (tmp_path / "r.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_tensorboard_events_written_by_train(trained):
     tb = trained / "tensorboard"
     files = sorted(tb.glob("events.out.tfevents.*"))

@@ -219,6 +219,7 @@ def test_two_concurrent_processes_then_a_finishing_call(reference, bpe_dir, inpu
     assert fingerprint(d) == fp
 
 
+@pytest.mark.slow
 def test_killed_prepare_resumes_and_redoes_only_the_half_written_shard(reference, bpe_dir, inputs):
     _, fp = reference
     d = model_copy(bpe_dir, "killed")
@@ -307,6 +308,7 @@ def s3_server(monkeypatch):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_inputs_from_s3_give_the_same_store(reference, bpe_dir, inputs, s3_server):
     import boto3
 

@@ -16,6 +16,8 @@ from mlmtool.modeldir import ModelDir, checkpoint_steps
 from mlmtool.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
+pytestmark = pytest.mark.slow  # Trainer runs over a trained first stage
+
 BASE = dict(per_device_train_batch_size=8, warmup_steps=0, logging_steps=1)
 STAGE1 = TrainConfig(**BASE, max_steps=6, learning_rate=3e-3, save_steps=3)
 STAGE2 = TrainConfig(**BASE, max_steps=4, learning_rate=1e-3, lr_scheduler="constant", save_steps=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mlmtool.cli import app
@@ -268,6 +269,7 @@ def test_files_match_what_transformers_saves(tmp_path):
                                                              "tokenizer_class": "PreTrainedTokenizerFast"}
 
 
+@pytest.mark.slow
 def test_training_does_not_import_transformers(tmp_path, corpus_file):
     """transformers costs 0.65 CPU-s to import, 10% of a 50k-vocabulary run (docs/benchmarks.md)."""
     from tests.pipeline import heavy_imports

@@ -94,6 +94,7 @@ def _ours(d, **kw):
     return transformers.AutoTokenizer.from_pretrained(str(d), **kw)
 
 
+@pytest.mark.slow
 def test_loads_as_the_family_class_and_writes_its_fields(trained, tmp_path):
     model_type, d = trained
     defaults = models.family_for(model_type).tokenizer[model_type]
@@ -119,6 +120,7 @@ def _same(a, b):
     assert a.word_ids() == b.word_ids()
 
 
+@pytest.mark.slow
 def test_pairs(trained, tmp_path):
     model_type, d = trained
     ours, theirs = _ours(d), _theirs(d, tmp_path, model_type)
@@ -130,6 +132,7 @@ def test_pairs(trained, tmp_path):
     assert len(batch[0]["input_ids"]) == 12
 
 
+@pytest.mark.slow
 def test_pre_split_words(trained, tmp_path):
     model_type, d = trained
     defaults = models.family_for(model_type).tokenizer[model_type]
@@ -149,6 +152,7 @@ def test_pre_split_words(trained, tmp_path):
         assert "Ġpeople" in tokens
 
 
+@pytest.mark.slow
 def test_offsets_and_lower_casing(trained, tmp_path):
     model_type, d = trained
     ours, theirs = _ours(d), _theirs(d, tmp_path, model_type)

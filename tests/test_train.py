@@ -46,6 +46,7 @@ TRAIN = ("--per-device-train-batch-size", 8, "--learning-rate", 1e-3, "--warmup-
          "--logging-steps", 2, "--save-steps", 4)
 
 
+@pytest.mark.slow
 def test_cli_train_eval_end_to_end(prepared, tmp_path):
     d = _copy(prepared, tmp_path / "m")
     r = invoke("train", d, "--max-steps", 8, *TRAIN)
@@ -105,6 +106,7 @@ def test_cli_train_eval_end_to_end(prepared, tmp_path):
 MASKING = {"masking": "span", "mlm_probability": 0.3, "mlm_probability_final": 0.1, "document_attention": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("execution", [
     {},
     {"prng_impl": "rbg", "gradient_checkpointing": "full", "optimizer": "stable-adamw", "lr_scheduler": "inverse_sqrt"},
@@ -155,6 +157,7 @@ def _train_subprocess(d: Path, devices: int, per_device: int, extra=()) -> list[
     return [m for m in _metrics(d) if "loss" in m]
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(prepared, tmp_path):
     """Loss is a token-weighted mean over the global batch, whatever the device count."""
     one = _train_subprocess(_copy(prepared, tmp_path / "one"), devices=1, per_device=8)
@@ -179,6 +182,7 @@ def test_schedule_warmup_then_decay(kind):
         assert float(s(60)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
     # Pretend the device has a known 16-bit peak of 1 GFLOP/s: the log then carries the MFU.
     monkeypatch.setattr("mlmtool.plan.peak_flops", lambda kind, dtype: 1e9)
@@ -200,6 +204,7 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
         assert m["mfu"] == pytest.approx(m["tokens_per_second"] * per_token / 1e9, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_max_tokens_sets_the_number_of_steps(prepared, tmp_path):
     from mlmtool.plan import plan_training
 
@@ -216,6 +221,7 @@ def test_max_tokens_sets_the_number_of_steps(prepared, tmp_path):
     assert r.exit_code == 1 and "give --max-steps or --max-tokens, not both" in r.output
 
 
+@pytest.mark.slow
 def test_batch_larger_than_data_is_refused(prepared, tmp_path):
     d = _copy(prepared, tmp_path / "big")
     r = invoke("train", d, "--per-device-train-batch-size", 100000)
@@ -255,6 +261,7 @@ def _timed(trainer: Trainer, seconds_per_step: float = 1.0) -> Trainer:
     return trainer
 
 
+@pytest.mark.slow
 def test_max_time_stops_on_budget_follows_the_clock_and_resumes(prepared, tmp_path):
     """--max-time: stops once the budget is spent (here 5.5 s of 1-s steps: after step 6), the
     learning rate follows the elapsed share of the budget, and an interrupted run continues the

@@ -16,7 +16,7 @@ import abc
 import dataclasses
 import math
 import re
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from mlmtool.errors import ConfigError
 
@@ -175,7 +175,7 @@ def norm_entries(path: tuple[str, ...], hf: str, size: int, *, bias: bool = True
 # --------------------------------------------------------------------------- config checks
 
 
-def is_int(value) -> bool:
+def is_int(value) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -332,7 +332,7 @@ class Family:
 
     # -- to implement ------------------------------------------------------------------------
 
-    def parse_config(self, hf: dict):
+    def parse_config(self, hf: dict, /):
         """config.json dict -> the family's frozen config; ConfigError naming the field for a
         value out of range or a feature the network does not implement."""
         raise NotImplementedError

@@ -38,7 +38,7 @@ from mlmtool.models.network import MaskedLMBase, SubModule, tied_logits
 
 
 class _Base(SubModule):
-    def layer_norm(self, name: str) -> nn.LayerNorm:
+    def layer_norm(self, name: str | None) -> nn.LayerNorm:
         return layer_norm(self.config.layer_norm_eps, param_dtype=self.param_dtype, name=name)
 
 

@@ -27,7 +27,7 @@ from mlmtool.models.base import (
     refuse,
     require_model_type,
 )
-from mlmtool.models.bert import BertConfig, BertFamily, Variant, check_fields
+from mlmtool.models.bert import FAMILY as BERT, BertConfig, BertFamily, Variant, check_fields
 
 VARIANT = Variant("BigBirdForMaskedLM", "bert", False)
 
@@ -114,17 +114,17 @@ class BigBirdFamily(Family):
     def weight_table(self, config: BigBirdConfig) -> WeightTable:
         """BERT's keys (``bert.*``, ``cls.predictions.*``: ``BertFamily.weight_table``) and the
         pooler ``bert.pooler.{weight,bias}`` (BigBirdForMaskedLM has one; the MLM does not use it)."""
-        bert = BertFamily.weight_table(self, config)
+        bert = BERT.weight_table(config)
         H = config.hidden_size
         return dataclasses.replace(bert, entries=(*bert.entries, *dense_entries(("pooler",), "bert.pooler", H, H,
                                                                                          ("embed", "embed"))),
                                    ignored=bert.ignored.replace(r"|^bert\.pooler\.", ""))
 
     def parameter_count(self, hf: dict) -> int:
-        return BertFamily.parameter_count(self, hf) + hf["hidden_size"] * (hf["hidden_size"] + 1)  # + the pooler
+        return BERT.parameter_count(hf) + hf["hidden_size"] * (hf["hidden_size"] + 1)  # + the pooler
 
     def summary(self, hf: dict) -> dict:
-        return BertFamily.summary(self, hf)
+        return BERT.summary(hf)
 
     def tiny_test_configs(self) -> dict[str, dict]:
         return {"big_bird": {**_BASE, "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,

@@ -59,7 +59,7 @@ class DistilBertConfig(FamilyConfig):
 
     # FamilyConfig's names in DistilBERT's spelling
     @property
-    def hidden_size(self) -> int:
+    def hidden_size(self) -> int:  # pyright: ignore[reportIncompatibleVariableOverride] (read-only here)
         return self.dim
 
     @property

@@ -89,7 +89,7 @@ class ElectraConfig(FamilyConfig):
         """The encoders this config holds, by their parameter-tree name."""
         if self.architecture == MASKED_LM:
             return {"generator": self}
-        out = {"discriminator": self}
+        out: dict[str, ElectraConfig] = {"discriminator": self}
         if self.generator is not None:
             out = {"generator": self.generator, **out}
         return out
@@ -117,7 +117,7 @@ def _check(d: dict) -> None:
 
 def generator_config(hf: dict) -> dict:
     """The config.json of the generator of a pair (``ElectraForMaskedLM``, its own sizes)."""
-    gen = hf.get("generator")
+    gen = hf["generator"]
     fields = {k: v for k, v in hf.items() if k not in ("generator", "architectures")}
     return {**fields, **gen, "architectures": [MASKED_LM]}
 

@@ -167,7 +167,7 @@ def _is_threefry(key) -> bool:
     of key data (rbg and unsafe_rbg keys have 4)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key).shape[-1:] == (2,)
-    return key.shape[-1:] == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+    return key.shape[-1:] == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"  # pyright: ignore[reportAttributeAccessIssue] (a flag)
 
 
 # --------------------------------------------------------------------------- gradient checkpointing

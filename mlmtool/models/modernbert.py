@@ -390,7 +390,19 @@ class ModernBertFamily(Family):
         small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=48, max_position_embeddings=64, local_attention=8,
                      layer_types=layer_types_every(3), **_SMALL_IDS)
-        return {"modernbert": {**_BASE, **small}}
+        return {
+            "modernbert": {**_BASE, **small},
+            # every bias on (the flags' non-default side), each kind's theta in v5's rope_parameters
+            "modernbert-biases": {**_BASE, **small, **dict.fromkeys(BOOL_FIELDS, True),
+                                  "rope_parameters": {FULL: {"rope_type": "default", "rope_theta": 5000.0},
+                                                      SLIDING: {"rope_type": "default", "rope_theta": 100.0}}},
+            # a pre-v5 hub config: the pattern and thetas under their old names, other activations, no decoder bias
+            "modernbert-legacy": {**{k: v for k, v in {**_BASE, **small}.items()
+                                     if k not in ("layer_types", "rope_parameters")},
+                                  "global_attn_every_n_layers": 2, "global_rope_theta": 5000.0,
+                                  "local_rope_theta": 100.0, "hidden_activation": "gelu_new",
+                                  "classifier_activation": "silu", "decoder_bias": False},
+        }
 
 
 FAMILY = ModernBertFamily()

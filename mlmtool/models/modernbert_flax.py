@@ -85,7 +85,7 @@ class _Base(SubModule):
         """HF's std of the layers writing into the residual stream (both Wo) and the head's dense."""
         return self.config.initializer_range / (2.0 * self.config.num_hidden_layers) ** 0.5
 
-    def dense(self, features: int, name: str, *, std: float, use_bias: bool) -> Dense:
+    def trunc_dense(self, features: int, name: str, *, std: float, use_bias: bool) -> Dense:
         return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=use_bias,
                      kernel_init=truncated_normal_init(std, self.config.initializer_cutoff_factor),
                      form=self.kernels.dense, name=name)
@@ -123,7 +123,7 @@ class Attention(_Base):
     def __call__(self, x, attention_mask, rope, local, deterministic: bool):
         cfg = self.config
         batch, length, _ = x.shape
-        qkv = self.dense(3 * cfg.hidden_size, "Wqkv", std=self.std_in, use_bias=cfg.attention_bias)(x)
+        qkv = self.trunc_dense(3 * cfg.hidden_size, "Wqkv", std=self.std_in, use_bias=cfg.attention_bias)(x)
         qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)  # [B, L, 3H] -> [B, L, 3, N, D]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, N, D]
         if self.kind is None:
@@ -138,7 +138,7 @@ class Attention(_Base):
         window = None if self.kind == FULL else cfg.local_attention
         out = attention(q, k, v, attention_mask, kernels=self.kernels, dropout=dropout, local_window=window,
                         local=local if self.kind is None else None)  # [B, L, N, D]
-        out = self.dense(cfg.hidden_size, "Wo", std=self.std_out, use_bias=cfg.attention_bias)(
+        out = self.trunc_dense(cfg.hidden_size, "Wo", std=self.std_out, use_bias=cfg.attention_bias)(
             out.reshape(batch, length, cfg.hidden_size))  # [B, L, H]
         return self.dropout_layer(rate)(out, deterministic=deterministic)
 
@@ -149,11 +149,11 @@ class MLP(_Base):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = self.dense(2 * cfg.intermediate_size, "Wi", std=self.std_in, use_bias=cfg.mlp_bias)(x)  # [B, L, 2I]
+        h = self.trunc_dense(2 * cfg.intermediate_size, "Wi", std=self.std_in, use_bias=cfg.mlp_bias)(x)  # [B, L, 2I]
         inputs, gate = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
         h = ACTIVATIONS[cfg.hidden_activation](inputs) * gate  # [B, L, I]
         h = self.dropout_layer(cfg.mlp_dropout)(h, deterministic=deterministic)
-        return self.dense(cfg.hidden_size, "Wo", std=self.std_out, use_bias=cfg.mlp_bias)(h)  # [B, L, H]
+        return self.trunc_dense(cfg.hidden_size, "Wo", std=self.std_out, use_bias=cfg.mlp_bias)(h)  # [B, L, H]
 
 
 class Layer(_Base):
@@ -239,7 +239,7 @@ class Head(_Base):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = self.dense(cfg.hidden_size, "dense", std=self.std_out, use_bias=cfg.classifier_bias)(x)
+        x = self.trunc_dense(cfg.hidden_size, "dense", std=self.std_out, use_bias=cfg.classifier_bias)(x)
         return self.norm("norm")(ACTIVATIONS[cfg.classifier_activation](x))
 
 

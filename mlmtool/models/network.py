@@ -53,7 +53,7 @@ class SubModule(nn.Module):
         """The attributes every submodule shares."""
         return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
 
-    def dense(self, features: int, name: str, *, use_bias: bool = True, kernel_init=None) -> Dense:
+    def dense(self, features: int, name: str | None, *, use_bias: bool = True, kernel_init=None) -> Dense:
         """A Dense in the kernels' form; N(0, initializer_range) kernel by default (HF's init)."""
         return Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=use_bias,
                      kernel_init=kernel_init or normal_init(self.config.initializer_range),

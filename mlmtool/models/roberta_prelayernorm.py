@@ -20,7 +20,7 @@ from mlmtool.models.base import (
     refuse,
     require_model_type,
 )
-from mlmtool.models.bert import BertConfig, BertFamily, Variant, check_fields
+from mlmtool.models.bert import FAMILY as BERT, BertConfig, BertFamily, Variant, check_fields
 
 VARIANT = Variant("RobertaPreLayerNormForMaskedLM", "roberta_prelayernorm", True)
 
@@ -137,7 +137,7 @@ class RobertaPreLayerNormFamily(Family):
         return embeddings + L * layer + 2 * H + head
 
     def summary(self, hf: dict) -> dict:
-        return BertFamily.summary(self, hf)
+        return BERT.summary(hf)
 
     def tiny_test_configs(self) -> dict[str, dict]:
         return {"roberta-prelayernorm": {**_BASE, "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,

@@ -69,7 +69,7 @@ class RoFormerConfig(FamilyConfig):
 
     @property
     def decoder_width(self) -> int:
-        return self.embedding_size
+        return self.embedding_size or self.hidden_size  # set in __post_init__
 
     @property
     def projected(self) -> bool:
@@ -149,7 +149,7 @@ class RoFormerFamily(Family):
 
         The tied decoder (``cls.predictions.decoder.*``) is not written.
         """
-        E, H, I, V = config.embedding_size, config.hidden_size, config.intermediate_size, config.vocab_size
+        E, H, I, V = config.decoder_width, config.hidden_size, config.intermediate_size, config.vocab_size
         e: list[WeightEntry] = [
             WeightEntry(("embeddings", "word_embeddings", "embedding"), "roformer.embeddings.word_embeddings.weight",
                         (V, E), ("vocab", "embedding")),

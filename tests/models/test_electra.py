@@ -50,6 +50,7 @@ def _assert_close(a, b, mask):
     assert float(np.abs(a - b)[mask == 1].max()) <= PARITY_TOL
 
 
+@pytest.mark.slow
 def test_discriminator_parity_both_ways(tmp_path):
     model = _hf("ElectraForPreTraining", DISCRIMINATOR)
     model.save_pretrained(tmp_path / "theirs")
@@ -71,6 +72,7 @@ def test_discriminator_parity_both_ways(tmp_path):
     assert FAMILY.parameter_count(DISCRIMINATOR) == sum(p.numel() for p in back.parameters())
 
 
+@pytest.mark.slow
 def test_pair_exports_discriminator_and_generator(tmp_path):
     """The pair's parameters -> DIR (ElectraForPreTraining) + DIR/generator (ElectraForMaskedLM):
     both load with no missing key and compute what our towers compute; the embeddings are shared."""
