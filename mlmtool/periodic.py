@@ -147,7 +147,7 @@ class Report:
         if self.progress is not None:
             self.progress.log(record)
 
-    def eval(self, step: int, results: dict) -> None:
+    def evaluation(self, step: int, results: dict) -> None:
         self.writer.write({"step": step, **results})
         if self.progress is not None:
             self.progress.message(format_eval(step, results))
@@ -287,7 +287,7 @@ class PeriodicEval:
             return None
         with self.log.paused():
             results = self.evaluate(params)
-            self.report.eval(tick.done, results)
+            self.report.evaluation(tick.done, results)
         return results
 
 

@@ -318,7 +318,7 @@ class Trainer:
         out = {}
         if self.val_store is not None:
             out["eval"] = self.evaluate(params)
-            report.eval(final_step, out["eval"])
+            report.evaluation(final_step, out["eval"])
         params = jax.device_get(params) if jax.process_count() == 1 else _gather(params)
         if self.main:
             self.training.objective.export(self.model, params, self.mdir)

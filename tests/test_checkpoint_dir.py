@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlmtool import checkpoint_dir
+from mlmtool.modeldir import checkpoint_steps
 from tests.pipeline import invoke, prepared_dir
 from tests.test_shards import s3_server  # noqa: F401 - the fixture
 
@@ -52,7 +53,7 @@ def test_checkpoints_elsewhere_resume_bit_identical(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "stopped at step 5" in r.output, r.output
     link = b / "checkpoints"
     assert link.is_symlink() and Path(os.readlink(link)) == elsewhere.absolute()
-    assert checkpoint.all_steps(elsewhere) == [4, 5]  # saved there, not in DIR
+    assert checkpoint_steps(elsewhere) == [4, 5]  # saved there, not in DIR
     assert (elsewhere / checkpoint_dir.OWNER).read_text().strip() == str(b.absolute())
 
     r = invoke("train", b)  # a plain train follows the link and resumes with the recorded settings
@@ -61,7 +62,7 @@ def test_checkpoints_elsewhere_resume_bit_identical(tmp_path, monkeypatch):
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-    assert checkpoint.all_steps(elsewhere) == [6, 8]
+    assert checkpoint_steps(elsewhere) == [6, 8]
     r = invoke("train", b, "--checkpoint-dir", elsewhere)  # the same place again: accepted
     assert r.exit_code == 0 and "already complete" in r.output, r.output
     r = invoke("info", b, "--json")

@@ -66,7 +66,7 @@ term_at = [int(x) for x in os.environ.get("MLMTOOL_TEST_SIGTERM_AT_SAVE", "-1:-1
 save = ckpt.save
 
 def hooked(mngr, step, params, opt_state, meta):
-    path = shardings.replace("%p", str(jax.process_index()))
+    path = (shardings or "").replace("%p", str(jax.process_index()))
     if path and not os.path.exists(path):
         leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt_state": opt_state})[0]
         out = {jax.tree_util.keystr(k): {"spec": [str(a) for a in x.sharding.spec], "shape": list(x.shape),

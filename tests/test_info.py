@@ -56,7 +56,10 @@ def test_info_wordpiece(wordpiece_dir):
 
 
 @pytest.mark.slow
-def test_info_trained(trained):
+def test_info_trained(trained, monkeypatch):
+    from mlmtool import progress
+
+    monkeypatch.setattr(progress.console, "width", 240)  # the table's paths on one line, however deep tmp is
     info = _info(trained)
     data = info["data"]
     meta = json.loads((trained / "data" / "meta.json").read_text())

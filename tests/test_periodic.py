@@ -234,5 +234,5 @@ def test_format_eval_and_report_without_a_display():
                  lambda: report.time_budget(5.0)):
         call()
     report.log({"step": 1})
-    report.eval(1, {"eval_loss": 1.0})
+    report.evaluation(1, {"eval_loss": 1.0})
     assert writer.records == [{"step": 1}, {"step": 1, "eval_loss": 1.0}]

@@ -432,9 +432,9 @@ _SLOW_PREPARE = r"""
 import sys, time
 from mlmtool import blocks
 add = blocks.SplitWriter.add_stream
-def slow(self, tokens):  # a bigger corpus, in effect
+def slow(self, *args):  # a bigger corpus, in effect
     time.sleep(0.15)
-    return add(self, tokens)
+    return add(self, *args)
 blocks.SplitWriter.add_stream = slow
 from mlmtool.cli import main
 sys.argv = ["mlmtool", *sys.argv[1:]]
