@@ -25,6 +25,15 @@ def invoke(*args: str, input: str | None = None):
 HEAVY = ("transformers", "torch", "jax", "flax", "datasets")
 
 
+def error_line(result) -> str:
+    """The command's only output on stderr: one ``error:`` line, exit 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
 def heavy_imports(*args) -> list[str]:
     """The HEAVY top-level packages that ``mlmtool ARGS`` imports, run in a fresh interpreter
     (it must succeed)."""

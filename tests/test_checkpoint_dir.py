@@ -14,19 +14,11 @@ import pytest
 
 from mlmtool import checkpoint_dir
 from mlmtool.modeldir import checkpoint_steps
-from tests.pipeline import invoke, prepared_dir
+from tests.pipeline import error_line, invoke, prepared_dir
 from tests.test_shards import s3_server  # noqa: F401 - the fixture
 
 OPTS = ("--per-device-train-batch-size", 8, "--max-steps", 8, "--learning-rate", 1e-3, "--warmup-steps", 2,
         "--logging-steps", 2, "--save-steps", 2, "--save-total-limit", 2, "--eval-steps", 100)
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _params(d: Path):

@@ -25,19 +25,12 @@ from mlmtool.corpus import open_corpus
 from mlmtool.errors import DataError
 from mlmtool.blocks import validation_mask
 from mlmtool.prepare import prepare
+from tests.pipeline import error_line
 from tests.conftest import CORPUS_WORDS, TRICKY_WORDS, make_documents, make_model_dir, write_documents
 
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def reference(model_dir: Path, docs: list[str], seq_len: int, pct: float,

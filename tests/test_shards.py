@@ -24,6 +24,7 @@ from mlmtool.blocks import BlockStore, validation_mask
 from mlmtool.cli import app
 from mlmtool.corpus import open_corpus
 from mlmtool.prepare import prepare
+from tests.pipeline import error_line
 from tests.conftest import make_documents, write_documents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +33,6 @@ N = 4
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture
