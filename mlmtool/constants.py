@@ -9,10 +9,10 @@ from here, and :func:`choice_error` is the one wording of a refused choice.
 from __future__ import annotations
 
 # -- choices (the first is the default where the option has one) --------------------------------
-SCHEDULES = ("linear", "cosine", "constant", "wsd", "inverse_sqrt")  # --lr-scheduler (mlmtool.optim)
-DECAY_SHAPES = ("1-sqrt", "linear", "cosine")                        # --decay-shape, wsd's (mlmtool.optim)
-OPTIMIZERS = ("adamw", "adafactor", "lamb", "lion", "stable-adamw")  # --optimizer (mlmtool.optim)
-MASKING_MODES = ("token", "whole-word", "span")                      # --masking (mlmtool.masking)
+SCHEDULES = ("linear", "cosine", "constant", "wsd", "inverse_sqrt")  # --lr-scheduler (mlmtool.training.optim)
+DECAY_SHAPES = ("1-sqrt", "linear", "cosine")                        # --decay-shape, wsd's (mlmtool.training.optim)
+OPTIMIZERS = ("adamw", "adafactor", "lamb", "lion", "stable-adamw")  # --optimizer (mlmtool.training.optim)
+MASKING_MODES = ("token", "whole-word", "span")                      # --masking (mlmtool.training.masking)
 REMAT_POLICIES = ("none", "dots", "full")     # --gradient-checkpointing: the keys of models.layers.REMAT_POLICIES
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")                   # --prng-impl: jax's default first
 DTYPES = ("float32", "bfloat16")                                     # --dtype: the computation dtype

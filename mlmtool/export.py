@@ -82,7 +82,7 @@ def _write_weights(mdir: ModelDir, config: dict, checkpoint: str | None, target:
     import jax
     from jax.sharding import SingleDeviceSharding
 
-    from mlmtool.checkpoint import load_params
+    from mlmtool.training.checkpoint import load_params
     from mlmtool.models import load_model
 
     loaded = load_model(config)

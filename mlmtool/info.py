@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from mlmtool import models
-from mlmtool.lock import holder_alive
+from mlmtool.runtime.lock import holder_alive
 from mlmtool.modeldir import ModelDir, checkpoint_steps
 from mlmtool.report import read_metrics
-from mlmtool.stages import PENDING, numbers
+from mlmtool.training.stages import PENDING, numbers
 
 
 def _read_json(path: Path) -> Any:
@@ -73,7 +73,7 @@ def tokenizer_info(mdir: ModelDir) -> dict | None:
 
 
 def data_fingerprint(meta: dict) -> dict | None:
-    from mlmtool.shards import fingerprint  # numpy and the tokenizing pool: only when DIR has data
+    from mlmtool.data.shards import fingerprint  # numpy and the tokenizing pool: only when DIR has data
 
     return fingerprint(meta)
 
@@ -99,7 +99,7 @@ def data_info(mdir: ModelDir) -> dict | None:
                                                                     else None),
             "bytes": _dir_bytes(mdir.data_dir),
             "num_shards": meta.get("num_shards", 1),
-            "fingerprint": data_fingerprint(meta),  # per split, a digest of the blocks (mlmtool.shards)
+            "fingerprint": data_fingerprint(meta),  # per split, a digest of the blocks (mlmtool.data.shards)
         }
     except Exception as e:
         return {"error": f"{e.__class__.__name__}: {e}"}
@@ -107,7 +107,7 @@ def data_info(mdir: ModelDir) -> dict | None:
 
 def checkpoints_info(mdir: ModelDir, root: Path | None = None) -> dict | None:
     """Committed orbax checkpoints (folders named by their step) and the newest one's metadata
-    (of DIR/checkpoints, or of ``root``: an earlier stage's, mlmtool.stages)."""
+    (of DIR/checkpoints, or of ``root``: an earlier stage's, mlmtool.training.stages)."""
     root = mdir.checkpoints_dir if root is None else root
     if not root.is_dir():
         return None
@@ -177,7 +177,7 @@ def directory_info(mdir: ModelDir) -> dict[str, Any]:
     info["data"] = data_info(mdir)
     info["data_stores"] = {name: data_info(mdir.with_data(name)) for name in mdir.data_names()}  # prepare --name
     info["checkpoints"] = checkpoints_info(mdir)
-    stages = mdir.stages_dir  # earlier stages (mlmtool.stages), oldest first
+    stages = mdir.stages_dir  # earlier stages (mlmtool.training.stages), oldest first
     info["stages"] = [checkpoints_info(mdir, stages / str(n) / "checkpoints") for n in numbers(stages)]
     info["pending_stage"] = str(stages / PENDING) if (stages / PENDING).exists() else None
     info["export"] = _file(mdir.weights_path)

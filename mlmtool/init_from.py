@@ -24,7 +24,7 @@ from mlmtool.errors import CheckpointError, ConfigError, DataError, ModelDirErro
 from mlmtool.hf_weights import read_parts, safetensors_files, table_parts
 from mlmtool.modeldir import TOKENIZER_EXTRA, TOKENIZER_FILES, ModelDir
 from mlmtool.models import load_model
-from mlmtool.tokenizer_facts import tokenizer_info
+from mlmtool.data.tokenizer_facts import tokenizer_info
 
 
 

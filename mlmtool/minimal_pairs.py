@@ -18,7 +18,7 @@ the log-probability the model gives the original token there is summed over the 
 scored, the tokens of the same word to its right are masked too, so a word split into
 several pieces is not scored as if its later pieces gave the earlier ones away (the bias
 that made the original PLL favour multi-token words).  ``pll="token"`` is the original.
-Words are what :func:`mlmtool.tokenizer_facts.word_boundaries` says (the table whole-word
+Words are what :func:`mlmtool.data.tokenizer_facts.word_boundaries` says (the table whole-word
 masking uses: a word is what whitespace separates, so with byte-level BPE a trailing
 ``.`` belongs to the word before it); special tokens are never scored.
 
@@ -121,7 +121,7 @@ def accuracy(pairs: Sequence[Pair], scorer: Scorer) -> dict:
 def word_ids(ids: Sequence[int], special: Sequence[bool], table: np.ndarray) -> list[int]:
     """The word number of each token (-1 for special tokens), from a word-boundary table
     (``STARTS_WORD`` / ``ENDS_WORD`` bits per id)."""
-    from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD
+    from mlmtool.data.tokenizer_facts import ENDS_WORD, STARTS_WORD
 
     out, word, prev_ends = [], -1, True
     for tid, sp in zip(ids, special):
@@ -297,8 +297,8 @@ def pll_scorer(mdir, loaded, params, *, pll: str = "word-l2r", batch_rows: int =
     tokenizer (``tokenizers`` alone) and, for word-l2r, its word boundaries."""
     from tokenizers import Tokenizer
 
-    from mlmtool.stores import word_boundaries_for
-    from mlmtool.tokenizer_facts import tokenizer_info
+    from mlmtool.data.stores import word_boundaries_for
+    from mlmtool.data.tokenizer_facts import tokenizer_info
 
     info = tokenizer_info(mdir)
     table = word_boundaries_for(mdir, loaded.hf_config["vocab_size"]) if pll == "word-l2r" else None
@@ -314,7 +314,7 @@ def scorer_for(mdir, loaded, params, *, pll: str = "word-l2r", batch_rows: int =
         return pll_scorer(mdir, loaded, params, pll=pll, batch_rows=batch_rows)
     from tokenizers import Tokenizer
 
-    from mlmtool.tokenizer_facts import tokenizer_info
+    from mlmtool.data.tokenizer_facts import tokenizer_info
 
     info = tokenizer_info(mdir)
     return DiscriminatorScorer(loaded.module, params, Tokenizer.from_file(info.path), pad_token_id=info.pad_token_id,
@@ -364,10 +364,11 @@ def run_minimal_pairs(mdir, files: Sequence[str], *, checkpoint: str = "latest",
     eval_results.json, a metrics.jsonl record and TensorBoard scalars (process 0)."""
     import jax
 
-    from mlmtool import checkpoint as ckpt, sharding as sh
+    from mlmtool.training import checkpoint as ckpt
+    from mlmtool.runtime import sharding as sh
     from mlmtool.atomic import atomic_write_json
     from mlmtool.models import load_model
-    from mlmtool.progress import MetricsWriter
+    from mlmtool.runtime.progress import MetricsWriter
 
     if pll not in PLL_MODES:
         from mlmtool.errors import ConfigError

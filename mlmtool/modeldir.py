@@ -18,7 +18,7 @@ tokenizer files, then ``model.safetensors``), with mlmtool's own state beside it
       report.png               report       (training and evaluation curves)
       eval_results.json        eval         (HF key names)
       manifest.json            every step   (arguments, input fingerprints, versions)
-      .mlmtool.lock            train/prepare while running (PID of the holder)
+      .mlmtool.runtime.lock            train/prepare while running (PID of the holder)
 
 Every file is written under a temporary name and renamed into place, so an
 interrupted command never leaves a half-written artefact behind.
@@ -44,7 +44,7 @@ from typing import Any, Iterator
 from mlmtool.atomic import (atomic_directory, atomic_write, atomic_write_json,  # noqa: F401
                             fsync_directory, remove_leftovers)
 from mlmtool.errors import ConfigError, ModelDirError
-from mlmtool.lock import LOCK_FILE, hold as _hold_lock
+from mlmtool.runtime.lock import LOCK_FILE, hold as _hold_lock
 from mlmtool.presets import hint_in_dir, load_config_file
 
 CONFIG = "config.json"
@@ -189,7 +189,7 @@ class ModelDir:
 
     @property
     def stages_dir(self) -> Path:
-        """The checkpoints of earlier stages, ``stages/<n>/checkpoints`` (mlmtool.stages)."""
+        """The checkpoints of earlier stages, ``stages/<n>/checkpoints`` (mlmtool.training.stages)."""
         return self.path / "stages"
 
     @property
@@ -199,7 +199,7 @@ class ModelDir:
     @property
     def generator(self) -> "ModelDir":
         """``DIR/generator``: the generator of an ELECTRA pair, a model directory of its own
-        (created on first use; ``mlmtool.objectives``)."""
+        (created on first use; ``mlmtool.training.objectives``)."""
         return ModelDir(self.path / GENERATOR, create=True)
 
     @property
@@ -218,7 +218,7 @@ class ModelDir:
 
     @property
     def profile_dir(self) -> Path:
-        """``train --profile-steps``' jax.profiler traces (mlmtool.profiling)."""
+        """``train --profile-steps``' jax.profiler traces (mlmtool.training.profiling)."""
         return self.path / PROFILE
 
     @property
@@ -365,8 +365,8 @@ class ModelDir:
     # -- lock ----------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, command: str, enabled: bool = True) -> Iterator[None]:
-        """Hold ``DIR/.mlmtool.lock`` while ``command`` runs; refuse if another process holds
-        it (see :mod:`mlmtool.lock`).  ``enabled=False``: a no-op (processes other than 0)."""
+        """Hold ``DIR/.mlmtool.runtime.lock`` while ``command`` runs; refuse if another process holds
+        it (see :mod:`mlmtool.runtime.lock`).  ``enabled=False``: a no-op (processes other than 0)."""
         if not enabled:
             yield
             return

@@ -43,8 +43,8 @@ def _probabilities_fn(family_config, network, tokenizer_size: int | None = None)
 
 
 def fill_mask(mdir, texts: list[str], *, top_k: int = 5, checkpoint: str = "latest") -> list:
-    from mlmtool import sharding as sh
-    from mlmtool.checkpoint import load_params
+    from mlmtool.runtime import sharding as sh
+    from mlmtool.training.checkpoint import load_params
     from mlmtool.models import load_model
     from mlmtool.models.loaded import network_class
 

@@ -30,7 +30,7 @@ def read_metrics(path: os.PathLike | str) -> tuple[list[dict], list[dict], int]:
 
     Eval records written by ``mlmtool eval`` get the step of their checkpoint (``step N``),
     or, for the export, the last training step.  Every record gets ``stage`` (0, 1, ... for
-    the runs of ``train --from-checkpoint``, mlmtool.stages) and ``global_step``: a stage's
+    the runs of ``train --from-checkpoint``, mlmtool.training.stages) and ``global_step``: a stage's
     steps count from 1 again while its ``tokens_seen`` goes on, so it follows the stage
     before instead of replacing it, as a resume from an earlier checkpoint does.
     """

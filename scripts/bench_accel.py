@@ -10,9 +10,9 @@ For each model (``roberta-base`` at sequence length 128, the seed's, batches 256
 the step ``step.build_training`` sets up (what ``mlmtool train`` runs: on-device masking,
 forward, backward, clipping, AdamW, donated state) on random rows that start with ``<s>`` and end with ``</s>``,
 at each batch size (ascending).  A batch that the programs compiled before predict cannot fit
-is skipped without compiling (``mlmtool.devmem``); one that compiles over the memory is not
+is skipped without compiling (``mlmtool.runtime.devmem``); one that compiles over the memory is not
 run.  Per configuration: median step time over ``--steps`` fully synchronised steps after
-compilation and warm-up, tokens/s, sequences/s, training FLOPs per token (``mlmtool.flops``:
+compilation and warm-up, tokens/s, sequences/s, training FLOPs per token (``mlmtool.training.flops``:
 ``executed``, the MLM head only at the prediction slots, and ``model``, the head everywhere
 as Hugging Face computes it), MFU against the device's dense bf16 peak and against a
 ``jnp.dot`` measured in the same run, the program's device memory and the process's peak,
@@ -23,7 +23,7 @@ process (so that neither framework holds the other's memory): transformers'
 ``RobertaForMaskedLM`` / ``ModernBertForMaskedLM`` with ``torch.compile``, bf16 autocast, fused
 AdamW with HF Trainer's parameter groups, gradient clipping, ``DataCollatorForLanguageModeling``
 masking on the device and HF's loss, on the same batches (``ours_over_torch``); a
-``jax.profiler`` trace by kind of kernel (``--profile``, ``mlmtool.profiling``); and the kernel
+``jax.profiler`` trace by kind of kernel (``--profile``, ``mlmtool.training.profiling``); and the kernel
 A/B runs (``--ab``), each one switch away from the defaults.  ``--budget`` stops the phases in
 that order of importance.  Ends with one JSON line; with ``--json-out FILE`` also writes it
 there (docs/bench/accel-<device>-<date>.json).  ``--summarize`` adds the real loop's figures.
@@ -154,14 +154,14 @@ def is_oom(e: BaseException) -> bool:
 def jax_worker(spec: dict) -> None:
     """Every configuration of ``spec["runs"]`` in this process; one JSON line each.  A batch
     whose program the ones compiled before say cannot fit is skipped (no compile)."""
-    from mlmtool import compilation_cache
+    from mlmtool.runtime import compilation_cache
 
     if os.environ.get(compilation_cache.ENV):  # the device check's cache: a program compiled twice loads
         compilation_cache.configure()
     import jax
 
-    from mlmtool import devmem
-    from mlmtool.kernels import ENV
+    from mlmtool.runtime import devmem
+    from mlmtool.runtime.kernels import ENV
 
     dev = jax.devices()[0]
     limit, limit_from = devmem.memory_limit(dev)
@@ -212,8 +212,8 @@ def measured_matmul(n: int, dtype: str) -> dict:
 def time_config(run: dict, spec: dict, limit: int | None = None) -> dict:
     import jax
 
-    from mlmtool import devmem
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.runtime import devmem
+    from mlmtool.training.train_config import TrainConfig
 
     config, seq_len, batch = run["config"], run["seq_len"], run["batch_size"]
     cfg = TrainConfig(per_device_train_batch_size=batch, dtype=spec["dtype"], max_steps=10_000, **run.get("train", {}))
@@ -256,7 +256,7 @@ def time_config(run: dict, spec: dict, limit: int | None = None) -> dict:
             jax.block_until_ready((state, out))
             i[0] += 1
 
-        from mlmtool.profiling import trace_steps
+        from mlmtool.training.profiling import trace_steps
 
         profile = {"profile": trace_steps(run["profile"], one_step, 3, median(times))}
     stats = jax.devices()[0].memory_stats() or {}
@@ -385,7 +385,7 @@ def main(argv=None) -> None:
         summarize(args)
         return
 
-    from mlmtool.flops import peak_flops, training_flops_per_token
+    from mlmtool.training.flops import peak_flops, training_flops_per_token
 
     deadline = time.monotonic() + args.budget if args.budget else None
 
@@ -651,7 +651,7 @@ def print_report(device, matmul, peak, ours, theirs, args) -> None:
         print(head + f"{r['tokens_per_s']:>11,.0f}{r['sequences_per_s']:>9,.0f}{1e3 * r['step_s']:>9.1f}"
               f"{mfu:>7}{'':>10}{'':>8}{(r.get('peak_memory_bytes') or 0) / 2**30:>9.2f}{r['compile_s']:>10.1f}"
               + (f"   ours/torch {r['ours_over_torch']:.2f}x" if "ours_over_torch" in r else ""))
-    from mlmtool.profiling import format_summary
+    from mlmtool.training.profiling import format_summary
 
     for r in ours:
         if r.get("profile"):

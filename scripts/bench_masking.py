@@ -75,7 +75,7 @@ def program_text(compiled) -> str:
 
 def build(variant: str, args, batches, table):
     from mlmtool.presets import build_config
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.training.train_config import TrainConfig
 
     masking = variant if variant in ("whole-word", "span") else "token"
     final = 0.1 if variant == "schedule" else None

@@ -83,8 +83,8 @@ def jax_stepper(config: dict, batch_size: int, batches, kernels: str):
     (one_step, compile_s, last loss getter)."""
     import jax
 
-    from mlmtool.kernels import ENV
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.runtime.kernels import ENV
+    from mlmtool.training.train_config import TrainConfig
 
     os.environ[ENV] = kernels  # read when the model is built
     cfg = TrainConfig(per_device_train_batch_size=batch_size, max_steps=10_000)

@@ -95,8 +95,8 @@ def bare_worker(spec: dict) -> dict:
 def ours_train_worker(spec: dict) -> dict:
     """The training call of ``mlmtool tokenizer``, with the same objects, timed alone."""
     w0, c0 = _clock()
-    from mlmtool.corpus import open_corpus
-    from mlmtool.tokenizer_train import TRAIN_BATCH_BYTES, build_tokenizer, build_trainer
+    from mlmtool.data.corpus import open_corpus
+    from mlmtool.data.tokenizer_train import TRAIN_BATCH_BYTES, build_tokenizer, build_trainer
 
     corpus = open_corpus([spec["corpus"]])
     tok = build_tokenizer("bpe", lowercase=False)

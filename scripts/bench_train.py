@@ -112,8 +112,8 @@ def summarise(wall: list[float], cpu: list[float], tokens: int) -> dict:
 # -- FLOPs ---------------------------------------------------------------------------------
 
 def flops_per_step(config: dict, batch: int, seq_len: int, head_rows: int) -> dict:
-    """Training FLOPs of one step (``mlmtool.flops``: forward + backward = 3 x forward)."""
-    from mlmtool.flops import matmul_parameters, training_flops_per_token
+    """Training FLOPs of one step (``mlmtool.training.flops``: forward + backward = 3 x forward)."""
+    from mlmtool.training.flops import matmul_parameters, training_flops_per_token
 
     tokens = batch * seq_len
     per_token = training_flops_per_token(config, seq_len, head_fraction=head_rows / tokens)
@@ -154,8 +154,8 @@ def build_bench_training(config: dict, cfg, batches, *, vocab_size: int = VOCAB,
     (int32 [rows, seq_len] arrays) over a 1-device mesh."""
     import jax
 
-    from mlmtool import sharding as sh
-    from mlmtool.step import build_model, build_training
+    from mlmtool.runtime import sharding as sh
+    from mlmtool.training.step import build_model, build_training
 
     loaded = build_model(config, cfg)
     mesh = sh.make_mesh(None, devices=jax.devices()[:1])
@@ -191,7 +191,7 @@ def compiled_stepper(training, batches, rng=None):
 def bench_jax(preset: str, args: argparse.Namespace, batches) -> dict:
     import jax
 
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.training.train_config import TrainConfig
 
     cfg = TrainConfig(per_device_train_batch_size=args.batch_size, dtype=args.dtype, max_steps=10_000)
     # Exactly Trainer's set-up and jit (step.build_training) on a 1-device mesh.

@@ -65,7 +65,7 @@ def write_documents(path: Path, docs: list[str]) -> Path:
 
 
 def read_all(corpus, **kw) -> list[str]:
-    """Every document of one pass over ``corpus`` (an mlmtool.corpus.Corpus)."""
+    """Every document of one pass over ``corpus`` (an mlmtool.data.corpus.Corpus)."""
     return [d for b in corpus.batches(**kw) for d in b.documents]
 
 
@@ -89,8 +89,8 @@ def corpus_file(tmp_path, corpus_docs) -> Path:
 
 
 def _trained(tmp_path_factory, preset: str, vocab_size: int) -> Path:
-    from mlmtool.corpus import open_corpus
-    from mlmtool.tokenizer_train import train_tokenizer
+    from mlmtool.data.corpus import open_corpus
+    from mlmtool.data.tokenizer_train import train_tokenizer
 
     root = tmp_path_factory.mktemp(f"trained-{preset}")
     corpus = write_documents(root / "corpus.txt", make_documents(300, seed=0))

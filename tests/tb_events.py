@@ -1,4 +1,4 @@
-"""Reading back the TensorBoard event files mlmtool writes (mlmtool.tensorboard), for the tests:
+"""Reading back the TensorBoard event files mlmtool writes (mlmtool.runtime.tensorboard), for the tests:
 TFRecord framing and masked CRC32C checked record by record, events decoded with tensorboardX's
 protobufs."""
 

@@ -345,7 +345,7 @@ def _disk_full_init(tmp, env):
 
 
 def _disk_full_prepare(tmp, env):
-    from mlmtool import blocks
+    from mlmtool.data import blocks
 
     env["monkeypatch"].setattr(blocks.SplitWriter, "add_stream", _disk_full)
     return ("prepare", _copy(env, tmp), env["corpus"], "--max-seq-length", 32, "--force")

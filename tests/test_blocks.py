@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlmtool import blocks
-from mlmtool.blocks import BlockStore, SplitWriter, dtype_for_vocab, read_meta
+from mlmtool.data import blocks
+from mlmtool.data.blocks import BlockStore, SplitWriter, dtype_for_vocab, read_meta
 from mlmtool.errors import DataError
 
 
@@ -194,7 +194,7 @@ def test_missing_or_damaged_starts_are_refused(tmp_path):
 
 
 def test_a_store_without_the_record_is_noted_once(tmp_path, capsys):
-    from mlmtool.stores import document_starts
+    from mlmtool.data.stores import document_starts
 
     d = _store_with_starts(tmp_path)
     assert document_starts(BlockStore.open(d, "train"), True) and not capsys.readouterr().out  # recorded: no word

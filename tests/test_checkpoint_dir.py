@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlmtool import checkpoint_dir
+from mlmtool.training import checkpoint_dir
 from mlmtool.modeldir import checkpoint_steps
 from tests.pipeline import error_line, invoke, prepared_dir
 from tests.test_shards import s3_server  # noqa: F401 - the fixture
@@ -29,7 +29,8 @@ def _params(d: Path):
 
 @pytest.mark.slow
 def test_checkpoints_elsewhere_resume_bit_identical(tmp_path, monkeypatch):
-    from mlmtool import checkpoint, interrupt
+    from mlmtool.training import checkpoint
+    from mlmtool.runtime import interrupt
 
     d = prepared_dir(tmp_path, n_docs=120)
     a = Path(shutil.copytree(d, tmp_path / "a"))

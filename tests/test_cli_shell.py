@@ -116,10 +116,10 @@ def test_quiet_keeps_results_and_errors(tmp_path, corpus_file, monkeypatch):
 
 @pytest.mark.slow
 def test_orbax_is_quieted_by_the_command_line_not_by_importing_the_library():
-    """Importing mlmtool.checkpoint leaves absl's verbosity and sys.unraisablehook alone; the
+    """Importing mlmtool.training.checkpoint leaves absl's verbosity and sys.unraisablehook alone; the
     CLI's root callback sets them (orbax errors only with MLMTOOL_DEBUG)."""
     code = ("import sys; from absl import logging; v, h = logging.get_verbosity(), sys.unraisablehook\n"
-            "import mlmtool.checkpoint\n"
+            "import mlmtool.training.checkpoint\n"
             "assert (logging.get_verbosity(), sys.unraisablehook) == (v, h)\n"
             "from mlmtool.cli import app; from typer.testing import CliRunner\n"
             "assert CliRunner().invoke(app, ['info', '.']).exit_code in (0, 1)\n"
@@ -167,7 +167,7 @@ def test_the_library_refuses_a_choice_in_the_same_words():
     from mlmtool import constants
     from mlmtool.errors import TrainingError
     from mlmtool.models.layers import REMAT_POLICIES
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.training.train_config import TrainConfig
 
     assert tuple(REMAT_POLICIES) == constants.REMAT_POLICIES  # the networks' table, the option's names
     with pytest.raises(TrainingError, match=r"^--optimizer must be one of adamw, adafactor, lamb, lion, stable-adamw, "
@@ -183,7 +183,7 @@ class _Captured(Exception):
 
 def _train_config(monkeypatch, *args):
     """The TrainConfig ``mlmtool train DIR ARGS`` builds, and its stderr (the run stops there)."""
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.training.train_config import TrainConfig
 
     seen = []
 
@@ -247,7 +247,7 @@ def test_json_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["MLMTOOL_QUIET", "MLMTOOL_DEBUG", "MLMTOOL_TENSORBOARD"])
 def test_env_flags_spellings(monkeypatch, name):
-    from mlmtool import env
+    from mlmtool.runtime import env
     from mlmtool.errors import ConfigError
 
     for text in ("1", "true", "TRUE", "Yes", "on", " on "):
@@ -285,7 +285,7 @@ def test_quiet_false_in_capitals_is_off(monkeypatch, tmp_path):
 
 
 def test_compilation_cache_takes_the_flag_spellings(monkeypatch, tmp_path):
-    from mlmtool import compilation_cache
+    from mlmtool.runtime import compilation_cache
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     for text in ("0", "no", "OFF", "False"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlmtool import compilation_cache
+from mlmtool.runtime import compilation_cache
 from tests.pipeline import prepared_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """Reading a corpus: the per-format readers (text, JSON, CSV, parquet, datasets), compressed
-streams, batching, and what a pass counts (mlmtool.corpus.readers and .streams)."""
+streams, batching, and what a pass counts (mlmtool.data.corpus.readers and .streams)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mlmtool.corpus import DataError, open_corpus
+from mlmtool.data.corpus import DataError, open_corpus
 from tests.conftest import make_documents, read_all, write_documents
 
 
@@ -212,7 +212,7 @@ def test_all_lines_undecodable(tmp_path):
 
 @pytest.mark.slow
 def test_no_jax_or_transformers_import():
-    code = ("import sys, mlmtool.corpus, mlmtool.blocks, mlmtool.prepare, mlmtool.tokenizer_train;"
+    code = ("import sys, mlmtool.data.corpus, mlmtool.data.blocks, mlmtool.data.prepare, mlmtool.data.tokenizer_train;"
             "bad = [m for m in ('jax', 'transformers', 'torch', 'datasets') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

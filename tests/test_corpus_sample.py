@@ -1,4 +1,4 @@
-"""The corpus sample behind ``tokenizer --sample-bytes/--sample-documents`` (mlmtool.corpus.sample):
+"""The corpus sample behind ``tokenizer --sample-bytes/--sample-documents`` (mlmtool.data.corpus.sample):
 seeded, within its budget, uniform over the documents, independent of the batch sizes."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mlmtool.corpus.sample import Reservoir, utf8_size
+from mlmtool.data.corpus.sample import Reservoir, utf8_size
 
 # Documents of very different lengths, each naming its position; some not ASCII.
 DOCS = [f"doc {i} " + ("wörd " if i % 7 == 0 else "word ") * random.Random(i).randint(0, 60) for i in range(4000)]

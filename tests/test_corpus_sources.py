@@ -1,5 +1,5 @@
 """Resolving the corpus inputs: directories, globs, order, the errors raised before any
-reading, and fingerprints (mlmtool.corpus.sources)."""
+reading, and fingerprints (mlmtool.data.corpus.sources)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mlmtool.corpus import DataError, open_corpus
+from mlmtool.data.corpus import DataError, open_corpus
 from tests.conftest import read_all, write_documents
 
 

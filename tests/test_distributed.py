@@ -30,7 +30,7 @@ TRAIN = ("--max-steps", STEPS, "--per-device-train-batch-size", 4, "--learning-r
          "--logging-steps", 1, "--save-steps", 2)
 TIMEOUT = 300
 
-# Runs the CLI with test hooks around mlmtool.checkpoint.save (nothing of this is in the package):
+# Runs the CLI with test hooks around mlmtool.training.checkpoint.save (nothing of this is in the package):
 #   MLMTOOL_TEST_KILL_AT_SAVE=N  SIGKILL this process when the loop is about to save step N
 #                                (after every earlier checkpoint has been written);
 #   MLMTOOL_TEST_SHARDINGS=PATH  write the sharding of params and optimizer state there (a "%p"
@@ -41,7 +41,7 @@ TIMEOUT = 300
 RUNNER = r"""
 import json, os, signal, sys
 import jax
-import mlmtool.checkpoint as ckpt
+import mlmtool.training.checkpoint as ckpt
 
 try:  # test speed only: every process writes its own compilation cache entries
     from jax._src import compiler, distributed
@@ -250,7 +250,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert len([m for m in _metrics(d) if "loss" in m]) == STEPS
     assert len([m for m in _metrics(d) if "eval_loss" in m]) == 1
     assert (d / "model.safetensors").exists() and (d / "manifest.json").exists()
-    assert not (d / ".mlmtool.lock").exists()
+    assert not (d / ".mlmtool.runtime.lock").exists()
     assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     # The in-training evaluation is the same too (same rows, same masks, near-equal params).
     ev1 = [m for m in _metrics(d) if "eval_loss" in m][0]
@@ -329,7 +329,7 @@ def test_signal_to_one_process_stops_all_at_the_same_step(prepared, two_processe
     assert "stopped at step 3 by a signal to another process; checkpoint saved" in out0, out0
     assert "stopped at step 3 by SIGTERM; checkpoint saved" in out1, out1
     assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
-    assert not (d / "model.safetensors").exists() and not (d / ".mlmtool.lock").exists()
+    assert not (d / "model.safetensors").exists() and not (d / ".mlmtool.runtime.lock").exists()
 
 
 def test_eval_two_processes_matches_one(two_processes, cache, tmp_path):
@@ -364,7 +364,7 @@ def test_processes_with_different_settings_fail_together(prepared, cache, tmp_pa
         assert "--per-device-train-batch-size is 4 on process 0 but 2 on process 1" in text, text
         assert "Traceback" not in text
     assert elapsed < 90
-    assert not (d / "checkpoints").exists() and not (d / ".mlmtool.lock").exists()
+    assert not (d / "checkpoints").exists() and not (d / ".mlmtool.runtime.lock").exists()
 
 
 def test_unreachable_coordinator_is_one_line_error(prepared, tmp_path):

@@ -1,5 +1,5 @@
-"""``train --dry-run`` (mlmtool.dryrun), ``--profile-steps`` (mlmtool.profiling) and the memory
-arithmetic they share with the accelerator benchmark (mlmtool.devmem)."""
+"""``train --dry-run`` (mlmtool.training.dryrun), ``--profile-steps`` (mlmtool.training.profiling) and the memory
+arithmetic they share with the accelerator benchmark (mlmtool.runtime.devmem)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlmtool import devmem
+from mlmtool.runtime import devmem
 from tests.pipeline import invoke, prepared_dir
 
 ARGS = ("--max-steps", 60, "--per-device-train-batch-size", 8, "--eval-steps", 20, "--save-steps", 20,
@@ -52,9 +52,9 @@ def test_dry_run_options_are_checked(tmp_path):
 def test_dry_run_changes_nothing_and_projects_the_run(tmp_path):
     """DIR is byte-identical after a dry run (no lock, checkpoint, metrics or manifest), and
     its projection is within 25% of the real run's wall time, on this CPU."""
-    from mlmtool.dryrun import dry_run
+    from mlmtool.training.dryrun import dry_run
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.training.train import TrainConfig, Trainer
 
     d = prepared_dir(tmp_path)
     before = _snapshot(d)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from mlmtool import models
-from mlmtool.corpus import open_corpus
+from mlmtool.data.corpus import open_corpus
 from mlmtool.modeldir import ModelDir
 from mlmtool.presets import build_config
-from mlmtool.tokenizer_train import train_tokenizer
+from mlmtool.data.tokenizer_train import train_tokenizer
 from tests.conftest import make_documents, write_documents
 from tests.pipeline import invoke, trained_dir
 

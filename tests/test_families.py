@@ -191,7 +191,7 @@ def family_tokenizer(family, fields: dict, path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from mlmtool.modeldir import ModelDir
-    from mlmtool.tokenizer_train import add_post_processor, tokenizer_files
+    from mlmtool.data.tokenizer_train import add_post_processor, tokenizer_files
 
     defaults = family.tokenizer[fields["model_type"]]
     specials = defaults.specials_for(defaults.algorithm)
@@ -255,7 +255,7 @@ def test_predict_equals_the_fill_mask_pipeline(case, tmp_path):
 def test_a_checkpoints_shapes_name_the_config_fields(case):
     """``checkpoint.config_fields`` (the sizes named when config.json no longer fits a
     checkpoint) reads the family's own fields from its parameter tree."""
-    from mlmtool.checkpoint import config_fields
+    from mlmtool.training.checkpoint import config_fields
 
     family, fields = case
     shapes = {jax.tree_util.keystr(k): tuple(v.shape)

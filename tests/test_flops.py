@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlmtool.flops import matmul_parameters, peak_flops, training_flops_per_token
+from mlmtool.training.flops import matmul_parameters, peak_flops, training_flops_per_token
 from mlmtool.models import family_for
 from mlmtool.presets import build_config
 

@@ -57,7 +57,7 @@ def test_info_wordpiece(wordpiece_dir):
 
 @pytest.mark.slow
 def test_info_trained(trained, monkeypatch):
-    from mlmtool import progress
+    from mlmtool.runtime import progress
 
     monkeypatch.setattr(progress.console, "width", 240)  # the table's paths on one line, however deep tmp is
     info = _info(trained)
@@ -84,7 +84,7 @@ def test_info_damaged_and_stale_lock(tmp_path, trained):
     (d / "data" / "meta.json").write_text("{not json")
     (d / "eval_results.json").write_text(json.dumps({"eval_loss": 1.0, "eval_accuracy": 0.5, "perplexity": 2.7,
                                                      "checkpoint": "step 20"}))
-    (d / ".mlmtool.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+    (d / ".mlmtool.runtime.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
                                                  "command": "train"}))
     info = _info(d)
     assert "error" in info["data"]

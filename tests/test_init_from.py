@@ -105,10 +105,10 @@ def test_train_starts_from_the_weights(source, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from mlmtool.blocks import BlockStore
+    from mlmtool.data.blocks import BlockStore
     from mlmtool.hf_weights import read_safetensors
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.training.train import TrainConfig, Trainer
 
     src, model, corpus = source
     d = tmp_path / "adapted"

@@ -1,4 +1,4 @@
-"""Kernel choice per backend (mlmtool.kernels), gradient checkpointing and scanned layers:
+"""Kernel choice per backend (mlmtool.runtime.kernels), gradient checkpointing and scanned layers:
 each changes how the network is computed, never what it computes."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlmtool import kernels
+from mlmtool.runtime import kernels
 from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select
+from mlmtool.runtime.kernels import Kernels, select
 from mlmtool.models import family_for, load_model
 from mlmtool.presets import build_config
 

@@ -1,5 +1,5 @@
 """Sliding-window attention computed blockwise (mlmtool.models.local_attention) against the
-dense [L, L] masked form, and the per-backend choice of its form (mlmtool.kernels)."""
+dense [L, L] masked form, and the per-backend choice of its form (mlmtool.runtime.kernels)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlmtool import kernels
-from mlmtool.kernels import Kernels, select
+from mlmtool.runtime import kernels
+from mlmtool.runtime.kernels import Kernels, select
 from mlmtool.models.layers import windowed_attention
 from mlmtool.models.local_attention import local_attention, worth_it
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlmtool.masking import SPAN_MEAN, default_max_predictions, mask_rows, mask_tokens, row_count_variance, word_starts
-from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD, word_boundaries
+from mlmtool.training.masking import (SPAN_MEAN, default_max_predictions, mask_rows, mask_tokens, row_count_variance,
+                                      word_starts)
+from mlmtool.data.tokenizer_facts import ENDS_WORD, STARTS_WORD, word_boundaries
 
 SPECIALS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 MASK, PAD, VOCAB = 4, 1, 1000

@@ -80,7 +80,7 @@ def test_pll_equals_transformers_one_mask_at_a_time(trained, pll):
 
 
 def test_word_l2r_masks_the_rest_of_the_word_only():
-    from mlmtool.tokenizer_facts import ENDS_WORD, STARTS_WORD
+    from mlmtool.data.tokenizer_facts import ENDS_WORD, STARTS_WORD
 
     table = np.array([STARTS_WORD | ENDS_WORD, STARTS_WORD, 0, 0, STARTS_WORD], dtype=np.uint8)  # 0 special
     ids, special = [0, 1, 2, 3, 4, 2, 0], [True, False, False, False, False, False, True]

@@ -114,7 +114,7 @@ def test_checkpoint_steps_and_meta_are_what_orbax_reads(tmp_path):
     the same steps as orbax's own manager, an unfinished save and other entries left out."""
     import jax.numpy as jnp
 
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
     from mlmtool.modeldir import checkpoint_meta, checkpoint_steps
 
     folder = tmp_path / "checkpoints"

@@ -1,4 +1,4 @@
-"""Schedules and optimizers (mlmtool.optim): values against their formulas, every optimizer
+"""Schedules and optimizers (mlmtool.training.optim): values against their formulas, every optimizer
 trains (with the family's weight-decay rule, which tests/test_families.py checks against HF's)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import optax
 import pytest
 
 from mlmtool.models import load_model
-from mlmtool.optim import OPTIMIZERS, decay_length, make_optimizer, make_schedule
+from mlmtool.training.optim import OPTIMIZERS, decay_length, make_optimizer, make_schedule
 from mlmtool.presets import build_config
-from mlmtool.train_config import TrainConfig
+from mlmtool.training.train_config import TrainConfig
 
 LR = 2.0
 
@@ -84,7 +84,7 @@ def test_every_optimizer_trains(optimizer):
 
 
 def test_stable_adamw_clips_a_tensor_whose_gradient_outruns_its_second_moment():
-    from mlmtool.optim import scale_by_stable_adam
+    from mlmtool.training.optim import scale_by_stable_adam
 
     tx = scale_by_stable_adam(0.9, 0.999, 1e-8)
     params = {"w": jnp.ones(4)}

@@ -1,4 +1,4 @@
-"""The training loop's periodic actions (mlmtool.periodic), each alone: no model, no compile.
+"""The training loop's periodic actions (mlmtool.training.periodic), each alone: no model, no compile.
 The loop that calls them is tested end to end in test_train.py (resume, --max-time),
 test_reliability.py (signals, divergence) and test_stages.py."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mlmtool.errors import TrainingError
-from mlmtool.objectives import MaskedLM, ReplacedTokenDetection
-from mlmtool.periodic import (MetricsLog, PeriodicEval, PeriodicSave, Report, StopRequest, Tick, TimeBudget,
+from mlmtool.training.objectives import MaskedLM, ReplacedTokenDetection
+from mlmtool.training.periodic import (MetricsLog, PeriodicEval, PeriodicSave, Report, StopRequest, Tick, TimeBudget,
                               check_window, every, format_eval, window_record)
 
 PLAN = SimpleNamespace(tokens_per_step=256, steps_per_epoch=10, peak_flops=None, flops_per_token=0.0, devices=1)

@@ -1,4 +1,4 @@
-"""The piece cache (mlmtool.piece_encoder): exactly encode_batch's ids, on random text, for
+"""The piece cache (mlmtool.data.piece_encoder): exactly encode_batch's ids, on random text, for
 every tokenizer kind mlmtool trains; and it refuses the pipelines it cannot be exact for."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlmtool.corpus import open_corpus
+from mlmtool.data.corpus import open_corpus
 from tests.conftest import CORPUS_WORDS, TRICKY_WORDS, make_model_dir, write_documents
 
 _words = st.sampled_from(CORPUS_WORDS + TRICKY_WORDS)
 
 
 def _lowercase_bpe(tmp_path_factory, corpus_docs) -> Path:
-    from mlmtool.tokenizer_train import train_tokenizer
+    from mlmtool.data.tokenizer_train import train_tokenizer
 
     d = make_model_dir(tmp_path_factory.mktemp("lc") / "m", "tiny")
     corpus = write_documents(d.parent / "c.txt", corpus_docs)
@@ -41,7 +41,7 @@ _text = st.lists(st.one_of(_words, st.sampled_from([" ", " ", " ", "  ", "\t", "
 def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
     from tokenizers import Tokenizer
 
-    from mlmtool.piece_encoder import PieceEncoder
+    from mlmtool.data.piece_encoder import PieceEncoder
 
     for path in tokenizer_paths:
         tok = Tokenizer.from_file(path)
@@ -60,7 +60,7 @@ def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
 def test_piece_encoder_refuses_other_pipelines(_bpe_dir):
     from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
-    from mlmtool.piece_encoder import PieceEncoder
+    from mlmtool.data.piece_encoder import PieceEncoder
 
     spec = json.loads((_bpe_dir / "tokenizer.json").read_text())
     assert PieceEncoder.supports(spec)

@@ -1,4 +1,4 @@
-"""The policies train and eval share, one function each (mlmtool.train_config, mlmtool.checkpoint):
+"""The policies train and eval share, one function each (mlmtool.training.train_config, mlmtool.training.checkpoint):
 document attention, the recorded settings, the option checks, which weights a command reads."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from mlmtool.errors import CheckpointError, ConfigError, TrainingError
 from mlmtool.models import family_for
 from mlmtool.modeldir import ModelDir
-from mlmtool.train_config import (TrainConfig, check_eval_options, document_attention_for, recorded_train_config,
-                                  resume_changes, resume_settings)
+from mlmtool.training.train_config import (TrainConfig, check_eval_options, document_attention_for,
+                                          recorded_train_config, resume_changes, resume_settings)
 
 
 class _NoDocuments:
@@ -96,7 +96,7 @@ def test_eval_options_in_range_pass():
     check_eval_options(per_device_eval_batch_size=None, mlm_probability=0.4, dtype="bfloat16", masking="span")
 
 
-# -- which weights eval, predict, export and eval --minimal-pairs read (mlmtool.checkpoint) ----------
+# -- which weights eval, predict, export and eval --minimal-pairs read (mlmtool.training.checkpoint) ----------
 
 def _weights(tmp_path, steps=(), export=False, init=False, stages=None) -> ModelDir:
     mdir = ModelDir(tmp_path / "m", create=True)
@@ -121,7 +121,7 @@ def _weights(tmp_path, steps=(), export=False, init=False, stages=None) -> Model
     (dict(steps=(4,), init=True), "init", "init", 0),
 ])
 def test_select_checkpoint(tmp_path, layout, which, selected, step):
-    from mlmtool.checkpoint import select_checkpoint, weights_step
+    from mlmtool.training.checkpoint import select_checkpoint, weights_step
 
     mdir = _weights(tmp_path, **layout)
     assert select_checkpoint(mdir, which) == selected
@@ -138,7 +138,7 @@ def test_select_checkpoint(tmp_path, layout, which, selected, step):
                                                 "(stage 1's"),
 ])
 def test_select_checkpoint_names_what_there_is(tmp_path, layout, which, phrase):
-    from mlmtool.checkpoint import select_checkpoint
+    from mlmtool.training.checkpoint import select_checkpoint
 
     mdir = _weights(tmp_path, **layout)
     with pytest.raises(CheckpointError) as e:

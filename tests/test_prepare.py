@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from mlmtool.blocks import BlockStore, read_meta
+from mlmtool.data.blocks import BlockStore, read_meta
 from mlmtool.cli import app
-from mlmtool.corpus import open_corpus
+from mlmtool.data.corpus import open_corpus
 from mlmtool.errors import DataError
-from mlmtool.blocks import validation_mask
-from mlmtool.prepare import prepare
+from mlmtool.data.blocks import validation_mask
+from mlmtool.data.prepare import prepare
 from tests.pipeline import error_line
 from tests.conftest import CORPUS_WORDS, TRICKY_WORDS, make_documents, make_model_dir, write_documents
 
@@ -147,10 +147,10 @@ def test_property_matches_reference(bpe_dir, tmp_path_factory, docs, seq_len, pc
 
 _RUN_PREPARE = """
 import hashlib, json, sys
-import mlmtool.encode_pool as pool
-import mlmtool.prepare as prep
-from mlmtool.blocks import read_meta
-from mlmtool.corpus import open_corpus
+import mlmtool.data.encode_pool as pool
+import mlmtool.data.prepare as prep
+from mlmtool.data.blocks import read_meta
+from mlmtool.data.corpus import open_corpus
 model_dir, corpus, num_proc, batch_bytes, fork = sys.argv[1:]
 if fork == "0":  # the threaded fallback used where forking is unsafe (JAX imported)
     pool.fork_is_safe = lambda: False
@@ -230,7 +230,7 @@ def test_prepare_same_with_and_without_piece_cache(bpe_dir, tmp_path, corpus_doc
 
 def test_no_piece_cache_option_reaches_the_encoder(bpe_dir, corpus_file, monkeypatch):
     """prepare --no-piece-cache: the workers encode with plain encode_batch, into the same blocks."""
-    import mlmtool.encode_pool as pool
+    import mlmtool.data.encode_pool as pool
 
     jobs, init = [], pool._init_worker
     monkeypatch.setattr(pool, "_init_worker", lambda job, *a, **k: (jobs.append(job), init(job, *a, **k))[1])
@@ -343,7 +343,7 @@ print(time.perf_counter() - t)
 def test_interrupted_prepare_keeps_previous_data(bpe_dir, corpus_file, monkeypatch):
     assert invoke("prepare", bpe_dir, corpus_file, "--max-seq-length", 32).exit_code == 0
     before = {p.name: p.read_bytes() for p in (bpe_dir / "data").iterdir()}
-    from mlmtool import blocks
+    from mlmtool.data import blocks
 
     calls = []
 
@@ -414,7 +414,7 @@ def test_refuses_a_directory_in_use(bpe_dir, corpus_file):
 
     from mlmtool.modeldir import ModelDir
 
-    lock = bpe_dir / ".mlmtool.lock"
+    lock = bpe_dir / ".mlmtool.runtime.lock"
     with ModelDir(bpe_dir).lock("train"):  # held, as by a running 'mlmtool train'
         line = error_line(invoke("prepare", bpe_dir, corpus_file))
     assert "in use by 'mlmtool train'" in line
@@ -512,8 +512,8 @@ def test_prepare_records_document_starts_whatever_the_text(bpe_dir, tmp_path, co
     import jax
     from tokenizers import Tokenizer
 
-    from mlmtool import sharding as sh
-    from mlmtool.loader import BatchLoader
+    from mlmtool.runtime import sharding as sh
+    from mlmtool.training.loader import BatchLoader
     from mlmtool.models.layers import document_segments
 
     docs = [f"{d} <s> and [CLS] then </s>" if i % 3 == 0 else d for i, d in enumerate(corpus_docs[:120])]

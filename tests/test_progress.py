@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlmtool import progress
-from mlmtool.progress import TrainProgress
+from mlmtool.runtime import progress
+from mlmtool.runtime.progress import TrainProgress
 
 
 def test_eta_after_a_resume(monkeypatch):

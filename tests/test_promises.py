@@ -249,7 +249,7 @@ def test_every_compressed_format_fails_loudly_when_truncated(prepared, corpus, t
 def test_zstd_with_several_frames_is_read_whole(tmp_path):
     import zstandard
 
-    from mlmtool.corpus import open_corpus
+    from mlmtool.data.corpus import open_corpus
 
     path = tmp_path / "two-frames.txt.zst"
     c = zstandard.ZstdCompressor()
@@ -468,7 +468,7 @@ def test_a_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
     (train's path to this: test_bad_input's disk-full-checkpoint case.)"""
     import errno
 
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
 
     ckpts = tmp_path / "model" / "checkpoints"
     tmp = ckpts / "2.orbax-checkpoint-tmp-1234"
@@ -484,8 +484,8 @@ def test_a_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
 # the signal lands mid-run and not while the finished artefact is being renamed into place.
 _SLOW = r"""
 import sys, time
-from mlmtool import blocks
-from mlmtool.corpus import readers
+from mlmtool.data import blocks
+from mlmtool.data.corpus import readers
 read, add = readers.READERS["txt"], blocks.SplitWriter.add_stream
 def slow_read(*a, **k):
     for batch in read(*a, **k):
@@ -537,7 +537,7 @@ def test_sigterm_during_prepare_or_tokenizer_cleans_up_and_says_so(prepared, tmp
         started = lambda: [x for x in d.glob(".data.*") if (x / ".train.bin.tmp").exists()]  # noqa: E731
     else:
         args = ["tokenizer", d, big, "--force"]
-        started = lambda: (d / ".mlmtool.lock").exists() and time.sleep(0.5) is None  # noqa: E731
+        started = lambda: (d / ".mlmtool.runtime.lock").exists() and time.sleep(0.5) is None  # noqa: E731
     rc, err = _sigterm(tmp_path, args, started)
     assert rc == 143, err
     assert "error: stopped by SIGTERM; temporary files removed" in err and "Traceback" not in err, err
@@ -572,7 +572,7 @@ def test_a_fifo_corpus_is_refused_not_waited_on(prepared, tmp_path):
 
 # == Issue 21, class 1: a stage never loses or hides the run it starts from ========================
 # train --from-checkpoint checks the source and restores it in memory, saves the new stage's
-# step 0 into DIR/stages/.next, and only then archives DIR's checkpoints (mlmtool.stages).
+# step 0 into DIR/stages/.next, and only then archives DIR's checkpoints (mlmtool.training.stages).
 
 STAGE = ("--max-steps", 2, "--per-device-train-batch-size", 8, "--save-steps", 1, "--logging-steps", 1,
          "--learning-rate", 1e-3, "--lr-scheduler", "constant")
@@ -597,9 +597,9 @@ def other_model(prepared, tmp_path_factory) -> Path:
     """A checkpoint (step 5) of another config: ``prepared`` with intermediate_size 48."""
     import jax
 
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.training.train import TrainConfig, Trainer
 
     d = Path(shutil.copytree(prepared, tmp_path_factory.mktemp("other") / "model"))
     edit_config(d, intermediate_size=48)
@@ -639,7 +639,7 @@ def test_a_source_that_does_not_fit_is_refused_before_anything_moves(trained, ot
 
 
 def test_dir_s_own_checkpoints_are_dir_s_however_spelled(trained, tmp_path):
-    from mlmtool import stages
+    from mlmtool.training import stages
     from mlmtool.modeldir import ModelDir
 
     d = copy(trained, tmp_path)
@@ -655,7 +655,7 @@ def test_dir_s_own_checkpoints_are_dir_s_however_spelled(trained, tmp_path):
     r = invoke("train", link, "--from-checkpoint", f"{tmp_path}/sub/../link/checkpoints/20", *STAGE)
     assert r.exit_code == 0, r.output
     assert _steps(d / "stages" / "1" / "checkpoints") == [10, 20] and _steps(d / "checkpoints") == [0, 1, 2]
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
 
     started = checkpoint.restore_meta(d / "checkpoints", 0)["started_from"]
     assert started["step"] == 20 and started["checkpoint"].endswith("stages/1/checkpoints/20"), started
@@ -688,7 +688,7 @@ def test_a_full_disk_at_the_stage_s_step_0_moves_nothing(trained, tmp_path, monk
 def test_a_stage_killed_at_its_start_leaves_one_run_that_train_continues(trained, tmp_path, monkeypatch, where):
     """Killed while step 0 is written: the stage never started, the run before goes on.  Killed
     once step 0 is complete: a plain ``train`` finishes the move and resumes the stage."""
-    from mlmtool import checkpoint, stages
+    from mlmtool.training import checkpoint, stages
 
     d = copy(trained, tmp_path)
     with monkeypatch.context() as m:
@@ -895,7 +895,7 @@ def test_wsd_decay_longer_than_the_run_and_cudnn_that_cannot_run_are_said(prepar
     refused(invoke("train", d, "--lr-scheduler", "wsd", "--decay-steps", 100, "--max-steps", 4,
                    "--per-device-train-batch-size", 8), d, before,
             "--decay-steps 100 is longer than the run after its warm-up (4 of 4 steps)", "--decay-steps 4 or fewer")
-    from mlmtool.kernels import select
+    from mlmtool.runtime.kernels import select
 
     k = select("cpu", overrides="attention=cudnn")
     assert k.attention == "xla" and "MLMTOOL_KERNELS attention=cudnn not taken: not an NVIDIA GPU" in k.describe()
@@ -935,7 +935,7 @@ def test_a_named_store_s_hints_rebuild_that_store(trained, corpus, tmp_path):
 
 def test_a_hint_to_prepare_again_names_a_command_that_works(prepared, corpus, tmp_path):
     from mlmtool.modeldir import ModelDir
-    from mlmtool.stores import open_stores
+    from mlmtool.data.stores import open_stores
 
     d = copy(prepared, tmp_path)
     edit_config(d, max_position_embeddings=20)  # blocks of 32 no longer fit
@@ -1125,9 +1125,9 @@ def test_literal_special_tokens_in_the_corpus_are_text(prepared, corpus, tmp_pat
     """"<s>" in HTML or "<mask>"/"<pad>" in ML text became the special ids mid-document."""
     import numpy as np
 
-    from mlmtool.blocks import BlockStore
+    from mlmtool.data.blocks import BlockStore
     from mlmtool.modeldir import ModelDir
-    from mlmtool.tokenizer_facts import tokenizer_info
+    from mlmtool.data.tokenizer_facts import tokenizer_info
 
     d = copy(prepared, tmp_path)
     lines = ["the king said <s> good night </s> to the <mask> queen <pad> and <unk> lady"] * 40
@@ -1266,7 +1266,7 @@ def test_masking_never_draws_a_padding_id():
     import jax.numpy as jnp
     import numpy as np
 
-    from mlmtool.masking import mask_tokens
+    from mlmtool.training.masking import mask_tokens
 
     ids = jnp.full((64, 128), 7, dtype=jnp.int32)
     kw = dict(special_token_ids=(0, 1, 2), mask_token_id=4, mlm_probability=0.9)

@@ -45,7 +45,7 @@ _MLMTOOL = r"""
 import os, signal, sys, time
 pace = float(os.environ.get("MLMTOOL_TEST_PACE") or 0)
 if pace or os.environ.get("MLMTOOL_TEST_KILL_IN_SAVE"):
-    from mlmtool import checkpoint, periodic
+    from mlmtool.training import checkpoint, periodic
     if pace:
         log = periodic.MetricsLog.__call__
         def paced(self, *a, **k):
@@ -185,7 +185,7 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         assert f"run 'mlmtool train {d}' again to resume" in run.out, run
         assert "Traceback" not in run.out, run
         assert complete_steps(d)[-1] == stopped == steps.last() < 12
-        assert not (d / ".mlmtool.lock").exists()
+        assert not (d / ".mlmtool.runtime.lock").exists()
         print(f"SIGTERM after step {first}: stopped at {stopped}")
 
         # 2. Resume, then Ctrl-C: the same, from where it stopped.
@@ -208,7 +208,7 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         leftovers = sorted(p.name for p in (d / "checkpoints").iterdir() if not p.name.isdigit())
         assert leftovers == [f"{in_save}.orbax-checkpoint-tmp"], leftovers
         assert complete_steps(d)[-1] == stopped < in_save
-        assert (d / ".mlmtool.lock").exists()  # stale: its holder is dead
+        assert (d / ".mlmtool.runtime.lock").exists()  # stale: its holder is dead
         r = invoke("eval", d, "--json")  # the directory stays readable
         assert r.exit_code == 0 and json.loads(r.stdout)["checkpoint"] == f"step {stopped}", r.output
 
@@ -234,7 +234,7 @@ def test_sigterm_sigint_sigkill_and_kill_mid_save_resume_bit_identical(prepared,
         f"kill points: SIGTERM→{stopped}, in save {in_save}, SIGKILL after step {target}"
     assert complete_steps(d)[-1] == complete_steps(ref)[-1] == 12
     assert not [p for p in (d / "checkpoints").iterdir() if not p.name.isdigit()]  # tmp cleaned
-    assert not (d / ".mlmtool.lock").exists()
+    assert not (d / ".mlmtool.runtime.lock").exists()
 
 
 def test_second_ctrl_c_stops_at_once_and_other_commands_are_refused_meanwhile(prepared, tmp_path):
@@ -245,7 +245,7 @@ def test_second_ctrl_c_stops_at_once_and_other_commands_are_refused_meanwhile(pr
               "--logging-steps", 1, "--save-steps", 1000, env={"MLMTOOL_TEST_PACE": "0.5"})
     try:
         wait_for(lambda: steps.last() >= 1, what="a first step", run=run)
-        holder = json.loads((d / ".mlmtool.lock").read_text())
+        holder = json.loads((d / ".mlmtool.runtime.lock").read_text())
         assert holder["pid"] == run.pid and holder["command"] == "train"
         # Concurrency: train, prepare and tokenizer on the same DIR are refused, naming the holder.
         for args in (("train", d, "--max-steps", 2), ("prepare", d, corpus, "--max-seq-length", 32),
@@ -264,7 +264,7 @@ def test_second_ctrl_c_stops_at_once_and_other_commands_are_refused_meanwhile(pr
         assert "interrupted" in run.out and "Traceback" not in run.out, run
     finally:
         run.stop()
-    assert not (d / ".mlmtool.lock").exists()
+    assert not (d / ".mlmtool.runtime.lock").exists()
     complete_steps(d)  # the checkpoint directory is readable (whatever it holds)
     r = invoke("prepare", d, corpus, "--max-seq-length", 32, "--validation-split-percentage", 10)
     assert r.exit_code == 0 and "Up to date" in r.output, r.output
@@ -288,7 +288,7 @@ def _dead_pid() -> int:
 
 
 def _write_lock(d: Path, pid: int, host: str | None = None) -> None:
-    (d / ".mlmtool.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+    (d / ".mlmtool.runtime.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
                                                  "command": "train", "time": "2020-01-01T00:00:00+00:00"}))
 
 
@@ -309,23 +309,23 @@ def test_lock_refuses_live_holder_and_takes_over_dead_ones(prepared, tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
-    assert json.loads((d / ".mlmtool.lock").read_text())["pid"] == holder.pid
+    assert json.loads((d / ".mlmtool.runtime.lock").read_text())["pid"] == holder.pid
     r = invoke(*prep)
     assert r.exit_code == 0 and "Prepared" in r.output, r.output
-    assert not (d / ".mlmtool.lock").exists()
+    assert not (d / ".mlmtool.runtime.lock").exists()
 
     # A stale file naming a dead PID, or a PID now reused by a live process (ours): taken over.
     for pid in (_dead_pid(), os.getpid()):
         _write_lock(d, pid)
         r = invoke(*prep)
         assert r.exit_code == 0, r.output
-        assert not (d / ".mlmtool.lock").exists()
+        assert not (d / ".mlmtool.runtime.lock").exists()
 
     # A holder on another host cannot be checked: refused, with how to clear it.
     _write_lock(d, 12345, host="some-other-host")
     r = invoke(*prep)
     assert r.exit_code == 1 and "PID 12345 on some-other-host" in r.output, r.output
-    assert f"if it is no longer running, delete {d / '.mlmtool.lock'}" in r.output
+    assert f"if it is no longer running, delete {d / '.mlmtool.runtime.lock'}" in r.output
 
 
 def test_lock_without_flock_falls_back_to_pids(prepared, tmp_path, monkeypatch):
@@ -343,8 +343,8 @@ def test_lock_without_flock_falls_back_to_pids(prepared, tmp_path, monkeypatch):
     for stale in (_dead_pid(), os.getpid()):  # a dead PID, or one reused (by us)
         _write_lock(d.path, stale)
         with d.lock("prepare"):
-            assert json.loads((d / ".mlmtool.lock").read_text())["pid"] == os.getpid()
-        assert not (d / ".mlmtool.lock").exists()
+            assert json.loads((d / ".mlmtool.runtime.lock").read_text())["pid"] == os.getpid()
+        assert not (d / ".mlmtool.runtime.lock").exists()
     _write_lock(d.path, os.getppid())  # alive
     with pytest.raises(ModelDirError, match=f"in use by 'mlmtool train' \\(PID {os.getppid()} "):
         with d.lock("prepare"):
@@ -376,7 +376,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(prepare
     import jax
     import numpy as np
 
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
     from mlmtool.modeldir import ModelDir
     from mlmtool.models import load_model
 
@@ -430,7 +430,7 @@ def _alive(pid: int) -> bool:
 
 _SLOW_PREPARE = r"""
 import sys, time
-from mlmtool import blocks
+from mlmtool.data import blocks
 add = blocks.SplitWriter.add_stream
 def slow(self, *args):  # a bigger corpus, in effect
     time.sleep(0.15)
@@ -516,7 +516,7 @@ def test_tokenizer_killed_mid_run_leaves_no_tokenizer_or_a_complete_one(prepared
     # agreeing with config.json is complete.
     p = subprocess.Popen([sys.executable, "-m", "mlmtool", "tokenizer", str(d), str(big), "--vocab-size", "400"],
                          cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (d / ".mlmtool.lock").exists() or p.poll() is not None, timeout=120, what="the lock")
+    wait_for(lambda: (d / ".mlmtool.runtime.lock").exists() or p.poll() is not None, timeout=120, what="the lock")
     time.sleep(random.uniform(0, 1.5))
     p.kill()
     p.wait()

@@ -11,7 +11,7 @@ import pytest
 
 from mlmtool.modeldir import ModelDir
 from mlmtool.report import read_metrics, summarize
-from mlmtool.tensorboard import TensorBoardWriter
+from mlmtool.runtime.tensorboard import TensorBoardWriter
 from tests.pipeline import invoke, trained_dir
 from tests.tb_events import read_events, read_scalars
 
@@ -138,7 +138,7 @@ def test_tensorboard_events_written_by_train(trained):
 
 
 def test_tensorboard_writer_process_zero_only_env_and_crc(tmp_path, monkeypatch):
-    from mlmtool.progress import MetricsWriter
+    from mlmtool.runtime.progress import MetricsWriter
 
     MetricsWriter(tmp_path / "a.jsonl", enabled=False, tensorboard_dir=tmp_path / "tb0").write(_train(1, 2.0))
     assert not (tmp_path / "tb0").exists() and not (tmp_path / "a.jsonl").exists()  # not process 0

@@ -13,12 +13,12 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mlmtool import sharding as sh
+from mlmtool.runtime import sharding as sh
 from mlmtool.errors import TrainingError
 from mlmtool.models import families, family_for, load_model
-from mlmtool.optim import OPTIMIZERS, make_optimizer, make_schedule
+from mlmtool.training.optim import OPTIMIZERS, make_optimizer, make_schedule
 from mlmtool.presets import build_config
-from mlmtool.train_config import TrainConfig
+from mlmtool.training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {name: fields for family in families().values() for name, fields in family.tiny_test_configs().items()}
@@ -129,7 +129,8 @@ RESTORE = r"""
 import json, sys
 import jax, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from mlmtool import checkpoint as ckpt, sharding as sh
+from mlmtool.training import checkpoint as ckpt
+from mlmtool.runtime import sharding as sh
 from mlmtool.models import load_model
 
 fields, directory = json.loads(sys.argv[1]), sys.argv[2]

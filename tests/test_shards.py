@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mlmtool import shard_plan, shards
-from mlmtool.blocks import BlockStore, validation_mask
+from mlmtool.data import shard_plan, shards
+from mlmtool.data.blocks import BlockStore, validation_mask
 from mlmtool.cli import app
-from mlmtool.corpus import open_corpus
-from mlmtool.prepare import prepare
+from mlmtool.data.corpus import open_corpus
+from mlmtool.data.prepare import prepare
 from tests.pipeline import error_line
 from tests.conftest import make_documents, write_documents
 
@@ -106,7 +106,7 @@ def test_cut_gives_every_line_to_the_shard_its_start_falls_in(inputs, n):
 
 
 def open_corpus_of(pieces, corpus):
-    from mlmtool.corpus import Corpus
+    from mlmtool.data.corpus import Corpus
 
     return Corpus(list(pieces), text_column=corpus.text_column)
 
@@ -219,7 +219,7 @@ def test_killed_prepare_resumes_and_redoes_only_the_half_written_shard(reference
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from mlmtool import shard_plan, shards
+from mlmtool.data import shard_plan, shards
 add = shards._Shard.add
 def dying(self, out, line_by_line):
     r = add(self, out, line_by_line)
@@ -229,8 +229,8 @@ def dying(self, out, line_by_line):
         os.kill(os.getpid(), signal.SIGKILL)
     return r
 shards._Shard.add = dying
-from mlmtool.corpus import open_corpus
-from mlmtool.prepare import prepare
+from mlmtool.data.corpus import open_corpus
+from mlmtool.data.prepare import prepare
 prepare({str(d)!r}, open_corpus({[str(p) for p in inputs]!r}), max_seq_length=16, num_shards={N},
         num_proc=1, show_progress=False, batch_bytes=2048)
 """
@@ -326,7 +326,7 @@ def test_inputs_from_s3_give_the_same_store(reference, bpe_dir, inputs, s3_serve
 @pytest.mark.slow
 def test_ray_executor_gives_the_same_store(reference, bpe_dir, inputs):
     ray = pytest.importorskip("ray")
-    from mlmtool.ray_executor import worker_env
+    from mlmtool.data.ray_executor import worker_env
 
     _, fp = reference
     d = model_copy(bpe_dir, "ray")
@@ -351,7 +351,7 @@ def test_ray_executor_without_ray_says_how_to_get_it(bpe_dir, inputs, monkeypatc
 READS_RUNNER = r"""
 import json, os, sys
 import numpy as np
-import mlmtool.loader as loader
+import mlmtool.training.loader as loader
 
 log = os.environ["MLMTOOL_TEST_READS"]
 host_batch = loader.BatchLoader.host_batch
@@ -378,7 +378,7 @@ main()
 
 @pytest.mark.slow
 def test_two_process_train_reads_only_its_rows_of_a_sharded_store(tmp_path):
-    from mlmtool.loader import epoch_permutation
+    from mlmtool.training.loader import epoch_permutation
     from tests import test_distributed as dist
     from tests.pipeline import invoke as cli, prepared_dir
 
@@ -420,8 +420,8 @@ def test_resumed_train_on_a_sharded_store_is_bit_identical(tmp_path):
     files and the epoch's permutation are restored, not re-derived from the stop)."""
     from mlmtool.hf_weights import read_safetensors
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import Trainer
-    from mlmtool.train_config import TrainConfig
+    from mlmtool.training.train import Trainer
+    from mlmtool.training.train_config import TrainConfig
     from tests.pipeline import invoke as cli, prepared_dir
 
     d = prepared_dir(tmp_path, n_docs=120)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlmtool.blocks import BlockStore
+from mlmtool.data.blocks import BlockStore
 from tests.conftest import make_documents
 from tests.pipeline import invoke
 
@@ -115,7 +115,7 @@ def test_local_dataset_builder_through_tokenizer_and_prepare(reference, tmp_path
 def test_text_builder_and_a_directory_of_data_files(tmp_path, monkeypatch):
     import datasets
 
-    from mlmtool.corpus import open_corpus
+    from mlmtool.data.corpus import open_corpus
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     _write(tmp_path / "t" / "a.txt", "txt", DOCS[:10] + ["", "   "])
@@ -142,7 +142,7 @@ def test_hub_dataset_keeps_repository_data_files(monkeypatch):
     """For a hub dataset, --data-files are paths inside its repository: passed on as given."""
     import datasets
 
-    from mlmtool.corpus import open_corpus
+    from mlmtool.data.corpus import open_corpus
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""Training in stages (mlmtool.stages): a new run from another run's checkpoint continues its
+"""Training in stages (mlmtool.training.stages): a new run from another run's checkpoint continues its
 weights (and, if asked, its optimizer state), keeps the stage before, and resumes exactly."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from mlmtool import checkpoint
+from mlmtool.training import checkpoint
 from mlmtool.modeldir import ModelDir, checkpoint_steps
-from mlmtool.train import TrainConfig, Trainer
+from mlmtool.training.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
 pytestmark = pytest.mark.slow  # Trainer runs over a trained first stage

@@ -250,7 +250,7 @@ def test_files_match_what_transformers_saves(tmp_path):
     import pytest
 
     from mlmtool.models.base import ALGORITHM_SPECIALS as SPECIALS
-    from mlmtool.tokenizer_train import add_post_processor, build_tokenizer, build_trainer, tokenizer_files
+    from mlmtool.data.tokenizer_train import add_post_processor, build_tokenizer, build_trainer, tokenizer_files
 
     transformers = pytest.importorskip("transformers")
     texts = [SENTENCE, "hello world", "déjà vu, naïve café"] * 40

@@ -11,10 +11,10 @@ import shutil
 import pytest
 
 from mlmtool import models
-from mlmtool.corpus import open_corpus
+from mlmtool.data.corpus import open_corpus
 from mlmtool.modeldir import ModelDir
 from mlmtool.presets import build_config
-from mlmtool.tokenizer_train import train_tokenizer
+from mlmtool.data.tokenizer_train import train_tokenizer
 from tests.conftest import make_documents, make_model_dir, write_documents
 from tests.test_tokenizer import _rounded
 

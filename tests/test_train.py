@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from mlmtool.optim import make_schedule
-from mlmtool.train import TrainConfig, Trainer
+from mlmtool.training.optim import make_schedule
+from mlmtool.training.train import TrainConfig, Trainer
 from tests.pipeline import invoke, prepared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_resume_is_bit_identical(prepared, tmp_path, execution):
     out = Trainer(ModelDir(b), cfg).run(say=lambda *x: None, stop_requested=lambda: next(calls) == 6)
     assert out["stopped_early"] and out["final_step"] == 7
     if "masking" in execution:  # a plain 'train DIR' resumes with the recorded masking and documents
-        from mlmtool.train_config import resume_settings
+        from mlmtool.training.train_config import resume_settings
 
         _, taken, step = resume_settings(ModelDir(b), TrainConfig(per_device_train_batch_size=8), explicit=set())
         assert step == 7 and {k: taken[k] for k in MASKING} == MASKING
@@ -185,7 +185,7 @@ def test_schedule_warmup_then_decay(kind):
 @pytest.mark.slow
 def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
     # Pretend the device has a known 16-bit peak of 1 GFLOP/s: the log then carries the MFU.
-    monkeypatch.setattr("mlmtool.plan.peak_flops", lambda kind, dtype: 1e9)
+    monkeypatch.setattr("mlmtool.training.plan.peak_flops", lambda kind, dtype: 1e9)
     d = _copy(prepared, tmp_path / "ga")
     r = invoke("train", d, "--max-steps", 3, "--per-device-train-batch-size", 4, "--gradient-accumulation-steps", 2,
                "--logging-steps", 1, "--save-steps", 10)
@@ -194,9 +194,9 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
     lines = [m for m in _metrics(d) if "loss" in m]
     assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
 
-    from mlmtool.flops import training_flops_per_token
+    from mlmtool.training.flops import training_flops_per_token
     from mlmtool.modeldir import ModelDir
-    from mlmtool.plan import prediction_layout
+    from mlmtool.training.plan import prediction_layout
 
     slots, rows = prediction_layout(TrainConfig(per_device_train_batch_size=4), 32)
     per_token = training_flops_per_token(ModelDir(d).read_config(), 32, slots / (rows * 32))["executed"]
@@ -206,7 +206,7 @@ def test_gradient_accumulation_trains(prepared, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_max_tokens_sets_the_number_of_steps(prepared, tmp_path):
-    from mlmtool.plan import plan_training
+    from mlmtool.training.plan import plan_training
 
     plan = plan_training(TrainConfig(per_device_train_batch_size=8, max_tokens=1000), n_train=850, n_val=0,
                          seq_len=32, n_devices=1)
@@ -266,7 +266,7 @@ def test_max_time_stops_on_budget_follows_the_clock_and_resumes(prepared, tmp_pa
     """--max-time: stops once the budget is spent (here 5.5 s of 1-s steps: after step 6), the
     learning rate follows the elapsed share of the budget, and an interrupted run continues the
     budget from its checkpoint to the same weights."""
-    from mlmtool import checkpoint
+    from mlmtool.training import checkpoint
     from mlmtool.modeldir import ModelDir
 
     cfg = TrainConfig(per_device_train_batch_size=8, max_steps=20, max_time=5.5, learning_rate=1e-3,
@@ -318,11 +318,11 @@ def test_build_training_sets_the_run_up_in_one_pass():
     """step.build_training: the plan whole at once (its printed lines and FLOPs included), the
     masking settings sized by it (whole-word slots from the blocks' measured spread), the
     rate schedule, document starts and the state's shapes and shardings (nothing compiled)."""
-    from mlmtool import sharding as sh
-    from mlmtool.flops import training_flops_per_token
-    from mlmtool.plan import describe_execution, prediction_layout
+    from mlmtool.runtime import sharding as sh
+    from mlmtool.training.flops import training_flops_per_token
+    from mlmtool.training.plan import describe_execution, prediction_layout
     from mlmtool.presets import build_config
-    from mlmtool.step import build_model, build_training
+    from mlmtool.training.step import build_model, build_training
 
     config = build_config("tiny", overrides=["vocab_size=512"])
     table = np.where(np.random.default_rng(1).random(512) < 0.6, 1, 0).astype(np.uint8)

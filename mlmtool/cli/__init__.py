@@ -15,7 +15,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from mlmtool import env
+from mlmtool.runtime import env
 from mlmtool.errors import MlmtoolError
 
 
@@ -33,7 +33,7 @@ def quiet_orbax() -> None:
     ``MLMTOOL_DEBUG=1`` keeps orbax's errors and every unraisable exception.
 
     A process-wide setting, so the command line makes it (once, in its root callback), not
-    ``mlmtool.checkpoint`` on import: a notebook importing the library keeps its own logging.
+    ``mlmtool.training.checkpoint`` on import: a notebook importing the library keeps its own logging.
     Costs the import of ``absl.logging`` (about 20 ms), not of orbax or jax; without absl
     (it comes with orbax) there is no orbax logging to quiet.
     """
@@ -57,7 +57,7 @@ def quiet_orbax() -> None:
 
 
 def _error_line(message: str) -> None:
-    from mlmtool.progress import err_console
+    from mlmtool.runtime.progress import err_console
 
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
 
@@ -85,7 +85,7 @@ class _Group(TyperGroup):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context):
-        from mlmtool.interrupt import Terminated, terminate_cleanly
+        from mlmtool.runtime.interrupt import Terminated, terminate_cleanly
 
         try:
             with terminate_cleanly():
@@ -140,11 +140,11 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Show the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q",  # MLMTOOL_QUIET is read by mlmtool.env, as every flag
+    quiet: bool = typer.Option(False, "--quiet", "-q",  # MLMTOOL_QUIET is read by mlmtool.runtime.env, as every flag
                                help="Print only errors and requested results (MLMTOOL_QUIET=1 does the same)."),
 ) -> None:
-    from mlmtool import compilation_cache
-    from mlmtool.progress import set_quiet
+    from mlmtool.runtime import compilation_cache
+    from mlmtool.runtime.progress import set_quiet
 
     env.check_flags()  # MLMTOOL_DEBUG=maybe: one error line, not a guess
     set_quiet(quiet)

@@ -38,9 +38,9 @@ def eval_command(
 ) -> None:
     """Evaluate the trained model on the validation blocks; writes eval_results.json."""
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import say
-    from mlmtool.distributed import agree
-    from mlmtool.sharding import is_main_process
+    from mlmtool.runtime.progress import say
+    from mlmtool.runtime.distributed import agree
+    from mlmtool.runtime.sharding import is_main_process
 
     dist.join()
     mdir = error = None
@@ -61,7 +61,7 @@ def eval_command(
     if minimal_pairs:
         _minimal_pairs(mdir, minimal_pairs, checkpoint=checkpoint, pll=pll, dtype=dtype, json_out=json_out)
         return
-    from mlmtool.evaluate import run_eval
+    from mlmtool.training.evaluate import run_eval
 
     results = run_eval(mdir, checkpoint=checkpoint, per_device_batch_size=per_device_eval_batch_size,
                        mlm_probability=mlm_probability, dtype=dtype, mesh_spec=dist.mesh, masking=masking,
@@ -87,8 +87,8 @@ def eval_command(
 
 def _minimal_pairs(mdir, files, *, checkpoint: str, pll: str, dtype: str, json_out: bool) -> None:
     from mlmtool.minimal_pairs import format_results, run_minimal_pairs
-    from mlmtool.progress import say
-    from mlmtool.sharding import is_main_process
+    from mlmtool.runtime.progress import say
+    from mlmtool.runtime.sharding import is_main_process
 
     results = run_minimal_pairs(mdir, files, checkpoint=checkpoint, pll=pll, dtype=dtype)
     if not is_main_process():

@@ -44,7 +44,7 @@ def export_command(
     from mlmtool.errors import ConfigError
     from mlmtool.export import export_model, hub_client, push_to_hub as push
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import say
+    from mlmtool.runtime.progress import say
 
     if push_to_hub is None and (private or revision):
         raise ConfigError("--private and --revision go with --push-to-hub", "add --push-to-hub OWNER/NAME")

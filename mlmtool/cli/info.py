@@ -16,7 +16,7 @@ def info_command(model_dir: ModelDirArg, json_out: JsonOpt = False) -> None:
     """
     from mlmtool.info import directory_info
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console
+    from mlmtool.runtime.progress import console
 
     info = directory_info(ModelDir(model_dir))
     if json_out:
@@ -26,8 +26,8 @@ def info_command(model_dir: ModelDirArg, json_out: JsonOpt = False) -> None:
 
 
 def _checkpoints_line(ck: dict) -> str:
-    """Checkpoint steps, size, tokens seen, and where the stage started (mlmtool.stages)."""
-    from mlmtool.progress import human_bytes
+    """Checkpoint steps, size, tokens seen, and where the stage started (mlmtool.training.stages)."""
+    from mlmtool.runtime.progress import human_bytes
 
     total = f" of {ck['total_steps']:,}" if ck.get("total_steps") else ""
     line = (f"steps {', '.join(f'{s:,}' for s in ck['steps'])} (latest {ck['latest']:,}{total}), "
@@ -43,7 +43,7 @@ def _checkpoints_line(ck: dict) -> str:
 def _table(info: dict):
     from rich.table import Table
 
-    from mlmtool.progress import human_bytes
+    from mlmtool.runtime.progress import human_bytes
 
     t = Table(title=info["path"], title_justify="left", show_header=False, show_edge=False)
     t.add_column(style="bold")

@@ -32,7 +32,7 @@ def _list_presets(value: bool) -> None:
     from rich.table import Table
 
     from mlmtool.presets import preset_table
-    from mlmtool.progress import console
+    from mlmtool.runtime.progress import console
 
     described = console.width >= 120  # the description column only where it fits beside the numbers
     table = Table(title="mlmtool init DIR --preset NAME", title_justify="left", pad_edge=False, box=None)
@@ -79,7 +79,7 @@ def init_command(
     from mlmtool import presets
     from mlmtool.errors import ConfigError, ModelDirError
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import say
+    from mlmtool.runtime.progress import say
 
     if from_model is not None:
         if preset is not None or from_config is not None:
@@ -112,7 +112,7 @@ def init_command(
             mdir.record("init", args={"preset": None if from_config else preset, "set": set_ or [],
                                       "from_config": str(from_config) if from_config else None})
         if existing is not None:  # --force over another config: say what no longer fits it (trained with it)
-            from mlmtool.progress import err_console
+            from mlmtool.runtime.progress import err_console
 
             for what in mdir.trained_state():
                 err_console.print(f"[bold yellow]warning:[/] {what} in {mdir} were made with the earlier config: "
@@ -150,7 +150,7 @@ def _init_from(model_dir, source, overrides, force, json_out) -> None:
     from mlmtool.init_from import init_from
     from mlmtool.modeldir import ModelDir
     from mlmtool.presets import parameter_count, summary
-    from mlmtool.progress import err_console, say
+    from mlmtool.runtime.progress import err_console, say
 
     existed = Path(model_dir).exists()
     mdir = ModelDir(model_dir, create=True)

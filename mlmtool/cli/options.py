@@ -87,8 +87,8 @@ class Corpus:
     data_files: DataFilesOpt = None
 
     def open(self, files):
-        """FILE... (or --dataset) as a :class:`mlmtool.corpus.Corpus`."""
-        from mlmtool.corpus import open_corpus
+        """FILE... (or --dataset) as a :class:`mlmtool.data.corpus.Corpus`."""
+        from mlmtool.data.corpus import open_corpus
 
         return open_corpus(files, text_column=self.text_column, dataset=self.dataset,
                            dataset_config=self.dataset_config, split=self.split, streaming=self.streaming,
@@ -175,7 +175,7 @@ class Distributed:
 
     def join(self) -> None:
         """Start (or join) the multi-process run these options describe; alone, nothing to join."""
-        from mlmtool.distributed import initialize_distributed
+        from mlmtool.runtime.distributed import initialize_distributed
 
         initialize_distributed(self.coordinator_address, self.num_processes, self.process_id,
                                timeout=self.distributed_timeout)

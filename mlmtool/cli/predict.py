@@ -25,7 +25,7 @@ def predict_command(
     import sys
 
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console
+    from mlmtool.runtime.progress import console
 
     mdir = ModelDir(model_dir)
     if not texts or texts == ["-"]:

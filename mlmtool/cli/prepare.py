@@ -64,8 +64,8 @@ def prepare_command(
     --force redoes it.
     """
     from mlmtool.modeldir import ModelDir
-    from mlmtool.prepare import prepare
-    from mlmtool.progress import err_console, human_bytes, quiet, say
+    from mlmtool.data.prepare import prepare
+    from mlmtool.runtime.progress import err_console, human_bytes, quiet, say
 
     mdir = ModelDir(model_dir).with_data(name)
     if verify and not files and not corpus_options.dataset:
@@ -107,8 +107,8 @@ def prepare_command(
 
 
 def _verify(mdir, json_out: bool, quiet_out: bool = False) -> dict:
-    from mlmtool.progress import say
-    from mlmtool.shards import verify
+    from mlmtool.runtime.progress import say
+    from mlmtool.data.shards import verify
 
     mdir.require_data()
     result = verify(mdir.data_dir)

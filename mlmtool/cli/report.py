@@ -26,7 +26,7 @@ def report_command(
     """
     from mlmtool.errors import DataError
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import console, say
+    from mlmtool.runtime.progress import console, say
     from mlmtool.report import plot, summarize
 
     mdir = ModelDir(model_dir)
@@ -66,7 +66,7 @@ def _fmt(value, kind: str = "") -> str:
 def _table(s: dict):
     from rich.table import Table
 
-    from mlmtool.progress import human_duration
+    from mlmtool.runtime.progress import human_duration
 
     t = Table(title=f"run summary ({s['metrics']})", title_justify="left", show_edge=False)
     t.add_column("")

@@ -61,13 +61,13 @@ def tokenizer_command(
     loads DIR), and sets config.json's vocab_size and special token ids to match.
     """
     from mlmtool.modeldir import ModelDir
-    from mlmtool.progress import err_console, human_bytes, quiet, say
-    from mlmtool.tokenizer_train import train_tokenizer
+    from mlmtool.runtime.progress import err_console, human_bytes, quiet, say
+    from mlmtool.data.tokenizer_train import train_tokenizer
 
     mdir = ModelDir(model_dir)
     if not mdir.config_path.exists():
         mdir.read_config()  # "run 'mlmtool init DIR' first" before reading any corpus
-    from mlmtool.tokenizer_train import check_replaceable
+    from mlmtool.data.tokenizer_train import check_replaceable
 
     check_replaceable(mdir, force)  # before reading any corpus
     corpus = corpus_options.open(files)
@@ -90,7 +90,7 @@ def tokenizer_command(
     if json_out:
         emit(result)
         return
-    from mlmtool.tokenizer_train import KIND_NAMES
+    from mlmtool.data.tokenizer_train import KIND_NAMES
 
     kind = KIND_NAMES[result["type"]]
     case = ", lowercased" if result["lowercase"] else ""

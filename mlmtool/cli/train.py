@@ -13,7 +13,7 @@ from mlmtool.cli import app
 from mlmtool.cli.options import (DataOpt, Distributed, DocumentAttentionOpt, DryRunOpt, DtypeOpt, FindMaxBatchOpt,
                                  ForceOpt, MaskingOpt, MlmProbabilityOpt, ModelDirArg, PerDeviceEvalBatchOpt,
                                  ProfileStepsOpt, SeedOpt, choice, option_groups, parse_duration)
-from mlmtool.train_config import TrainConfig
+from mlmtool.training.train_config import TrainConfig
 
 OPT = "Optimization"
 SCHED = "Schedule and logging"
@@ -130,19 +130,19 @@ def train_command(
     given = {**ctx.params, "optimizer": _optimizer(ctx, optimizer, adafactor)}
     cfg = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     cfg.validate_ranges()  # before jax loads
-    from mlmtool import checkpoint_dir as ckpt_place
+    from mlmtool.training import checkpoint_dir as ckpt_place
 
     if checkpoint_dir is not None:
         ckpt_place.refuse_url(checkpoint_dir)  # on every process, before jax loads
 
-    from mlmtool.progress import TrainProgress, say
+    from mlmtool.runtime.progress import TrainProgress, say
 
     dist.join()
     mesh = dist.mesh
 
-    from mlmtool import interrupt
-    from mlmtool.sharding import is_main_process
-    from mlmtool.train import Trainer
+    from mlmtool.runtime import interrupt
+    from mlmtool.runtime.sharding import is_main_process
+    from mlmtool.training.train import Trainer
 
     main = is_main_process()
     out = say if main else (lambda *a, **k: None)
@@ -160,7 +160,7 @@ def train_command(
             raise TrainingError("--keep-optimizer-state goes with --from-checkpoint",
                                 "add --from-checkpoint latest (or a step or path)")
         if resume and from_checkpoint is None:  # a plain "mlmtool train DIR" resumes with the recorded settings
-            from mlmtool.train_config import resume_settings
+            from mlmtool.training.train_config import resume_settings
 
             cfg, taken, step = resume_settings(mdir, cfg, _explicit(ctx, cfg))
             _say_changes(mdir, cfg, _explicit(ctx, cfg), out)
@@ -172,12 +172,12 @@ def train_command(
         if main:
             _print_plan(trainer.plan, out)
         if dry_run or find_max_batch:
-            from mlmtool.dryrun import dry_run as measure
+            from mlmtool.training.dryrun import dry_run as measure
 
             measure(trainer, resume=resume, new_stage=from_checkpoint is not None, find_max_batch=find_max_batch,
                     say=out)
             return
-        from mlmtool.profiling import StepProfiler
+        from mlmtool.training.profiling import StepProfiler
 
         profiler = StepProfiler(mdir.profile_dir, profile_steps, out) if profile_steps else None
         record = (lambda: mdir.record("train", args=_args(cfg, mesh))) if main else None  # not for a refused run
@@ -201,7 +201,7 @@ def _locked(model_dir, main: bool):
     """DIR, with its lock held by process 0; if any process cannot open DIR or process 0
     cannot take the lock, every process stops with that error (none waits forever)."""
     from mlmtool.modeldir import ModelDir
-    from mlmtool.distributed import agree
+    from mlmtool.runtime.distributed import agree
 
     mdir = lock = error = None
     try:
@@ -209,8 +209,8 @@ def _locked(model_dir, main: bool):
         lock = mdir.lock("train", enabled=main)
         lock.__enter__()
         if main:  # a stage start interrupted before: finish it or drop its half-written step 0
-            from mlmtool import stages
-            from mlmtool.progress import say
+            from mlmtool.training import stages
+            from mlmtool.runtime.progress import say
 
             stages.recover(mdir, say)
     except Exception as e:
@@ -228,7 +228,7 @@ def _locked(model_dir, main: bool):
 
 
 def _say_changes(mdir, cfg, explicit: set[str], out) -> None:
-    from mlmtool.train_config import resume_changes
+    from mlmtool.training.train_config import resume_changes
 
     changes = resume_changes(mdir, cfg, explicit)
     if changes:
@@ -253,7 +253,7 @@ def _optimizer(ctx: typer.Context, optimizer: str, adafactor: bool) -> str:
     """--optimizer, with the deprecated --adafactor (one more release) as its alias."""
     if not _given(ctx, "adafactor"):
         return optimizer
-    from mlmtool.progress import err_console
+    from mlmtool.runtime.progress import err_console
 
     if not adafactor:
         err_console.print("[bold yellow]warning:[/] --no-adafactor is deprecated and changes nothing: leave it out",

@@ -11,7 +11,7 @@ other.  One of architecture ``ElectraForPreTraining`` with a ``generator`` field
 generator's sizes, e.g. ``{"hidden_size": 64, "num_attention_heads": 1,
 "intermediate_size": 256}``; every other field is the discriminator's) is a generator and a
 discriminator trained together with the replaced-token-detection objective
-(``mlmtool.objectives``): they share the embedding module (token, position and token-type
+(``mlmtool.training.objectives``): they share the embedding module (token, position and token-type
 tables and their LayerNorm, as the authors' code does), the export is the discriminator in
 DIR and the generator in DIR/generator.  Without a ``generator`` field it is a
 discriminator alone: it loads, exports and computes as transformers does, but cannot be
@@ -78,7 +78,7 @@ class ElectraConfig(FamilyConfig):
 
     @property
     def objective(self) -> str:
-        """``mlmtool.objectives``' name: replaced-token detection for a generator + discriminator
+        """``mlmtool.training.objectives``' name: replaced-token detection for a generator + discriminator
         pair, the MLM for a generator alone; a discriminator alone has none."""
         if self.generator is not None:
             return "replaced-token-detection"
@@ -182,7 +182,7 @@ class ElectraFamily(Family):
                          "hidden_act", "layer_norm_eps", "pad_token_id", "generator")
     document_attention = True
     document_attention_default = False
-    rtd_weight = RTD_WEIGHT  # mlmtool.objectives.ReplacedTokenDetection's lambda
+    rtd_weight = RTD_WEIGHT  # mlmtool.training.objectives.ReplacedTokenDetection's lambda
     objective_hint = (f"an {PRE_TRAINING} config needs a generator field to train (as 'mlmtool init DIR "
                       "--preset electra-small' writes)")
     generator_config = staticmethod(generator_config)

@@ -1,5 +1,5 @@
 """Layers every model family shares, written once: Dense (optional bias) and dropout in the
-form ``mlmtool.kernels`` picks for the backend, Hugging Face's activations and initialisers,
+form ``mlmtool.runtime.kernels`` picks for the backend, Hugging Face's activations and initialisers,
 LayerNorm as torch computes it, the attention entry point, the MLM gather at the masked slots,
 and a stack of identical layers with optional gradient checkpointing and ``lax.scan``.
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmtool.kernels import Kernels
+from mlmtool.runtime.kernels import Kernels
 from mlmtool.models.local_attention import local_attention, worth_it
 
 # --------------------------------------------------------------------------- activations
@@ -66,13 +66,13 @@ def embedding_init(std: float, padding_idx: int | None):
 # --------------------------------------------------------------------------- Dense and Dropout
 #
 # nn.Dense / nn.Dropout with the same parameters, initialisation and semantics, in the form
-# mlmtool.kernels chooses for the backend: on XLA:CPU the tuned forms measured in
+# mlmtool.runtime.kernels chooses for the backend: on XLA:CPU the tuned forms measured in
 # docs/benchmarks.md ("Training"), elsewhere the library's.
 
 
 class Dense(nn.Module):
     """``nn.Dense`` (same parameter names, shapes and initialisation), with the matmul's form
-    chosen per backend (``mlmtool.kernels``):
+    chosen per backend (``mlmtool.runtime.kernels``):
 
     * ``"flat"``: ONE 2-D matmul over the flattened leading axes, ``[..., in] -> [N, in] @
       [in, out]``.  With an N-D ``dot_general`` the weight gradient contracts two axes (batch
@@ -137,7 +137,7 @@ class Dropout(nn.Module):
     """Inverted dropout, as ``nn.Dropout``/``torch.nn.Dropout``: zero each element with
     probability ``rate`` and scale the rest by 1 / (1 - rate); uses the 'dropout' rng.
 
-    ``form`` (``mlmtool.kernels``): ``"fused-threefry"`` draws nn.Dropout's generator
+    ``form`` (``mlmtool.runtime.kernels``): ``"fused-threefry"`` draws nn.Dropout's generator
     (Threefry-2x32) unrolled, so that XLA:CPU fuses the bits, the comparison and the select
     into one pass (dropout's share of the CPU step falls from ~7% to ~1%, docs/benchmarks.md);
     ``"jax"`` draws ``jax.random.bits`` with the key's own implementation (``rbg`` on
@@ -206,7 +206,7 @@ def attention(q, k, v, attention_mask, *, kernels: Kernels, dropout: Callable | 
       arXiv:2107.02027), so documents packed in one row do not see each other.  The full
       layers give ``jax.nn.dot_product_attention`` a dense [B, 1, L, L] boolean on every
       backend: jax's public entry point takes no segment ids, and its cuDNN path only
-      per-row lengths (``mlmtool.kernels``), so cuDNN falls back to XLA here.
+      per-row lengths (``mlmtool.runtime.kernels``), so cuDNN falls back to XLA here.
 
     ``local_window`` (sliding-window attention, e.g. ModernBERT's local layers) lets a query
     at i see the keys within ``local_window // 2`` positions of it (combined with either
@@ -241,7 +241,7 @@ def windowed_attention(q, k, v, attention_mask, *, half: int, kernels: Kernels, 
     names: ``"blockwise"`` (``mlmtool.models.local_attention``: only the window's scores,
     taken where it computes fewer than the dense form: more than one block, and the spans
     shorter than L); ``"cudnn"`` (cuDNN's fused kernel with a two-sided window and per-row
-    key lengths, where the installed jax takes one: ``mlmtool.kernels``; segments and
+    key lengths, where the installed jax takes one: ``mlmtool.runtime.kernels``; segments and
     dropout take the blockwise form); ``"dense"``: the [B, 1, L, L] masked form."""
     segments = jnp.issubdtype(attention_mask.dtype, jnp.integer)
     form = kernels.local_attention

@@ -16,7 +16,7 @@ import numpy as np
 
 from mlmtool import hf_weights
 from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels
+from mlmtool.runtime.kernels import Kernels
 from mlmtool.models import family_for
 from mlmtool.models.base import Family, WeightTable
 from mlmtool.models.network import choose_kernels

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels, select as select_kernels
+from mlmtool.runtime.kernels import Kernels, select as select_kernels
 from mlmtool.models.layers import REMAT_POLICIES, Dense, Dropout, gather_masked, normal_init, segment_positions
 
 
@@ -36,7 +36,7 @@ def check_remat(remat: str) -> None:
 
 
 def choose_kernels(kernels: Kernels | None, dtype, config) -> Kernels:
-    """``kernels``, or ``mlmtool.kernels.select``'s choice for jax's backend, ``dtype`` and the head size."""
+    """``kernels``, or ``mlmtool.runtime.kernels.select``'s choice for jax's backend, ``dtype`` and the head size."""
     return kernels or select_kernels(dtype=jnp.dtype(dtype).name, head_dim=config.head_dim)
 
 
@@ -66,7 +66,7 @@ class SubModule(nn.Module):
 class MaskedLMBase(nn.Module):
     """A family's encoder with its masked-language-model head (HF ``*ForMaskedLM``).
 
-    ``kernels`` (None: ``mlmtool.kernels.select`` for jax's default backend and ``dtype``),
+    ``kernels`` (None: ``mlmtool.runtime.kernels.select`` for jax's default backend and ``dtype``),
     ``remat`` (a REMAT_POLICIES key, checked when the module is made) and ``scan_layers``
     (None: scan exactly when ``remat`` is on) change how the network is computed, never the
     parameters or the function: checkpoints and exports are interchangeable."""

@@ -1,7 +1,7 @@
 """ELECTRA beyond the registry's tests (which cover ElectraForMaskedLM): the discriminator
 (``ElectraForPreTraining``) both ways against transformers, the generator + discriminator
 pair's two exports, the replaced-token-detection objective, and training the pair with an
-exact resume (``mlmtool.objectives``)."""
+exact resume (``mlmtool.training.objectives``)."""
 
 from __future__ import annotations
 
@@ -122,14 +122,14 @@ def test_bad_generator_fields_are_refused():
 
 def test_a_discriminator_alone_is_not_trainable():
     from mlmtool.errors import ConfigError
-    from mlmtool.objectives import objective_for
+    from mlmtool.training.objectives import objective_for
 
     with pytest.raises(ConfigError, match="generator field"):
         objective_for(load_model(DISCRIMINATOR))
 
 
 def test_replace_masked_writes_only_used_slots():
-    from mlmtool.objectives import replace_masked
+    from mlmtool.training.objectives import replace_masked
 
     ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) + 10  # two rows, one group of both
     positions = jnp.asarray([[1, 7, 0]], jnp.int32)  # row 0 pos 1, row 1 pos 1, unused slot at 0
@@ -142,7 +142,7 @@ def test_replace_masked_writes_only_used_slots():
 
 def test_rtd_labels_count_a_correct_sample_as_original():
     """The discriminator's targets: replaced = differs from the original, padding excluded."""
-    from mlmtool.objectives import ReplacedTokenDetection
+    from mlmtool.training.objectives import ReplacedTokenDetection
 
     loaded = load_model(PAIR)
     params = loaded.init(0)
@@ -162,7 +162,7 @@ def test_electra_trains_resumes_bit_identically_and_exports_both(tmp_path):
 
     from mlmtool.hf_weights import read_safetensors
     from mlmtool.modeldir import ModelDir
-    from mlmtool.train import TrainConfig, Trainer
+    from mlmtool.training.train import TrainConfig, Trainer
     from tests.pipeline import invoke, prepared_dir
 
     (tmp_path / "p").mkdir()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from mlmtool.errors import ConfigError
-from mlmtool.kernels import Kernels
+from mlmtool.runtime.kernels import Kernels
 from mlmtool.models import family_for, load_model
 from mlmtool.models.modernbert import FAMILY, ModernBertConfig, layer_types_every
 from tests.pipeline import invoke, write_corpus
