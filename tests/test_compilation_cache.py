@@ -138,6 +138,7 @@ def _unwritable_parent(tmp_path: Path) -> Path:
     ("under /proc", "No such file or directory"),  # unwritable even for root
     ("under a read-only folder", "Permission denied"),
 ])
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_a_cache_that_cannot_be_used_is_one_warning(trained, tmp_path, where, error):
     (tmp_path / "file").write_text("not a folder")
     cache = {"a file": lambda: tmp_path / "file", "under a file": lambda: tmp_path / "file" / "cache",
@@ -149,6 +150,7 @@ def test_a_cache_that_cannot_be_used_is_one_warning(trained, tmp_path, where, er
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_a_write_cut_short_is_named_and_deleting_the_cache_as_told_works(trained, tmp_path):
     """A full disk cuts jax's (non-atomic) writes short; the truncated entries then fail to
     load on every later run and are never replaced: the warning says to delete the folder."""

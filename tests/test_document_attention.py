@@ -48,6 +48,7 @@ def _starts(row: np.ndarray, docs: list[slice]) -> jnp.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_packed_block_equals_each_document_alone(name):
     fields = CASES[name]
     loaded = load_model(fields)
@@ -72,6 +73,7 @@ def test_packed_block_equals_each_document_alone(name):
 
 
 @pytest.mark.parametrize("family", sorted(f.name for f in families().values() if f.document_attention))
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_no_gradient_crosses_a_document_boundary(family):
     """d(a token's logits) / d(every input embedding) is exactly 0 outside its document, in
     training mode (dropout on, so attention is spelled out) and in inference mode."""

@@ -281,6 +281,7 @@ def test_config_json_reads_back_through_transformers(case, tmp_path):
     assert family.parse_config(theirs.to_dict()) == want == family.parse_config(mdir.read_config())
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_masked_positions_gather_before_head(case):
     """Logits at ``masked_positions`` [G, P] are the full logits gathered there (float32)."""
     _, fields = case
@@ -300,6 +301,7 @@ def test_masked_positions_gather_before_head(case):
 BF16_REL_TOL = 0.04
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_bfloat16_compute_close_to_float32(case):
     _, fields = case
     loaded, half = load_model(fields), load_model(fields, dtype="bfloat16")
@@ -313,6 +315,7 @@ def test_bfloat16_compute_close_to_float32(case):
     assert 0 < diff < BF16_REL_TOL * float(np.abs(fp32).max()), diff
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_padding_changes_nothing_at_the_real_tokens(case):
     """A right-padded row's logits at its real tokens: those of the row alone, whatever ids
     sit in its padding."""

@@ -49,6 +49,7 @@ def test_overrides_from_the_environment(monkeypatch):
         select("cpu")
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_the_model_selects_for_the_running_backend(monkeypatch):
     seen = {}
 
@@ -84,6 +85,7 @@ ALL_CPU_KERNELS = [Kernels("xla", dense, dropout) for dense in ("flat", "nd") fo
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.1)])
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_every_kernel_gives_the_same_logits(dtype, tol):
     cfg = _config()
     params = load_model(cfg).init(0)
@@ -112,6 +114,7 @@ def _loss(model, params, ids, mask, key):
 
 
 @pytest.mark.parametrize("scan,policies", [(False, ("none", "full")), (True, ("none", "dots", "full"))])
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_gradient_checkpointing_changes_memory_not_results(scan, policies):
     cfg = _config("num_hidden_layers=4")
     params = load_model(cfg).init(0)
@@ -131,6 +134,7 @@ def test_gradient_checkpointing_changes_memory_not_results(scan, policies):
         assert temp["dots"] < temp["none"], temp
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_scanned_layers_compute_the_unrolled_network():
     cfg = _config("num_hidden_layers=3")
     params = load_model(cfg).init(0)

@@ -85,6 +85,7 @@ def test_bfloat16_within_its_rounding(length, window):
     assert err_blockwise <= 2e-2 and err_blockwise <= 1.5 * err_dense + 1e-3, (err_blockwise, err_dense)
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_short_rows_take_the_dense_form():
     """L below the window, one block, or spans as long as L: blockwise would not save anything,
     so the blockwise choice computes the dense form there (the kernel itself is right for them

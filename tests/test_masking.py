@@ -78,6 +78,7 @@ def test_cap_drops_only_excess_and_leaves_them_uncorrupted():
     assert np.all(changed <= 8)
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_deterministic_per_key_and_rowwise_independent_of_batch():
     ids = _batch(np.random.default_rng(3), b=16)
     kw = dict(special_token_ids=SPECIALS, mask_token_id=MASK, vocab_size=VOCAB)
@@ -96,6 +97,7 @@ def test_default_slots_bounded(seq_len, p):
     assert 1 <= n <= seq_len and (n % 8 == 0 or n == seq_len)
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_groups_share_slots_and_choose_the_same_tokens_as_rows():
     """Groups of rows share their slots: same corruption as per-row slots with the same key,
     positions index the group's rows laid end to end, and fewer slots cover the same tokens."""
@@ -156,6 +158,7 @@ def _chosen(out, shape):
 
 @pytest.mark.parametrize("mode", ["token", "whole-word", "span"])
 @pytest.mark.parametrize("rate", [0.15, 0.4])
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_modes_mask_the_rate_of_tokens_and_never_specials(mode, rate):
     rng = np.random.default_rng(6)
     table = _table(rng)
@@ -225,6 +228,7 @@ def test_words_beyond_the_slots_are_dropped_whole(mode):
         assert np.array_equal(np.asarray(out.input_ids)[r][dropped], np.asarray(ids)[r][dropped])
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_slots_cover_the_measured_spread_and_a_traced_rate_masks_the_same():
     rng = np.random.default_rng(8)
     table = _table(rng)

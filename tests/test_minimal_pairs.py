@@ -325,6 +325,7 @@ def reference_discriminator(mdir: Path, sentence: str) -> float:
     return float(torch.nn.functional.logsigmoid(-logits)[keep].sum())
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_electra_discriminator_score_equals_transformers(electra):
     from mlmtool.minimal_pairs import DiscriminatorScorer, scorer_for
     from mlmtool.modeldir import ModelDir
@@ -341,6 +342,7 @@ def test_electra_discriminator_score_equals_transformers(electra):
     assert len(set(np.round(got, 3))) == len(got) and (got < 0).all()  # a real score, not a constant
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_eval_minimal_pairs_on_electra_scores_the_discriminator(electra, tmp_path):
     d = Path(shutil.copytree(electra, tmp_path / "model"))
     f = write_pairs(tmp_path / "p.jsonl", [{"sentence_good": SENTENCES[0], "sentence_bad": SENTENCES[1]},

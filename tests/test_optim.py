@@ -53,6 +53,7 @@ def test_inverse_sqrt():
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_every_optimizer_trains(optimizer):
     """A tiny MLM on one fixed batch: 15 steps bring the loss down."""
     loaded = load_model(build_config("tiny", overrides=["vocab_size=64", "num_hidden_layers=1"]))

@@ -38,6 +38,7 @@ _text = st.lists(st.one_of(_words, st.sampled_from([" ", " ", " ", "  ", "\t", "
 
 @settings(max_examples=100, deadline=None)
 @given(docs=st.lists(_text, min_size=1, max_size=12))
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_piece_encoder_equals_encode_batch(tokenizer_paths, docs):
     from tokenizers import Tokenizer
 

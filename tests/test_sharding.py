@@ -163,6 +163,7 @@ print(json.dumps({"same": same, "relaid": sum(a != b for a, b in zip(old, new)),
 """
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_checkpoint_of_the_old_layout_restores_into_the_new(tmp_path):
     """The layout is not in the checkpoint: one written with the shape guess's layout (norms
     split over fsdp) restores, value for value, into the layout the names give."""

@@ -92,6 +92,7 @@ def test_roberta_loses_its_padding_offset_in_positions():
     assert loaded("bert").max_sequence_length == 66
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_bfloat16_checkpoint_loads(tmp_path):
     """transformers may save bf16 weights; plain numpy cannot hold them, the loader must."""
     from safetensors.torch import save_file
@@ -109,6 +110,7 @@ def test_bfloat16_checkpoint_loads(tmp_path):
 # --------------------------------------------------------------------------- model behaviour
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_init_matches_hf_scheme():
     config = small_config("roberta")
     params = loaded("roberta").init(0)
@@ -126,6 +128,7 @@ def test_init_matches_hf_scheme():
     assert sorted(params["encoder"]["layer"]) == ["0", "1"]
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_dropout():
     params = random_params("roberta")
     batch = padded_batch(small_config("roberta"))
@@ -146,6 +149,7 @@ def test_dropout():
         model.apply({"params": params}, *batch, deterministic=False)
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_attention_dropout_alone_changes_outputs():
     """The explicit attention path (used when attention dropout is on) is the same attention."""
     def module(**dropout):

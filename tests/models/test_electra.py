@@ -140,6 +140,7 @@ def test_replace_masked_writes_only_used_slots():
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_rtd_labels_count_a_correct_sample_as_original():
     """The discriminator's targets: replaced = differs from the original, padding excluded."""
     from mlmtool.training.objectives import ReplacedTokenDetection

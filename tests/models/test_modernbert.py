@@ -185,6 +185,7 @@ def test_hf_checkpoint_loads_with_identical_logits(torch_mod, tmp_path, case):
             assert on_tokens(other, theirs, batch[1]) > 1e-3, window
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_the_tied_decoder_key_is_accepted_beside_the_embeddings():
     """A state dict that carries ``decoder.weight`` (older writers): read back, equal to what was written."""
     loaded = load_model(CASES["v5"])
@@ -198,6 +199,7 @@ def test_the_tied_decoder_key_is_accepted_beside_the_embeddings():
 # --------------------------------------------------------------------------- model behaviour
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_remat_and_scan_give_the_same_logits_and_gradients():
     """Gradient checkpointing (which scans by default: layer 0 unrolled, layers 1..3, of both
     kinds, as a scan with the kind as scanned data) computes the unrolled network's function
@@ -225,6 +227,7 @@ def test_remat_and_scan_give_the_same_logits_and_gradients():
     assert on_tokens(unrolled, flax_logits(CASES["v5"], params, batch), batch[1]) <= 1e-5
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_cudnn_kernel_choice_computes_the_same(monkeypatch):
     """With the cuDNN kernels the full layers call cuDNN (here XLA stands in, with the same
     per-row key lengths) and the sliding layers XLA with the window: same logits, unrolled
@@ -248,6 +251,7 @@ def test_cudnn_kernel_choice_computes_the_same(monkeypatch):
         assert on_tokens(got, want, batch[1]) <= 1e-5
 
 
+@pytest.mark.slow  # seconds of compiling or training: make test-fast leaves it out
 def test_dropout_and_the_explicit_attention_path():
     dropping = fields("v5", embedding_dropout=0.1, mlp_dropout=0.1, attention_dropout=0.1)
     params = random_params("v5")
