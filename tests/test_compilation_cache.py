@@ -37,7 +37,7 @@ def test_jax_own_setting_wins(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_configure_before_jax_is_imported(tmp_path):
-    code = ("import sys; from mlmtool import compilation_cache as c; c.configure(); "
+    code = ("import sys; from mlmtool.runtime import compilation_cache as c; c.configure(); "
             "assert 'jax' not in sys.modules; import jax; print(jax.config.jax_compilation_cache_dir)")
     env = {**os.environ, compilation_cache.ENV: str(tmp_path / "c")}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
