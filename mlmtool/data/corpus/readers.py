@@ -260,10 +260,15 @@ def read_parquet(corpus: Corpus, src: Source, batch_bytes: int, batch_documents:
     names = pf.schema_arrow.names
     if corpus.text_column not in names:
         raise _missing_column(corpus, src, names)
-    total = pf.metadata.num_rows
+    yield from _row_batches(corpus, src, (rb.column(0).to_pylist() for rb in pf.iter_batches(
+        batch_size=batch_documents, columns=[corpus.text_column])), pf.metadata.num_rows)
+
+
+def _row_batches(corpus: Corpus, src: Source, value_batches, total: int) -> Iterator[Batch]:
+    """Batches of the documents in ``value_batches`` (lists of a column's values, ``total``
+    rows in all), progress advanced by the share of rows read."""
     done = reported = 0
-    for rb in pf.iter_batches(batch_size=batch_documents, columns=[corpus.text_column]):
-        values = rb.column(0).to_pylist()
+    for values in value_batches:
         done += len(values)
         docs = _filter_values(corpus, src, values)
         adv, reported = _rows_progress(src, done, total, reported)
@@ -287,16 +292,8 @@ def read_saved_dataset(corpus: Corpus, src: Source, batch_bytes: int, batch_docu
         ds = ds[corpus.split]
     if corpus.text_column not in ds.column_names:
         raise _missing_column(corpus, src, ds.column_names)
-    total = len(ds)
-    done = reported = 0
-    for batch in ds.select_columns([corpus.text_column]).iter(batch_size=batch_documents):
-        values = batch[corpus.text_column]
-        done += len(values)
-        docs = _filter_values(corpus, src, values)
-        adv, reported = _rows_progress(src, done, total, reported)
-        yield Batch(docs, adv)
-    if reported < src.size:
-        yield Batch([], src.size - reported)
+    yield from _row_batches(corpus, src, (batch[corpus.text_column] for batch in ds.select_columns(
+        [corpus.text_column]).iter(batch_size=batch_documents)), len(ds))
 
 
 def read_hub(corpus: Corpus, batch_documents: int) -> Iterator[Batch]:
